@@ -1,0 +1,3 @@
+pub mod oci;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,13 @@
+//! The OCI distribution vocabulary: repository names, references, digests, media types and
+//! the error codes registries answer with. Everything a client sends is parsed here before it
+//! reaches a path or a URL.
+
+mod digest;
+mod error;
+mod media;
+mod name;
+
+pub use digest::{Digest, DigestError};
+pub use error::{ErrorCode, error_body};
+pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, is_manifest_media_type};
+pub use name::{NameError, Reference, Registry, Repository, Tag};

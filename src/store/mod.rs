@@ -1,0 +1,349 @@
+//! The content-addressed disk store: `blobs/sha256/<2 hex>/<64 hex>`, temp files in `tmp/` on
+//! the same filesystem, manifest media types in `manifests/`, and the tag index in `tags/`.
+//!
+//! A blob appears under its name only through [`Store::commit`], which checks the hash that
+//! [`TempBlob`] computed while the bytes were written, fsyncs, renames, and fsyncs the
+//! directory. A [`TempBlob`] that is dropped uncommitted deletes its file.
+
+mod tags;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::oci::Digest;
+
+pub use tags::{TagIndex, TagKey, TagRecord};
+
+/// Manifests larger than this are refused, as distribution refuses them.
+pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An I/O failure inside the store, with what was being done and where.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {op} {path}: {source}")]
+pub struct StoreError {
+    op: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+impl StoreError {
+    fn new(op: &'static str, path: &Path, source: io::Error) -> Self {
+        StoreError {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Why a temp blob was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("content does not match digest: expected {expected}, got {actual} ({size} bytes)")]
+    DigestMismatch { expected: Digest, actual: Digest, size: u64 },
+    #[error("content is {actual} bytes, expected {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error(transparent)]
+    Io(#[from] StoreError),
+}
+
+pub struct Store {
+    blobs: PathBuf,
+    manifests: PathBuf,
+    tmp: PathBuf,
+    tags: TagIndex,
+    next_temp: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store under `root`, clears leftover temp files from an
+    /// earlier run and loads the tag index.
+    pub fn open(root: &Path) -> Result<Store> {
+        let blobs = root.join("blobs").join("sha256");
+        let manifests = root.join("manifests").join("sha256");
+        let tmp = root.join("tmp");
+        let tags_dir = root.join("tags");
+        for dir in [&blobs, &manifests, &tmp, &tags_dir] {
+            fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
+        }
+        for entry in fs::read_dir(&tmp).map_err(|e| StoreError::new("list", &tmp, e))? {
+            let path = entry.map_err(|e| StoreError::new("list", &tmp, e))?.path();
+            // A leftover is never committed, so deleting it loses nothing.
+            let _ = fs::remove_file(&path);
+        }
+        let tags = TagIndex::load(tags_dir, tmp.clone())?;
+        Ok(Store {
+            blobs,
+            manifests,
+            tmp,
+            tags,
+            next_temp: AtomicU64::new(0),
+        })
+    }
+
+    pub fn tags(&self) -> &TagIndex {
+        &self.tags
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs.join(&hex[..2]).join(hex)
+    }
+
+    fn media_type_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.manifests.join(&hex[..2]).join(hex)
+    }
+
+    /// Opens a committed blob, with its size.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, u64)>> {
+        let path = self.blob_path(digest);
+        match File::open(&path) {
+            Ok(file) => {
+                let len = file.metadata().map_err(|e| StoreError::new("stat", &path, e))?.len();
+                Ok(Some((file, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::new("open", &path, e)),
+        }
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).exists()
+    }
+
+    /// A new temp file that hashes what is written to it.
+    pub fn temp_blob(&self) -> Result<TempBlob> {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| StoreError::new("create", &path, e))?;
+        Ok(TempBlob {
+            path,
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+            committed: false,
+        })
+    }
+
+    /// Moves a temp blob into the store under `expected`, only if its bytes hash to it (and
+    /// have `expected_size`, when known). Crash-safe: fsync, rename, fsync the directory.
+    pub fn commit(
+        &self,
+        mut temp: TempBlob,
+        expected: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<(), CommitError> {
+        let actual = Digest::from_hasher(std::mem::take(&mut temp.hasher));
+        if let Some(expected_size) = expected_size
+            && expected_size != temp.size
+        {
+            return Err(CommitError::SizeMismatch {
+                expected: expected_size,
+                actual: temp.size,
+            });
+        }
+        if &actual != expected {
+            return Err(CommitError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+                size: temp.size,
+            });
+        }
+        temp.file
+            .sync_all()
+            .map_err(|e| StoreError::new("fsync", &temp.path, e))?;
+        let dest = self.blob_path(expected);
+        let dir = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
+        fs::rename(&temp.path, &dest).map_err(|e| StoreError::new("rename", &dest, e))?;
+        temp.committed = true;
+        sync_dir(dir)?;
+        Ok(())
+    }
+
+    /// Stores a manifest's bytes under its digest, with its media type beside it.
+    pub fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), CommitError> {
+        if !self.has_blob(digest) {
+            let mut temp = self.temp_blob()?;
+            temp.write(bytes)?;
+            self.commit(temp, digest, Some(bytes.len() as u64))?;
+        }
+        let path = self.media_type_path(digest);
+        write_atomic(&self.tmp, &path, media_type.as_bytes())?;
+        Ok(())
+    }
+
+    /// A stored manifest: its bytes and media type.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<(Vec<u8>, String)>> {
+        let type_path = self.media_type_path(digest);
+        let media_type = match fs::read_to_string(&type_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::new("read", &type_path, e)),
+        };
+        let path = self.blob_path(digest);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some((bytes, media_type))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::new("read", &path, e)),
+        }
+    }
+}
+
+/// Writes a small file by temp file and rename, so readers see the old or the new content.
+fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = dest.parent().expect("destination has a parent");
+    fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
+    let tmp = tmp_dir.join(format!(
+        "{}-small-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, dest)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::new("write", dest, e));
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::new("fsync", dir, e))
+}
+
+/// A blob being written: a temp file plus the running sha256 of what went into it.
+/// Dropped without [`Store::commit`], it deletes its file.
+pub struct TempBlob {
+    path: PathBuf,
+    file: File,
+    hasher: Sha256,
+    size: u64,
+    committed: bool,
+}
+
+impl TempBlob {
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.file
+            .write_all(chunk)
+            .map_err(|e| StoreError::new("write", &self.path, e))?;
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// A second handle on the file for readers tailing it. They read by offset, so the shared
+    /// file position does not matter, and the handle stays valid after the rename.
+    pub fn reader(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .map_err(|e| StoreError::new("dup", &self.path, e))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for TempBlob {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn commit_only_on_matching_digest() {
+        let (_dir, store) = store();
+        let good = Digest::of(b"hello");
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(b"hel").unwrap();
+        temp.write(b"lo").unwrap();
+        store.commit(temp, &good, Some(5)).unwrap();
+        let (_, len) = store.open_blob(&good).unwrap().unwrap();
+        assert_eq!(len, 5);
+        assert_eq!(fs::read(store.blob_path(&good)).unwrap(), b"hello");
+
+        let other = Digest::of(b"other");
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(b"not other").unwrap();
+        let err = store.commit(temp, &other, None).unwrap_err();
+        assert!(matches!(err, CommitError::DigestMismatch { .. }), "{err}");
+        assert!(store.open_blob(&other).unwrap().is_none());
+        assert_eq!(fs::read_dir(&store.tmp).unwrap().count(), 0, "temp file left behind");
+    }
+
+    #[test]
+    fn size_mismatch_is_refused() {
+        let (_dir, store) = store();
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(b"hello").unwrap();
+        let err = store.commit(temp, &Digest::of(b"hello"), Some(6)).unwrap_err();
+        assert!(matches!(err, CommitError::SizeMismatch { .. }), "{err}");
+        assert!(!store.has_blob(&Digest::of(b"hello")));
+    }
+
+    #[test]
+    fn dropped_temp_is_deleted_and_leftovers_cleared_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(b"partial").unwrap();
+        let path = temp.path.clone();
+        drop(temp);
+        assert!(!path.exists());
+
+        fs::write(dir.path().join("tmp").join("stale"), b"x").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn manifests_keep_their_media_type() {
+        let (_dir, store) = store();
+        let body = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(body);
+        assert!(store.manifest(&digest).unwrap().is_none());
+        store
+            .put_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", body)
+            .unwrap();
+        let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
+        assert_eq!(bytes, body);
+        assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
+        let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
+        assert!(matches!(err, CommitError::DigestMismatch { .. }));
+    }
+}

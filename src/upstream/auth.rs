@@ -1,0 +1,174 @@
+//! Registry token auth, the anonymous part: parse a `WWW-Authenticate: Bearer` challenge, fetch
+//! a pull token from its realm, and cache it per (registry, scope) until it expires.
+//! Tokens are secrets: they are never logged, and headers carrying them are marked sensitive.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use serde::Deserialize;
+
+use crate::oci::{Registry, Repository};
+
+/// Token lifetime when the token server does not say (the distribution spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Tokens are renewed this long before they expire.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+/// A parsed `Bearer` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub realm: String,
+    pub service: Option<String>,
+    pub scope: Option<String>,
+}
+
+impl Challenge {
+    /// Parses `Bearer realm="...",service="...",scope="..."`. Other schemes give `None`.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let (scheme, params) = header.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let params = parse_params(params);
+        Some(Challenge {
+            realm: params.get("realm")?.clone(),
+            service: params.get("service").cloned(),
+            scope: params.get("scope").cloned(),
+        })
+    }
+
+    /// The scope to ask for: the challenge's own, or pull on the repository.
+    pub fn scope_for(&self, repository: Option<&Repository>) -> Option<String> {
+        self.scope
+            .clone()
+            .or_else(|| repository.map(|r| format!("repository:{r}:pull")))
+    }
+}
+
+/// `key="quoted, value",key2=token` pairs.
+fn parse_params(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else { break };
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        out.insert(key, value);
+        rest = after.trim_start().trim_start_matches(',').trim_start();
+    }
+    out
+}
+
+#[derive(Deserialize)]
+pub struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    /// The bearer header value and how long it lives.
+    pub fn into_header(self) -> Option<(HeaderValue, Duration)> {
+        let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        value.set_sensitive(true);
+        let lifetime = self.expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        Some((value, lifetime))
+    }
+}
+
+/// Tokens by (registry, scope).
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: Mutex<HashMap<(Registry, String), (HeaderValue, Instant)>>,
+}
+
+impl TokenCache {
+    pub fn get(&self, registry: &Registry, scope: &str) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().expect("token cache lock");
+        let (value, expires) = tokens.get(&(registry.clone(), scope.to_owned()))?;
+        (Instant::now() + EXPIRY_MARGIN < *expires).then(|| value.clone())
+    }
+
+    pub fn put(&self, registry: &Registry, scope: &str, value: HeaderValue, lifetime: Duration) {
+        let mut tokens = self.tokens.lock().expect("token cache lock");
+        tokens.retain(|_, (_, expires)| *expires > Instant::now());
+        tokens.insert((registry.clone(), scope.to_owned()), (value, Instant::now() + lifetime));
+    }
+
+    pub fn forget(&self, registry: &Registry, scope: &str) {
+        self.tokens
+            .lock()
+            .expect("token cache lock")
+            .remove(&(registry.clone(), scope.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = Challenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.realm, "https://auth.docker.io/token");
+        assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
+        assert_eq!(c.scope.as_deref(), Some("repository:library/alpine:pull"));
+    }
+
+    #[test]
+    fn parses_quoted_commas_and_missing_scope() {
+        let c = Challenge::parse(r#"bearer realm="https://r/t?a=1,b",  service=svc"#).unwrap();
+        assert_eq!(c.realm, "https://r/t?a=1,b");
+        assert_eq!(c.service.as_deref(), Some("svc"));
+        let repo = Repository::parse("team/app").unwrap();
+        assert_eq!(c.scope_for(Some(&repo)).unwrap(), "repository:team/app:pull");
+        assert!(Challenge::parse(r#"Basic realm="x""#).is_none());
+        assert!(Challenge::parse("Bearer service=x").is_none());
+    }
+
+    #[test]
+    fn token_header_is_sensitive_and_expires() {
+        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
+        let (value, life) = t.into_header().unwrap();
+        assert!(value.is_sensitive());
+        assert_eq!(value, "Bearer abc");
+        assert_eq!(life, Duration::from_secs(300));
+        let cache = TokenCache::default();
+        let hub = Registry::docker_hub();
+        cache.put(&hub, "s", value.clone(), life);
+        assert_eq!(cache.get(&hub, "s"), Some(value.clone()));
+        cache.put(&hub, "short", value, Duration::from_secs(5));
+        assert_eq!(cache.get(&hub, "short"), None, "a token about to expire is not reused");
+    }
+}
