@@ -18,7 +18,9 @@ pub const DOCKER_HUB: &str = "docker.io";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("repository name {0:?} is not valid (lowercase components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/', at most 255 characters)")]
+    #[error(
+        "repository name {0:?} is not valid (lowercase components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/', at most 255 characters)"
+    )]
     Repository(String),
     #[error("tag {0:?} is not valid ([A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})")]
     Tag(String),
@@ -44,7 +46,10 @@ impl Registry {
             None => (s, None),
         };
         if let Some(port) = port
-            && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err())
+            && (port.is_empty()
+                || port.len() > 5
+                || !port.bytes().all(|b| b.is_ascii_digit())
+                || port.parse::<u16>().is_err())
         {
             return Err(err());
         }
@@ -83,7 +88,9 @@ fn is_domain_label(label: &str) -> bool {
     let bytes = label.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -110,7 +117,9 @@ impl Repository {
     /// `separator = '.' | '_' | '__' | '-'+`.
     pub fn parse(s: &str) -> Result<Self, NameError> {
         if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(is_path_component) {
-            return Err(NameError::Repository(s.chars().take(MAX_NAME_LEN + 1).collect()));
+            return Err(NameError::Repository(
+                s.chars().take(MAX_NAME_LEN + 1).collect(),
+            ));
         }
         Ok(Repository(s.to_owned()))
     }
@@ -229,12 +238,37 @@ mod tests {
 
     #[test]
     fn repository_grammar() {
-        for good in ["a", "library/alpine", "a/b/c", "foo.bar", "foo_bar", "foo__bar", "foo---bar", "0/1-2"] {
+        for good in [
+            "a",
+            "library/alpine",
+            "a/b/c",
+            "foo.bar",
+            "foo_bar",
+            "foo__bar",
+            "foo---bar",
+            "0/1-2",
+        ] {
             assert!(Repository::parse(good).is_ok(), "{good} rejected");
         }
         for bad in [
-            "", "/a", "a/", "a//b", "..", "a/../b", "%2e%2e", "a/%2e%2e/b", "A", "a_", "-a", "a...b", "a___b",
-            "a._b", "/etc/passwd", "a b", "a\0b", "a\\b",
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "..",
+            "a/../b",
+            "%2e%2e",
+            "a/%2e%2e/b",
+            "A",
+            "a_",
+            "-a",
+            "a...b",
+            "a___b",
+            "a._b",
+            "/etc/passwd",
+            "a b",
+            "a\0b",
+            "a\\b",
         ] {
             assert!(Repository::parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -246,9 +280,27 @@ mod tests {
     fn docker_hub_library_prefix() {
         let hub = Registry::docker_hub();
         let other = Registry::parse("ghcr.io").unwrap();
-        assert_eq!(Repository::parse("alpine").unwrap().normalize_for(&hub).as_str(), "library/alpine");
-        assert_eq!(Repository::parse("a/b").unwrap().normalize_for(&hub).as_str(), "a/b");
-        assert_eq!(Repository::parse("alpine").unwrap().normalize_for(&other).as_str(), "alpine");
+        assert_eq!(
+            Repository::parse("alpine")
+                .unwrap()
+                .normalize_for(&hub)
+                .as_str(),
+            "library/alpine"
+        );
+        assert_eq!(
+            Repository::parse("a/b")
+                .unwrap()
+                .normalize_for(&hub)
+                .as_str(),
+            "a/b"
+        );
+        assert_eq!(
+            Repository::parse("alpine")
+                .unwrap()
+                .normalize_for(&other)
+                .as_str(),
+            "alpine"
+        );
     }
 
     #[test]
@@ -263,11 +315,29 @@ mod tests {
 
     #[test]
     fn registry_grammar() {
-        for good in ["docker.io", "localhost:5000", "127.0.0.1:1234", "a-b.example.com", "Quay.IO"] {
+        for good in [
+            "docker.io",
+            "localhost:5000",
+            "127.0.0.1:1234",
+            "a-b.example.com",
+            "Quay.IO",
+        ] {
             assert!(Registry::parse(good).is_ok(), "{good} rejected");
         }
         assert_eq!(Registry::parse("Quay.IO").unwrap().as_str(), "quay.io");
-        for bad in ["", ":5000", "a:", "a:99999", "a:5x", "-a.com", "a..b", "a/b", "a@b", "[::1]:5000", "a b"] {
+        for bad in [
+            "",
+            ":5000",
+            "a:",
+            "a:99999",
+            "a:5x",
+            "-a.com",
+            "a..b",
+            "a/b",
+            "a@b",
+            "[::1]:5000",
+            "a b",
+        ] {
             assert!(Registry::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Registry::looks_like_host("ghcr.io"));

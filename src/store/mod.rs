@@ -48,7 +48,11 @@ impl StoreError {
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error("content does not match digest: expected {expected}, got {actual} ({size} bytes)")]
-    DigestMismatch { expected: Digest, actual: Digest, size: u64 },
+    DigestMismatch {
+        expected: Digest,
+        actual: Digest,
+        size: u64,
+    },
     #[error("content is {actual} bytes, expected {expected}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error(transparent)]
@@ -108,7 +112,10 @@ impl Store {
         let path = self.blob_path(digest);
         match File::open(&path) {
             Ok(file) => {
-                let len = file.metadata().map_err(|e| StoreError::new("stat", &path, e))?.len();
+                let len = file
+                    .metadata()
+                    .map_err(|e| StoreError::new("stat", &path, e))?
+                    .len();
                 Ok(Some((file, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -177,7 +184,12 @@ impl Store {
     }
 
     /// Stores a manifest's bytes under its digest, with its media type beside it.
-    pub fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), CommitError> {
+    pub fn put_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), CommitError> {
         if !self.has_blob(digest) {
             let mut temp = self.temp_blob()?;
             temp.write(bytes)?;
@@ -303,7 +315,11 @@ mod tests {
         let err = store.commit(temp, &other, None).unwrap_err();
         assert!(matches!(err, CommitError::DigestMismatch { .. }), "{err}");
         assert!(store.open_blob(&other).unwrap().is_none());
-        assert_eq!(fs::read_dir(&store.tmp).unwrap().count(), 0, "temp file left behind");
+        assert_eq!(
+            fs::read_dir(&store.tmp).unwrap().count(),
+            0,
+            "temp file left behind"
+        );
     }
 
     #[test]
@@ -311,7 +327,9 @@ mod tests {
         let (_dir, store) = store();
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"hello").unwrap();
-        let err = store.commit(temp, &Digest::of(b"hello"), Some(6)).unwrap_err();
+        let err = store
+            .commit(temp, &Digest::of(b"hello"), Some(6))
+            .unwrap_err();
         assert!(matches!(err, CommitError::SizeMismatch { .. }), "{err}");
         assert!(!store.has_blob(&Digest::of(b"hello")));
     }
@@ -343,7 +361,9 @@ mod tests {
         let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
         assert_eq!(bytes, body);
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
-        let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
+        let err = store
+            .put_manifest(&Digest::of(b"x"), "t", body)
+            .unwrap_err();
         assert!(matches!(err, CommitError::DigestMismatch { .. }));
     }
 }

@@ -117,7 +117,11 @@ impl TagIndex {
     }
 
     pub fn get(&self, key: &TagKey) -> Option<TagRecord> {
-        self.entries.read().expect("tag index lock").get(key).cloned()
+        self.entries
+            .read()
+            .expect("tag index lock")
+            .get(key)
+            .cloned()
     }
 
     /// Records an answer, on disk first and then in memory.
@@ -137,7 +141,10 @@ impl TagIndex {
         };
         let bytes = serde_json::to_vec(&entry).expect("tag entries serialize");
         write_atomic(&self.tmp, &self.dir.join(key.file_name()), &bytes)?;
-        self.entries.write().expect("tag index lock").insert(key, record);
+        self.entries
+            .write()
+            .expect("tag index lock")
+            .insert(key, record);
         Ok(())
     }
 

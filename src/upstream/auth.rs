@@ -52,8 +52,14 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
     let mut rest = s.trim();
     while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else { break };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
             let mut value = String::new();
             let mut chars = quoted.char_indices();
@@ -99,7 +105,9 @@ impl TokenResponse {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
-        let lifetime = self.expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let lifetime = self
+            .expires_in
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
         Some((value, lifetime))
     }
 }
@@ -120,7 +128,10 @@ impl TokenCache {
     pub fn put(&self, registry: &Registry, scope: &str, value: HeaderValue, lifetime: Duration) {
         let mut tokens = self.tokens.lock().expect("token cache lock");
         tokens.retain(|_, (_, expires)| *expires > Instant::now());
-        tokens.insert((registry.clone(), scope.to_owned()), (value, Instant::now() + lifetime));
+        tokens.insert(
+            (registry.clone(), scope.to_owned()),
+            (value, Instant::now() + lifetime),
+        );
     }
 
     pub fn forget(&self, registry: &Registry, scope: &str) {
@@ -152,14 +163,18 @@ mod tests {
         assert_eq!(c.realm, "https://r/t?a=1,b");
         assert_eq!(c.service.as_deref(), Some("svc"));
         let repo = Repository::parse("team/app").unwrap();
-        assert_eq!(c.scope_for(Some(&repo)).unwrap(), "repository:team/app:pull");
+        assert_eq!(
+            c.scope_for(Some(&repo)).unwrap(),
+            "repository:team/app:pull"
+        );
         assert!(Challenge::parse(r#"Basic realm="x""#).is_none());
         assert!(Challenge::parse("Bearer service=x").is_none());
     }
 
     #[test]
     fn token_header_is_sensitive_and_expires() {
-        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
         let (value, life) = t.into_header().unwrap();
         assert!(value.is_sensitive());
         assert_eq!(value, "Bearer abc");
@@ -169,6 +184,10 @@ mod tests {
         cache.put(&hub, "s", value.clone(), life);
         assert_eq!(cache.get(&hub, "s"), Some(value.clone()));
         cache.put(&hub, "short", value, Duration::from_secs(5));
-        assert_eq!(cache.get(&hub, "short"), None, "a token about to expire is not reused");
+        assert_eq!(
+            cache.get(&hub, "short"),
+            None,
+            "a token about to expire is not reused"
+        );
     }
 }

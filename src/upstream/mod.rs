@@ -24,8 +24,8 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::oci::{Registry, Repository};
 use auth::{Challenge, TokenCache, TokenResponse};
-pub use resolve::is_forbidden;
 use resolve::GuardedResolver;
+pub use resolve::is_forbidden;
 
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,11 +117,13 @@ impl Upstreams {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let mut http = HttpConnector::new_with_resolver(GuardedResolver);
         http.enforce_http(false);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -179,7 +181,9 @@ impl Upstreams {
             kind,
         };
         let base = self.base(registry)?;
-        let origin: Uri = base.parse().map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
+        let origin: Uri = base
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
         let origin_loopback = host_ip(&origin).is_some_and(|ip| ip.is_loopback());
         let mut uri: Uri = format!("{base}/v2/{repository}/{resource}/{reference}")
             .parse()
@@ -225,12 +229,17 @@ impl Upstreams {
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
-            if status.is_redirection() && let Some(location) = resp.headers().get(LOCATION) {
+            if status.is_redirection()
+                && let Some(location) = resp.headers().get(LOCATION)
+            {
                 redirects += 1;
                 if redirects > MAX_REDIRECTS {
-                    return Err(err(UpstreamErrorKind::Redirect(format!("more than {MAX_REDIRECTS}"))));
+                    return Err(err(UpstreamErrorKind::Redirect(format!(
+                        "more than {MAX_REDIRECTS}"
+                    ))));
                 }
-                uri = resolve_location(&uri, location, origin_loopback).map_err(|m| err(UpstreamErrorKind::Redirect(m)))?;
+                uri = resolve_location(&uri, location, origin_loopback)
+                    .map_err(|m| err(UpstreamErrorKind::Redirect(m)))?;
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED && on_origin && !token_refreshed {
@@ -243,7 +252,10 @@ impl Upstreams {
                 if let Some(challenge) = challenge {
                     token_refreshed = true;
                     self.tokens.forget(registry, &scope);
-                    token = Some(self.token(registry, repository, &scope, &challenge, origin_loopback).await?);
+                    token = Some(
+                        self.token(registry, repository, &scope, &challenge, origin_loopback)
+                            .await?,
+                    );
                     continue;
                 }
             }
@@ -276,15 +288,22 @@ impl Upstreams {
             registry: registry.clone(),
             kind: UpstreamErrorKind::Token(m),
         };
-        let mut query = form_urlencoded::Serializer::new(String::new());
-        if let Some(service) = &challenge.service {
-            query.append_pair("service", service);
-        }
-        if let Some(scope) = challenge.scope_for(Some(repository)) {
-            query.append_pair("scope", &scope);
-        }
-        let sep = if challenge.realm.contains('?') { '&' } else { '?' };
-        let uri: Uri = format!("{}{sep}{}", challenge.realm, query.finish())
+        let query = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            if let Some(service) = &challenge.service {
+                query.append_pair("service", service);
+            }
+            if let Some(scope) = challenge.scope_for(Some(repository)) {
+                query.append_pair("scope", &scope);
+            }
+            query.finish()
+        };
+        let sep = if challenge.realm.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let uri: Uri = format!("{}{sep}{query}", challenge.realm)
             .parse()
             .map_err(|_| err("realm is not a URL".into()))?;
         check_target(&uri, allow_loopback).map_err(err)?;
@@ -308,13 +327,18 @@ impl Upstreams {
             .ok()
             .and_then(TokenResponse::into_header)
             .ok_or_else(|| err("token response has no token".into()))?;
-        self.tokens.put(registry, cache_scope, value.clone(), lifetime);
+        self.tokens
+            .put(registry, cache_scope, value.clone(), lifetime);
         Ok(value)
     }
 }
 
 fn host_ip(uri: &Uri) -> Option<std::net::IpAddr> {
-    uri.host()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    uri.host()?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// Refuses URLs that are not http(s) or that aim at forbidden (or, unless allowed, loopback)
@@ -332,15 +356,26 @@ fn check_target(uri: &Uri, allow_loopback: bool) -> Result<(), String> {
 }
 
 /// Resolves a `Location` against the current URL.
-fn resolve_location(current: &Uri, location: &HeaderValue, allow_loopback: bool) -> Result<Uri, String> {
-    let location = location.to_str().map_err(|_| "Location is not text".to_owned())?;
-    let target: Uri = location.parse().map_err(|_| "Location is not a URL".to_owned())?;
+fn resolve_location(
+    current: &Uri,
+    location: &HeaderValue,
+    allow_loopback: bool,
+) -> Result<Uri, String> {
+    let location = location
+        .to_str()
+        .map_err(|_| "Location is not text".to_owned())?;
+    let target: Uri = location
+        .parse()
+        .map_err(|_| "Location is not a URL".to_owned())?;
     let target = if target.scheme().is_some() {
         target
     } else {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(current.scheme().cloned().unwrap_or(Scheme::HTTPS));
-        parts.authority = current.authority().cloned().or_else(|| Authority::from_static("invalid").into());
+        parts.authority = current
+            .authority()
+            .cloned()
+            .or_else(|| Authority::from_static("invalid").into());
         parts.path_and_query = target.path_and_query().cloned();
         Uri::from_parts(parts).map_err(|e| e.to_string())?
     };
@@ -364,27 +399,61 @@ mod tests {
     #[test]
     fn base_urls() {
         let mut mapped = HashMap::new();
-        mapped.insert(Registry::parse("mirror.test").unwrap(), "http://127.0.0.1:5001/".parse().unwrap());
+        mapped.insert(
+            Registry::parse("mirror.test").unwrap(),
+            "http://127.0.0.1:5001/".parse().unwrap(),
+        );
         let up = Upstreams::new(mapped);
-        assert_eq!(up.base(&Registry::docker_hub()).unwrap(), "https://registry-1.docker.io");
-        assert_eq!(up.base(&Registry::parse("ghcr.io").unwrap()).unwrap(), "https://ghcr.io");
-        assert_eq!(up.base(&Registry::parse("r.test:8443").unwrap()).unwrap(), "https://r.test:8443");
-        assert_eq!(up.base(&Registry::parse("mirror.test").unwrap()).unwrap(), "http://127.0.0.1:5001");
+        assert_eq!(
+            up.base(&Registry::docker_hub()).unwrap(),
+            "https://registry-1.docker.io"
+        );
+        assert_eq!(
+            up.base(&Registry::parse("ghcr.io").unwrap()).unwrap(),
+            "https://ghcr.io"
+        );
+        assert_eq!(
+            up.base(&Registry::parse("r.test:8443").unwrap()).unwrap(),
+            "https://r.test:8443"
+        );
+        assert_eq!(
+            up.base(&Registry::parse("mirror.test").unwrap()).unwrap(),
+            "http://127.0.0.1:5001"
+        );
         for forbidden in ["127.0.0.1:5000", "169.254.169.254", "0.0.0.0"] {
-            assert!(up.base(&Registry::parse(forbidden).unwrap()).is_err(), "{forbidden}");
+            assert!(
+                up.base(&Registry::parse(forbidden).unwrap()).is_err(),
+                "{forbidden}"
+            );
         }
     }
 
     #[test]
     fn redirects_resolve_and_stay_off_forbidden_addresses() {
         let cur: Uri = "https://reg.test/v2/a/blobs/x".parse().unwrap();
-        let rel = resolve_location(&cur, &HeaderValue::from_static("/storage/x?sig=1"), false).unwrap();
+        let rel =
+            resolve_location(&cur, &HeaderValue::from_static("/storage/x?sig=1"), false).unwrap();
         assert_eq!(rel.to_string(), "https://reg.test/storage/x?sig=1");
-        let abs = resolve_location(&cur, &HeaderValue::from_static("https://cdn.test/x"), false).unwrap();
+        let abs =
+            resolve_location(&cur, &HeaderValue::from_static("https://cdn.test/x"), false).unwrap();
         assert_eq!(abs.host(), Some("cdn.test"));
-        for bad in ["http://169.254.169.254/latest/meta-data", "http://127.0.0.1:8080/", "file:///etc/passwd"] {
-            assert!(resolve_location(&cur, &HeaderValue::from_str(bad).unwrap(), false).is_err(), "{bad}");
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "http://127.0.0.1:8080/",
+            "file:///etc/passwd",
+        ] {
+            assert!(
+                resolve_location(&cur, &HeaderValue::from_str(bad).unwrap(), false).is_err(),
+                "{bad}"
+            );
         }
-        assert!(resolve_location(&cur, &HeaderValue::from_static("http://127.0.0.1:8080/"), true).is_ok());
+        assert!(
+            resolve_location(
+                &cur,
+                &HeaderValue::from_static("http://127.0.0.1:8080/"),
+                true
+            )
+            .is_ok()
+        );
     }
 }

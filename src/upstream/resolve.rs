@@ -13,12 +13,16 @@ use hyper_util::client::legacy::connect::dns::Name;
 /// [`super::Upstreams`].
 pub fn is_forbidden(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V4(v4) => {
+            v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()
+        }
         IpAddr::V6(v6) => {
             v6.is_unspecified()
                 || v6.is_multicast()
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_forbidden(IpAddr::V4(v4)))
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_forbidden(IpAddr::V4(v4)))
         }
     }
 }
@@ -60,7 +64,15 @@ mod tests {
 
     #[test]
     fn metadata_and_link_local_are_forbidden() {
-        for bad in ["169.254.169.254", "169.254.0.1", "0.0.0.0", "fe80::1", "::", "::ffff:169.254.169.254", "224.0.0.1"] {
+        for bad in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "0.0.0.0",
+            "fe80::1",
+            "::",
+            "::ffff:169.254.169.254",
+            "224.0.0.1",
+        ] {
             assert!(is_forbidden(bad.parse().unwrap()), "{bad}");
         }
         for ok in ["127.0.0.1", "10.0.0.1", "8.8.8.8", "2001:db8::1", "::1"] {

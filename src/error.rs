@@ -1,0 +1,88 @@
+//! The request path's error: what went wrong and on whose side. Each variant comes from one
+//! layer (the client's request, the upstream, the store, or pullcache itself), and
+//! [`Error::origin`] is what `server::response` turns into a status and an OCI error code.
+
+use std::sync::Arc;
+
+use crate::oci::{DigestError, NameError};
+use crate::store::StoreError;
+use crate::upstream::UpstreamError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whose fault an error is. It picks 4xx, 502 or 500.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+/// What is wrong with a client's request.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("range {range:?} cannot be served from a {size}-byte blob")]
+    Range { range: String, size: u64 },
+    #[error("{method} is not supported: pullcache is a read-only pull-through cache")]
+    Method { method: String },
+    #[error("{operation} is not supported by this pull-through cache")]
+    Unsupported { operation: &'static str },
+    #[error("no such route: {path}")]
+    NoRoute { path: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// One failure seen by many waiters, e.g. of a flight.
+    #[error(transparent)]
+    Shared(Arc<Error>),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn origin(&self) -> Origin {
+        match self {
+            Error::Request(_) => Origin::Downstream,
+            Error::Upstream(_) => Origin::Upstream,
+            Error::Store(_) | Error::Internal(_) => Origin::Internal,
+            Error::Shared(inner) => inner.origin(),
+        }
+    }
+
+    /// The innermost error, past shared wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+}
+
+impl From<crate::flight::Abandoned> for Error {
+    fn from(e: crate::flight::Abandoned) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<NameError> for Error {
+    fn from(e: NameError) -> Self {
+        Error::Request(e.into())
+    }
+}
+
+impl From<DigestError> for Error {
+    fn from(e: DigestError) -> Self {
+        Error::Request(e.into())
+    }
+}

@@ -1,0 +1,302 @@
+//! Single-flight blob downloads. One upstream GET per digest, however many clients ask:
+//! the flight writes into a temp file (hashing as it goes, on a blocking thread) and publishes
+//! its progress; every client, the first included, tails that file as it grows. The download
+//! runs in its own task, so no client's disconnect cancels it. At the end the store commits the
+//! file only if it hashes to the digest; otherwise every reader's body is aborted.
+
+mod coalesce;
+mod tail;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http::header::CONTENT_LENGTH;
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Error;
+use crate::oci::{Digest, Registry, Repository};
+use crate::store::{CommitError, Store, TempBlob};
+use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams};
+
+pub use coalesce::{Abandoned, Coalesce};
+pub use tail::Tail;
+
+/// Body chunks buffered between the network task and the writer thread.
+const WRITE_QUEUE: usize = 64;
+/// An upstream body that sends nothing for this long has failed.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a flight stands. Readers watch it change.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The blob's size, once the upstream's headers said it.
+    pub size: Option<u64>,
+    /// Bytes in the temp file so far.
+    pub written: u64,
+    pub state: FlightState,
+}
+
+#[derive(Debug, Clone)]
+pub enum FlightState {
+    /// Waiting for upstream response headers.
+    Connecting,
+    /// Headers arrived; bytes are coming.
+    Streaming,
+    /// Verified and committed to the store.
+    Done,
+    /// Nothing was committed; readers abort.
+    Failed(Arc<Error>),
+}
+
+/// One download in progress.
+pub struct Flight {
+    digest: Digest,
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Flight {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Waits for the upstream's response headers: the size if known, or the failure.
+    pub async fn headers(&self) -> Result<Option<u64>, Error> {
+        let mut rx = self.progress.clone();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match &p.state {
+                    FlightState::Connecting => {}
+                    FlightState::Streaming => return Ok(p.size),
+                    FlightState::Done => return Ok(Some(p.written)),
+                    FlightState::Failed(e) => return Err(Error::Shared(e.clone())),
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("flight ended without a result".into()));
+            }
+        }
+    }
+
+    /// A reader of bytes `start..end` (`end` unknown: to the end of the blob) that follows the
+    /// download.
+    pub fn tail(&self, start: u64, end: Option<u64>) -> Tail {
+        Tail::following(self.file.clone(), start, end, self.progress.clone())
+    }
+}
+
+/// What serves a blob: the store, or a flight.
+pub enum BlobSource {
+    Stored { file: File, size: u64 },
+    Flight { flight: Arc<Flight>, joined: bool },
+}
+
+type Active = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
+
+pub struct Flights {
+    store: Arc<Store>,
+    upstreams: Arc<Upstreams>,
+    active: Active,
+}
+
+impl Flights {
+    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>) -> Flights {
+        Flights {
+            store,
+            upstreams,
+            active: Arc::default(),
+        }
+    }
+
+    /// The stored blob or a running flight, without starting one.
+    pub fn lookup(&self, digest: &Digest) -> Result<Option<BlobSource>, Error> {
+        if let Some((file, size)) = self.store.open_blob(digest)? {
+            return Ok(Some(BlobSource::Stored { file, size }));
+        }
+        let active = self.active.lock().expect("flights lock");
+        Ok(active.get(digest).map(|flight| BlobSource::Flight {
+            flight: flight.clone(),
+            joined: true,
+        }))
+    }
+
+    /// The stored blob, a running flight to join, or a new flight fetching it from
+    /// `registry`/`repository`.
+    pub fn get(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<BlobSource, Error> {
+        if let Some((file, size)) = self.store.open_blob(digest)? {
+            return Ok(BlobSource::Stored { file, size });
+        }
+        let mut active = self.active.lock().expect("flights lock");
+        if let Some(flight) = active.get(digest) {
+            return Ok(BlobSource::Flight {
+                flight: flight.clone(),
+                joined: true,
+            });
+        }
+        // A flight commits before it leaves `active`, so under the lock a second look at the
+        // store closes the gap between the first look and here.
+        if let Some((file, size)) = self.store.open_blob(digest)? {
+            return Ok(BlobSource::Stored { file, size });
+        }
+        let temp = self.store.temp_blob()?;
+        let (tx, rx) = watch::channel(Progress {
+            size: None,
+            written: 0,
+            state: FlightState::Connecting,
+        });
+        let flight = Arc::new(Flight {
+            digest: digest.clone(),
+            file: Arc::new(temp.reader()?),
+            progress: rx,
+        });
+        active.insert(digest.clone(), flight.clone());
+        let download = Download {
+            store: self.store.clone(),
+            upstreams: self.upstreams.clone(),
+            registry: registry.clone(),
+            repository: repository.clone(),
+            digest: digest.clone(),
+            progress: Arc::new(tx),
+        };
+        let active = self.active.clone();
+        tokio::spawn(async move {
+            let digest = download.digest.clone();
+            let progress = download.progress.clone();
+            let state = match download.run(temp).await {
+                Ok(()) => FlightState::Done,
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
+                    FlightState::Failed(Arc::new(e))
+                }
+            };
+            progress.send_modify(|p| p.state = state);
+            active.lock().expect("flights lock").remove(&digest);
+        });
+        Ok(BlobSource::Flight {
+            flight,
+            joined: false,
+        })
+    }
+}
+
+/// The task behind a flight.
+struct Download {
+    store: Arc<Store>,
+    upstreams: Arc<Upstreams>,
+    registry: Registry,
+    repository: Repository,
+    digest: Digest,
+    progress: Arc<watch::Sender<Progress>>,
+}
+
+impl Download {
+    #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
+    async fn run(self, temp: TempBlob) -> Result<(), Error> {
+        let resp = self
+            .upstreams
+            .fetch(
+                Method::GET,
+                &self.registry,
+                &self.repository,
+                Resource::Blob,
+                &self.digest.to_string(),
+                None,
+            )
+            .await?;
+        let size = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        self.progress.send_modify(|p| {
+            p.size = size;
+            p.state = FlightState::Streaming;
+        });
+
+        let (chunks, queue) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = {
+            let progress = self.progress.clone();
+            tokio::task::spawn_blocking(move || write_chunks(temp, queue, &progress))
+        };
+        let mut body = resp.into_body();
+        let mut body_error = None;
+        loop {
+            match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+                Err(_) => {
+                    body_error = Some(format!("no data for {BODY_IDLE_TIMEOUT:?}"));
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    body_error = Some(crate::upstream::error_chain(&e));
+                    break;
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data()
+                        && chunks.send(data).await.is_err()
+                    {
+                        // The writer stopped on a store error; it reports it below.
+                        break;
+                    }
+                }
+            }
+        }
+        drop(chunks);
+        let temp = writer
+            .await
+            .map_err(|e| Error::Internal(format!("blob writer: {e}")))??;
+        if let Some(message) = body_error {
+            return Err(self.upstream_error(UpstreamErrorKind::Body(message)));
+        }
+        let store = self.store.clone();
+        let digest = self.digest.clone();
+        let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size))
+            .await
+            .map_err(|e| Error::Internal(format!("blob commit: {e}")))?;
+        match committed {
+            Ok(()) => Ok(()),
+            Err(CommitError::Io(e)) => Err(e.into()),
+            Err(mismatch) => Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
+                expected: self.digest.to_string(),
+                actual: mismatch.to_string(),
+            })),
+        }
+    }
+
+    fn upstream_error(&self, kind: UpstreamErrorKind) -> Error {
+        Error::Upstream(UpstreamError {
+            registry: self.registry.clone(),
+            kind,
+        })
+    }
+}
+
+/// The writer thread: appends chunks to the temp file, publishing progress after each batch.
+fn write_chunks(
+    mut temp: TempBlob,
+    mut queue: mpsc::Receiver<Bytes>,
+    progress: &watch::Sender<Progress>,
+) -> Result<TempBlob, Error> {
+    while let Some(chunk) = queue.blocking_recv() {
+        temp.write(&chunk)?;
+        // Drain what is already queued before waking readers, so a fast upstream does not
+        // cost one wake-up per small frame.
+        while let Ok(chunk) = queue.try_recv() {
+            temp.write(&chunk)?;
+        }
+        let written = temp.size();
+        progress.send_modify(|p| p.written = written);
+    }
+    Ok(temp)
+}

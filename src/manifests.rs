@@ -1,0 +1,370 @@
+//! Manifests: by digest from the store forever once verified; by tag from the tag index while
+//! younger than the TTL, then revalidated by one coalesced upstream HEAD (a GET only when the
+//! digest moved). When the upstream fails or rate-limits, a stale answer is served.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use crate::error::{Error, Result};
+use crate::flight::Coalesce;
+use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
+use crate::store::{CommitError, MAX_MANIFEST_SIZE, Store, TagKey, TagRecord};
+use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams};
+
+/// `Docker-Content-Digest`, the registry's name for what it served.
+pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// How a manifest answer was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// From the cache without asking upstream.
+    Hit,
+    /// Fetched from upstream.
+    Miss,
+    /// Joined another request's upstream fetch.
+    Coalesced,
+    /// Upstream confirmed the cached digest.
+    Revalidated,
+    /// Upstream failed; the cached answer was served past its TTL.
+    Stale,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Stale => "stale",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub cache: CacheResult,
+}
+
+type Shared<T> = std::result::Result<T, Arc<Error>>;
+
+pub struct Manifests {
+    store: Arc<Store>,
+    upstreams: Arc<Upstreams>,
+    tag_ttl: Duration,
+    by_tag: Coalesce<TagKey, Shared<Manifest>>,
+    by_digest: Coalesce<Digest, Shared<Manifest>>,
+}
+
+impl Manifests {
+    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, tag_ttl: Duration) -> Manifests {
+        Manifests {
+            store,
+            upstreams,
+            tag_ttl,
+            by_tag: Coalesce::default(),
+            by_digest: Coalesce::default(),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(%registry, repo = %repository, reference = %reference))]
+    pub async fn get(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: AcceptClass,
+    ) -> Result<Manifest> {
+        match reference {
+            Reference::Digest(digest) => self.by_digest(registry, repository, digest).await,
+            Reference::Tag(tag) => self.by_tag(registry, repository, tag, accept).await,
+        }
+    }
+
+    async fn by_digest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<Manifest> {
+        if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
+            return Ok(m);
+        }
+        let fetch = Fetch {
+            store: self.store.clone(),
+            upstreams: self.upstreams.clone(),
+            registry: registry.clone(),
+            repository: repository.clone(),
+        };
+        let digest_owned = digest.clone();
+        let (result, joined) = self
+            .by_digest
+            .run(digest.clone(), async move {
+                fetch
+                    .get(
+                        &digest_owned.to_string(),
+                        AcceptClass::all(),
+                        Some(&digest_owned),
+                    )
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await?;
+        let mut manifest = result.map_err(Error::Shared)?;
+        if joined {
+            manifest.cache = CacheResult::Coalesced;
+        }
+        Ok(manifest)
+    }
+
+    async fn by_tag(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        tag: &Tag,
+        accept: AcceptClass,
+    ) -> Result<Manifest> {
+        let key = TagKey {
+            registry: registry.clone(),
+            repository: repository.clone(),
+            tag: tag.clone(),
+            accept,
+        };
+        let record = self.store.tags().get(&key);
+        if let Some(record) = &record
+            && record.age() < self.tag_ttl
+            && let Some(m) = stored(&self.store, &record.digest, CacheResult::Hit).await?
+        {
+            return Ok(m);
+        }
+        let fetch = Fetch {
+            store: self.store.clone(),
+            upstreams: self.upstreams.clone(),
+            registry: registry.clone(),
+            repository: repository.clone(),
+        };
+        let (result, joined) = self
+            .by_tag
+            .run(key.clone(), async move {
+                fetch.revalidate(key, record).await.map_err(Arc::new)
+            })
+            .await?;
+        let mut manifest = result.map_err(Error::Shared)?;
+        if joined && manifest.cache != CacheResult::Stale {
+            manifest.cache = CacheResult::Coalesced;
+        }
+        Ok(manifest)
+    }
+}
+
+/// A stored manifest, read off the blocking pool.
+async fn stored(
+    store: &Arc<Store>,
+    digest: &Digest,
+    cache: CacheResult,
+) -> Result<Option<Manifest>> {
+    let (store, d) = (store.clone(), digest.clone());
+    let found = tokio::task::spawn_blocking(move || store.manifest(&d))
+        .await
+        .map_err(|e| Error::Internal(format!("manifest read: {e}")))??;
+    Ok(found.map(|(bytes, media_type)| Manifest {
+        digest: digest.clone(),
+        media_type,
+        bytes: bytes.into(),
+        cache,
+    }))
+}
+
+/// The upstream side of a manifest lookup, owned so it can run in a coalesced task.
+struct Fetch {
+    store: Arc<Store>,
+    upstreams: Arc<Upstreams>,
+    registry: Registry,
+    repository: Repository,
+}
+
+impl Fetch {
+    /// Revalidates (or first fetches) a tag. A failed upstream falls back to the stale record,
+    /// except when the upstream says the tag does not exist.
+    async fn revalidate(&self, key: TagKey, record: Option<TagRecord>) -> Result<Manifest> {
+        let cached = match &record {
+            Some(r) => stored(&self.store, &r.digest, CacheResult::Revalidated).await?,
+            None => None,
+        };
+        let Some(cached) = cached else {
+            let manifest = self.get(key.tag.as_str(), key.accept, None).await?;
+            self.remember(key, &manifest)?;
+            return Ok(manifest);
+        };
+        let fresh = match self.head_digest(key.tag.as_str(), key.accept).await {
+            Ok(Some(digest)) if digest == cached.digest => Ok(cached.clone()),
+            Ok(_) => self.get(key.tag.as_str(), key.accept, None).await,
+            Err(e) => Err(e),
+        };
+        match fresh {
+            Ok(manifest) => {
+                self.remember(key, &manifest)?;
+                Ok(manifest)
+            }
+            Err(e) if is_not_found(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, digest = %cached.digest, "upstream failed; serving stale tag");
+                Ok(Manifest {
+                    cache: CacheResult::Stale,
+                    ..cached
+                })
+            }
+        }
+    }
+
+    fn remember(&self, key: TagKey, manifest: &Manifest) -> Result<()> {
+        let record = TagRecord {
+            digest: manifest.digest.clone(),
+            media_type: manifest.media_type.clone(),
+            fetched_at: SystemTime::now(),
+        };
+        self.store.tags().put(key, record)?;
+        Ok(())
+    }
+
+    /// The digest a HEAD reports, if it reports one.
+    async fn head_digest(&self, reference: &str, accept: AcceptClass) -> Result<Option<Digest>> {
+        let resp = self
+            .upstreams
+            .fetch(
+                Method::HEAD,
+                &self.registry,
+                &self.repository,
+                Resource::Manifest,
+                reference,
+                Some(&accept.header_value()),
+            )
+            .await?;
+        Ok(resp
+            .headers()
+            .get(DOCKER_CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
+    /// GETs a manifest, verifies it (against `expected`, else against the upstream's
+    /// `Docker-Content-Digest` when given) and stores it.
+    async fn get(
+        &self,
+        reference: &str,
+        accept: AcceptClass,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest> {
+        let resp = self
+            .upstreams
+            .fetch(
+                Method::GET,
+                &self.registry,
+                &self.repository,
+                Resource::Manifest,
+                reference,
+                Some(&accept.header_value()),
+            )
+            .await?;
+        let header_digest: Option<Digest> = resp
+            .headers()
+            .get(DOCKER_CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+        let bytes = Limited::new(resp.into_body(), MAX_MANIFEST_SIZE as usize)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    self.error(UpstreamErrorKind::TooLarge {
+                        limit: MAX_MANIFEST_SIZE,
+                    })
+                } else {
+                    self.error(UpstreamErrorKind::Body(e.to_string()))
+                }
+            })?
+            .to_bytes();
+        let digest = Digest::of(&bytes);
+        if let Some(want) = expected.or(header_digest.as_ref())
+            && want != &digest
+        {
+            return Err(self.error(UpstreamErrorKind::DigestMismatch {
+                expected: want.to_string(),
+                actual: digest.to_string(),
+            }));
+        }
+        let media_type = content_type
+            .filter(|t| crate::oci::is_manifest_media_type(t))
+            .or_else(|| media_type_field(&bytes))
+            .ok_or_else(|| {
+                self.error(UpstreamErrorKind::Body(
+                    "manifest has no known media type".into(),
+                ))
+            })?;
+        let (store, d, t, b) = (
+            self.store.clone(),
+            digest.clone(),
+            media_type.clone(),
+            bytes.clone(),
+        );
+        tokio::task::spawn_blocking(move || store.put_manifest(&d, &t, &b))
+            .await
+            .map_err(|e| Error::Internal(format!("manifest write: {e}")))?
+            .map_err(|e| match e {
+                CommitError::Io(e) => Error::Store(e),
+                other => Error::Internal(other.to_string()),
+            })?;
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            cache: CacheResult::Miss,
+        })
+    }
+
+    fn error(&self, kind: UpstreamErrorKind) -> Error {
+        Error::Upstream(UpstreamError {
+            registry: self.registry.clone(),
+            kind,
+        })
+    }
+}
+
+/// The `mediaType` a manifest declares in its own JSON, when it is a manifest type.
+fn media_type_field(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Head>(bytes)
+        .ok()?
+        .media_type
+        .filter(|t| crate::oci::is_manifest_media_type(t))
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(
+        e.root(),
+        Error::Upstream(UpstreamError {
+            kind: UpstreamErrorKind::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            },
+            ..
+        })
+    )
+}

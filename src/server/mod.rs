@@ -1,0 +1,167 @@
+//! The HTTP server: the accept loop (connection cap, header-read timeout, backoff on accept
+//! errors, graceful shutdown) and the dispatch of each request to its route's handler.
+
+mod blobs;
+mod manifests;
+pub mod range;
+pub mod response;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::flight::Flights;
+use crate::manifests::Manifests;
+use crate::upstream::Upstreams;
+use response::Body;
+use routes::Route;
+
+/// Connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 4096;
+/// A client must send its request headers within this long (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Everything a request handler needs.
+pub struct App {
+    pub flights: Flights,
+    pub manifests: Manifests,
+    pub upstreams: Arc<Upstreams>,
+}
+
+/// A handler's response and how the cache answered it (`hit`, `miss`, ...), for the access log.
+pub struct Outcome {
+    response: Response<Body>,
+    cache: &'static str,
+}
+
+impl Outcome {
+    fn new(response: Response<Body>, cache: &'static str) -> Outcome {
+        Outcome { response, cache }
+    }
+}
+
+impl App {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let head = req.method() == Method::HEAD;
+        let route = routes::parse(req.method(), req.uri());
+        let outcome = match &route {
+            Ok(route) => self
+                .dispatch(route, head, req.headers())
+                .await
+                .unwrap_or_else(|e| Outcome::new(response::error(&e, head), "none")),
+            Err(e) => Outcome::new(response::error(e, head), "none"),
+        };
+        let (registry, repo) = match &route {
+            Ok(Route::Manifest { target, .. } | Route::Blob { target, .. }) => {
+                (target.registry.as_str(), target.repository.as_str())
+            }
+            _ => ("", ""),
+        };
+        tracing::info!(
+            method = %req.method(),
+            path = req.uri().path(),
+            registry,
+            repo,
+            kind = route.as_ref().map_or("other", Route::kind),
+            status = outcome.response.status().as_u16(),
+            cache = outcome.cache,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        outcome.response
+    }
+
+    async fn dispatch(
+        &self,
+        route: &Route,
+        head: bool,
+        headers: &http::HeaderMap,
+    ) -> crate::error::Result<Outcome> {
+        match route {
+            Route::Ping => Ok(Outcome::new(
+                Response::builder()
+                    .header(CONTENT_TYPE, "application/json")
+                    .header("docker-distribution-api-version", "registry/2.0")
+                    .body(response::full(bytes::Bytes::from_static(b"{}")))
+                    .expect("ping response parts are valid"),
+                "none",
+            )),
+            Route::Manifest { target, reference } => {
+                manifests::serve(self, head, headers, target, reference).await
+            }
+            Route::Blob { target, digest } => {
+                blobs::serve(self, head, headers, target, digest).await
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for a
+/// bounded grace period.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "connection limit reached; closing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(app.handle(req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period over; dropping open connections");
+        }
+    }
+}

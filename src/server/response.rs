@@ -1,0 +1,181 @@
+//! Responses: the body type, and the one place an [`Error`] becomes a status and an OCI error
+//! code. Handlers never pick error statuses themselves.
+
+use std::io;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+
+use crate::error::{Error, Origin, RequestError};
+use crate::flight::Tail;
+use crate::oci::{ErrorCode, NameError, error_body};
+use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
+
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A body that streams a [`Tail`]. An error aborts the response mid-body, which closes the
+/// connection, so the client sees a failure and never a short or wrong 200.
+pub fn tail(tail: Tail) -> Body {
+    let stream = futures_util::stream::unfold(tail, |mut tail| async move {
+        let chunk = tail.next_chunk().await?;
+        Some((chunk.map(Frame::data), tail))
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// The status and OCI code for an error, decided by where it came from.
+fn classify(err: &Error) -> (StatusCode, ErrorCode) {
+    match err.root() {
+        Error::Request(e) => match e {
+            RequestError::Name(NameError::Tag(_)) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid)
+            }
+            RequestError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            RequestError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            RequestError::Range { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid)
+            }
+            RequestError::Method { .. } | RequestError::Unsupported { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported)
+            }
+            RequestError::NoRoute { .. } => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+        },
+        Error::Upstream(UpstreamError { kind, .. }) => match kind {
+            UpstreamErrorKind::Status {
+                status, resource, ..
+            } => match (*status, resource) {
+                (StatusCode::NOT_FOUND, Resource::Manifest) => {
+                    (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown)
+                }
+                (StatusCode::NOT_FOUND, Resource::Blob) => {
+                    (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown)
+                }
+                (StatusCode::UNAUTHORIZED, _) => {
+                    (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
+                }
+                (StatusCode::FORBIDDEN, _) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+                (StatusCode::TOO_MANY_REQUESTS, _) => {
+                    (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+                }
+                _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            },
+            UpstreamErrorKind::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+            UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            UpstreamErrorKind::DigestMismatch { .. } => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid)
+            }
+            UpstreamErrorKind::TooLarge { .. } => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid)
+            }
+            UpstreamErrorKind::Request(_)
+            | UpstreamErrorKind::Redirect(_)
+            | UpstreamErrorKind::Token(_)
+            | UpstreamErrorKind::Body(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+        },
+        Error::Store(_) | Error::Internal(_) | Error::Shared(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+        }
+    }
+}
+
+/// The OCI error response for `err`. HEAD responses carry the headers without the body.
+pub fn error(err: &Error, head: bool) -> Response<Body> {
+    let (status, code) = classify(err);
+    match err.origin() {
+        Origin::Internal => tracing::error!(error = %err, "request failed"),
+        Origin::Upstream => tracing::warn!(error = %err, "upstream failed"),
+        Origin::Downstream => tracing::debug!(error = %err, "bad request"),
+    }
+    let body = error_body(code, &err.to_string());
+    let mut resp = Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, body.len());
+    match err.root() {
+        Error::Upstream(UpstreamError {
+            kind:
+                UpstreamErrorKind::Status {
+                    retry_after: Some(retry_after),
+                    ..
+                },
+            ..
+        }) => resp = resp.header(RETRY_AFTER, retry_after.clone()),
+        Error::Request(RequestError::Range { size, .. }) => {
+            resp = resp.header(CONTENT_RANGE, format!("bytes */{size}"));
+        }
+        Error::Request(RequestError::Method { .. }) => {
+            resp = resp.header(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        _ => {}
+    }
+    resp.body(if head { empty() } else { full(body) })
+        .expect("error response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Registry;
+
+    fn upstream(status: StatusCode, resource: Resource) -> Error {
+        Error::Upstream(UpstreamError {
+            registry: Registry::docker_hub(),
+            kind: UpstreamErrorKind::Status {
+                status,
+                resource,
+                retry_after: Some(HeaderValue::from_static("7")),
+            },
+        })
+    }
+
+    #[test]
+    fn statuses_follow_origin() {
+        assert_eq!(
+            classify(&upstream(StatusCode::NOT_FOUND, Resource::Blob)),
+            (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown)
+        );
+        assert_eq!(
+            classify(&upstream(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Resource::Manifest
+            )),
+            (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
+        );
+        let shared = Error::Shared(std::sync::Arc::new(upstream(
+            StatusCode::NOT_FOUND,
+            Resource::Manifest,
+        )));
+        assert_eq!(
+            classify(&shared),
+            (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown)
+        );
+        assert_eq!(
+            classify(&Error::Internal("x".into())),
+            (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+        );
+    }
+
+    #[test]
+    fn rate_limits_keep_retry_after() {
+        let resp = error(
+            &upstream(StatusCode::TOO_MANY_REQUESTS, Resource::Manifest),
+            false,
+        );
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[RETRY_AFTER], "7");
+    }
+}
