@@ -51,7 +51,7 @@ pub struct ServeArgs {
 
     /// Fetch registry NAME (as containerd names it, e.g. docker.io) from URL. Repeatable;
     /// comma-separated in the environment. Unmapped: docker.io is fetched from
-    /// https://registry-1.docker.io and any other host[:port] from https://host[:port].
+    /// `https://registry-1.docker.io` and any other `host:port` from `https://host:port`.
     #[arg(long = "upstream", env = "PULLCACHE_UPSTREAM", value_name = "NAME=URL", value_delimiter = ',', value_parser = parse_upstream)]
     pub upstreams: Vec<(Registry, Uri)>,
 

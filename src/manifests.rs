@@ -193,36 +193,54 @@ struct Fetch {
 
 impl Fetch {
     /// Revalidates (or first fetches) a tag. A failed upstream falls back to the stale record,
-    /// except when the upstream says the tag does not exist.
+    /// or to an answer cached for a client that accepted more, if this client takes its media
+    /// type; but not when the upstream says the tag does not exist.
     async fn revalidate(&self, key: TagKey, record: Option<TagRecord>) -> Result<Manifest> {
         let cached = match &record {
             Some(r) => stored(&self.store, &r.digest, CacheResult::Revalidated).await?,
             None => None,
         };
-        let Some(cached) = cached else {
-            let manifest = self.get(key.tag.as_str(), key.accept, None).await?;
-            self.remember(key, &manifest)?;
-            return Ok(manifest);
+        let tag = key.tag.as_str();
+        let fresh = match &cached {
+            None => self.get(tag, key.accept, None).await,
+            Some(cached) => match self.head_digest(tag, key.accept).await {
+                Ok(Some(digest)) if digest == cached.digest => Ok(cached.clone()),
+                Ok(_) => self.get(tag, key.accept, None).await,
+                Err(e) => Err(e),
+            },
         };
-        let fresh = match self.head_digest(key.tag.as_str(), key.accept).await {
-            Ok(Some(digest)) if digest == cached.digest => Ok(cached.clone()),
-            Ok(_) => self.get(key.tag.as_str(), key.accept, None).await,
-            Err(e) => Err(e),
-        };
-        match fresh {
+        let e = match fresh {
             Ok(manifest) => {
                 self.remember(key, &manifest)?;
-                Ok(manifest)
+                return Ok(manifest);
             }
-            Err(e) if is_not_found(&e) => Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, digest = %cached.digest, "upstream failed; serving stale tag");
+            Err(e) if is_not_found(&e) => return Err(e),
+            Err(e) => e,
+        };
+        let stale = match cached {
+            Some(cached) => Some(cached),
+            None => self.compatible(&key).await?,
+        };
+        match stale {
+            Some(stale) => {
+                tracing::warn!(error = %e, digest = %stale.digest, "upstream failed; serving stale tag");
                 Ok(Manifest {
                     cache: CacheResult::Stale,
-                    ..cached
+                    ..stale
                 })
             }
+            None => Err(e),
         }
+    }
+
+    /// A stored answer for the tag under another accept class that this client takes.
+    async fn compatible(&self, key: &TagKey) -> Result<Option<Manifest>> {
+        for record in self.store.tags().compatible(key) {
+            if let Some(m) = stored(&self.store, &record.digest, CacheResult::Stale).await? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
     }
 
     fn remember(&self, key: TagKey, manifest: &Manifest) -> Result<()> {

@@ -110,6 +110,16 @@ impl AcceptClass {
         (class.as_str() == name).then_some(class)
     }
 
+    /// Whether a client of this class takes a manifest of `media_type`.
+    pub fn accepts(&self, media_type: &str) -> bool {
+        match media_type {
+            OCI_INDEX | DOCKER_LIST => self.index,
+            OCI_MANIFEST => self.oci,
+            DOCKER_MANIFEST => self.docker,
+            _ => false,
+        }
+    }
+
     /// The `Accept` value sent upstream for this class.
     pub fn header_value(&self) -> HeaderValue {
         let mut types = Vec::with_capacity(4);
@@ -159,6 +169,19 @@ mod tests {
             "index+oci"
         );
         assert_eq!(class(&["text/html"]), AcceptClass::all());
+    }
+
+    #[test]
+    fn accepts_by_media_type() {
+        let docker = class(&[DOCKER_MANIFEST]);
+        assert!(docker.accepts(DOCKER_MANIFEST));
+        assert!(!docker.accepts(OCI_INDEX));
+        assert!(AcceptClass::all().accepts(DOCKER_LIST));
+        assert!(!AcceptClass::all().accepts("text/plain"));
+        for name in ["index+oci+docker", "oci", "index+docker", "none"] {
+            assert_eq!(AcceptClass::from_name(name).unwrap().as_str(), name);
+        }
+        assert!(AcceptClass::from_name("oci+index").is_none());
     }
 
     #[test]

@@ -124,6 +124,24 @@ impl TagIndex {
             .cloned()
     }
 
+    /// Answers recorded for the same tag under other accept classes whose media type a client
+    /// of `key.accept` takes, newest first. They stand in when the upstream cannot be asked.
+    pub fn compatible(&self, key: &TagKey) -> Vec<TagRecord> {
+        let entries = self.entries.read().expect("tag index lock");
+        let mut found: Vec<TagRecord> = entries
+            .iter()
+            .filter(|(k, r)| {
+                k.registry == key.registry
+                    && k.repository == key.repository
+                    && k.tag == key.tag
+                    && key.accept.accepts(&r.media_type)
+            })
+            .map(|(_, r)| r.clone())
+            .collect();
+        found.sort_by_key(|r| std::cmp::Reverse(r.fetched_at));
+        found
+    }
+
     /// Records an answer, on disk first and then in memory.
     pub fn put(&self, key: TagKey, record: TagRecord) -> Result<()> {
         let entry = Entry {
@@ -190,5 +208,24 @@ mod tests {
         assert_eq!(store.tags().len(), 1);
         assert_eq!(store.tags().get(&key("v1")), Some(record));
         assert!(!dir.path().join("tags").join("garbage.json").exists());
+    }
+
+    #[test]
+    fn compatible_answers_match_the_media_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = TagRecord {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            fetched_at: SystemTime::now(),
+        };
+        store.tags().put(key("v1"), record.clone()).unwrap();
+        let narrow = |accept: &str| TagKey {
+            accept: AcceptClass::from_name(accept).unwrap(),
+            ..key("v1")
+        };
+        assert_eq!(store.tags().compatible(&narrow("oci")), vec![record]);
+        assert!(store.tags().compatible(&narrow("docker")).is_empty());
+        assert!(store.tags().compatible(&TagKey { ..key("v2") }).is_empty());
     }
 }

@@ -1,0 +1,173 @@
+//! containerd pulls through pullcache as a hosts.toml mirror, with the real distribution
+//! registry upstream. The `server` fallback in hosts.toml is a dead port, so a pull can only
+//! succeed through pullcache.
+
+mod support;
+
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use support::containerd::{Containerd, write_hosts_toml};
+use support::images::{PushedImage, push_docker_image, push_oci_image, push_oci_index};
+use support::pullcache::Pullcache;
+use support::registry::Registry;
+
+/// A registry name that only pullcache resolves (through `--upstream`).
+const REGISTRY: &str = "registry.test";
+const DEAD_SERVER: &str = "http://127.0.0.1:1";
+
+async fn pull_all(
+    ctr: &Containerd,
+    images: &[&PushedImage],
+    hosts: &std::path::Path,
+) -> anyhow::Result<()> {
+    for image in images {
+        let reference = image.reference(REGISTRY);
+        ctr.pull(&reference, hosts).await?;
+        assert!(
+            ctr.is_unpacked(&reference).await?,
+            "{reference} did not unpack"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
+    let mut upstream = Registry::start().await?;
+    let oci = push_oci_image(
+        &upstream.url(),
+        "team/oci",
+        "v1",
+        &[2 * 1024 * 1024, 100 * 1024],
+    )
+    .await?;
+    let index = push_oci_index(&upstream.url(), "team/multi", "v1").await?;
+    let docker = push_docker_image(&upstream.url(), "team/docker", "v1", &[512 * 1024]).await?;
+    let images = [&oci, &index, &docker];
+
+    let cache = tempfile::tempdir()?;
+    let hosts = tempfile::tempdir()?;
+    let upstream_url = upstream.url();
+    let mappings = [(REGISTRY, upstream_url.as_str())];
+    let mut pullcache =
+        Pullcache::start(cache.path(), &mappings, Duration::from_secs(3600)).await?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
+
+    // Cold: every blob comes from upstream exactly once.
+    let first = Containerd::start().await?;
+    pull_all(&first, &images, hosts.path()).await?;
+    let stored = pullcache.stored_blobs();
+    for image in images {
+        assert!(
+            stored.contains(&image.manifest_digest),
+            "{} manifest not cached",
+            image.name
+        );
+    }
+    let mut fetched = 0;
+    for blob in images.iter().flat_map(|i| i.blobs.iter()) {
+        if stored.contains(&blob.digest) {
+            let gets = upstream
+                .wait_access_log_count("GET", &blob.digest, 1, Duration::from_secs(5))
+                .await;
+            assert_eq!(
+                gets, 1,
+                "blob {} fetched {gets} times upstream",
+                blob.digest
+            );
+            fetched += 1;
+        }
+    }
+    // Host-platform config and layers of three images: at least two blobs each.
+    assert!(fetched >= 6, "only {fetched} blobs went through the cache");
+    for digest in &stored {
+        let bytes = std::fs::read(
+            pullcache
+                .cache_dir
+                .join("blobs/sha256")
+                .join(&digest[7..9])
+                .join(&digest[7..]),
+        )?;
+        assert_eq!(
+            format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+            *digest,
+            "stored blob fails its name"
+        );
+    }
+    assert_eq!(pullcache.temp_files(), 0);
+
+    // Warm, inside the TTL: a fresh containerd pulls everything without any upstream request.
+    let before = upstream.access_log().len();
+    let second = Containerd::start().await?;
+    pull_all(&second, &images, hosts.path()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = upstream.access_log();
+    assert_eq!(
+        after.len(),
+        before,
+        "warm pull reached upstream: {:?}",
+        &after[before..]
+    );
+
+    // Upstream gone, pullcache restarted with a zero TTL: every tag must be revalidated, the
+    // upstream cannot answer, and the persisted tag index serves the stale answers.
+    pullcache.stop().await?;
+    upstream.stop().await;
+    let pullcache = Pullcache::start(cache.path(), &mappings, Duration::ZERO).await?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
+    let third = Containerd::start().await?;
+    pull_all(&third, &images, hosts.path()).await?;
+
+    let resp = support::http_client()
+        .get(format!(
+            "{}/v2/team/oci/manifests/v1?ns={REGISTRY}",
+            pullcache.url()
+        ))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()
+            .get("warning")
+            .is_some_and(|w| w.to_str().unwrap().starts_with("110")),
+        "stale answer without a Warning header: {:?}",
+        resp.headers()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_hub_names_get_the_library_prefix() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "library/tool", "1.0", &[64 * 1024]).await?;
+    let cache = tempfile::tempdir()?;
+    let hosts = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(
+        cache.path(),
+        &[("docker.io", &upstream.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+    write_hosts_toml(hosts.path(), "docker.io", DEAD_SERVER, &pullcache.url());
+
+    // containerd names it docker.io/library/tool and sends ns=docker.io.
+    let ctr = Containerd::start().await?;
+    ctr.pull("docker.io/library/tool:1.0", hosts.path()).await?;
+    assert!(ctr.is_unpacked("docker.io/library/tool:1.0").await?);
+
+    // A client that talks to pullcache as if it were Docker Hub, with no ns and a bare name.
+    let resp = support::http_client()
+        .get(format!("{}/v2/tool/manifests/1.0", pullcache.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        image.manifest_digest.as_str()
+    );
+    assert_eq!(resp.bytes().await?, image.manifest);
+    Ok(())
+}

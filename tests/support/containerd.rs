@@ -1,0 +1,330 @@
+//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, plus hosts.toml writing.
+//!
+//! Verified with containerd 1.6.20 (see tests/support_smoke.rs):
+//! * Every request to a host that is not the ref's own registry host (mirror
+//!   AND `server`) carries `?ns=<ref registry host>`, e.g.
+//!   `HEAD /v2/foo/bar/manifests/v1?ns=testreg.local`. A ref `127.0.0.1:PORT/..`
+//!   sent to that same host gets no `ns`.
+//! * Tag pull: `HEAD /v2/<repo>/manifests/<tag>?ns=..` with `Accept:
+//!   application/vnd.docker.distribution.manifest.v2+json,
+//!   application/vnd.docker.distribution.manifest.list.v2+json,
+//!   application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*`
+//!   (a GET follows only if the HEAD lacks Docker-Content-Digest or Content-Length).
+//!   Then `GET /v2/<repo>/manifests/sha256:..?ns=..` with `Accept: <descriptor
+//!   media type>, */*`, then `GET /v2/<repo>/blobs/sha256:..?ns=..` with
+//!   `Accept: <descriptor media type>, */*` and `Accept-Encoding: gzip`.
+//!   User-Agent `containerd/1.6.20~ds1`. No HEAD on blobs.
+//! * Hosts are tried in order (mirrors, then `server`) for EVERY request:
+//!   404, 4xx/5xx or a connection error on the mirror falls through to the
+//!   next host. A dead `server` (127.0.0.1:1) fails the pull in ~15 ms
+//!   ("connection refused"). hosts.toml has no `dial_timeout` in 1.6.
+//! * hosts dir lookup for `host:port` tries `<host>_<port>_` then `<host>:<port>`;
+//!   `docker.io/...` refs use the `docker.io` entry.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use super::log_tail;
+
+pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+pub const CTR_BIN: &str = "/usr/bin/ctr";
+/// Snapshotter used for unpacking: `native` needs no mounts (works in any sandbox,
+/// nothing to clean up). `overlayfs` also works on this machine but leaves
+/// mounts behind if containerd is killed mid-unpack.
+pub const SNAPSHOTTER: &str = "native";
+pub const NAMESPACE: &str = "default";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A private containerd with its own root, state and sockets in a tempdir
+/// under /tmp (short socket paths); CRI and unused snapshotters disabled.
+pub struct Containerd {
+    child: Option<Child>,
+    dir: TempDir,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    pub async fn start() -> Result<Containerd> {
+        // tempdir_in("/tmp") keeps the socket path far below the 107-byte limit.
+        let dir = tempfile::Builder::new()
+            .prefix("pc-ctd")
+            .tempdir_in("/tmp")
+            .context("creating containerd tempdir")?;
+        let d = dir.path();
+        let socket = d.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.internal.v1.opt",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{grpc}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[debug]
+  address = ""
+  level = "debug"
+
+[metrics]
+  address = ""
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            grpc = socket.display(),
+            ttrpc = d.join("t.sock").display(),
+        );
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).context("writing containerd config")?;
+        let log_path = d.join("containerd.log");
+        let log = std::fs::File::create(&log_path).context("creating containerd log")?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut child = Command::new(CONTAINERD_BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {CONTAINERD_BIN} (is containerd installed?)"))?;
+
+        let ctd = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "containerd exited during startup with {status}\n{}",
+                    log_tail(&log_path, 40)
+                );
+            }
+            if socket.exists() {
+                let out = ctr_output(&socket, &["version"], Duration::from_secs(3)).await;
+                if matches!(&out, Ok(o) if o.status.success()) {
+                    break Containerd {
+                        child: Some(child),
+                        dir,
+                        socket,
+                    };
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                bail!(
+                    "containerd not ready after {START_TIMEOUT:?}\n{}",
+                    log_tail(&log_path, 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Ok(ctd)
+    }
+
+    /// The gRPC socket (`ctr -a`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("containerd.log")
+    }
+
+    /// Run `ctr -a SOCK -n default ARGS...` (bounded by `timeout`); returns the
+    /// output whatever the exit status.
+    pub async fn ctr_raw(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        ctr_output(&self.socket, args, timeout).await
+    }
+
+    /// Like [`Containerd::ctr_raw`] with a 30 s bound, but a non-zero exit is an error.
+    pub async fn ctr(&self, args: &[&str]) -> Result<Output> {
+        let out = ctr_output(&self.socket, args, Duration::from_secs(30)).await?;
+        check_status(&format!("ctr {}", args.join(" ")), out)
+    }
+
+    /// `ctr images pull --hosts-dir HOSTS_DIR --snapshotter native IMAGE_REF`
+    /// (unpacks too). Err with stdout/stderr on failure or after 120 s.
+    pub async fn pull(&self, image_ref: &str, hosts_dir: &Path) -> Result<Output> {
+        self.pull_with_args(image_ref, hosts_dir, &[]).await
+    }
+
+    /// [`Containerd::pull`] with extra flags (e.g. `--all-platforms`, `--platform linux/arm64`).
+    pub async fn pull_with_args(
+        &self,
+        image_ref: &str,
+        hosts_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Output> {
+        let hosts = hosts_dir.to_str().context("hosts dir not UTF-8")?;
+        let mut args = vec![
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts,
+            "--snapshotter",
+            SNAPSHOTTER,
+        ];
+        args.extend_from_slice(extra);
+        args.push(image_ref);
+        let out = ctr_output(&self.socket, &args, PULL_TIMEOUT).await?;
+        check_status(&format!("ctr images pull {image_ref}"), out)
+    }
+
+    /// True if the image exists and its rootfs is unpacked in the `native`
+    /// snapshotter (containerd's own `Image.IsUnpacked`, via `ctr images check`:
+    /// it computes the chain ID from the config's diff_ids and stats the
+    /// committed snapshot). Err if the image is unknown.
+    pub async fn is_unpacked(&self, image_ref: &str) -> Result<bool> {
+        let out = self
+            .ctr(&["images", "check", "--snapshotter", SNAPSHOTTER])
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // REF TYPE DIGEST STATUS... SIZE UNPACKED (STATUS may contain spaces).
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.first() == Some(&image_ref) {
+                return match cols.last() {
+                    Some(&"true") => Ok(true),
+                    Some(&"false") => Ok(false),
+                    _ => bail!("cannot parse `ctr images check` line: {line}"),
+                };
+            }
+        }
+        bail!("image {image_ref} not found in `ctr images check`:\n{text}")
+    }
+
+    /// Whether the content store holds a blob with this digest.
+    pub async fn has_content(&self, digest: &str) -> Result<bool> {
+        let out = self.ctr(&["content", "ls", "-q"]).await?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == digest))
+    }
+
+    /// Remove an image and run garbage collection synchronously, so a later
+    /// pull of it hits the network again.
+    pub async fn remove_image(&self, image_ref: &str) -> Result<()> {
+        self.ctr(&["images", "rm", "--sync", image_ref]).await?;
+        Ok(())
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // Reap briefly so the tempdir is not removed under a live process.
+            // The native snapshotter leaves no mounts to clean up.
+            for _ in 0..200 {
+                match child.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+async fn ctr_output(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = Command::new(CTR_BIN);
+    cmd.arg("-a")
+        .arg(socket)
+        .arg("-n")
+        .arg(NAMESPACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // Keep proxies out of loopback pulls.
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    let what = format!("ctr {}", args.join(" "));
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(out) => out.with_context(|| format!("running {what}")),
+        Err(_) => bail!("{what} timed out after {timeout:?} (killed)"),
+    }
+}
+
+fn check_status(what: &str, out: Output) -> Result<Output> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    bail!(
+        "{what} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Name of the hosts-dir entry for a registry host. containerd 1.6
+/// (`remotes/docker/config.hostDirectory`) looks for `host_port_` first and
+/// then `host:port`; we write the preferred `host_port_` form.
+pub fn hosts_dir_name(registry_host: &str) -> String {
+    match registry_host.rfind(':') {
+        Some(idx) if idx > 0 => format!("{}_{}_", &registry_host[..idx], &registry_host[idx + 1..]),
+        _ => registry_host.to_string(),
+    }
+}
+
+/// Write `<hosts_dir>/<dir for registry_host>/hosts.toml`:
+/// `server = "<server>"` plus `[host."<mirror>"]` with pull+resolve.
+/// containerd 1.6 has no `dial_timeout` in hosts.toml (added in 1.7), so none
+/// is written. `server` and `mirror` are full URLs (`http://127.0.0.1:PORT`).
+pub fn write_hosts_toml(hosts_dir: &Path, registry_host: &str, server: &str, mirror: &str) {
+    let body = format!(
+        "server = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    write_hosts_file(hosts_dir, registry_host, &body);
+}
+
+/// Write a hosts.toml with only `server = "<server>"` (no mirror).
+pub fn write_hosts_toml_server_only(hosts_dir: &Path, registry_host: &str, server: &str) {
+    write_hosts_file(
+        hosts_dir,
+        registry_host,
+        &format!("server = \"{server}\"\n"),
+    );
+}
+
+fn write_hosts_file(hosts_dir: &Path, registry_host: &str, body: &str) {
+    let dir = hosts_dir.join(hosts_dir_name(registry_host));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let file = dir.join("hosts.toml");
+    std::fs::write(&file, body).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+}

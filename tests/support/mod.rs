@@ -1,0 +1,38 @@
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd, a recording HTTP spy.
+#![allow(dead_code)]
+
+pub mod containerd;
+pub mod fault_upstream;
+pub mod images;
+pub mod pullcache;
+pub mod registry;
+pub mod spy;
+
+use std::path::Path;
+
+/// Last `max_lines` lines of a log file (for error messages); never fails.
+pub fn log_tail(path: &Path, max_lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(max_lines);
+            format!(
+                "--- last {} line(s) of {} ---\n{}",
+                lines.len() - start,
+                path.display(),
+                lines[start..].join("\n")
+            )
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A plain-HTTP client that never uses a proxy (proxies from the environment
+/// would break loopback-only tests).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("building reqwest client")
+}

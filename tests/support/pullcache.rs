@@ -1,0 +1,103 @@
+//! Runs pullcache in-process on `127.0.0.1:0` through `pullcache::run`, with a shutdown handle.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Pullcache {
+    pub addr: SocketAddr,
+    pub cache_dir: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Logs from pullcache show up in a failing test's output (`RUST_LOG` filters them).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pullcache=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+impl Pullcache {
+    /// Starts pullcache with `upstreams` as `(registry name, URL)` mappings.
+    pub async fn start(
+        cache_dir: &Path,
+        upstreams: &[(&str, &str)],
+        tag_ttl: Duration,
+    ) -> anyhow::Result<Pullcache> {
+        init_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = pullcache::Config {
+            cache_dir: cache_dir.to_owned(),
+            upstreams: upstreams
+                .iter()
+                .map(|(name, url)| Ok((pullcache::oci::Registry::parse(name)?, url.parse()?)))
+                .collect::<anyhow::Result<_>>()?,
+            tag_ttl,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(pullcache::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        Ok(Pullcache {
+            addr,
+            cache_dir: cache_dir.to_owned(),
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server to wind down.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await???;
+        }
+        Ok(())
+    }
+
+    /// Every blob file in the store, as `sha256:<hex>`.
+    pub fn stored_blobs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let root = self.cache_dir.join("blobs").join("sha256");
+        for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            for blob in std::fs::read_dir(prefix.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                out.push(format!("sha256:{}", blob.file_name().to_string_lossy()));
+            }
+        }
+        out
+    }
+
+    /// Files left in the store's temp directory.
+    pub fn temp_files(&self) -> usize {
+        std::fs::read_dir(self.cache_dir.join("tmp")).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for Pullcache {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The real upstream: CNCF distribution (`/usr/bin/docker-registry`) on an ephemeral loopback port.
+//!
+//! Facts verified against distribution 2.8.2 (Debian):
+//! * `http.addr: 127.0.0.1:0` works; the app log (stderr) then contains
+//!   `msg="listening on 127.0.0.1:PORT"` with the real bound port.
+//! * The access log goes to **stdout** (gorilla combined format, one line per
+//!   request, written after the handler returns), the app log (logrus text,
+//!   `time=... level=... msg="response completed" ...`) goes to **stderr**.
+//!   We keep them in two files, so counting access lines never sees app lines:
+//!   `127.0.0.1 - - [22/Nov/2026:05:09:30 +0000] "GET /v2/foo/manifests/x?ns=abc HTTP/1.1" 404 91 "" "curl/7.88.1"`
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use super::{http_client, log_tail};
+
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One parsed access-log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogEntry {
+    pub method: String,
+    /// Request target as sent: path plus `?query` if any.
+    pub uri: String,
+    pub status: u16,
+    pub bytes: u64,
+    pub user_agent: String,
+}
+
+impl AccessLogEntry {
+    /// The request path without the query string.
+    pub fn path(&self) -> &str {
+        self.uri.split('?').next().unwrap_or("")
+    }
+
+    /// The query string (without `?`), if any.
+    pub fn query(&self) -> Option<&str> {
+        self.uri.split_once('?').map(|(_, q)| q)
+    }
+
+    /// Parse one combined-format line; `None` for anything else.
+    pub fn parse(line: &str) -> Option<AccessLogEntry> {
+        let (_, rest) = line.split_once("] \"")?;
+        let (request, rest) = rest.split_once('"')?;
+        let mut req = request.split(' ');
+        let method = req.next()?.to_string();
+        let uri = req.next()?.to_string();
+        if !req.next()?.starts_with("HTTP/") {
+            return None;
+        }
+        let mut fields = rest.trim_start().splitn(3, ' ');
+        let status = fields.next()?.parse().ok()?;
+        let bytes = fields.next()?.parse().unwrap_or(0);
+        // Remaining: "referer" "user-agent"
+        let tail = fields.next().unwrap_or("");
+        let user_agent = tail
+            .rsplit_once(" \"")
+            .map(|(_, ua)| ua.trim_end().trim_end_matches('"').to_string())
+            .unwrap_or_default();
+        Some(AccessLogEntry {
+            method,
+            uri,
+            status,
+            bytes,
+            user_agent,
+        })
+    }
+}
+
+/// A running `docker-registry serve` with its own storage in a tempdir.
+pub struct Registry {
+    child: Option<Child>,
+    addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Registry {
+    /// Start a fresh registry on `127.0.0.1:<ephemeral>` with empty storage.
+    pub async fn start() -> Result<Registry> {
+        let dir = tempfile::Builder::new()
+            .prefix("pc-registry")
+            .tempdir()
+            .context("creating registry tempdir")?;
+        let mut reg = Registry {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir,
+        };
+        reg.spawn_and_wait().await?;
+        Ok(reg)
+    }
+
+    /// Start again after [`Registry::stop`], on the SAME port with the same
+    /// storage (blobs pushed before are still there). Logs are appended to.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.spawn_and_wait().await {
+                Ok(()) => return Ok(()),
+                // The port may linger briefly; retry a few times.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("registry restart failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<()> {
+        let config_path = self.dir.path().join("config.yml");
+        let data = self.dir.path().join("data");
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}\n  secret: pullcache-test-secret\n",
+            data = data.display(),
+            addr = self.addr,
+        );
+        std::fs::write(&config_path, config).context("writing registry config")?;
+
+        let app_log = self.app_log_path();
+        let app_offset = std::fs::metadata(&app_log).map(|m| m.len()).unwrap_or(0);
+        let open_append = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))
+        };
+        let stdout = open_append(&self.access_log_path())?;
+        let stderr = open_append(&app_log)?;
+
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("REGISTRY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {REGISTRY_BIN} (is docker-registry installed?)"))?;
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        let client = http_client();
+        let mut bound: Option<SocketAddr> = None;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "docker-registry exited during startup with {status}\n{}",
+                    log_tail(&app_log, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                bail!(
+                    "docker-registry not ready after {START_TIMEOUT:?} (bound address: {bound:?})\n{}",
+                    log_tail(&app_log, 30)
+                );
+            }
+            if bound.is_none() {
+                bound = find_listen_addr(&app_log, app_offset);
+            }
+            if let Some(addr) = bound {
+                let ok = client
+                    .get(format!("http://{addr}/v2/"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .map(|r| r.status() == reqwest::StatusCode::OK)
+                    .unwrap_or(false);
+                if ok {
+                    self.addr = addr;
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `127.0.0.1:PORT` (what goes in an image reference / hosts dir name).
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Storage root (`storage.filesystem.rootdirectory`).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// stdout of the registry: the access log only.
+    pub fn access_log_path(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    /// stderr of the registry: the application (logrus) log.
+    pub fn app_log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    /// All access-log entries so far (across restarts), in order.
+    pub fn access_log(&self) -> Vec<AccessLogEntry> {
+        let text = std::fs::read_to_string(self.access_log_path()).unwrap_or_default();
+        // Ignore a trailing line still being written (no '\n' yet).
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().filter_map(AccessLogEntry::parse).collect()
+    }
+
+    /// Number of requests with exactly this `method` whose path (query string
+    /// excluded) contains `path_contains`. Note the registry writes a line only
+    /// once its handler returned, which may be a moment after the client saw
+    /// the response: use [`Registry::wait_access_log_count`] right after requests.
+    pub fn access_log_count(&self, method: &str, path_contains: &str) -> usize {
+        self.access_log()
+            .iter()
+            .filter(|e| e.method == method && e.path().contains(path_contains))
+            .count()
+    }
+
+    /// Polls until the count reaches `expected` (or `timeout` passes), then
+    /// waits a little longer to catch surplus lines; returns the final count.
+    pub async fn wait_access_log_count(
+        &self,
+        method: &str,
+        path_contains: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.access_log_count(method, path_contains) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.access_log_count(method, path_contains)
+    }
+
+    /// Kill the registry and wait for it to exit; the port is closed afterwards.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // Reap briefly so the tempdir is not removed under a live process.
+            for _ in 0..100 {
+                match child.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+fn find_listen_addr(app_log: &Path, offset: u64) -> Option<SocketAddr> {
+    let bytes = std::fs::read(app_log).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(offset as usize..)?);
+    text.lines().find_map(|l| {
+        let (_, rest) = l.split_once("msg=\"listening on ")?;
+        rest.split('"').next()?.parse().ok()
+    })
+}
