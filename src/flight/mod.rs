@@ -55,16 +55,11 @@ pub enum FlightState {
 
 /// One download in progress.
 pub struct Flight {
-    digest: Digest,
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
 }
 
 impl Flight {
-    pub fn digest(&self) -> &Digest {
-        &self.digest
-    }
-
     /// Waits for the upstream's response headers: the size if known, or the failure.
     pub async fn headers(&self) -> Result<Option<u64>, Error> {
         let mut rx = self.progress.clone();
@@ -156,7 +151,6 @@ impl Flights {
             state: FlightState::Connecting,
         });
         let flight = Arc::new(Flight {
-            digest: digest.clone(),
             file: Arc::new(temp.reader()?),
             progress: rx,
         });

@@ -83,11 +83,13 @@ impl Tail {
                 match &p.state {
                     FlightState::Failed(e) => return Err(io::Error::other(e.to_string())),
                     FlightState::Done => {
-                        let end = self.end.map_or(p.written, |end| end.min(p.written));
-                        if self.end.is_some_and(|end| end > p.written) {
-                            return Err(io::Error::other("blob is shorter than the range served"));
-                        }
-                        return Ok(end);
+                        return match self.end {
+                            Some(end) if end > p.written => {
+                                Err(io::Error::other("blob is shorter than the range served"))
+                            }
+                            Some(end) => Ok(end),
+                            None => Ok(p.written),
+                        };
                     }
                     FlightState::Connecting | FlightState::Streaming => {
                         // Hold back the range's final byte until the digest is verified.

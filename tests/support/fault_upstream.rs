@@ -55,8 +55,15 @@ impl Reply {
 
 #[derive(Default)]
 struct State {
+    addr: Option<SocketAddr>,
     replies: HashMap<String, Reply>,
     hits: HashMap<String, usize>,
+    /// `Authorization` of each request, by path.
+    auth: HashMap<String, Vec<Option<String>>>,
+    /// Query strings sent to `/token`.
+    token_queries: Vec<String>,
+    /// When set, `/v2/` paths demand `Bearer <token>`, issued anonymously at `/token`.
+    required_token: Option<String>,
 }
 
 pub struct FaultUpstream {
@@ -70,6 +77,7 @@ impl FaultUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state: Arc<Mutex<State>> = Arc::default();
+        state.lock().unwrap().addr = Some(addr);
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -101,6 +109,28 @@ impl FaultUpstream {
             .insert(path.to_owned(), reply);
     }
 
+    /// Demands `Authorization: Bearer <token>` on `/v2/` paths, with a challenge whose realm is
+    /// this server's `/token`, which hands the token out to anyone.
+    pub fn require_token(&self, token: &str) {
+        self.state.lock().unwrap().required_token = Some(token.to_owned());
+    }
+
+    /// The `Authorization` header of every request to `path`, in order.
+    pub fn auth_seen(&self, path: &str) -> Vec<Option<String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .auth
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The query strings of token requests.
+    pub fn token_queries(&self) -> Vec<String> {
+        self.state.lock().unwrap().token_queries.clone()
+    }
+
     /// How many requests (any method) reached `path`.
     pub fn hits(&self, path: &str) -> usize {
         self.state
@@ -123,10 +153,38 @@ type Body = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Byt
 
 fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
     let reply = {
         let mut state = state.lock().unwrap();
         *state.hits.entry(path.clone()).or_default() += 1;
-        state.replies.get(&path).cloned()
+        state
+            .auth
+            .entry(path.clone())
+            .or_default()
+            .push(auth.clone());
+        match state.required_token.clone() {
+            Some(token) if path == "/token" => {
+                state
+                    .token_queries
+                    .push(req.uri().query().unwrap_or_default().to_owned());
+                let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
+                Some(Reply::ok(body, &[("content-type", "application/json")]))
+            }
+            Some(token)
+                if path.starts_with("/v2/")
+                    && auth.as_deref() != Some(&format!("Bearer {token}")) =>
+            {
+                let challenge = format!(
+                    r#"Bearer realm="http://{}/token",service="fault""#,
+                    state.addr.unwrap()
+                );
+                Some(Reply::status(401, &[("www-authenticate", &challenge)]))
+            }
+            _ => state.replies.get(&path).cloned(),
+        }
     };
     let reply = reply.unwrap_or_else(|| Reply::status(404, &[]));
     let mut resp = Response::builder()

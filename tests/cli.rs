@@ -1,0 +1,103 @@
+//! The `pullcache` binary as an operator runs it: defaults in `--help`, exit 64 on bad
+//! configuration, serving, and a clean exit on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
+
+#[tokio::test]
+async fn help_names_the_defaults_and_their_environment() -> anyhow::Result<()> {
+    let out = Command::new(BIN).args(["serve", "--help"]).output().await?;
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout)?;
+    for expected in [
+        "127.0.0.1:5000",
+        "/var/lib/pullcache",
+        "PULLCACHE_LISTEN",
+        "PULLCACHE_CACHE_DIR",
+        "PULLCACHE_UPSTREAM",
+        "PULLCACHE_TAG_TTL",
+        "registry-1.docker.io",
+    ] {
+        assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_64() -> anyhow::Result<()> {
+    for args in [
+        &["serve", "--upstream", "no-url-here"][..],
+        &["serve", "--tag-ttl", "soon"],
+        &["serve", "--listen", "nowhere"],
+    ] {
+        let out = Command::new(BIN).args(args).output().await?;
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("PULLCACHE_UPSTREAM", "docker.io=ftp://mirror")
+        .output()
+        .await?;
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a bad environment value is bad configuration too"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("PULLCACHE_CACHE_DIR", cache.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await? {
+            let json: serde_json::Value = serde_json::from_str(&line)?;
+            if json["fields"]["message"] == "serving" {
+                return Ok(json["fields"]["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned());
+            }
+        }
+        anyhow::bail!("pullcache exited without serving")
+    })
+    .await??;
+
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .get(format!("http://{addr}/v2/"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        cache.path().join("blobs/sha256").is_dir(),
+        "the store was not created"
+    );
+
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await?
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    Ok(())
+}
