@@ -67,10 +67,13 @@ async fn wrong_bytes_abort_every_client_and_commit_nothing() -> anyhow::Result<(
     );
     assert_eq!(pullcache.temp_files(), 0);
 
-    // A later request tries again (and fails again) rather than serving anything cached.
+    // For a while the digest is refused before any header, so containerd can move on to its
+    // next host instead of retrying a download that cannot verify.
     let resp = support::http_client().get(&url).send().await?;
-    assert!(resp.bytes().await.is_err());
-    assert_eq!(upstream.hits(&path), 2);
+    assert_eq!(resp.status(), 502);
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errors"][0]["code"], "DIGEST_INVALID");
+    assert_eq!(upstream.hits(&path), 1);
     Ok(())
 }
 

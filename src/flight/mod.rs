@@ -3,6 +3,11 @@
 //! its progress; every client, the first included, tails that file as it grows. The download
 //! runs in its own task, so no client's disconnect cancels it. At the end the store commits the
 //! file only if it hashes to the digest; otherwise every reader's body is aborted.
+//!
+//! A digest whose upstream served wrong bytes is remembered for a short while: requests for it
+//! fail at once, before any header, so containerd moves on to its next host (the registry
+//! itself) instead of retrying a download that cannot verify. A failure mid-body gives
+//! containerd no such chance.
 
 mod coalesce;
 mod tail;
@@ -10,7 +15,7 @@ mod tail;
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
@@ -30,6 +35,8 @@ pub use tail::Tail;
 const WRITE_QUEUE: usize = 64;
 /// An upstream body that sends nothing for this long has failed.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a digest stays refused after its upstream served bytes that failed it.
+const MISMATCH_MEMORY: Duration = Duration::from_secs(30);
 
 /// Where a flight stands. Readers watch it change.
 #[derive(Debug, Clone)]
@@ -93,11 +100,14 @@ pub enum BlobSource {
 }
 
 type Active = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
+/// Digests whose upstream bytes failed verification, until when, and the failure.
+type Refused = Arc<Mutex<HashMap<Digest, (Instant, Arc<Error>)>>>;
 
 pub struct Flights {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
     active: Active,
+    refused: Refused,
 }
 
 impl Flights {
@@ -106,6 +116,7 @@ impl Flights {
             store,
             upstreams,
             active: Arc::default(),
+            refused: Arc::default(),
         }
     }
 
@@ -144,6 +155,13 @@ impl Flights {
         if let Some((file, size)) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored { file, size });
         }
+        {
+            let mut refused = self.refused.lock().expect("refused lock");
+            refused.retain(|_, (until, _)| *until > Instant::now());
+            if let Some((_, error)) = refused.get(digest) {
+                return Err(Error::Shared(error.clone()));
+            }
+        }
         let temp = self.store.temp_blob()?;
         let (tx, rx) = watch::channel(Progress {
             size: None,
@@ -163,7 +181,7 @@ impl Flights {
             digest: digest.clone(),
             progress: Arc::new(tx),
         };
-        let active = self.active.clone();
+        let (active, refused) = (self.active.clone(), self.refused.clone());
         tokio::spawn(async move {
             let digest = download.digest.clone();
             let progress = download.progress.clone();
@@ -171,7 +189,15 @@ impl Flights {
                 Ok(()) => FlightState::Done,
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
-                    FlightState::Failed(Arc::new(e))
+                    let e = Arc::new(e);
+                    if is_mismatch(&e) {
+                        let until = Instant::now() + MISMATCH_MEMORY;
+                        refused
+                            .lock()
+                            .expect("refused lock")
+                            .insert(digest.clone(), (until, e.clone()));
+                    }
+                    FlightState::Failed(e)
                 }
             };
             progress.send_modify(|p| p.state = state);
@@ -182,6 +208,16 @@ impl Flights {
             joined: false,
         })
     }
+}
+
+fn is_mismatch(e: &Error) -> bool {
+    matches!(
+        e.root(),
+        Error::Upstream(UpstreamError {
+            kind: UpstreamErrorKind::DigestMismatch { .. },
+            ..
+        })
+    )
 }
 
 /// The task behind a flight.

@@ -1,0 +1,145 @@
+//! pullcache must never be the reason a pod cannot start. With the real containerd and a
+//! hosts.toml whose `server` is the real registry, pulls succeed when pullcache's upstream
+//! fails, when pullcache is down, and when pullcache's upstream serves a forged layer.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::containerd::{Containerd, write_hosts_toml};
+use support::fault_upstream::{FaultUpstream, Reply};
+use support::images::{
+    OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, build_config, build_layer, host_arch, push_blob,
+    push_manifest, push_oci_image,
+};
+use support::pullcache::Pullcache;
+use support::registry::Registry;
+
+const REGISTRY: &str = "registry.test";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry() -> anyhow::Result<()> {
+    let registry = Registry::start().await?;
+    let image = push_oci_image(&registry.url(), "team/app", "v1", &[256 * 1024]).await?;
+    // pullcache's own upstream answers 503 to everything.
+    let broken = FaultUpstream::start().await?;
+    let cache = tempfile::tempdir()?;
+    let hosts = tempfile::tempdir()?;
+    let mut pullcache = Pullcache::start(
+        cache.path(),
+        &[(REGISTRY, &broken.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+    write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url());
+
+    let ctr = Containerd::start().await?;
+    let reference = image.reference(REGISTRY);
+    ctr.pull(&reference, hosts.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?);
+    assert!(
+        broken.hits("/v2/team/app/manifests/v1") > 0,
+        "containerd never went through pullcache, so this proves nothing"
+    );
+    assert!(pullcache.stored_blobs().is_empty());
+
+    pullcache.stop().await?;
+    let ctr = Containerd::start().await?;
+    ctr.pull(&reference, hosts.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_layer_is_never_unpacked_and_the_pull_recovers() -> anyhow::Result<()> {
+    // The real image, in the real registry that hosts.toml falls back to.
+    let registry = Registry::start().await?;
+    let layer = build_layer(512 * 1024);
+    let config = build_config(host_arch(), std::slice::from_ref(&layer.diff_id));
+    let config_digest = push_blob(&registry.url(), "team/app", config.clone()).await?;
+    push_blob(&registry.url(), "team/app", layer.blob.clone()).await?;
+    let manifest = Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": layer.blob.len()}],
+    }))?);
+    let manifest_digest = push_manifest(
+        &registry.url(),
+        "team/app",
+        "v1",
+        OCI_MANIFEST,
+        manifest.clone(),
+    )
+    .await?;
+
+    // pullcache's upstream serves the same manifest and config, but flips a byte of the layer.
+    let liar = FaultUpstream::start().await?;
+    let manifest_reply = Reply::ok(
+        manifest.to_vec(),
+        &[
+            ("content-type", OCI_MANIFEST),
+            ("docker-content-digest", &manifest_digest),
+        ],
+    );
+    liar.set("/v2/team/app/manifests/v1", manifest_reply.clone());
+    liar.set(
+        &format!("/v2/team/app/manifests/{manifest_digest}"),
+        manifest_reply,
+    );
+    liar.set(
+        &format!("/v2/team/app/blobs/{config_digest}"),
+        Reply::ok(config.to_vec(), &[]),
+    );
+    let mut forged = layer.blob.to_vec();
+    let middle = forged.len() / 2;
+    forged[middle] ^= 0x01;
+    let layer_path = format!("/v2/team/app/blobs/{}", layer.digest);
+    liar.set(
+        &layer_path,
+        Reply::ok(forged, &[]).slowly(4, Duration::from_millis(20)),
+    );
+
+    let cache = tempfile::tempdir()?;
+    let hosts = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(
+        cache.path(),
+        &[(REGISTRY, &liar.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+    write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url());
+
+    // The first attempt fails: pullcache streams all but the final byte, then aborts when the
+    // digest fails; containerd resumes the body from its next host with a Range request,
+    // stitches it onto the forged prefix, and its own commit check rejects the result. The
+    // retry (kubelet retries pulls) finds the digest refused up front and takes the registry.
+    let ctr = Containerd::start().await?;
+    let reference = format!("{REGISTRY}/team/app:v1");
+    let first = ctr.pull(&reference, hosts.path()).await;
+    let error = format!(
+        "{:#}",
+        first.expect_err("a pull through a forged layer succeeded")
+    );
+    assert!(error.contains("unexpected commit digest"), "{error}");
+    ctr.pull(&reference, hosts.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?);
+    assert_eq!(
+        liar.hits(&layer_path),
+        1,
+        "the forged layer was downloaded more than once"
+    );
+    assert!(
+        !pullcache.stored_blobs().contains(&layer.digest),
+        "the forged layer was stored"
+    );
+    let gets = registry
+        .wait_access_log_count("GET", &layer.digest, 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        gets, 2,
+        "expected the resume of the first attempt and the full GET of the retry"
+    );
+    Ok(())
+}
