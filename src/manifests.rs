@@ -16,6 +16,10 @@ use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
 use crate::store::{CommitError, MAX_MANIFEST_SIZE, Store, TagKey, TagRecord};
 use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams};
 
+/// How long a client with a stale tag answer waits for its revalidation before the stale
+/// answer is served.
+const REVALIDATE_WAIT: Duration = Duration::from_secs(2);
+
 /// `Docker-Content-Digest`, the registry's name for what it served.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -89,6 +93,15 @@ impl Manifests {
         }
     }
 
+    fn fetch(&self, registry: &Registry, repository: &Repository) -> Fetch {
+        Fetch {
+            store: self.store.clone(),
+            upstreams: self.upstreams.clone(),
+            registry: registry.clone(),
+            repository: repository.clone(),
+        }
+    }
+
     async fn by_digest(
         &self,
         registry: &Registry,
@@ -98,12 +111,7 @@ impl Manifests {
         if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
             return Ok(m);
         }
-        let fetch = Fetch {
-            store: self.store.clone(),
-            upstreams: self.upstreams.clone(),
-            registry: registry.clone(),
-            repository: repository.clone(),
-        };
+        let fetch = self.fetch(registry, repository);
         let digest_owned = digest.clone();
         let (result, joined) = self
             .by_digest
@@ -139,24 +147,35 @@ impl Manifests {
             accept,
         };
         let record = self.store.tags().get(&key);
-        if let Some(record) = &record
-            && record.age() < self.tag_ttl
-            && let Some(m) = stored(&self.store, &record.digest, CacheResult::Hit).await?
-        {
-            return Ok(m);
-        }
-        let fetch = Fetch {
-            store: self.store.clone(),
-            upstreams: self.upstreams.clone(),
-            registry: registry.clone(),
-            repository: repository.clone(),
+        let cached = match &record {
+            Some(record) => stored(&self.store, &record.digest, CacheResult::Hit).await?,
+            None => None,
         };
-        let (result, joined) = self
-            .by_tag
-            .run(key.clone(), async move {
-                fetch.revalidate(key, record).await.map_err(Arc::new)
-            })
-            .await?;
+        if let (Some(record), Some(cached)) = (&record, &cached)
+            && record.age() < self.tag_ttl
+        {
+            return Ok(cached.clone());
+        }
+        let fetch = self.fetch(registry, repository);
+        let revalidation = self.by_tag.run(key.clone(), {
+            let cached = cached.clone();
+            async move { fetch.revalidate(key, cached).await.map_err(Arc::new) }
+        });
+        // With an answer in hand, a slow upstream does not hold the client: the stale answer
+        // goes out and the revalidation finishes in the background.
+        let (result, joined) = match cached {
+            Some(cached) => match tokio::time::timeout(REVALIDATE_WAIT, revalidation).await {
+                Ok(outcome) => outcome?,
+                Err(_) => {
+                    tracing::warn!(digest = %cached.digest, "upstream slow; serving stale tag while it revalidates");
+                    return Ok(Manifest {
+                        cache: CacheResult::Stale,
+                        ..cached
+                    });
+                }
+            },
+            None => revalidation.await?,
+        };
         let mut manifest = result.map_err(Error::Shared)?;
         if joined && manifest.cache != CacheResult::Stale {
             manifest.cache = CacheResult::Coalesced;
@@ -195,11 +214,11 @@ impl Fetch {
     /// Revalidates (or first fetches) a tag. A failed upstream falls back to the stale record,
     /// or to an answer cached for a client that accepted more, if this client takes its media
     /// type; but not when the upstream says the tag does not exist.
-    async fn revalidate(&self, key: TagKey, record: Option<TagRecord>) -> Result<Manifest> {
-        let cached = match &record {
-            Some(r) => stored(&self.store, &r.digest, CacheResult::Revalidated).await?,
-            None => None,
-        };
+    async fn revalidate(&self, key: TagKey, cached: Option<Manifest>) -> Result<Manifest> {
+        let cached = cached.map(|m| Manifest {
+            cache: CacheResult::Revalidated,
+            ..m
+        });
         let tag = key.tag.as_str();
         let fresh = match &cached {
             None => self.get(tag, key.accept, None).await,
@@ -354,10 +373,7 @@ impl Fetch {
     }
 
     fn error(&self, kind: UpstreamErrorKind) -> Error {
-        Error::Upstream(UpstreamError {
-            registry: self.registry.clone(),
-            kind,
-        })
+        UpstreamError::new(&self.registry, kind).into()
     }
 }
 

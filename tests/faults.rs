@@ -193,6 +193,20 @@ async fn rate_limited_or_failing_upstream_gets_the_stale_tag() -> anyhow::Result
     assert_eq!(resp.status(), 404);
     let json: serde_json::Value = resp.json().await?;
     assert_eq!(json["errors"][0]["code"], "MANIFEST_UNKNOWN");
+
+    // A blackholed upstream does not hold the client: the stale answer comes after a short
+    // wait. (Last, because that revalidation goes on in the background.)
+    upstream.set(path, Reply::status(200, &[]).after(Duration::from_secs(20)));
+    let started = std::time::Instant::now();
+    let resp = client.get(&url).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["warning"].to_str()?.starts_with("110"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+
     Ok(())
 }
 

@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
-use http::header::CONTENT_LENGTH;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
 use crate::oci::{Digest, Registry, Repository};
 use crate::store::{CommitError, Store, TempBlob};
-use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
 pub use coalesce::{Abandoned, Coalesce};
 pub use tail::Tail;
@@ -244,11 +243,7 @@ impl Download {
                 None,
             )
             .await?;
-        let size = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let size = content_length(&resp);
         self.progress.send_modify(|p| {
             p.size = size;
             p.state = FlightState::Streaming;
@@ -305,10 +300,7 @@ impl Download {
     }
 
     fn upstream_error(&self, kind: UpstreamErrorKind) -> Error {
-        Error::Upstream(UpstreamError {
-            registry: self.registry.clone(),
-            kind,
-        })
+        UpstreamError::new(&self.registry, kind).into()
     }
 }
 

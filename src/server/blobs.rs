@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::flight::{BlobSource, Tail};
 use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
-use crate::upstream::Resource;
+use crate::upstream::{Resource, content_length};
 
 pub async fn serve(
     app: &App,
@@ -78,11 +78,7 @@ async fn head_upstream(app: &App, target: &Target, digest: &Digest) -> Result<Ou
             None,
         )
         .await?;
-    let size = resp
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let size = content_length(&resp);
     Ok(Outcome::new(
         respond(digest, size, None, response::empty()),
         "bypass",

@@ -63,6 +63,23 @@ pub struct UpstreamError {
     pub kind: UpstreamErrorKind,
 }
 
+impl UpstreamError {
+    pub fn new(registry: &Registry, kind: UpstreamErrorKind) -> Self {
+        UpstreamError {
+            registry: registry.clone(),
+            kind,
+        }
+    }
+}
+
+/// The `Content-Length` of an upstream response, when it sent a valid one.
+pub fn content_length(resp: &Response<Incoming>) -> Option<u64> {
+    resp.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamErrorKind {
     #[error("registry address is not allowed without an explicit --upstream mapping: {0}")]
@@ -157,10 +174,10 @@ impl Upstreams {
         if let Some(ip) = registry.ip()
             && (ip.is_loopback() || is_forbidden(ip))
         {
-            return Err(UpstreamError {
-                registry: registry.clone(),
-                kind: UpstreamErrorKind::Forbidden(registry.to_string()),
-            });
+            return Err(UpstreamError::new(
+                registry,
+                UpstreamErrorKind::Forbidden(registry.to_string()),
+            ));
         }
         Ok(format!("https://{registry}"))
     }
@@ -176,10 +193,7 @@ impl Upstreams {
         reference: &str,
         accept: Option<&HeaderValue>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let err = |kind| UpstreamError {
-            registry: registry.clone(),
-            kind,
-        };
+        let err = |kind| UpstreamError::new(registry, kind);
         let base = self.base(registry)?;
         let origin: Uri = base
             .parse()
@@ -284,10 +298,7 @@ impl Upstreams {
         challenge: &Challenge,
         allow_loopback: bool,
     ) -> Result<HeaderValue, UpstreamError> {
-        let err = |m: String| UpstreamError {
-            registry: registry.clone(),
-            kind: UpstreamErrorKind::Token(m),
-        };
+        let err = |m: String| UpstreamError::new(registry, UpstreamErrorKind::Token(m));
         let query = {
             let mut query = form_urlencoded::Serializer::new(String::new());
             if let Some(service) = &challenge.service {

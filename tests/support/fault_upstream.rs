@@ -23,6 +23,8 @@ pub struct Reply {
     /// The body is sent in this many chunks with `chunk_delay` between them.
     pub chunks: usize,
     pub chunk_delay: Duration,
+    /// How long the server waits before sending the response headers.
+    pub header_delay: Duration,
 }
 
 impl Reply {
@@ -36,6 +38,7 @@ impl Reply {
             body,
             chunks: 1,
             chunk_delay: Duration::ZERO,
+            header_delay: Duration::ZERO,
         }
     }
 
@@ -44,6 +47,11 @@ impl Reply {
             status,
             ..Reply::ok(Vec::new(), headers)
         }
+    }
+
+    pub fn after(mut self, header_delay: Duration) -> Reply {
+        self.header_delay = header_delay;
+        self
     }
 
     pub fn slowly(mut self, chunks: usize, chunk_delay: Duration) -> Reply {
@@ -85,7 +93,11 @@ impl FaultUpstream {
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(reply(&state, &req)) }
+                        async move {
+                            let (delay, resp) = reply(&state, &req);
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -151,7 +163,7 @@ impl Drop for FaultUpstream {
 
 type Body = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
 
-fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duration, Response<Body>) {
     let path = req.uri().path().to_owned();
     let auth = req
         .headers()
@@ -213,7 +225,10 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> Response
             Ok(Frame::data(chunk))
         })
         .boxed();
-    resp.body(StreamBody::new(stream)).unwrap()
+    (
+        reply.header_delay,
+        resp.body(StreamBody::new(stream)).unwrap(),
+    )
 }
 
 use futures_util::StreamExt;
