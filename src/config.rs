@@ -1,15 +1,22 @@
-//! Command-line and environment configuration (`PULLCACHE_*` for every flag), and its
-//! resolution into what the library runs with.
+//! Configuration: command-line flags (each with a `PULLCACHE_*` environment variable), an
+//! optional TOML file with per-registry settings, and a docker `config.json` with credentials.
+//! Flags win over the file. Everything is read and checked here, before anything starts, so a
+//! bad file fails the start (exit 64) rather than a pull.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
+use serde::Deserialize;
 
 use crate::oci::Registry;
+use crate::upstream::{self, Credentials, DockerConfig, RegistrySettings};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,9 +47,9 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on. containerd's hosts.toml points at it.
-    #[arg(long, env = "PULLCACHE_LISTEN", default_value = "127.0.0.1:5000")]
-    pub listen: SocketAddr,
+    /// Address to listen on (default 127.0.0.1:5000). containerd's hosts.toml points at it.
+    #[arg(long, env = "PULLCACHE_LISTEN")]
+    pub listen: Option<SocketAddr>,
 
     /// Cache directory. Default: /var/lib/pullcache when running as root, otherwise
     /// $XDG_CACHE_HOME/pullcache (or ~/.cache/pullcache).
@@ -55,35 +62,193 @@ pub struct ServeArgs {
     #[arg(long = "upstream", env = "PULLCACHE_UPSTREAM", value_name = "NAME=URL", value_delimiter = ',', value_parser = parse_upstream)]
     pub upstreams: Vec<(Registry, Uri)>,
 
-    /// How long a tag's answer is served without asking upstream; after that one HEAD
-    /// revalidates it (e.g. 30s, 5m, 1h).
-    #[arg(long, env = "PULLCACHE_TAG_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub tag_ttl: Duration,
+    /// How long a tag's answer is served without asking upstream (default 5m); after that one
+    /// HEAD revalidates it (e.g. 30s, 5m, 1h).
+    #[arg(long, env = "PULLCACHE_TAG_TTL", value_parser = humantime::parse_duration)]
+    pub tag_ttl: Option<Duration>,
+
+    /// A PEM file of CA certificates to trust for every upstream, besides the public and
+    /// system roots. Repeatable; comma-separated in the environment. TLS is always verified.
+    #[arg(
+        long,
+        env = "PULLCACHE_UPSTREAM_CA",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// Registry credentials in docker config.json format (the format of a Kubernetes
+    /// dockerconfigjson Secret): auths.<host>.auth, username/password or identitytoken.
+    #[arg(long, env = "PULLCACHE_DOCKER_CONFIG", value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+
+    /// A TOML file with these settings and per-registry ones ([registries."NAME"]: url, ca,
+    /// username/password/auth/identity_token, tag_ttl, mirrors). Flags win over the file.
+    #[arg(long, env = "PULLCACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
-/// What [`crate::run`] needs, resolved from the arguments.
+/// What [`crate::run`] needs, resolved from the flags and files.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub listen: SocketAddr,
     pub cache_dir: PathBuf,
-    pub upstreams: HashMap<Registry, Uri>,
     pub tag_ttl: Duration,
+    /// Registries whose tags live longer or shorter than `tag_ttl`.
+    pub tag_ttls: HashMap<Registry, Duration>,
+    pub upstream: upstream::Settings,
 }
 
-impl ServeArgs {
-    pub fn resolve(&self) -> Config {
+impl Config {
+    /// Defaults, with the cache in `cache_dir`.
+    pub fn new(cache_dir: PathBuf) -> Config {
         Config {
-            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
-            upstreams: self.upstreams.iter().cloned().collect(),
-            tag_ttl: self.tag_ttl,
+            listen: DEFAULT_LISTEN.parse().expect("default address is valid"),
+            cache_dir,
+            tag_ttl: DEFAULT_TAG_TTL,
+            tag_ttls: HashMap::new(),
+            upstream: upstream::Settings::default(),
         }
+    }
+
+    /// The settings of one registry, created empty on first use.
+    pub fn registry(&mut self, registry: Registry) -> &mut RegistrySettings {
+        self.upstream.registries.entry(registry).or_default()
     }
 }
 
-fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
-    let (name, url) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
-    let registry = Registry::parse(name.trim()).map_err(|e| e.to_string())?;
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+/// The TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    cache_dir: Option<PathBuf>,
+    tag_ttl: Option<String>,
+    #[serde(default)]
+    upstream_ca: Vec<PathBuf>,
+    docker_config: Option<PathBuf>,
+    #[serde(default)]
+    registries: HashMap<String, FileRegistry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRegistry {
+    url: Option<String>,
+    #[serde(default)]
+    mirrors: Vec<String>,
+    #[serde(default)]
+    ca: Vec<PathBuf>,
+    username: Option<String>,
+    password: Option<String>,
+    auth: Option<String>,
+    identity_token: Option<String>,
+    tag_ttl: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| err(path, e))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| err(path, e))?
+            }
+            None => FileConfig::default(),
+        };
+        let base = self
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new(""));
+        let mut config = Config::new(
+            self.cache_dir
+                .clone()
+                .or(file.cache_dir.map(|d| base.join(d)))
+                .unwrap_or_else(default_cache_dir),
+        );
+        if let Some(listen) = self.listen.or(file.listen) {
+            config.listen = listen;
+        }
+        if let Some(ttl) = self.tag_ttl {
+            config.tag_ttl = ttl;
+        } else if let Some(ttl) = &file.tag_ttl {
+            config.tag_ttl = duration(ttl, "tag_ttl")?;
+        }
+
+        let ca_files = if self.upstream_ca.is_empty() {
+            file.upstream_ca.iter().map(|p| base.join(p)).collect()
+        } else {
+            self.upstream_ca.clone()
+        };
+        for path in &ca_files {
+            config
+                .upstream
+                .roots
+                .extend(upstream::load_certificates(path).map_err(ConfigError)?);
+        }
+        let docker_config = self
+            .docker_config
+            .clone()
+            .or(file.docker_config.map(|p| base.join(p)));
+        if let Some(path) = &docker_config {
+            config.upstream.docker_config = DockerConfig::load(path).map_err(ConfigError)?;
+        }
+
+        for (name, entry) in file.registries {
+            let registry = Registry::parse(&name)
+                .map_err(|e| ConfigError(format!("[registries.{name:?}]: {e}")))?;
+            let at = |what: &str| format!("[registries.{name:?}] {what}");
+            if let Some(ttl) = &entry.tag_ttl {
+                config
+                    .tag_ttls
+                    .insert(registry.clone(), duration(ttl, &at("tag_ttl"))?);
+            }
+            let settings = config.registry(registry);
+            if let Some(url) = &entry.url {
+                settings.url = Some(
+                    upstream_url(url).map_err(|e| ConfigError(format!("{}: {e}", at("url"))))?,
+                );
+            }
+            for mirror in &entry.mirrors {
+                settings.mirrors.push(
+                    upstream_url(mirror)
+                        .map_err(|e| ConfigError(format!("{}: {e}", at("mirrors"))))?,
+                );
+            }
+            for path in &entry.ca {
+                settings
+                    .roots
+                    .extend(upstream::load_certificates(&base.join(path)).map_err(ConfigError)?);
+            }
+            settings.credentials = Credentials::from_fields(
+                entry.auth.as_deref(),
+                entry.username.as_deref(),
+                entry.password.as_deref(),
+                entry.identity_token.as_deref(),
+            )
+            .map_err(|e| ConfigError(format!("{}: {e}", at("credentials"))))?;
+        }
+        for (registry, url) in &self.upstreams {
+            config.registry(registry.clone()).url = Some(url.clone());
+        }
+        Ok(config)
+    }
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{}: {e}", path.display()))
+}
+
+fn duration(text: &str, what: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| ConfigError(format!("{what} {text:?}: {e}")))
+}
+
+fn upstream_url(url: &str) -> Result<Uri, String> {
     let uri: Uri = url.trim().parse().map_err(|e| format!("{url:?}: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
@@ -91,7 +256,15 @@ fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
     if uri.query().is_some() {
         return Err(format!("{url:?} may not have a query"));
     }
-    Ok((registry, uri))
+    Ok(uri)
+}
+
+fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+    let registry = Registry::parse(name.trim()).map_err(|e| e.to_string())?;
+    Ok((registry, upstream_url(url)?))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -116,6 +289,12 @@ fn is_root() -> bool {
 mod tests {
     use super::*;
 
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["pullcache", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(args) = cli.command;
+        args
+    }
+
     #[test]
     fn upstream_mappings() {
         let (r, u) = parse_upstream("docker.io=http://127.0.0.1:5001").unwrap();
@@ -134,12 +313,119 @@ mod tests {
 
     #[test]
     fn runs_with_no_flags() {
-        let cli = Cli::try_parse_from(["pullcache", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
-        assert_eq!(args.listen, "127.0.0.1:5000".parse().unwrap());
-        assert_eq!(args.tag_ttl, Duration::from_secs(300));
-        let config = args.resolve();
+        let config = serve(&[]).resolve().unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.tag_ttl, DEFAULT_TAG_TTL);
         assert!(config.cache_dir.ends_with("pullcache"));
+        assert!(config.upstream.registries.is_empty());
+    }
+
+    #[test]
+    fn file_settings_and_flags_over_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("docker.json"),
+            r#"{"auths":{"ghcr.io":{"auth":"dTpw"}}}"#,
+        )
+        .unwrap();
+        let file = dir.path().join("pullcache.toml");
+        std::fs::write(
+            &file,
+            r#"
+listen = "127.0.0.1:6000"
+cache_dir = "cache"
+tag_ttl = "10m"
+docker_config = "docker.json"
+
+[registries."registry.example.com:5000"]
+url = "https://10.0.0.5:5000"
+ca = ["ca.pem"]
+username = "robot"
+password = "hunter2"
+tag_ttl = "1h"
+mirrors = ["https://mirror.example.com"]
+"#,
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config = serve(&["--config", path]).resolve().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(config.cache_dir, dir.path().join("cache"));
+        assert_eq!(config.tag_ttl, Duration::from_secs(600));
+        let name = Registry::parse("registry.example.com:5000").unwrap();
+        assert_eq!(config.tag_ttls[&name], Duration::from_secs(3600));
+        let settings = &config.upstream.registries[&name];
+        assert_eq!(
+            settings.url.as_ref().unwrap().to_string(),
+            "https://10.0.0.5:5000/"
+        );
+        assert_eq!(settings.mirrors.len(), 1);
+        assert_eq!(settings.roots.len(), 1);
+        assert!(
+            matches!(&settings.credentials, Some(Credentials::Basic { username, .. }) if username == "robot")
+        );
+        assert!(
+            config
+                .upstream
+                .docker_config
+                .lookup(&Registry::parse("ghcr.io").unwrap(), None)
+                .is_some()
+        );
+
+        let config = serve(&[
+            "--config",
+            path,
+            "--listen",
+            "127.0.0.1:7000",
+            "--tag-ttl",
+            "1s",
+            "--upstream",
+            "registry.example.com:5000=http://127.0.0.1:9",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.tag_ttl, Duration::from_secs(1));
+        assert_eq!(
+            config.upstream.registries[&name]
+                .url
+                .as_ref()
+                .unwrap()
+                .to_string(),
+            "http://127.0.0.1:9/"
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        for (text, expected) in [
+            (
+                "[registries.\"x\"]\nurll = \"https://x\"\n",
+                "unknown field",
+            ),
+            ("[registries.\"Bad Name\"]\n", "Bad Name"),
+            ("[registries.\"x.io\"]\nurl = \"ftp://x\"\n", "http"),
+            (
+                "[registries.\"x.io\"]\nca = [\"missing.pem\"]\n",
+                "missing.pem",
+            ),
+            ("[registries.\"x.io\"]\nauth = \"%%%\"\n", "base64"),
+            ("tag_ttl = \"soon\"\n", "tag_ttl"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = serve(&["--config", file.to_str().unwrap()])
+                .resolve()
+                .unwrap_err();
+            assert!(e.to_string().contains(expected), "{text:?}: {e}");
+        }
+        let e = serve(&["--docker-config", "/nonexistent/config.json"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/config.json"), "{e}");
     }
 
     #[test]

@@ -41,10 +41,15 @@ pub async fn run(
         tag_ttl = ?config.tag_ttl,
         "serving"
     );
-    let upstreams = Arc::new(upstream::Upstreams::new(config.upstreams));
+    let upstreams = Arc::new(upstream::Upstreams::new(config.upstream));
     let app = Arc::new(server::App {
         flights: flight::Flights::new(store.clone(), upstreams.clone()),
-        manifests: manifests::Manifests::new(store, upstreams.clone(), config.tag_ttl),
+        manifests: manifests::Manifests::new(
+            store,
+            upstreams.clone(),
+            config.tag_ttl,
+            config.tag_ttls,
+        ),
         upstreams,
     });
     server::serve(listener, app, shutdown).await;

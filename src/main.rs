@@ -33,6 +33,14 @@ fn main() -> ExitCode {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    let Command::Serve(args) = cli.command;
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,14 +52,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => {
-                let listener = tokio::net::TcpListener::bind(args.listen)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("listen on {}: {e}", args.listen))?;
-                pullcache::run(listener, args.resolve(), shutdown_signal()).await
-            }
-        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", config.listen))?;
+        pullcache::run(listener, config, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

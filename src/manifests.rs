@@ -2,6 +2,7 @@
 //! younger than the TTL, then revalidated by one coalesced upstream HEAD (a GET only when the
 //! digest moved). When the upstream fails or rate-limits, a stale answer is served.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::flight::Coalesce;
 use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
 use crate::store::{CommitError, MAX_MANIFEST_SIZE, Store, TagKey, TagRecord};
-use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams};
 
 /// How long a client with a stale tag answer waits for its revalidation before the stale
 /// answer is served.
@@ -64,16 +65,24 @@ pub struct Manifests {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
     tag_ttl: Duration,
+    tag_ttls: HashMap<Registry, Duration>,
     by_tag: Coalesce<TagKey, Shared<Manifest>>,
     by_digest: Coalesce<Digest, Shared<Manifest>>,
 }
 
 impl Manifests {
-    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, tag_ttl: Duration) -> Manifests {
+    /// `tag_ttls` overrides `tag_ttl` for some registries.
+    pub fn new(
+        store: Arc<Store>,
+        upstreams: Arc<Upstreams>,
+        tag_ttl: Duration,
+        tag_ttls: HashMap<Registry, Duration>,
+    ) -> Manifests {
         Manifests {
             store,
             upstreams,
             tag_ttl,
+            tag_ttls,
             by_tag: Coalesce::default(),
             by_digest: Coalesce::default(),
         }
@@ -93,8 +102,8 @@ impl Manifests {
         }
     }
 
-    fn fetch(&self, registry: &Registry, repository: &Repository) -> Fetch {
-        Fetch {
+    fn lookup(&self, registry: &Registry, repository: &Repository) -> Lookup {
+        Lookup {
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
             registry: registry.clone(),
@@ -111,12 +120,12 @@ impl Manifests {
         if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
             return Ok(m);
         }
-        let fetch = self.fetch(registry, repository);
+        let lookup = self.lookup(registry, repository);
         let digest_owned = digest.clone();
         let (result, joined) = self
             .by_digest
             .run(digest.clone(), async move {
-                fetch
+                lookup
                     .get(
                         &digest_owned.to_string(),
                         AcceptClass::all(),
@@ -152,14 +161,14 @@ impl Manifests {
             None => None,
         };
         if let (Some(record), Some(cached)) = (&record, &cached)
-            && record.age() < self.tag_ttl
+            && record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl)
         {
             return Ok(cached.clone());
         }
-        let fetch = self.fetch(registry, repository);
+        let lookup = self.lookup(registry, repository);
         let revalidation = self.by_tag.run(key.clone(), {
             let cached = cached.clone();
-            async move { fetch.revalidate(key, cached).await.map_err(Arc::new) }
+            async move { lookup.revalidate(key, cached).await.map_err(Arc::new) }
         });
         // With an answer in hand, a slow upstream does not hold the client: the stale answer
         // goes out and the revalidation finishes in the background.
@@ -203,14 +212,14 @@ async fn stored(
 }
 
 /// The upstream side of a manifest lookup, owned so it can run in a coalesced task.
-struct Fetch {
+struct Lookup {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
     registry: Registry,
     repository: Repository,
 }
 
-impl Fetch {
+impl Lookup {
     /// Revalidates (or first fetches) a tag. A failed upstream falls back to the stale record,
     /// or to an answer cached for a client that accepted more, if this client takes its media
     /// type; but not when the upstream says the tag does not exist.
@@ -274,16 +283,16 @@ impl Fetch {
 
     /// The digest a HEAD reports, if it reports one.
     async fn head_digest(&self, reference: &str, accept: AcceptClass) -> Result<Option<Digest>> {
+        let accept = accept.header_value();
         let resp = self
             .upstreams
-            .fetch(
+            .fetch(Fetch::manifest(
                 Method::HEAD,
                 &self.registry,
                 &self.repository,
-                Resource::Manifest,
                 reference,
-                Some(&accept.header_value()),
-            )
+                &accept,
+            ))
             .await?;
         Ok(resp
             .headers()
@@ -300,16 +309,16 @@ impl Fetch {
         accept: AcceptClass,
         expected: Option<&Digest>,
     ) -> Result<Manifest> {
+        let accept = accept.header_value();
         let resp = self
             .upstreams
-            .fetch(
+            .fetch(Fetch::manifest(
                 Method::GET,
                 &self.registry,
                 &self.repository,
-                Resource::Manifest,
                 reference,
-                Some(&accept.header_value()),
-            )
+                &accept,
+            ))
             .await?;
         let header_digest: Option<Digest> = resp
             .headers()

@@ -17,15 +17,17 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Method;
+use bytes::{Buf, Bytes};
+use http::header::CONTENT_RANGE;
+use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
 use crate::oci::{Digest, Registry, Repository};
 use crate::store::{CommitError, Store, TempBlob};
-use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
+use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
 pub use coalesce::{Abandoned, Coalesce};
 pub use tail::Tail;
@@ -232,17 +234,11 @@ struct Download {
 impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
     async fn run(self, temp: TempBlob) -> Result<(), Error> {
-        let resp = self
-            .upstreams
-            .fetch(
-                Method::GET,
-                &self.registry,
-                &self.repository,
-                Resource::Blob,
-                &self.digest.to_string(),
-                None,
-            )
-            .await?;
+        let digest = self.digest.to_string();
+        let request = |from| {
+            Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from)
+        };
+        let resp = self.upstreams.fetch(request(None)).await?;
         let size = content_length(&resp);
         self.progress.send_modify(|p| {
             p.size = size;
@@ -254,29 +250,34 @@ impl Download {
             let progress = self.progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(temp, queue, &progress))
         };
-        let mut body = resp.into_body();
-        let mut body_error = None;
-        loop {
-            match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
-                Err(_) => {
-                    body_error = Some(format!("no data for {BODY_IDLE_TIMEOUT:?}"));
-                    break;
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    body_error = Some(crate::upstream::error_chain(&e));
-                    break;
-                }
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
-                        && chunks.send(data).await.is_err()
-                    {
-                        // The writer stopped on a store error; it reports it below.
-                        break;
+        let mut stream = BodyStream {
+            body: resp.into_body(),
+            size,
+            received: 0,
+            skip: 0,
+        };
+        let mut resumes = 0;
+        // A body that breaks is resumed from where it broke; readers see one body.
+        let body_error = loop {
+            let message = match stream.pump(&chunks).await {
+                Pumped::End | Pumped::WriterGone => break None,
+                Pumped::Broken(message) => message,
+            };
+            if resumes == MAX_RESUMES {
+                break Some(format!("{message} (after {resumes} resumes)"));
+            }
+            resumes += 1;
+            let from = stream.received;
+            tracing::warn!(from, resumes, error = %message, "upstream body broke; resuming");
+            match self.upstreams.fetch(request(Some(from))).await {
+                Ok(resp) => {
+                    if let Err(message) = stream.resume(resp) {
+                        break Some(message);
                     }
                 }
+                Err(e) => break Some(format!("{message}; resuming failed: {e}")),
             }
-        }
+        };
         drop(chunks);
         let temp = writer
             .await
@@ -301,6 +302,78 @@ impl Download {
 
     fn upstream_error(&self, kind: UpstreamErrorKind) -> Error {
         UpstreamError::new(&self.registry, kind).into()
+    }
+}
+
+/// Times an upstream body may break and be resumed with `Range` before the flight fails.
+const MAX_RESUMES: u32 = 3;
+
+/// What happened to a body being pumped into the writer.
+enum Pumped {
+    End,
+    /// The writer stopped (on a store error, which it reports itself).
+    WriterGone,
+    Broken(String),
+}
+
+/// An upstream blob body and how much of the blob has gone to the writer.
+struct BodyStream {
+    body: Incoming,
+    size: Option<u64>,
+    received: u64,
+    /// Bytes to drop from the front of the body: a resume answered 200 from the start.
+    skip: u64,
+}
+
+impl BodyStream {
+    async fn pump(&mut self, chunks: &mpsc::Sender<Bytes>) -> Pumped {
+        loop {
+            let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, self.body.frame()).await {
+                Err(_) => return Pumped::Broken(format!("no data for {BODY_IDLE_TIMEOUT:?}")),
+                Ok(None) if self.size.is_some_and(|size| self.received < size) => {
+                    return Pumped::Broken(format!("body ended at {} bytes", self.received));
+                }
+                Ok(None) => return Pumped::End,
+                Ok(Some(Err(e))) => return Pumped::Broken(crate::upstream::error_chain(&e)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let skipped = self.skip.min(data.len() as u64);
+            data.advance(skipped as usize);
+            self.skip -= skipped;
+            if data.is_empty() {
+                continue;
+            }
+            self.received += data.len() as u64;
+            if chunks.send(data).await.is_err() {
+                return Pumped::WriterGone;
+            }
+        }
+    }
+
+    /// Continues with the response to a `Range: bytes=<received>-` request.
+    fn resume(&mut self, resp: Response<Incoming>) -> Result<(), String> {
+        if resp.status() == StatusCode::PARTIAL_CONTENT {
+            let expected = format!("bytes {}-", self.received);
+            let range = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !range.starts_with(&expected) {
+                return Err(format!(
+                    "resume answered Content-Range {range:?}, wanted {expected}"
+                ));
+            }
+            self.skip = 0;
+        } else {
+            // The server ignored the range: drop what the writer already has.
+            self.skip = self.received;
+        }
+        self.body = resp.into_body();
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::flight::{BlobSource, Tail};
 use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
-use crate::upstream::{Resource, content_length};
+use crate::upstream::{Fetch, content_length};
 
 pub async fn serve(
     app: &App,
@@ -67,16 +67,15 @@ pub async fn serve(
 
 /// A HEAD for a blob we do not have: ask upstream, download nothing.
 async fn head_upstream(app: &App, target: &Target, digest: &Digest) -> Result<Outcome> {
+    let digest_text = digest.to_string();
     let resp = app
         .upstreams
-        .fetch(
+        .fetch(Fetch::blob(
             Method::HEAD,
             &target.registry,
             &target.repository,
-            Resource::Blob,
-            &digest.to_string(),
-            None,
-        )
+            &digest_text,
+        ))
         .await?;
     let size = content_length(&resp);
     Ok(Outcome::new(

@@ -73,6 +73,17 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
                 }
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
+            UpstreamErrorKind::CredentialsRefused { status }
+            | UpstreamErrorKind::CredentialsRequired { status } => {
+                if *status == StatusCode::FORBIDDEN {
+                    (StatusCode::FORBIDDEN, ErrorCode::Denied)
+                } else {
+                    (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
+                }
+            }
+            UpstreamErrorKind::RateLimited(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+            }
             UpstreamErrorKind::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
             UpstreamErrorKind::DigestMismatch { .. } => {
@@ -114,6 +125,10 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
                 },
             ..
         }) => resp = resp.header(RETRY_AFTER, retry_after.clone()),
+        Error::Upstream(UpstreamError {
+            kind: UpstreamErrorKind::RateLimited(seconds),
+            ..
+        }) => resp = resp.header(RETRY_AFTER, seconds.to_string()),
         Error::Request(RequestError::Range { size, .. }) => {
             resp = resp.header(CONTENT_RANGE, format!("bytes */{size}"));
         }

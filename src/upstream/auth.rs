@@ -1,5 +1,6 @@
-//! Registry token auth, the anonymous part: parse a `WWW-Authenticate: Bearer` challenge, fetch
-//! a pull token from its realm, and cache it per (registry, scope) until it expires.
+//! Registry token auth: parse a `WWW-Authenticate: Bearer` challenge, fetch
+//! a pull token from its realm (anonymously or with credentials), and cache it per (origin, scope)
+//! until it expires.
 //! Tokens are secrets: they are never logged, and headers carrying them are marked sensitive.
 
 use std::collections::HashMap;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Deserialize;
 
-use crate::oci::{Registry, Repository};
+use crate::oci::Repository;
 
 /// Token lifetime when the token server does not say (the distribution spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -112,33 +113,34 @@ impl TokenResponse {
     }
 }
 
-/// Tokens by (registry, scope).
+/// Tokens by (upstream origin, scope). Lifetimes count from when a token arrived, not from
+/// the server's `issued_at`, so clock skew cannot make an expired token look fresh.
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: Mutex<HashMap<(Registry, String), (HeaderValue, Instant)>>,
+    tokens: Mutex<HashMap<(String, String), (HeaderValue, Instant)>>,
 }
 
 impl TokenCache {
-    pub fn get(&self, registry: &Registry, scope: &str) -> Option<HeaderValue> {
+    pub fn get(&self, origin: &str, scope: &str) -> Option<HeaderValue> {
         let tokens = self.tokens.lock().expect("token cache lock");
-        let (value, expires) = tokens.get(&(registry.clone(), scope.to_owned()))?;
+        let (value, expires) = tokens.get(&(origin.to_owned(), scope.to_owned()))?;
         (Instant::now() + EXPIRY_MARGIN < *expires).then(|| value.clone())
     }
 
-    pub fn put(&self, registry: &Registry, scope: &str, value: HeaderValue, lifetime: Duration) {
+    pub fn put(&self, origin: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
         let mut tokens = self.tokens.lock().expect("token cache lock");
         tokens.retain(|_, (_, expires)| *expires > Instant::now());
         tokens.insert(
-            (registry.clone(), scope.to_owned()),
+            (origin.to_owned(), scope.to_owned()),
             (value, Instant::now() + lifetime),
         );
     }
 
-    pub fn forget(&self, registry: &Registry, scope: &str) {
+    pub fn forget(&self, origin: &str, scope: &str) {
         self.tokens
             .lock()
             .expect("token cache lock")
-            .remove(&(registry.clone(), scope.to_owned()));
+            .remove(&(origin.to_owned(), scope.to_owned()));
     }
 }
 
@@ -180,12 +182,12 @@ mod tests {
         assert_eq!(value, "Bearer abc");
         assert_eq!(life, Duration::from_secs(300));
         let cache = TokenCache::default();
-        let hub = Registry::docker_hub();
-        cache.put(&hub, "s", value.clone(), life);
-        assert_eq!(cache.get(&hub, "s"), Some(value.clone()));
-        cache.put(&hub, "short", value, Duration::from_secs(5));
+        let hub = "registry-1.docker.io";
+        cache.put(hub, "s", value.clone(), life);
+        assert_eq!(cache.get(hub, "s"), Some(value.clone()));
+        cache.put(hub, "short", value, Duration::from_secs(5));
         assert_eq!(
-            cache.get(&hub, "short"),
+            cache.get(hub, "short"),
             None,
             "a token about to expire is not reused"
         );

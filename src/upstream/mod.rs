@@ -1,34 +1,41 @@
-//! The upstream client: which URL serves a registry, and one request to it with the
-//! mechanics registries need: anonymous Bearer tokens, redirects to blob storage (dropping
-//! `Authorization` off-host), and bounded retries with backoff on connect errors and 5xx.
-//! TLS is always verified, against the Mozilla roots plus the system's.
+//! The upstream client: where each registry is fetched from (its mirrors first, then its own
+//! URL), and one request there with the mechanics real registries need: Bearer tokens
+//! (anonymous or with credentials), Basic auth, redirects to blob storage (dropping
+//! `Authorization` off-host), `Range` for resuming, bounded retries with backoff on connect
+//! errors and 5xx, and the 429 gate of [`limits`]. TLS is always verified.
 
 mod auth;
+mod credentials;
+pub mod limits;
 mod resolve;
+mod tls;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, LOCATION, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
 
 use crate::oci::{Registry, Repository};
 use auth::{Challenge, TokenCache, TokenResponse};
+pub use credentials::{Credentials, DockerConfig};
 use resolve::GuardedResolver;
 pub use resolve::is_forbidden;
+pub use tls::load_certificates;
 
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an upstream may take to send response headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ATTEMPTS: u32 = 3;
@@ -36,8 +43,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const MAX_REDIRECTS: u32 = 5;
 const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 const USER_AGENT_VALUE: &str = concat!("pullcache/", env!("CARGO_PKG_VERSION"));
+/// `client_id` sent when exchanging an identity (refresh) token.
+const OAUTH_CLIENT_ID: &str = "pullcache";
 
-type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
 /// What an upstream request is for; it decides the path and how a 404 reads to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +81,6 @@ impl UpstreamError {
     }
 }
 
-/// The `Content-Length` of an upstream response, when it sent a valid one.
-pub fn content_length(resp: &Response<Incoming>) -> Option<u64> {
-    resp.headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamErrorKind {
     #[error("registry address is not allowed without an explicit --upstream mapping: {0}")]
@@ -94,6 +95,14 @@ pub enum UpstreamErrorKind {
         resource: Resource,
         retry_after: Option<HeaderValue>,
     },
+    #[error("refused the configured credentials ({status})")]
+    CredentialsRefused { status: StatusCode },
+    #[error(
+        "requires credentials ({status}); none are configured for it (--docker-config or the config file)"
+    )]
+    CredentialsRequired { status: StatusCode },
+    #[error("rate limited: not asked again for {0} s (Retry-After)")]
+    RateLimited(u64),
     #[error("redirect: {0}")]
     Redirect(String),
     #[error("token: {0}")]
@@ -119,52 +128,143 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Where each registry is fetched from, and the shared connection pool.
-pub struct Upstreams {
-    mapped: HashMap<Registry, Uri>,
-    client: HttpClient,
-    tokens: TokenCache,
+/// The `Content-Length` of an upstream response, when it sent a valid one.
+pub fn content_length(resp: &Response<Incoming>) -> Option<u64> {
+    resp.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
-impl Upstreams {
-    /// `mapped` are the operator's `--upstream NAME=URL` entries; every other registry `host`
-    /// is fetched from `https://host` (Docker Hub from `registry-1.docker.io`).
-    pub fn new(mapped: HashMap<Registry, Uri>) -> Upstreams {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
-        Upstreams {
-            mapped,
-            client,
-            tokens: TokenCache::default(),
+/// How to reach one registry.
+#[derive(Debug, Clone, Default)]
+pub struct RegistrySettings {
+    /// Where it is fetched from; `None` is the default for its name.
+    pub url: Option<Uri>,
+    /// Registry mirrors tried first, in order.
+    pub mirrors: Vec<Uri>,
+    /// CA certificates trusted for it, besides the global ones.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Wins over the docker config.
+    pub credentials: Option<Credentials>,
+}
+
+/// Everything the upstream client is configured with.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub registries: HashMap<Registry, RegistrySettings>,
+    /// `--upstream-ca`: trusted for every registry.
+    pub roots: Vec<CertificateDer<'static>>,
+    pub docker_config: DockerConfig,
+}
+
+/// One request to send upstream.
+pub struct Fetch<'a> {
+    pub method: Method,
+    pub registry: &'a Registry,
+    pub repository: &'a Repository,
+    pub resource: Resource,
+    pub reference: &'a str,
+    pub accept: Option<&'a HeaderValue>,
+    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
+    pub from: Option<u64>,
+}
+
+impl<'a> Fetch<'a> {
+    pub fn manifest(
+        method: Method,
+        registry: &'a Registry,
+        repository: &'a Repository,
+        reference: &'a str,
+        accept: &'a HeaderValue,
+    ) -> Self {
+        Fetch {
+            method,
+            registry,
+            repository,
+            resource: Resource::Manifest,
+            reference,
+            accept: Some(accept),
+            from: None,
         }
     }
 
-    /// The base URL for a registry, without a trailing slash.
+    pub fn blob(
+        method: Method,
+        registry: &'a Registry,
+        repository: &'a Repository,
+        digest: &'a str,
+    ) -> Self {
+        Fetch {
+            method,
+            registry,
+            repository,
+            resource: Resource::Blob,
+            reference: digest,
+            accept: None,
+            from: None,
+        }
+    }
+
+    pub fn from_offset(self, from: Option<u64>) -> Self {
+        Fetch { from, ..self }
+    }
+}
+
+/// A place a registry's content can be fetched from: a mirror or the registry itself.
+struct Origin<'a> {
+    base: String,
+    /// `host[:port]`: the key for tokens, limits and credentials.
+    authority: String,
+    credentials: Option<&'a Credentials>,
+    client: &'a HttpClient,
+    /// Loopback redirect and token targets are fine when the origin itself is loopback
+    /// (explicitly configured); never otherwise.
+    allow_loopback: bool,
+}
+
+pub struct Upstreams {
+    settings: Settings,
+    client: HttpClient,
+    /// Registries with CAs of their own get a client that trusts them.
+    clients: HashMap<Registry, HttpClient>,
+    tokens: TokenCache,
+    /// Origins that asked for Basic auth; later requests send it up front.
+    basic: Mutex<HashSet<String>>,
+    pub limits: limits::Limits,
+}
+
+impl Upstreams {
+    pub fn new(settings: Settings) -> Upstreams {
+        let client = tls::client(&settings.roots);
+        let clients = settings
+            .registries
+            .iter()
+            .filter(|(_, r)| !r.roots.is_empty())
+            .map(|(name, r)| {
+                let roots: Vec<_> = settings.roots.iter().chain(&r.roots).cloned().collect();
+                (name.clone(), tls::client(&roots))
+            })
+            .collect();
+        Upstreams {
+            settings,
+            client,
+            clients,
+            tokens: TokenCache::default(),
+            basic: Mutex::default(),
+            limits: limits::Limits::default(),
+        }
+    }
+
+    /// The registry's own base URL, without a trailing slash.
     fn base(&self, registry: &Registry) -> Result<String, UpstreamError> {
-        if let Some(uri) = self.mapped.get(registry) {
-            return Ok(uri.to_string().trim_end_matches('/').to_owned());
+        if let Some(url) = self
+            .settings
+            .registries
+            .get(registry)
+            .and_then(|r| r.url.as_ref())
+        {
+            return Ok(url.to_string().trim_end_matches('/').to_owned());
         }
         if registry.is_docker_hub() {
             return Ok(DOCKER_HUB_URL.to_owned());
@@ -182,67 +282,137 @@ impl Upstreams {
         Ok(format!("https://{registry}"))
     }
 
-    /// Sends `method` for `/v2/<repository>/<resource>/<reference>` and returns a 2xx response,
-    /// following redirects and token challenges. Anything else is an error.
-    pub async fn fetch(
-        &self,
-        method: Method,
+    /// The mirrors of a registry, then the registry itself.
+    fn origins(&self, registry: &Registry) -> Result<Vec<Origin<'_>>, UpstreamError> {
+        let settings = self.settings.registries.get(registry);
+        let mut origins = Vec::new();
+        for mirror in settings.map(|s| s.mirrors.as_slice()).unwrap_or_default() {
+            origins.push(self.origin(registry, mirror.to_string(), None)?);
+        }
+        let own = settings
+            .and_then(|s| s.credentials.as_ref())
+            .or_else(|| self.settings.docker_config.lookup(registry, None));
+        origins.push(self.origin(registry, self.base(registry)?, own)?);
+        Ok(origins)
+    }
+
+    fn origin<'a>(
+        &'a self,
         registry: &Registry,
-        repository: &Repository,
-        resource: Resource,
-        reference: &str,
-        accept: Option<&HeaderValue>,
+        base: String,
+        credentials: Option<&'a Credentials>,
+    ) -> Result<Origin<'a>, UpstreamError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let uri: Uri = base.parse().map_err(|e: http::uri::InvalidUri| {
+            UpstreamError::new(registry, UpstreamErrorKind::Request(format!("{base}: {e}")))
+        })?;
+        let authority = uri
+            .authority()
+            .map_or_else(String::new, |a| a.as_str().to_ascii_lowercase());
+        Ok(Origin {
+            credentials: credentials
+                .or_else(|| self.settings.docker_config.lookup_host(&authority)),
+            allow_loopback: host_ip(&uri).is_some_and(|ip| ip.is_loopback()),
+            client: self.clients.get(registry).unwrap_or(&self.client),
+            base,
+            authority,
+        })
+    }
+
+    /// The rate-limit headers last seen from a registry's own URL.
+    pub fn rate_limit(&self, registry: &Registry) -> Option<limits::RateLimit> {
+        let base: Uri = self.base(registry).ok()?.parse().ok()?;
+        self.limits.rate_limit(base.authority()?.as_str())
+    }
+
+    /// Sends a request to the registry's mirrors, then to the registry, and returns the first
+    /// 2xx response. Anything else is an error, the registry's own when every origin failed.
+    pub async fn fetch(&self, req: Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
+        let origins = self.origins(req.registry)?;
+        let last = origins.len() - 1;
+        for (i, origin) in origins.iter().enumerate() {
+            match self.fetch_from(origin, &req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if i == last => return Err(e),
+                Err(e) => {
+                    tracing::debug!(mirror = %origin.authority, error = %e, "mirror failed; trying the next origin")
+                }
+            }
+        }
+        unreachable!("a registry always has its own origin")
+    }
+
+    async fn fetch_from(
+        &self,
+        origin: &Origin<'_>,
+        req: &Fetch<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let err = |kind| UpstreamError::new(registry, kind);
-        let base = self.base(registry)?;
-        let origin: Uri = base
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
-        let origin_loopback = host_ip(&origin).is_some_and(|ip| ip.is_loopback());
-        let mut uri: Uri = format!("{base}/v2/{repository}/{resource}/{reference}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
-        let scope = format!("repository:{repository}:pull");
-        let mut token = self.tokens.get(registry, &scope);
-        let mut token_refreshed = false;
+        let err = |kind| UpstreamError::new(req.registry, kind);
+        if let Some(wait) = self.limits.closed_for(&origin.authority) {
+            return Err(err(UpstreamErrorKind::RateLimited(wait.as_secs().max(1))));
+        }
+        let mut uri: Uri = format!(
+            "{}/v2/{}/{}/{}",
+            origin.base, req.repository, req.resource, req.reference
+        )
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
+        let origin_authority = uri.authority().cloned();
+        let scope = format!("repository:{}:pull", req.repository);
+        let mut auth = self.tokens.get(&origin.authority, &scope).or_else(|| {
+            let basic = self
+                .basic
+                .lock()
+                .expect("basic lock")
+                .contains(&origin.authority);
+            basic
+                .then(|| origin.credentials.and_then(Credentials::basic_header))
+                .flatten()
+        });
+        let mut auth_retried = false;
         let mut attempt = 0;
         let mut redirects = 0;
         loop {
-            let on_origin = uri.authority() == origin.authority();
-            let mut req = Request::builder()
-                .method(method.clone())
+            let on_origin = uri.authority() == origin_authority.as_ref();
+            let mut builder = Request::builder()
+                .method(req.method.clone())
                 .uri(uri.clone())
                 .header(USER_AGENT, USER_AGENT_VALUE);
-            if let Some(accept) = accept {
-                req = req.header(ACCEPT, accept.clone());
+            if let Some(accept) = req.accept {
+                builder = builder.header(ACCEPT, accept.clone());
+            }
+            if let Some(from) = req.from {
+                builder = builder.header(RANGE, format!("bytes={from}-"));
             }
             // Credentials go only to the registry itself, never to a redirect target.
-            if on_origin && let Some(token) = &token {
-                req = req.header(AUTHORIZATION, token.clone());
+            if on_origin && let Some(auth) = &auth {
+                builder = builder.header(AUTHORIZATION, auth.clone());
             }
-            let req = req.body(Empty::new()).expect("request parts are valid");
-            let result = tokio::time::timeout(HEADER_TIMEOUT, self.client.request(req)).await;
-            let resp = match result {
-                Err(_) => {
-                    if attempt + 1 < MAX_ATTEMPTS {
-                        attempt += 1;
-                        backoff(attempt).await;
-                        continue;
-                    }
-                    return Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT)));
+            let request = builder
+                .body(Full::default())
+                .expect("request parts are valid");
+            let resp = match tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
+                .await
+            {
+                Err(_) if attempt + 1 < MAX_ATTEMPTS => {
+                    attempt += 1;
+                    backoff(attempt).await;
+                    continue;
                 }
-                Ok(Err(e)) => {
-                    if e.is_connect() && attempt + 1 < MAX_ATTEMPTS {
-                        attempt += 1;
-                        tracing::debug!(error = %error_chain(&e), attempt, "upstream connect failed, retrying");
-                        backoff(attempt).await;
-                        continue;
-                    }
-                    return Err(err(UpstreamErrorKind::Request(error_chain(&e))));
+                Err(_) => return Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT))),
+                Ok(Err(e)) if e.is_connect() && attempt + 1 < MAX_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(error = %error_chain(&e), attempt, "upstream connect failed; retrying");
+                    backoff(attempt).await;
+                    continue;
                 }
+                Ok(Err(e)) => return Err(err(UpstreamErrorKind::Request(error_chain(&e)))),
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
+            if on_origin {
+                self.limits.observe(&origin.authority, resp.headers());
+            }
             if status.is_redirection()
                 && let Some(location) = resp.headers().get(LOCATION)
             {
@@ -252,26 +422,14 @@ impl Upstreams {
                         "more than {MAX_REDIRECTS}"
                     ))));
                 }
-                uri = resolve_location(&uri, location, origin_loopback)
+                uri = resolve_location(&uri, location, origin.allow_loopback)
                     .map_err(|m| err(UpstreamErrorKind::Redirect(m)))?;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && on_origin && !token_refreshed {
-                let challenge = resp
-                    .headers()
-                    .get_all(WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(Challenge::parse);
-                if let Some(challenge) = challenge {
-                    token_refreshed = true;
-                    self.tokens.forget(registry, &scope);
-                    token = Some(
-                        self.token(registry, repository, &scope, &challenge, origin_loopback)
-                            .await?,
-                    );
-                    continue;
-                }
+            if status == StatusCode::UNAUTHORIZED && on_origin && !auth_retried {
+                auth_retried = true;
+                auth = Some(self.authorize(origin, req, &scope, resp.headers()).await?);
+                continue;
             }
             if status.is_server_error() && attempt + 1 < MAX_ATTEMPTS {
                 attempt += 1;
@@ -281,53 +439,136 @@ impl Upstreams {
             if status.is_success() {
                 return Ok(resp);
             }
-            return Err(err(UpstreamErrorKind::Status {
-                status,
-                resource,
-                retry_after: resp.headers().get(RETRY_AFTER).cloned(),
-            }));
+            let kind = match status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+                    if origin.credentials.is_some() =>
+                {
+                    UpstreamErrorKind::CredentialsRefused { status }
+                }
+                StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired { status },
+                StatusCode::TOO_MANY_REQUESTS => {
+                    let retry_after = resp.headers().get(RETRY_AFTER);
+                    let wait = self.limits.close(&origin.authority, retry_after);
+                    tracing::warn!(origin = %origin.authority, wait_s = wait.as_secs(), "rate limited upstream");
+                    UpstreamErrorKind::Status {
+                        status,
+                        resource: req.resource,
+                        retry_after: retry_after.cloned(),
+                    }
+                }
+                _ => UpstreamErrorKind::Status {
+                    status,
+                    resource: req.resource,
+                    retry_after: None,
+                },
+            };
+            return Err(err(kind));
         }
     }
 
-    /// Fetches an anonymous pull token for a challenge and caches it.
+    /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one.
+    async fn authorize(
+        &self,
+        origin: &Origin<'_>,
+        req: &Fetch<'_>,
+        scope: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let challenges: Vec<&str> = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if let Some(challenge) = challenges.iter().find_map(|c| Challenge::parse(c)) {
+            self.tokens.forget(&origin.authority, scope);
+            return self.token(origin, req, scope, &challenge).await;
+        }
+        let status = StatusCode::UNAUTHORIZED;
+        let refused = |credentials: bool| {
+            let kind = if credentials {
+                UpstreamErrorKind::CredentialsRefused { status }
+            } else {
+                UpstreamErrorKind::CredentialsRequired { status }
+            };
+            UpstreamError::new(req.registry, kind)
+        };
+        if challenges
+            .iter()
+            .any(|c| c.trim_start().to_ascii_lowercase().starts_with("basic"))
+        {
+            let header = origin
+                .credentials
+                .and_then(Credentials::basic_header)
+                .ok_or_else(|| refused(false))?;
+            self.basic
+                .lock()
+                .expect("basic lock")
+                .insert(origin.authority.clone());
+            return Ok(header);
+        }
+        Err(refused(origin.credentials.is_some()))
+    }
+
+    /// Gets a token for a challenge: anonymously, with Basic credentials, or by exchanging an
+    /// identity token (OAuth2 `refresh_token` grant). Caches it per (origin, scope).
     async fn token(
         &self,
-        registry: &Registry,
-        repository: &Repository,
+        origin: &Origin<'_>,
+        req: &Fetch<'_>,
         cache_scope: &str,
         challenge: &Challenge,
-        allow_loopback: bool,
     ) -> Result<HeaderValue, UpstreamError> {
-        let err = |m: String| UpstreamError::new(registry, UpstreamErrorKind::Token(m));
-        let query = {
-            let mut query = form_urlencoded::Serializer::new(String::new());
+        let err = |m: String| UpstreamError::new(req.registry, UpstreamErrorKind::Token(m));
+        let scope = challenge.scope_for(Some(req.repository));
+        let realm = &challenge.realm;
+        let request = {
+            let mut params = form_urlencoded::Serializer::new(String::new());
             if let Some(service) = &challenge.service {
-                query.append_pair("service", service);
+                params.append_pair("service", service);
             }
-            if let Some(scope) = challenge.scope_for(Some(repository)) {
-                query.append_pair("scope", &scope);
+            if let Some(scope) = &scope {
+                params.append_pair("scope", scope);
             }
-            query.finish()
+            match origin.credentials {
+                Some(Credentials::IdentityToken { token }) => {
+                    params
+                        .append_pair("grant_type", "refresh_token")
+                        .append_pair("refresh_token", token)
+                        .append_pair("client_id", OAUTH_CLIENT_ID);
+                    Request::post(realm.as_str())
+                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(Full::new(Bytes::from(params.finish())))
+                }
+                credentials => {
+                    let sep = if realm.contains('?') { '&' } else { '?' };
+                    let mut get = Request::get(format!("{realm}{sep}{}", params.finish()));
+                    if let Some(basic) = credentials.and_then(Credentials::basic_header) {
+                        get = get.header(AUTHORIZATION, basic);
+                    }
+                    get.body(Full::default())
+                }
+            }
         };
-        let sep = if challenge.realm.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        let uri: Uri = format!("{}{sep}{query}", challenge.realm)
-            .parse()
-            .map_err(|_| err("realm is not a URL".into()))?;
-        check_target(&uri, allow_loopback).map_err(err)?;
-        let req = Request::get(uri)
-            .header(USER_AGENT, USER_AGENT_VALUE)
-            .body(Empty::new())
-            .expect("request parts are valid");
-        let resp = tokio::time::timeout(HEADER_TIMEOUT, self.client.request(req))
+        let mut request = request.map_err(|_| err("realm is not a URL".into()))?;
+        request
+            .headers_mut()
+            .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        check_target(request.uri(), origin.allow_loopback).map_err(err)?;
+        let resp = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
             .await
             .map_err(|_| err("token server timed out".into()))?
             .map_err(|e| err(error_chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(err(format!("token server answered {}", resp.status())));
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let kind = if origin.credentials.is_some() {
+                UpstreamErrorKind::CredentialsRefused { status }
+            } else {
+                UpstreamErrorKind::CredentialsRequired { status }
+            };
+            return Err(UpstreamError::new(req.registry, kind));
+        }
+        if !status.is_success() {
+            return Err(err(format!("token server answered {status}")));
         }
         let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
             .collect()
@@ -339,7 +580,7 @@ impl Upstreams {
             .and_then(TokenResponse::into_header)
             .ok_or_else(|| err("token response has no token".into()))?;
         self.tokens
-            .put(registry, cache_scope, value.clone(), lifetime);
+            .put(&origin.authority, cache_scope, value.clone(), lifetime);
         Ok(value)
     }
 }
@@ -409,12 +650,15 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        let mut mapped = HashMap::new();
-        mapped.insert(
+        let mut settings = Settings::default();
+        settings.registries.insert(
             Registry::parse("mirror.test").unwrap(),
-            "http://127.0.0.1:5001/".parse().unwrap(),
+            RegistrySettings {
+                url: Some("http://127.0.0.1:5001/".parse().unwrap()),
+                ..RegistrySettings::default()
+            },
         );
-        let up = Upstreams::new(mapped);
+        let up = Upstreams::new(settings);
         assert_eq!(
             up.base(&Registry::docker_hub()).unwrap(),
             "https://registry-1.docker.io"

@@ -31,24 +31,27 @@ impl Pullcache {
         upstreams: &[(&str, &str)],
         tag_ttl: Duration,
     ) -> anyhow::Result<Pullcache> {
+        let mut config = pullcache::Config::new(cache_dir.to_owned());
+        config.tag_ttl = tag_ttl;
+        for (name, url) in upstreams {
+            config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
+        }
+        Self::start_with(config).await
+    }
+
+    /// Starts pullcache with a full configuration (its `listen` is ignored: port 0).
+    pub async fn start_with(config: pullcache::Config) -> anyhow::Result<Pullcache> {
         init_tracing();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let config = pullcache::Config {
-            cache_dir: cache_dir.to_owned(),
-            upstreams: upstreams
-                .iter()
-                .map(|(name, url)| Ok((pullcache::oci::Registry::parse(name)?, url.parse()?)))
-                .collect::<anyhow::Result<_>>()?,
-            tag_ttl,
-        };
+        let cache_dir = config.cache_dir.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(pullcache::run(listener, config, async {
             let _ = rx.await;
         }));
         Ok(Pullcache {
             addr,
-            cache_dir: cache_dir.to_owned(),
+            cache_dir,
             shutdown: Some(tx),
             task: Some(task),
         })
