@@ -125,7 +125,7 @@ async fn manifests_that_fail_their_digest_are_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limited_or_failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
+async fn failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
     let (upstream, _cache, pullcache) = setup().await?;
     let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{}}"#.to_vec();
     let digest = sha256_digest(&body);
@@ -149,9 +149,9 @@ async fn rate_limited_or_failing_upstream_gets_the_stale_tag() -> anyhow::Result
     assert_eq!(resp.bytes().await?, body);
 
     for failure in [
-        Reply::status(429, &[("retry-after", "60")]),
         Reply::status(503, &[]),
         Reply::status(401, &[]),
+        Reply::status(403, &[]),
     ] {
         let status = failure.status;
         upstream.set(path, failure);
@@ -207,6 +207,59 @@ async fn rate_limited_or_failing_upstream_gets_the_stale_tag() -> anyhow::Result
         started.elapsed()
     );
 
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_closes_the_upstream_for_its_retry_after() -> anyhow::Result<()> {
+    let (upstream, _cache, pullcache) = setup().await?;
+    let body =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let digest = sha256_digest(&body);
+    let path = "/v2/team/app/manifests/v1";
+    let ok = Reply::ok(
+        body.clone(),
+        &[
+            ("content-type", OCI_MANIFEST),
+            ("docker-content-digest", &digest),
+        ],
+    );
+    upstream.set(path, ok.clone());
+    let client = support::http_client();
+    let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
+    assert_eq!(client.get(&url).send().await?.status(), 200);
+    assert_eq!(upstream.hits(path), 1);
+
+    // The tag TTL is zero, so every request revalidates: the first meets the 429.
+    upstream.set(path, Reply::status(429, &[("retry-after", "60")]));
+    for _ in 0..3 {
+        let resp = client.get(&url).send().await?;
+        assert_eq!(resp.status(), 200, "the stale answer was not served");
+        assert!(resp.headers()["warning"].to_str()?.starts_with("110"));
+        assert_eq!(resp.bytes().await?, body);
+    }
+    assert_eq!(
+        upstream.hits(path),
+        2,
+        "pullcache asked again inside Retry-After"
+    );
+
+    // Other content of that registry is not asked for either; the client learns how long.
+    upstream.set("/v2/team/app/manifests/v2", ok);
+    let resp = client
+        .get(format!(
+            "{}/v2/team/app/manifests/v2?ns={REGISTRY}",
+            pullcache.url()
+        ))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str()?.parse()?;
+    assert!(
+        (50..=60).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    assert_eq!(upstream.hits("/v2/team/app/manifests/v2"), 0);
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! What the upstream client does for registries that are not a plain server: anonymous
-//! Bearer tokens (fetched once, reused), and redirects to blob storage on another host, which
-//! never receive the registry's credentials.
+//! Bearer tokens (fetched once, reused), redirects to blob storage on another host, which
+//! never receive the registry's credentials, and blob bodies that break mid-way.
 
 mod support;
 
@@ -38,7 +38,10 @@ async fn token_auth_and_cross_host_redirects() -> anyhow::Result<()> {
     let storage_path = format!("/bucket/{digest}");
     let location = format!("{}{storage_path}?signature=abc", storage.url());
     registry.set(&blob_path, Reply::status(307, &[("location", &location)]));
-    storage.set(&storage_path, Reply::ok(blob.clone(), &[]));
+    storage.set(
+        &storage_path,
+        Reply::ok(blob.clone(), &[]).rejecting_authorization(),
+    );
 
     let cache = tempfile::tempdir()?;
     let pullcache = Pullcache::start(
@@ -84,4 +87,60 @@ async fn token_auth_and_cross_host_redirects() -> anyhow::Result<()> {
     assert_eq!(storage.auth_seen(&storage_path), vec![None]);
     assert_eq!(pullcache.stored_blobs().len(), 2);
     Ok(())
+}
+
+/// A blob whose body breaks after 1 MiB of 3; `honor_range` says whether the upstream answers
+/// the resume with 206 or, as some servers do, with the whole blob again.
+async fn resume(honor_range: bool) -> anyhow::Result<()> {
+    let upstream = FaultUpstream::start().await?;
+    let blob = random_bytes(3 * 1024 * 1024);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let mut reply = Reply::ok(blob.clone(), &[])
+        .slowly(12, Duration::from_millis(5))
+        .drop_after(1024 * 1024);
+    if !honor_range {
+        reply = reply.ignoring_range();
+    }
+    upstream.set(&path, reply);
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(
+        cache.path(),
+        &[(REGISTRY, &upstream.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+
+    let resp = support::http_client()
+        .get(format!("{}{path}?ns={REGISTRY}", pullcache.url()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-length"],
+        blob.len().to_string().as_str()
+    );
+    let got = resp.bytes().await?;
+    assert!(
+        got == blob,
+        "the client's body is not the blob ({} bytes)",
+        got.len()
+    );
+    assert_eq!(
+        upstream.ranges_seen(&path),
+        vec![None, Some("bytes=1048576-".to_owned())],
+        "expected one download and one resume from the break"
+    );
+    assert_eq!(pullcache.stored_blobs(), vec![digest]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_blob_body_resumes_with_range() -> anyhow::Result<()> {
+    resume(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_answered_with_the_whole_blob_still_works() -> anyhow::Result<()> {
+    resume(false).await
 }

@@ -25,6 +25,13 @@ pub struct Reply {
     pub chunk_delay: Duration,
     /// How long the server waits before sending the response headers.
     pub header_delay: Duration,
+    /// The first request gets this many body bytes, then the connection breaks.
+    pub drop_after: Option<usize>,
+    /// Whether `Range: bytes=N-` gets a 206 (otherwise the whole body, as some servers do).
+    pub honor_range: bool,
+    /// Answer 400 to any request that carries `Authorization` (object storage with a signed
+    /// URL does that).
+    pub reject_authorization: bool,
 }
 
 impl Reply {
@@ -39,6 +46,9 @@ impl Reply {
             chunks: 1,
             chunk_delay: Duration::ZERO,
             header_delay: Duration::ZERO,
+            drop_after: None,
+            honor_range: true,
+            reject_authorization: false,
         }
     }
 
@@ -51,6 +61,22 @@ impl Reply {
 
     pub fn after(mut self, header_delay: Duration) -> Reply {
         self.header_delay = header_delay;
+        self
+    }
+
+    /// Breaks the first response after `bytes` of body.
+    pub fn drop_after(mut self, bytes: usize) -> Reply {
+        self.drop_after = Some(bytes);
+        self
+    }
+
+    pub fn ignoring_range(mut self) -> Reply {
+        self.honor_range = false;
+        self
+    }
+
+    pub fn rejecting_authorization(mut self) -> Reply {
+        self.reject_authorization = true;
         self
     }
 
@@ -68,6 +94,8 @@ struct State {
     hits: HashMap<String, usize>,
     /// `Authorization` of each request, by path.
     auth: HashMap<String, Vec<Option<String>>>,
+    /// `Range` of each request, by path.
+    ranges: HashMap<String, Vec<Option<String>>>,
     /// Query strings sent to `/token`.
     token_queries: Vec<String>,
     /// When set, `/v2/` paths demand `Bearer <token>`, issued anonymously at `/token`.
@@ -138,6 +166,17 @@ impl FaultUpstream {
             .unwrap_or_default()
     }
 
+    /// The `Range` header of every request to `path`, in order.
+    pub fn ranges_seen(&self, path: &str) -> Vec<Option<String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .ranges
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The query strings of token requests.
     pub fn token_queries(&self) -> Vec<String> {
         self.state.lock().unwrap().token_queries.clone()
@@ -161,23 +200,33 @@ impl Drop for FaultUpstream {
     }
 }
 
-type Body = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+type Body =
+    StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>;
 
 fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duration, Response<Body>) {
     let path = req.uri().path().to_owned();
-    let auth = req
-        .headers()
-        .get("authorization")
-        .map(|v| v.to_str().unwrap_or_default().to_owned());
-    let reply = {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+    };
+    let (auth, range) = (header("authorization"), header("range"));
+    let (first_hit, reply) = {
         let mut state = state.lock().unwrap();
-        *state.hits.entry(path.clone()).or_default() += 1;
+        let hits = state.hits.entry(path.clone()).or_default();
+        *hits += 1;
+        let first_hit = *hits == 1;
         state
             .auth
             .entry(path.clone())
             .or_default()
             .push(auth.clone());
-        match state.required_token.clone() {
+        state
+            .ranges
+            .entry(path.clone())
+            .or_default()
+            .push(range.clone());
+        let reply = match state.required_token.clone() {
             Some(token) if path == "/token" => {
                 state
                     .token_queries
@@ -196,33 +245,61 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
                 Some(Reply::status(401, &[("www-authenticate", &challenge)]))
             }
             _ => state.replies.get(&path).cloned(),
+        };
+        (first_hit, reply)
+    };
+    let mut reply = reply.unwrap_or_else(|| Reply::status(404, &[]));
+    if reply.reject_authorization && auth.is_some() {
+        reply = Reply::status(400, &[]);
+    }
+    let total = reply.body.len();
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|start| reply.honor_range && reply.status == 200 && *start < total);
+    let mut resp = Response::builder();
+    let body = match start {
+        Some(start) => {
+            resp = resp.status(206).header(
+                "content-range",
+                format!("bytes {start}-{}/{total}", total - 1),
+            );
+            &reply.body[start..]
+        }
+        None => {
+            resp = resp.status(reply.status);
+            &reply.body[..]
         }
     };
-    let reply = reply.unwrap_or_else(|| Reply::status(404, &[]));
-    let mut resp = Response::builder()
-        .status(reply.status)
-        .header("content-length", reply.body.len());
+    resp = resp.header("content-length", body.len());
     for (k, v) in &reply.headers {
         resp = resp.header(k, v);
     }
     let head = req.method() == hyper::Method::HEAD;
-    let chunk_len = reply.body.len().div_ceil(reply.chunks).max(1);
-    let chunks: Vec<Bytes> = if head {
+    let (body, broken) = match reply.drop_after {
+        Some(n) if first_hit && n < body.len() => (&body[..n], true),
+        _ => (body, false),
+    };
+    let chunk_len = body.len().div_ceil(reply.chunks).max(1);
+    let mut frames: Vec<std::io::Result<Frame<Bytes>>> = if head {
         Vec::new()
     } else {
-        reply
-            .body
-            .chunks(chunk_len)
-            .map(Bytes::copy_from_slice)
+        body.chunks(chunk_len)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
             .collect()
     };
+    if broken && !head {
+        frames.push(Err(std::io::Error::other("connection dropped on purpose")));
+    }
     let delay = reply.chunk_delay;
-    let stream = futures_util::stream::iter(chunks.into_iter().enumerate())
-        .then(move |(i, chunk)| async move {
+    let stream = futures_util::stream::iter(frames.into_iter().enumerate())
+        .then(move |(i, frame)| async move {
             if i > 0 {
                 tokio::time::sleep(delay).await;
             }
-            Ok(Frame::data(chunk))
+            frame
         })
         .boxed();
     (
