@@ -256,6 +256,16 @@ fn upstream_url(url: &str) -> Result<Uri, String> {
     if uri.query().is_some() {
         return Err(format!("{url:?} may not have a query"));
     }
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.parse().is_ok_and(upstream::is_forbidden) {
+        return Err(format!(
+            "{url:?} is a link-local, metadata or unspecified address"
+        ));
+    }
     Ok(uri)
 }
 

@@ -1,12 +1,15 @@
-//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd, a recording HTTP spy.
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd, a recording HTTP spy, TLS/basic/token auth for the upstream.
 #![allow(dead_code)]
 
 pub mod containerd;
 pub mod fault_upstream;
+pub mod htpasswd;
 pub mod images;
 pub mod pullcache;
 pub mod registry;
 pub mod spy;
+pub mod tls;
+pub mod token_service;
 
 use std::path::Path;
 

@@ -8,6 +8,15 @@
 //!   `time=... level=... msg="response completed" ...`) goes to **stderr**.
 //!   We keep them in two files, so counting access lines never sees app lines:
 //!   `127.0.0.1 - - [22/Nov/2026:05:09:30 +0000] "GET /v2/foo/manifests/x?ns=abc HTTP/1.1" 404 91 "" "curl/7.88.1"`
+//! * With `http.tls` the app log says `msg="listening on 127.0.0.1:PORT, tls"`.
+//!   A TLS or auth registry cannot be probed with our plain reqwest `GET /v2/`
+//!   expecting 200, so readiness is: the `listening on` line (logged right
+//!   after the socket is bound, right before serving), then a TCP connect for
+//!   TLS, or `GET /v2/` answering 200 or (with auth) 401 for plain HTTP.
+//! * Only one `auth` method can be configured at a time.
+//! * Several registries can serve one storage directory
+//!   ([`Registry::start_with`]): push to a plain one, then serve the same
+//!   blobs from a TLS/auth one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,24 +83,70 @@ impl AccessLogEntry {
     }
 }
 
-/// A running `docker-registry serve` with its own storage in a tempdir.
+/// `auth.token` settings (see `token_service::TokenService` for a matching issuer).
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    /// PEM bundle of the certificates whose keys may sign tokens.
+    pub rootcertbundle: PathBuf,
+}
+
+/// What to turn on besides the plain-HTTP defaults. `htpasswd` and `token`
+/// are mutually exclusive (distribution takes one auth method).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// `(certificate, key)` PEM paths for `http.tls` (e.g. from `tls::TestCa::issue_server`).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// htpasswd file (bcrypt entries) for `auth.htpasswd`.
+    pub htpasswd: Option<PathBuf>,
+    pub token: Option<TokenAuth>,
+}
+
+impl RegistryOptions {
+    fn has_auth(&self) -> bool {
+        self.htpasswd.is_some() || self.token.is_some()
+    }
+}
+
+/// Realm the registry announces for `auth.htpasswd`.
+pub const BASIC_REALM: &str = "pullcache-test";
+
+/// A running `docker-registry serve`; config and logs in a tempdir, storage
+/// there too unless one was given to [`Registry::start_with`].
 pub struct Registry {
     child: Option<Child>,
     addr: SocketAddr,
     dir: TempDir,
+    storage: PathBuf,
+    opts: RegistryOptions,
 }
 
 impl Registry {
     /// Start a fresh registry on `127.0.0.1:<ephemeral>` with empty storage.
     pub async fn start() -> Result<Registry> {
+        Self::start_with(RegistryOptions::default(), None).await
+    }
+
+    /// Start with TLS and/or auth, on `storage` if given (created if missing;
+    /// never deleted by this helper, so several registries, one after the
+    /// other or at once, can serve the same blobs), else on fresh storage.
+    pub async fn start_with(opts: RegistryOptions, storage: Option<PathBuf>) -> Result<Registry> {
+        if opts.htpasswd.is_some() && opts.token.is_some() {
+            bail!("distribution supports only one auth method: set htpasswd or token, not both");
+        }
         let dir = tempfile::Builder::new()
             .prefix("pc-registry")
             .tempdir()
             .context("creating registry tempdir")?;
+        let storage = storage.unwrap_or_else(|| dir.path().join("data"));
         let mut reg = Registry {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             dir,
+            storage,
+            opts,
         };
         reg.spawn_and_wait().await?;
         Ok(reg)
@@ -117,16 +172,37 @@ impl Registry {
 
     async fn spawn_and_wait(&mut self) -> Result<()> {
         let config_path = self.dir.path().join("config.yml");
-        let data = self.dir.path().join("data");
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: {addr}\n  secret: pullcache-test-secret\n",
-            data = data.display(),
+            data = yaml_str(&self.storage.display().to_string()),
             addr = self.addr,
         );
+        if let Some((cert, key)) = &self.opts.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                yaml_str(&cert.display().to_string()),
+                yaml_str(&key.display().to_string()),
+            ));
+        }
+        if let Some(path) = &self.opts.htpasswd {
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: {BASIC_REALM}\n    path: {}\n",
+                yaml_str(&path.display().to_string()),
+            ));
+        }
+        if let Some(t) = &self.opts.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                yaml_str(&t.realm),
+                yaml_str(&t.service),
+                yaml_str(&t.issuer),
+                yaml_str(&t.rootcertbundle.display().to_string()),
+            ));
+        }
         std::fs::write(&config_path, config).context("writing registry config")?;
 
         let app_log = self.app_log_path();
@@ -179,13 +255,30 @@ impl Registry {
                 bound = find_listen_addr(&app_log, app_offset);
             }
             if let Some(addr) = bound {
-                let ok = client
-                    .get(format!("http://{addr}/v2/"))
-                    .timeout(Duration::from_secs(2))
-                    .send()
+                let ok = if self.opts.tls.is_some() {
+                    // reqwest here has no TLS: the bound socket accepting is
+                    // enough (Serve starts right after the log line).
+                    tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio::net::TcpStream::connect(addr),
+                    )
                     .await
-                    .map(|r| r.status() == reqwest::StatusCode::OK)
-                    .unwrap_or(false);
+                    .map(|r| r.is_ok())
+                    .unwrap_or(false)
+                } else {
+                    let expected = if self.opts.has_auth() {
+                        reqwest::StatusCode::UNAUTHORIZED
+                    } else {
+                        reqwest::StatusCode::OK
+                    };
+                    client
+                        .get(format!("http://{addr}/v2/"))
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .map(|r| r.status() == expected)
+                        .unwrap_or(false)
+                };
                 if ok {
                     self.addr = addr;
                     self.child = Some(child);
@@ -196,9 +289,19 @@ impl Registry {
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.opts.tls.is_some()
+    }
+
+    /// The options this registry was started with.
+    pub fn options(&self) -> &RegistryOptions {
+        &self.opts
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -214,9 +317,10 @@ impl Registry {
         self.dir.path()
     }
 
-    /// Storage root (`storage.filesystem.rootdirectory`).
+    /// Storage root (`storage.filesystem.rootdirectory`); pass it to
+    /// [`Registry::start_with`] to serve the same content from another registry.
     pub fn storage_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.storage.clone()
     }
 
     /// stdout of the registry: the access log only.
@@ -298,6 +402,12 @@ fn find_listen_addr(app_log: &Path, offset: u64) -> Option<SocketAddr> {
     let text = String::from_utf8_lossy(bytes.get(offset as usize..)?);
     text.lines().find_map(|l| {
         let (_, rest) = l.split_once("msg=\"listening on ")?;
-        rest.split('"').next()?.parse().ok()
+        // `127.0.0.1:PORT` or, with TLS, `127.0.0.1:PORT, tls`.
+        rest.split(['"', ',']).next()?.parse().ok()
     })
+}
+
+/// A YAML double-quoted scalar (paths and URLs may contain `:` or `#`).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("string to JSON")
 }

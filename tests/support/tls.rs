@@ -1,0 +1,104 @@
+//! A throwaway test CA (rcgen, ECDSA P-256) that issues server certificates for TLS upstreams.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// A self-signed CA. Every certificate it issues chains to [`TestCa::ca_pem`].
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestCa {
+    /// A fresh CA with a new P-256 key (panics only if rcgen itself fails).
+    pub fn new() -> TestCa {
+        let key = KeyPair::generate().expect("generating CA key");
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "pullcache test CA");
+        dn.push(DnType::OrganizationName, "pullcache tests");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("self-signing CA");
+        TestCa {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// Writes the CA certificate to `dir/ca.pem` and returns that path.
+    pub fn write_ca(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.cert_pem)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
+    }
+
+    /// Issues a server certificate for `names` (DNS names and/or IP addresses,
+    /// e.g. `["127.0.0.1", "localhost"]`, all put in the SAN; the first is also the CN).
+    /// Writes `dir/<first name>.crt` (leaf only) and `dir/<first name>.key`
+    /// (PKCS#8 PEM, mode 0600); returns `(cert_path, key_path)`.
+    pub fn issue_server(&self, dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+        assert!(
+            !names.is_empty(),
+            "a server certificate needs at least one name"
+        );
+        let key = KeyPair::generate().expect("generating server key");
+        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("server cert SANs");
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names[0]);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("signing server cert");
+
+        let stem: String = names[0]
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let cert_path = dir.join(format!("{stem}.crt"));
+        let key_path = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert_path, cert.pem())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", cert_path.display()));
+        std::fs::write(&key_path, key.serialize_pem())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", key_path.display()));
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", key_path.display()));
+        (cert_path, key_path)
+    }
+}
