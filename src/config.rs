@@ -78,7 +78,7 @@ pub struct ServeArgs {
     pub upstream_ca: Vec<PathBuf>,
 
     /// Registry credentials in docker config.json format (the format of a Kubernetes
-    /// dockerconfigjson Secret): auths.<host>.auth, username/password or identitytoken.
+    /// dockerconfigjson Secret): `auths.HOST.auth`, `username`/`password` or `identitytoken`.
     #[arg(long, env = "PULLCACHE_DOCKER_CONFIG", value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
 
