@@ -127,6 +127,14 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
             .await;
         assert_eq!(gets, 1, "layer {} fetched {gets} times", blob.digest);
     }
+    // The registry offers h2 by ALPN, and pullcache takes it.
+    let log = std::fs::read_to_string(registry.access_log_path())?;
+    let blob_lines: Vec<&str> = log.lines().filter(|l| l.contains("/blobs/")).collect();
+    assert!(!blob_lines.is_empty());
+    assert!(
+        blob_lines.iter().all(|l| l.contains("HTTP/2.0")),
+        "not HTTP/2: {blob_lines:?}"
+    );
 
     // Verification is always on: without the CA, the registry's certificate is refused.
     let cache = tempfile::tempdir()?;

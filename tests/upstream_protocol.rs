@@ -144,3 +144,107 @@ async fn a_broken_blob_body_resumes_with_range() -> anyhow::Result<()> {
 async fn a_resume_answered_with_the_whole_blob_still_works() -> anyhow::Result<()> {
     resume(false).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_cached_token_is_refreshed_once() -> anyhow::Result<()> {
+    let registry = FaultUpstream::start().await?;
+    registry.require_token("first");
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let digest = sha256_digest(&manifest);
+    let reply = Reply::ok(
+        manifest,
+        &[
+            ("content-type", OCI_MANIFEST),
+            ("docker-content-digest", &digest),
+        ],
+    );
+    registry.set("/v2/team/app/manifests/v1", reply);
+    let cache = tempfile::tempdir()?;
+    // A zero TTL makes every tag request go upstream with the cached token.
+    let pullcache =
+        Pullcache::start(cache.path(), &[(REGISTRY, &registry.url())], Duration::ZERO).await?;
+    let client = support::http_client();
+    let url = format!("{}/v2/team/app/manifests/v1?ns={REGISTRY}", pullcache.url());
+
+    assert_eq!(client.get(&url).send().await?.status(), 200);
+    assert_eq!(client.get(&url).send().await?.status(), 200);
+    assert_eq!(
+        registry.token_queries().len(),
+        1,
+        "a valid cached token was not reused"
+    );
+
+    // The registry stops taking the cached token (revoked, or expired early).
+    registry.require_token("second");
+    let resp = client.get(&url).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("warning").is_none(),
+        "served stale instead of refreshing"
+    );
+    assert_eq!(
+        registry.token_queries().len(),
+        2,
+        "expected exactly one refresh"
+    );
+    let seen = registry.auth_seen("/v2/team/app/manifests/v1");
+    assert_eq!(
+        seen.last().cloned().flatten().as_deref(),
+        Some("Bearer second"),
+        "the retry did not use the new token: {seen:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_are_tried_first_and_the_registry_is_the_fallback() -> anyhow::Result<()> {
+    let mirror = FaultUpstream::start().await?;
+    let registry = FaultUpstream::start().await?;
+    let from_mirror = random_bytes(100_000);
+    let from_registry = random_bytes(100_000);
+    let (mirrored, unmirrored) = (sha256_digest(&from_mirror), sha256_digest(&from_registry));
+    for (server, digest, bytes) in [
+        (&mirror, &mirrored, &from_mirror),
+        (&registry, &mirrored, &from_mirror),
+        (&registry, &unmirrored, &from_registry),
+    ] {
+        server.set(
+            &format!("/v2/team/app/blobs/{digest}"),
+            Reply::ok(bytes.clone(), &[]),
+        );
+    }
+    let cache = tempfile::tempdir()?;
+    let mut config = pullcache::Config::new(cache.path().to_owned());
+    let settings = config.registry(pullcache::oci::Registry::parse(REGISTRY)?);
+    settings.url = Some(registry.url().parse()?);
+    settings.mirrors = vec![mirror.url().parse()?];
+    let pullcache = Pullcache::start_with(config).await?;
+    let client = support::http_client();
+
+    for (digest, bytes) in [(&mirrored, &from_mirror), (&unmirrored, &from_registry)] {
+        let resp = client
+            .get(format!(
+                "{}/v2/team/app/blobs/{digest}?ns={REGISTRY}",
+                pullcache.url()
+            ))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.bytes().await? == *bytes);
+    }
+    let path = |d: &str| format!("/v2/team/app/blobs/{d}");
+    assert_eq!(mirror.hits(&path(&mirrored)), 1);
+    assert_eq!(
+        registry.hits(&path(&mirrored)),
+        0,
+        "the mirror had it; the registry was asked anyway"
+    );
+    assert_eq!(
+        mirror.hits(&path(&unmirrored)),
+        1,
+        "the mirror was not tried first"
+    );
+    assert_eq!(registry.hits(&path(&unmirrored)), 1);
+    Ok(())
+}
