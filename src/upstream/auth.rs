@@ -10,7 +10,23 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Deserialize;
 
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT, WWW_AUTHENTICATE};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+
+use super::credentials::Credentials;
+use super::resolve::check_target;
+use super::{
+    Fetch, HEADER_TIMEOUT, Origin, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams,
+    error_chain,
+};
 use crate::oci::Repository;
+
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+/// `client_id` sent when exchanging an identity (refresh) token.
+const OAUTH_CLIENT_ID: &str = "pullcache";
 
 /// Token lifetime when the token server does not say (the distribution spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -141,6 +157,126 @@ impl TokenCache {
             .lock()
             .expect("token cache lock")
             .remove(&(origin.to_owned(), scope.to_owned()));
+    }
+}
+
+impl Upstreams {
+    /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one.
+    pub(super) async fn authorize(
+        &self,
+        origin: &Origin<'_>,
+        req: &Fetch<'_>,
+        scope: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let challenges: Vec<&str> = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if let Some(challenge) = challenges.iter().find_map(|c| Challenge::parse(c)) {
+            self.tokens.forget(&origin.authority, scope);
+            return self.token(origin, req, scope, &challenge).await;
+        }
+        let status = StatusCode::UNAUTHORIZED;
+        let refused = |credentials: bool| {
+            let kind = if credentials {
+                UpstreamErrorKind::CredentialsRefused { status }
+            } else {
+                UpstreamErrorKind::CredentialsRequired { status }
+            };
+            UpstreamError::new(req.registry, kind)
+        };
+        if challenges
+            .iter()
+            .any(|c| c.trim_start().to_ascii_lowercase().starts_with("basic"))
+        {
+            let header = origin
+                .credentials
+                .and_then(Credentials::basic_header)
+                .ok_or_else(|| refused(false))?;
+            self.basic
+                .lock()
+                .expect("basic lock")
+                .insert(origin.authority.clone());
+            return Ok(header);
+        }
+        Err(refused(origin.credentials.is_some()))
+    }
+
+    /// Gets a token for a challenge: anonymously, with Basic credentials, or by exchanging an
+    /// identity token (OAuth2 `refresh_token` grant). Caches it per (origin, scope).
+    async fn token(
+        &self,
+        origin: &Origin<'_>,
+        req: &Fetch<'_>,
+        cache_scope: &str,
+        challenge: &Challenge,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let err = |m: String| UpstreamError::new(req.registry, UpstreamErrorKind::Token(m));
+        let scope = challenge.scope_for(Some(req.repository));
+        let realm = &challenge.realm;
+        let request = {
+            let mut params = form_urlencoded::Serializer::new(String::new());
+            if let Some(service) = &challenge.service {
+                params.append_pair("service", service);
+            }
+            if let Some(scope) = &scope {
+                params.append_pair("scope", scope);
+            }
+            match origin.credentials {
+                Some(Credentials::IdentityToken { token }) => {
+                    params
+                        .append_pair("grant_type", "refresh_token")
+                        .append_pair("refresh_token", token)
+                        .append_pair("client_id", OAUTH_CLIENT_ID);
+                    Request::post(realm.as_str())
+                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(Full::new(Bytes::from(params.finish())))
+                }
+                credentials => {
+                    let sep = if realm.contains('?') { '&' } else { '?' };
+                    let mut get = Request::get(format!("{realm}{sep}{}", params.finish()));
+                    if let Some(basic) = credentials.and_then(Credentials::basic_header) {
+                        get = get.header(AUTHORIZATION, basic);
+                    }
+                    get.body(Full::default())
+                }
+            }
+        };
+        let mut request = request.map_err(|_| err("realm is not a URL".into()))?;
+        request
+            .headers_mut()
+            .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        check_target(request.uri(), origin.allow_loopback).map_err(err)?;
+        let resp = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
+            .await
+            .map_err(|_| err("token server timed out".into()))?
+            .map_err(|e| err(error_chain(&e)))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let kind = if origin.credentials.is_some() {
+                UpstreamErrorKind::CredentialsRefused { status }
+            } else {
+                UpstreamErrorKind::CredentialsRequired { status }
+            };
+            return Err(UpstreamError::new(req.registry, kind));
+        }
+        if !status.is_success() {
+            return Err(err(format!("token server answered {status}")));
+        }
+        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| err(format!("reading token response: {e}")))?
+            .to_bytes();
+        let (value, lifetime) = serde_json::from_slice::<TokenResponse>(&body)
+            .ok()
+            .and_then(TokenResponse::into_header)
+            .ok_or_else(|| err("token response has no token".into()))?;
+        self.tokens
+            .put(&origin.authority, cache_scope, value.clone(), lifetime);
+        Ok(value)
     }
 }
 

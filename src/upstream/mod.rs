@@ -16,12 +16,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
-};
-use http::uri::{Authority, Scheme};
+use http::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -29,10 +26,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::CertificateDer;
 
 use crate::oci::{Registry, Repository};
-use auth::{Challenge, TokenCache, TokenResponse};
+use auth::TokenCache;
 pub use credentials::{Credentials, DockerConfig};
-use resolve::GuardedResolver;
 pub use resolve::is_forbidden;
+use resolve::{GuardedResolver, host_ip, resolve_location};
 pub use tls::load_certificates;
 
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -41,10 +38,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const MAX_REDIRECTS: u32 = 5;
-const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 const USER_AGENT_VALUE: &str = concat!("pullcache/", env!("CARGO_PKG_VERSION"));
-/// `client_id` sent when exchanging an identity (refresh) token.
-const OAUTH_CLIENT_ID: &str = "pullcache";
 
 type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
@@ -465,174 +459,6 @@ impl Upstreams {
             return Err(err(kind));
         }
     }
-
-    /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one.
-    async fn authorize(
-        &self,
-        origin: &Origin<'_>,
-        req: &Fetch<'_>,
-        scope: &str,
-        headers: &http::HeaderMap,
-    ) -> Result<HeaderValue, UpstreamError> {
-        let challenges: Vec<&str> = headers
-            .get_all(WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if let Some(challenge) = challenges.iter().find_map(|c| Challenge::parse(c)) {
-            self.tokens.forget(&origin.authority, scope);
-            return self.token(origin, req, scope, &challenge).await;
-        }
-        let status = StatusCode::UNAUTHORIZED;
-        let refused = |credentials: bool| {
-            let kind = if credentials {
-                UpstreamErrorKind::CredentialsRefused { status }
-            } else {
-                UpstreamErrorKind::CredentialsRequired { status }
-            };
-            UpstreamError::new(req.registry, kind)
-        };
-        if challenges
-            .iter()
-            .any(|c| c.trim_start().to_ascii_lowercase().starts_with("basic"))
-        {
-            let header = origin
-                .credentials
-                .and_then(Credentials::basic_header)
-                .ok_or_else(|| refused(false))?;
-            self.basic
-                .lock()
-                .expect("basic lock")
-                .insert(origin.authority.clone());
-            return Ok(header);
-        }
-        Err(refused(origin.credentials.is_some()))
-    }
-
-    /// Gets a token for a challenge: anonymously, with Basic credentials, or by exchanging an
-    /// identity token (OAuth2 `refresh_token` grant). Caches it per (origin, scope).
-    async fn token(
-        &self,
-        origin: &Origin<'_>,
-        req: &Fetch<'_>,
-        cache_scope: &str,
-        challenge: &Challenge,
-    ) -> Result<HeaderValue, UpstreamError> {
-        let err = |m: String| UpstreamError::new(req.registry, UpstreamErrorKind::Token(m));
-        let scope = challenge.scope_for(Some(req.repository));
-        let realm = &challenge.realm;
-        let request = {
-            let mut params = form_urlencoded::Serializer::new(String::new());
-            if let Some(service) = &challenge.service {
-                params.append_pair("service", service);
-            }
-            if let Some(scope) = &scope {
-                params.append_pair("scope", scope);
-            }
-            match origin.credentials {
-                Some(Credentials::IdentityToken { token }) => {
-                    params
-                        .append_pair("grant_type", "refresh_token")
-                        .append_pair("refresh_token", token)
-                        .append_pair("client_id", OAUTH_CLIENT_ID);
-                    Request::post(realm.as_str())
-                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                        .body(Full::new(Bytes::from(params.finish())))
-                }
-                credentials => {
-                    let sep = if realm.contains('?') { '&' } else { '?' };
-                    let mut get = Request::get(format!("{realm}{sep}{}", params.finish()));
-                    if let Some(basic) = credentials.and_then(Credentials::basic_header) {
-                        get = get.header(AUTHORIZATION, basic);
-                    }
-                    get.body(Full::default())
-                }
-            }
-        };
-        let mut request = request.map_err(|_| err("realm is not a URL".into()))?;
-        request
-            .headers_mut()
-            .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        check_target(request.uri(), origin.allow_loopback).map_err(err)?;
-        let resp = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
-            .await
-            .map_err(|_| err("token server timed out".into()))?
-            .map_err(|e| err(error_chain(&e)))?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let kind = if origin.credentials.is_some() {
-                UpstreamErrorKind::CredentialsRefused { status }
-            } else {
-                UpstreamErrorKind::CredentialsRequired { status }
-            };
-            return Err(UpstreamError::new(req.registry, kind));
-        }
-        if !status.is_success() {
-            return Err(err(format!("token server answered {status}")));
-        }
-        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| err(format!("reading token response: {e}")))?
-            .to_bytes();
-        let (value, lifetime) = serde_json::from_slice::<TokenResponse>(&body)
-            .ok()
-            .and_then(TokenResponse::into_header)
-            .ok_or_else(|| err("token response has no token".into()))?;
-        self.tokens
-            .put(&origin.authority, cache_scope, value.clone(), lifetime);
-        Ok(value)
-    }
-}
-
-fn host_ip(uri: &Uri) -> Option<std::net::IpAddr> {
-    uri.host()?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()
-}
-
-/// Refuses URLs that are not http(s) or that aim at forbidden (or, unless allowed, loopback)
-/// IP literals. DNS names are checked by the resolver.
-fn check_target(uri: &Uri, allow_loopback: bool) -> Result<(), String> {
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!("{uri} is not http(s)"));
-    }
-    if let Some(ip) = host_ip(uri)
-        && (is_forbidden(ip) || (ip.is_loopback() && !allow_loopback))
-    {
-        return Err(format!("{uri} aims at a forbidden address"));
-    }
-    Ok(())
-}
-
-/// Resolves a `Location` against the current URL.
-fn resolve_location(
-    current: &Uri,
-    location: &HeaderValue,
-    allow_loopback: bool,
-) -> Result<Uri, String> {
-    let location = location
-        .to_str()
-        .map_err(|_| "Location is not text".to_owned())?;
-    let target: Uri = location
-        .parse()
-        .map_err(|_| "Location is not a URL".to_owned())?;
-    let target = if target.scheme().is_some() {
-        target
-    } else {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(current.scheme().cloned().unwrap_or(Scheme::HTTPS));
-        parts.authority = current
-            .authority()
-            .cloned()
-            .or_else(|| Authority::from_static("invalid").into());
-        parts.path_and_query = target.path_and_query().cloned();
-        Uri::from_parts(parts).map_err(|e| e.to_string())?
-    };
-    check_target(&target, allow_loopback)?;
-    Ok(target)
 }
 
 /// Exponential backoff with jitter from the clock's low bits.
@@ -681,34 +507,5 @@ mod tests {
                 "{forbidden}"
             );
         }
-    }
-
-    #[test]
-    fn redirects_resolve_and_stay_off_forbidden_addresses() {
-        let cur: Uri = "https://reg.test/v2/a/blobs/x".parse().unwrap();
-        let rel =
-            resolve_location(&cur, &HeaderValue::from_static("/storage/x?sig=1"), false).unwrap();
-        assert_eq!(rel.to_string(), "https://reg.test/storage/x?sig=1");
-        let abs =
-            resolve_location(&cur, &HeaderValue::from_static("https://cdn.test/x"), false).unwrap();
-        assert_eq!(abs.host(), Some("cdn.test"));
-        for bad in [
-            "http://169.254.169.254/latest/meta-data",
-            "http://127.0.0.1:8080/",
-            "file:///etc/passwd",
-        ] {
-            assert!(
-                resolve_location(&cur, &HeaderValue::from_str(bad).unwrap(), false).is_err(),
-                "{bad}"
-            );
-        }
-        assert!(
-            resolve_location(
-                &cur,
-                &HeaderValue::from_static("http://127.0.0.1:8080/"),
-                true
-            )
-            .is_ok()
-        );
     }
 }
