@@ -1,6 +1,6 @@
-//! Registry token auth: parse a `WWW-Authenticate: Bearer` challenge, fetch
-//! a pull token from its realm (anonymously or with credentials), and cache it per (origin, scope)
-//! until it expires.
+//! Registry auth: answering a 401. A `WWW-Authenticate: Bearer` challenge gets a pull token
+//! from its realm (anonymously, with Basic credentials, or by exchanging an identity token),
+//! cached per (origin, scope) until it expires; a `Basic` challenge gets the credentials.
 //! Tokens are secrets: they are never logged, and headers carrying them are marked sensitive.
 
 use std::collections::HashMap;
