@@ -16,6 +16,7 @@ use crate::oci::Registry;
 use crate::upstream::{self, Credentials, DockerConfig, RegistrySettings};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Parser)]
@@ -50,6 +51,10 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:5000). containerd's hosts.toml points at it.
     #[arg(long, env = "PULLCACHE_LISTEN")]
     pub listen: Option<SocketAddr>,
+
+    /// Address of /metrics, /healthz and /readyz (default 127.0.0.1:9090).
+    #[arg(long, env = "PULLCACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Cache directory. Default: /var/lib/pullcache when running as root, otherwise
     /// $XDG_CACHE_HOME/pullcache (or ~/.cache/pullcache).
@@ -92,6 +97,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     pub cache_dir: PathBuf,
     pub tag_ttl: Duration,
     /// Registries whose tags live longer or shorter than `tag_ttl`.
@@ -104,6 +110,9 @@ impl Config {
     pub fn new(cache_dir: PathBuf) -> Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("default address is valid"),
+            metrics_listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("default address is valid"),
             cache_dir,
             tag_ttl: DEFAULT_TAG_TTL,
             tag_ttls: HashMap::new(),
@@ -127,6 +136,7 @@ pub struct ConfigError(String);
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     cache_dir: Option<PathBuf>,
     tag_ttl: Option<String>,
     #[serde(default)]
@@ -173,6 +183,9 @@ impl ServeArgs {
         );
         if let Some(listen) = self.listen.or(file.listen) {
             config.listen = listen;
+        }
+        if let Some(listen) = self.metrics_listen.or(file.metrics_listen) {
+            config.metrics_listen = listen;
         }
         if let Some(ttl) = self.tag_ttl {
             config.tag_ttl = ttl;
@@ -325,6 +338,10 @@ mod tests {
     fn runs_with_no_flags() {
         let config = serve(&[]).resolve().unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            config.metrics_listen,
+            DEFAULT_METRICS_LISTEN.parse().unwrap()
+        );
         assert_eq!(config.tag_ttl, DEFAULT_TAG_TTL);
         assert!(config.cache_dir.ends_with("pullcache"));
         assert!(config.upstream.registries.is_empty());

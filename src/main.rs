@@ -52,10 +52,16 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", config.listen))?;
-        pullcache::run(listener, config, shutdown_signal()).await
+        let bind = |addr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))
+        };
+        let listeners = pullcache::Listeners {
+            api: bind(config.listen).await?,
+            admin: Some(bind(config.metrics_listen).await?),
+        };
+        pullcache::run(listeners, config, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -343,6 +343,8 @@ impl Lookup {
                 }
             })?
             .to_bytes();
+        self.upstreams
+            .count_bytes(&self.registry, bytes.len() as u64);
         let digest = Digest::of(&bytes);
         if let Some(want) = expected.or(header_digest.as_ref())
             && want != &digest

@@ -56,34 +56,56 @@ async fn invalid_configuration_exits_64() -> anyhow::Result<()> {
 async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .env("PULLCACHE_CACHE_DIR", cache.path())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+    let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await? {
             let json: serde_json::Value = serde_json::from_str(&line)?;
             if json["fields"]["message"] == "serving" {
-                return Ok(json["fields"]["addr"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned());
+                let field =
+                    |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
+                return Ok((field("addr"), field("metrics_addr")));
             }
         }
         anyhow::bail!("pullcache exited without serving")
     })
     .await??;
 
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()?
-        .get(format!("http://{addr}/v2/"))
-        .send()
-        .await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    wait_ready(&client, &metrics_addr).await?;
+    let resp = client.get(format!("http://{addr}/v2/")).send().await?;
     assert_eq!(resp.status(), 200);
+    let metrics = client
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("pullcache_build_info{version="),
+        "{metrics}"
+    );
+    assert_eq!(
+        client
+            .get(format!("http://{metrics_addr}/healthz"))
+            .send()
+            .await?
+            .status(),
+        200
+    );
     assert!(
         cache.path().join("blobs/sha256").is_dir(),
         "the store was not created"
@@ -99,5 +121,21 @@ async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
     );
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     assert!(status.success(), "exit after SIGTERM: {status}");
+    Ok(())
+}
+
+/// Polls `/readyz` until it answers 200.
+async fn wait_ready(client: &reqwest::Client, metrics_addr: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://{metrics_addr}/readyz"))
+        .send()
+        .await?
+        .status()
+        != 200
+    {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }

@@ -42,7 +42,15 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
     )?;
 
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))
         .arg("--docker-config")
@@ -55,22 +63,27 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
         .spawn()?;
     let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut logs = String::new();
-    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+    let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stdout.next_line().await? {
             logs.push_str(&line);
             logs.push('\n');
             let json: serde_json::Value = serde_json::from_str(&line)?;
             if json["fields"]["message"] == "serving" {
-                return Ok(json["fields"]["addr"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned());
+                let field =
+                    |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
+                return Ok((field("addr"), field("metrics_addr")));
             }
         }
         anyhow::bail!("pullcache exited without serving:\n{logs}")
     })
     .await??;
 
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let readyz = format!("http://{metrics_addr}/readyz");
+    while support::http_client().get(&readyz).send().await?.status() != 200 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let resp = support::http_client()
         .get(format!(
             "http://{addr}/v2/team/app/manifests/v1?ns=registry.test"

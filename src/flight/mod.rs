@@ -14,6 +14,7 @@ mod tail;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use http::header::CONTENT_RANGE;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
@@ -61,9 +63,45 @@ pub enum FlightState {
     Failed(Arc<Error>),
 }
 
+pub struct Metrics {
+    inflight: IntGauge,
+    waiters: Histogram,
+    verify_failures: IntCounter,
+}
+
+impl Metrics {
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Metrics> {
+        let inflight = IntGauge::new(
+            "pullcache_inflight_fetches",
+            "Blob downloads from upstream in progress.",
+        )?;
+        let waiters = Histogram::with_opts(
+            HistogramOpts::new(
+                "pullcache_flight_waiters",
+                "Clients served by one blob download, the first included, observed when it ends.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )?;
+        let verify_failures = IntCounter::new(
+            "pullcache_digest_verification_failures_total",
+            "Blobs whose upstream bytes did not match their digest; nothing was stored.",
+        )?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(waiters.clone()))?;
+        registry.register(Box::new(verify_failures.clone()))?;
+        Ok(Metrics {
+            inflight,
+            waiters,
+            verify_failures,
+        })
+    }
+}
+
 /// One download in progress.
 pub struct Flight {
     file: Arc<File>,
+    /// Clients that joined, the first included.
+    waiters: AtomicU64,
     progress: watch::Receiver<Progress>,
 }
 
@@ -109,15 +147,17 @@ pub struct Flights {
     upstreams: Arc<Upstreams>,
     active: Active,
     refused: Refused,
+    metrics: Arc<Metrics>,
 }
 
 impl Flights {
-    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>) -> Flights {
+    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, metrics: Metrics) -> Flights {
         Flights {
             store,
             upstreams,
             active: Arc::default(),
             refused: Arc::default(),
+            metrics: Arc::new(metrics),
         }
     }
 
@@ -146,6 +186,7 @@ impl Flights {
         }
         let mut active = self.active.lock().expect("flights lock");
         if let Some(flight) = active.get(digest) {
+            flight.waiters.fetch_add(1, Ordering::Relaxed);
             return Ok(BlobSource::Flight {
                 flight: flight.clone(),
                 joined: true,
@@ -170,6 +211,7 @@ impl Flights {
             state: FlightState::Connecting,
         });
         let flight = Arc::new(Flight {
+            waiters: AtomicU64::new(1),
             file: Arc::new(temp.reader()?),
             progress: rx,
         });
@@ -182,7 +224,13 @@ impl Flights {
             digest: digest.clone(),
             progress: Arc::new(tx),
         };
-        let (active, refused) = (self.active.clone(), self.refused.clone());
+        let (active, refused, metrics) = (
+            self.active.clone(),
+            self.refused.clone(),
+            self.metrics.clone(),
+        );
+        let counted = flight.clone();
+        metrics.inflight.inc();
         tokio::spawn(async move {
             let digest = download.digest.clone();
             let progress = download.progress.clone();
@@ -192,6 +240,7 @@ impl Flights {
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
                     let e = Arc::new(e);
                     if is_mismatch(&e) {
+                        metrics.verify_failures.inc();
                         let until = Instant::now() + MISMATCH_MEMORY;
                         refused
                             .lock()
@@ -202,7 +251,14 @@ impl Flights {
                 }
             };
             progress.send_modify(|p| p.state = state);
-            active.lock().expect("flights lock").remove(&digest);
+            // Leaving `active` under its lock: no one joins after the waiters are read.
+            let waiters = {
+                let mut active = active.lock().expect("flights lock");
+                active.remove(&digest);
+                counted.waiters.load(Ordering::Relaxed)
+            };
+            metrics.inflight.dec();
+            metrics.waiters.observe(waiters as f64);
         });
         Ok(BlobSource::Flight {
             flight,
@@ -279,6 +335,7 @@ impl Download {
             }
         };
         drop(chunks);
+        self.upstreams.count_bytes(&self.registry, stream.received);
         let temp = writer
             .await
             .map_err(|e| Error::Internal(format!("blob writer: {e}")))??;

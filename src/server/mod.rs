@@ -1,6 +1,7 @@
 //! The HTTP server: the accept loop (connection cap, header-read timeout, backoff on accept
 //! errors, graceful shutdown) and the dispatch of each request to its route's handler.
 
+pub mod access;
 mod blobs;
 mod manifests;
 pub mod range;
@@ -41,7 +42,12 @@ pub struct App {
     pub flights: Flights,
     pub manifests: Manifests,
     pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<access::Metrics>,
 }
+
+/// The app, once the store is open. Until then every request gets a 503, which sends
+/// containerd straight on to its next host.
+pub type AppSlot = std::sync::OnceLock<App>;
 
 /// A handler's response and how the cache answered it (`hit`, `miss`, ...), for the access log.
 pub struct Outcome {
@@ -69,22 +75,27 @@ impl App {
         };
         let (registry, repo) = match &route {
             Ok(Route::Manifest { target, .. } | Route::Blob { target, .. }) => {
-                (target.registry.as_str(), target.repository.as_str())
+                (target.registry.to_string(), target.repository.to_string())
             }
-            _ => ("", ""),
+            _ => (String::new(), String::new()),
         };
-        tracing::info!(
-            method = %req.method(),
-            path = req.uri().path(),
+        let access = access::Access {
+            metrics: self.metrics.clone(),
+            method: match *req.method() {
+                Method::GET => "GET",
+                Method::HEAD => "HEAD",
+                _ => "other",
+            },
+            path: req.uri().path().chars().take(300).collect(),
             registry,
             repo,
-            kind = route.as_ref().map_or("other", Route::kind),
-            status = outcome.response.status().as_u16(),
-            cache = outcome.cache,
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
-        outcome.response
+            route: route.as_ref().map_or("other", Route::kind),
+            status: outcome.response.status(),
+            cache: outcome.cache,
+            started,
+            bytes: 0,
+        };
+        outcome.response.map(|body| access.wrap(body))
     }
 
     async fn dispatch(
@@ -114,7 +125,7 @@ impl App {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for a
 /// bounded grace period.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, app: Arc<AppSlot>, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -144,7 +155,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req).await) }
+            async move {
+                Ok::<_, Infallible>(match app.get() {
+                    Some(app) => app.handle(req).await,
+                    None => response::not_ready(req.method() == Method::HEAD),
+                })
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

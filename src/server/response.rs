@@ -103,6 +103,20 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
     }
 }
 
+/// The answer while the store is not open yet.
+pub fn not_ready(head: bool) -> Response<Body> {
+    let body = error_body(
+        ErrorCode::Unavailable,
+        "pullcache is starting: its cache is not open yet",
+    );
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, body.len())
+        .body(if head { empty() } else { full(body) })
+        .expect("not-ready response parts are valid")
+}
+
 /// The OCI error response for `err`. HEAD responses carry the headers without the body.
 pub fn error(err: &Error, head: bool) -> Response<Body> {
     let (status, code) = classify(err);

@@ -60,11 +60,15 @@ pub enum CommitError {
 }
 
 pub struct Store {
+    root: PathBuf,
     blobs: PathBuf,
     manifests: PathBuf,
     tmp: PathBuf,
     tags: TagIndex,
     next_temp: AtomicU64,
+    /// Bytes and count of committed blobs.
+    stored_bytes: AtomicU64,
+    stored_blobs: AtomicU64,
 }
 
 impl Store {
@@ -84,13 +88,31 @@ impl Store {
             let _ = fs::remove_file(&path);
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
+        let (bytes, count) = scan(&blobs)?;
         Ok(Store {
+            root: root.to_owned(),
+            stored_bytes: AtomicU64::new(bytes),
+            stored_blobs: AtomicU64::new(count),
             blobs,
             manifests,
             tmp,
             tags,
             next_temp: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes and number of committed blobs.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.stored_bytes.load(Ordering::Relaxed),
+            self.stored_blobs.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Free bytes for an unprivileged writer on the store's filesystem.
+    pub fn filesystem_free(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(&self.root).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
     pub fn tags(&self) -> &TagIndex {
@@ -177,8 +199,13 @@ impl Store {
         let dest = self.blob_path(expected);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
+        let replaced = dest.exists();
         fs::rename(&temp.path, &dest).map_err(|e| StoreError::new("rename", &dest, e))?;
         temp.committed = true;
+        if !replaced {
+            self.stored_bytes.fetch_add(temp.size, Ordering::Relaxed);
+            self.stored_blobs.fetch_add(1, Ordering::Relaxed);
+        }
         sync_dir(dir)?;
         Ok(())
     }
@@ -213,6 +240,77 @@ impl Store {
             Ok(bytes) => Ok(Some((bytes, media_type))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::new("read", &path, e)),
+        }
+    }
+}
+
+/// Bytes and number of the blobs under `blobs/sha256`, from file sizes (nothing is re-hashed).
+fn scan(blobs: &Path) -> Result<(u64, u64)> {
+    let (mut bytes, mut count) = (0, 0);
+    for prefix in fs::read_dir(blobs).map_err(|e| StoreError::new("list", blobs, e))? {
+        let prefix = prefix
+            .map_err(|e| StoreError::new("list", blobs, e))?
+            .path();
+        let Ok(entries) = fs::read_dir(&prefix) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if let Ok(meta) = entry.metadata()
+                && meta.is_file()
+            {
+                bytes += meta.len();
+                count += 1;
+            }
+        }
+    }
+    Ok((bytes, count))
+}
+
+/// Cache size metrics, read from the store at scrape time.
+pub struct Metrics {
+    bytes: prometheus::IntGauge,
+    blobs: prometheus::IntGauge,
+    free: prometheus::IntGauge,
+    /// Counted by eviction, which a later change brings; registered now so dashboards and
+    /// alerts can be written against it.
+    pub evictions: prometheus::IntCounter,
+}
+
+impl Metrics {
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Metrics> {
+        let bytes =
+            prometheus::IntGauge::new("pullcache_cache_bytes", "Bytes of blobs in the cache.")?;
+        let blobs = prometheus::IntGauge::new(
+            "pullcache_cache_blobs",
+            "Blobs (layers, configs, manifests) in the cache.",
+        )?;
+        let free = prometheus::IntGauge::new(
+            "pullcache_filesystem_free_bytes",
+            "Free bytes on the cache's filesystem (for an unprivileged writer).",
+        )?;
+        let evictions = prometheus::IntCounter::new(
+            "pullcache_cache_evictions_total",
+            "Blobs evicted from the cache.",
+        )?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(blobs.clone()))?;
+        registry.register(Box::new(free.clone()))?;
+        registry.register(Box::new(evictions.clone()))?;
+        Ok(Metrics {
+            bytes,
+            blobs,
+            free,
+            evictions,
+        })
+    }
+
+    /// Sets the gauges from the store.
+    pub fn refresh(&self, store: &Store) {
+        let (bytes, blobs) = store.usage();
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        if let Some(free) = store.filesystem_free() {
+            self.free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
     }
 }
@@ -320,6 +418,21 @@ mod tests {
             0,
             "temp file left behind"
         );
+    }
+
+    #[test]
+    fn usage_is_counted_at_commit_and_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.usage(), (0, 0));
+        for content in [&b"abc"[..], b"defgh", b"abc"] {
+            let mut temp = store.temp_blob().unwrap();
+            temp.write(content).unwrap();
+            store.commit(temp, &Digest::of(content), None).unwrap();
+        }
+        assert_eq!(store.usage(), (8, 2), "a blob committed twice counts once");
+        assert_eq!(Store::open(dir.path()).unwrap().usage(), (8, 2));
+        assert!(store.filesystem_free().unwrap() > 0);
     }
 
     #[test]

@@ -176,7 +176,22 @@ impl Upstreams {
             .collect();
         if let Some(challenge) = challenges.iter().find_map(|c| Challenge::parse(c)) {
             self.tokens.forget(&origin.authority, scope);
-            return self.token(origin, req, scope, &challenge).await;
+            let token = self.token(origin, req, scope, &challenge).await;
+            let result = match &token {
+                Ok(_) => "ok",
+                Err(UpstreamError {
+                    kind:
+                        UpstreamErrorKind::CredentialsRefused { .. }
+                        | UpstreamErrorKind::CredentialsRequired { .. },
+                    ..
+                }) => "refused",
+                Err(_) => "error",
+            };
+            self.metrics
+                .tokens
+                .with_label_values(&[self.label(req.registry), result])
+                .inc();
+            return token;
         }
         let status = StatusCode::UNAUTHORIZED;
         let refused = |credentials: bool| {

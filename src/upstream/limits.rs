@@ -33,8 +33,8 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Records the rate-limit headers of a response, if it has any.
-    pub fn observe(&self, origin: &str, headers: &HeaderMap) {
+    /// Records the rate-limit headers of a response, if it has any, and returns them.
+    pub fn observe(&self, origin: &str, headers: &HeaderMap) -> Option<RateLimit> {
         let number = |name: &str| {
             headers
                 .get(name)
@@ -44,10 +44,11 @@ impl Limits {
         };
         let (limit, remaining) = (number("ratelimit-limit"), number("ratelimit-remaining"));
         if limit.is_none() && remaining.is_none() {
-            return;
+            return None;
         }
         let mut entries = self.entries.lock().expect("limits lock");
         entries.entry(origin.to_owned()).or_default().rate_limit = RateLimit { limit, remaining };
+        Some(RateLimit { limit, remaining })
     }
 
     /// Closes an origin after a 429, for its `Retry-After` (seconds or an HTTP date).

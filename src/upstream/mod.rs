@@ -7,6 +7,7 @@
 mod auth;
 mod credentials;
 pub mod limits;
+mod metrics;
 mod resolve;
 mod tls;
 
@@ -28,6 +29,7 @@ use rustls_pki_types::CertificateDer;
 use crate::oci::{Registry, Repository};
 use auth::TokenCache;
 pub use credentials::{Credentials, DockerConfig};
+pub use metrics::Metrics;
 pub use resolve::is_forbidden;
 use resolve::{GuardedResolver, host_ip, resolve_location};
 pub use tls::load_certificates;
@@ -203,6 +205,16 @@ impl<'a> Fetch<'a> {
     pub fn from_offset(self, from: Option<u64>) -> Self {
         Fetch { from, ..self }
     }
+
+    /// The `kind` label: what was asked for, and how.
+    fn kind(&self) -> &'static str {
+        match (self.resource, self.method == Method::HEAD) {
+            (Resource::Manifest, false) => "manifest",
+            (Resource::Manifest, true) => "manifest_head",
+            (Resource::Blob, false) => "blob",
+            (Resource::Blob, true) => "blob_head",
+        }
+    }
 }
 
 /// A place a registry's content can be fetched from: a mirror or the registry itself.
@@ -226,10 +238,11 @@ pub struct Upstreams {
     /// Origins that asked for Basic auth; later requests send it up front.
     basic: Mutex<HashSet<String>>,
     pub limits: limits::Limits,
+    metrics: Metrics,
 }
 
 impl Upstreams {
-    pub fn new(settings: Settings) -> Upstreams {
+    pub fn new(settings: Settings, metrics: Metrics) -> Upstreams {
         let client = tls::client(&settings.roots);
         let clients = settings
             .registries
@@ -247,7 +260,26 @@ impl Upstreams {
             tokens: TokenCache::default(),
             basic: Mutex::default(),
             limits: limits::Limits::default(),
+            metrics,
         }
+    }
+
+    /// The `registry` label for a registry: see [`metrics`].
+    fn label<'a>(&self, registry: &'a Registry) -> &'a str {
+        if self.settings.registries.contains_key(registry) || metrics::well_known(registry.as_str())
+        {
+            registry.as_str()
+        } else {
+            "other"
+        }
+    }
+
+    /// Counts body bytes fetched from a registry's upstream.
+    pub fn count_bytes(&self, registry: &Registry, bytes: u64) {
+        self.metrics
+            .bytes
+            .with_label_values(&[self.label(registry)])
+            .inc_by(bytes);
     }
 
     /// The registry's own base URL, without a trailing slash.
@@ -385,9 +417,22 @@ impl Upstreams {
             let request = builder
                 .body(Full::default())
                 .expect("request parts are valid");
-            let resp = match tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
-                .await
-            {
+            let sent = std::time::Instant::now();
+            let result = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request)).await;
+            let registry_label = self.label(req.registry);
+            self.metrics
+                .duration
+                .with_label_values(&[registry_label, req.kind()])
+                .observe(sent.elapsed().as_secs_f64());
+            let status_class = match &result {
+                Ok(Ok(resp)) => crate::metrics::status_class(resp.status()),
+                _ => "error",
+            };
+            self.metrics
+                .requests
+                .with_label_values(&[registry_label, req.kind(), status_class])
+                .inc();
+            let resp = match result {
                 Err(_) if attempt + 1 < MAX_ATTEMPTS => {
                     attempt += 1;
                     backoff(attempt).await;
@@ -404,8 +449,22 @@ impl Upstreams {
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
-            if on_origin {
-                self.limits.observe(&origin.authority, resp.headers());
+            if on_origin && let Some(limit) = self.limits.observe(&origin.authority, resp.headers())
+            {
+                if let Some(remaining) = limit.remaining {
+                    let gauge = self
+                        .metrics
+                        .ratelimit_remaining
+                        .with_label_values(&[registry_label]);
+                    gauge.set(i64::try_from(remaining).unwrap_or(i64::MAX));
+                }
+                if let Some(max) = limit.limit {
+                    let gauge = self
+                        .metrics
+                        .ratelimit_limit
+                        .with_label_values(&[registry_label]);
+                    gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
+                }
             }
             if status.is_redirection()
                 && let Some(location) = resp.headers().get(LOCATION)
@@ -484,7 +543,10 @@ mod tests {
                 ..RegistrySettings::default()
             },
         );
-        let up = Upstreams::new(settings);
+        let up = Upstreams::new(
+            settings,
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+        );
         assert_eq!(
             up.base(&Registry::docker_hub()).unwrap(),
             "https://registry-1.docker.io"

@@ -9,6 +9,8 @@ use tokio::task::JoinHandle;
 
 pub struct Pullcache {
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin_addr: SocketAddr,
     pub cache_dir: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -39,18 +41,32 @@ impl Pullcache {
         Self::start_with(config).await
     }
 
-    /// Starts pullcache with a full configuration (its `listen` is ignored: port 0).
+    /// Starts pullcache with a full configuration (its `listen` is ignored: port 0), and waits
+    /// until it is ready.
     pub async fn start_with(config: pullcache::Config) -> anyhow::Result<Pullcache> {
+        let pullcache = Self::spawn(config).await?;
+        pullcache.wait_ready(Duration::from_secs(20)).await?;
+        Ok(pullcache)
+    }
+
+    /// Starts pullcache without waiting for its cache to open.
+    pub async fn spawn(config: pullcache::Config) -> anyhow::Result<Pullcache> {
         init_tracing();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (addr, admin_addr) = (listener.local_addr()?, admin.local_addr()?);
         let cache_dir = config.cache_dir.clone();
+        let listeners = pullcache::Listeners {
+            api: listener,
+            admin: Some(admin),
+        };
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(pullcache::run(listener, config, async {
+        let task = tokio::spawn(pullcache::run(listeners, config, async {
             let _ = rx.await;
         }));
         Ok(Pullcache {
             addr,
+            admin_addr,
             cache_dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -59,6 +75,35 @@ impl Pullcache {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let resp = crate::support::http_client()
+            .get(format!("http://{}/metrics", self.admin_addr))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 200, "/metrics answered {}", resp.status());
+        Ok(resp.text().await?)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let resp = crate::support::http_client()
+                .get(format!("http://{}/readyz", self.admin_addr))
+                .send()
+                .await?;
+            if resp.status() == 200 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "not ready after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops serving and waits for the server to wind down.

@@ -1,0 +1,194 @@
+//! The admin listener: `/metrics` (Prometheus text format, from the one [`Registry`] every
+//! component registered its metrics on), `/healthz` (the process answers) and `/readyz` (the
+//! store is open and its index loaded). It is separate from the registry API so that probes
+//! and scrapes never queue behind image pulls.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus::{Encoder, IntGauge, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+/// Whether the cache can serve: set once the store is open.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Work to do right before a scrape, for gauges read from elsewhere (disk usage, the
+/// upstream's rate-limit headers).
+pub type Refresh = Box<dyn Fn() + Send + Sync>;
+
+/// A new registry holding `pullcache_build_info`.
+pub fn registry() -> Registry {
+    let registry = Registry::new();
+    let info = IntGauge::with_opts(
+        Opts::new("pullcache_build_info", "Build information; always 1.")
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+    )
+    .expect("build_info options are valid");
+    info.set(1);
+    registry
+        .register(Box::new(info))
+        .expect("a new registry has no build_info yet");
+    registry
+}
+
+/// Serves the admin endpoints until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    readiness: Readiness,
+    refresh: Vec<Refresh>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = Arc::new((registry, readiness, refresh));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &state.0, &state.1, &state.2)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    readiness: &Readiness,
+    refresh: &[Refresh],
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response parts are valid")
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "store not ready\n"),
+        "/metrics" => {
+            for hook in refresh {
+                hook();
+            }
+            let encoder = TextEncoder::new();
+            let mut body = Vec::new();
+            if let Err(e) = encoder.encode(&registry.gather(), &mut body) {
+                tracing::error!(error = %e, "encoding metrics failed");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding metrics failed\n",
+                );
+            }
+            Response::builder()
+                .header(CONTENT_TYPE, encoder.format_type())
+                .body(Full::new(Bytes::from(body)))
+                .expect("metrics response parts are valid")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+/// `2xx` .. `5xx`, a closed set for labels.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_and_health() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let readiness = Readiness::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            registry(),
+            readiness.clone(),
+            Vec::new(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        let get = |path: &'static str| async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header("host", "admin")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        };
+        assert_eq!(get("/healthz").await.0, StatusCode::OK);
+        assert_eq!(get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        readiness.set_ready();
+        assert_eq!(get("/readyz").await.0, StatusCode::OK);
+        let (status, body) = get("/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("pullcache_build_info{version=\""), "{body}");
+        assert_eq!(get("/other").await.0, StatusCode::NOT_FOUND);
+        tx.send(()).unwrap();
+        server.await.unwrap();
+    }
+}

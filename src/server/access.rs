@@ -1,0 +1,128 @@
+//! The access log and the request metrics. Each response body carries an [`Access`] guard
+//! that counts the bytes actually sent; when the body ends (or the client goes away) the guard
+//! writes the one access line and records the request, its duration and the bytes served.
+
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::response::Body;
+
+pub struct Metrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    served_bytes: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "pullcache_requests_total",
+                "Client requests, by route, method, status class and cache result.",
+            ),
+            &["route", "method", "status_class", "cache"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pullcache_request_duration_seconds",
+                "Time from a request's arrival to the end of its response body.",
+            )
+            .buckets(vec![0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0]),
+            &["route"],
+        )?;
+        let served_bytes = IntCounterVec::new(
+            Opts::new(
+                "pullcache_served_bytes_total",
+                "Body bytes sent to clients, by where they came from (cache or upstream) and route.",
+            ),
+            &["source", "route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(served_bytes.clone()))?;
+        Ok(Metrics {
+            requests,
+            duration,
+            served_bytes,
+        })
+    }
+}
+
+/// One request, logged and counted when its response body is done with.
+pub struct Access {
+    pub metrics: std::sync::Arc<Metrics>,
+    pub method: &'static str,
+    pub path: String,
+    pub registry: String,
+    pub repo: String,
+    pub route: &'static str,
+    pub status: http::StatusCode,
+    pub cache: &'static str,
+    pub started: Instant,
+    pub bytes: u64,
+}
+
+impl Access {
+    /// Wraps a body so this guard sees every byte of it and outlives it.
+    pub fn wrap(mut self, body: Body) -> Body {
+        // A method call moves the whole guard into the closure; a field update would move
+        // only the field, and the guard would drop (and log) at once.
+        body.map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                self.count(data.len());
+            }
+            frame
+        })
+        .boxed_unsync()
+    }
+
+    fn count(&mut self, bytes: usize) {
+        self.bytes += bytes as u64;
+    }
+}
+
+/// Where the bytes of an answer came from, by its cache result.
+fn source(cache: &str) -> Option<&'static str> {
+    match cache {
+        "hit" | "revalidated" | "stale" => Some("cache"),
+        "miss" | "coalesced" => Some("upstream"),
+        _ => None,
+    }
+}
+
+impl Drop for Access {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let status_class = crate::metrics::status_class(self.status);
+        self.metrics
+            .requests
+            .with_label_values(&[self.route, self.method, status_class, self.cache])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[self.route])
+            .observe(elapsed.as_secs_f64());
+        if let Some(source) = source(self.cache)
+            && matches!(self.route, "manifest" | "blob")
+        {
+            self.metrics
+                .served_bytes
+                .with_label_values(&[source, self.route])
+                .inc_by(self.bytes);
+        }
+        tracing::info!(
+            method = self.method,
+            path = %self.path,
+            registry = %self.registry,
+            repo = %self.repo,
+            kind = self.route,
+            status = self.status.as_u16(),
+            cache = self.cache,
+            bytes = self.bytes,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
