@@ -42,8 +42,27 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the registry API as a pull-through cache (containerd mirror).
-    Serve(ServeArgs),
+    /// Serve the registry API as a pull-through cache (containerd mirror, or HTTPS proxy with
+    /// --ca-dir).
+    Serve(Box<ServeArgs>),
+    /// Manage the CA that intercept mode signs registry certificates with.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (ECDSA P-256; the key file is mode 0600). Refuses to replace one.
+    Init {
+        /// Directory for ca.key and ca.crt.
+        #[arg(long, env = "PULLCACHE_CA_DIR")]
+        dir: PathBuf,
+    },
+    /// Print the CA certificate (PEM) to install in node trust stores.
+    Cert {
+        #[arg(long, env = "PULLCACHE_CA_DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,6 +106,27 @@ pub struct ServeArgs {
     #[arg(long, env = "PULLCACHE_DOCKER_CONFIG", value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
 
+    /// Turn on HTTPS intercept mode with the CA in DIR (created on first start if absent):
+    /// the listener also accepts CONNECT and terminates TLS for registry hosts.
+    #[arg(long, env = "PULLCACHE_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// In intercept mode, a host that may be tunnelled untouched: a name or `*.suffix`, port
+    /// 443. Repeatable. Default: auth.docker.io, production.cloudflare.docker.com and
+    /// *.cloudflare.docker.com.
+    #[arg(
+        long,
+        env = "PULLCACHE_TUNNEL_ALLOW",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub tunnel_allow: Vec<String>,
+
+    /// In intercept mode, a registry to intercept besides Docker Hub and the configured
+    /// ones. Repeatable.
+    #[arg(long = "intercept", env = "PULLCACHE_INTERCEPT", value_name = "NAME", value_delimiter = ',', value_parser = parse_registry)]
+    pub intercept: Vec<Registry>,
+
     /// A TOML file with these settings and per-registry ones ([registries."NAME"]: url, ca,
     /// username/password/auth/identity_token, tag_ttl, mirrors). Flags win over the file.
     #[arg(long, env = "PULLCACHE_CONFIG", value_name = "FILE")]
@@ -103,6 +143,16 @@ pub struct Config {
     /// Registries whose tags live longer or shorter than `tag_ttl`.
     pub tag_ttls: HashMap<Registry, Duration>,
     pub upstream: upstream::Settings,
+    /// HTTPS intercept mode, when on.
+    pub intercept: Option<InterceptSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InterceptSettings {
+    pub ca_dir: PathBuf,
+    pub tunnel_allow: Vec<String>,
+    /// Intercepted besides Docker Hub and the configured registries.
+    pub registries: Vec<Registry>,
 }
 
 impl Config {
@@ -117,6 +167,7 @@ impl Config {
             tag_ttl: DEFAULT_TAG_TTL,
             tag_ttls: HashMap::new(),
             upstream: upstream::Settings::default(),
+            intercept: None,
         }
     }
 
@@ -249,6 +300,21 @@ impl ServeArgs {
         for (registry, url) in &self.upstreams {
             config.registry(registry.clone()).url = Some(url.clone());
         }
+        if let Some(ca_dir) = &self.ca_dir {
+            let tunnel_allow = if self.tunnel_allow.is_empty() {
+                crate::intercept::DEFAULT_TUNNEL_ALLOW
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
+            } else {
+                self.tunnel_allow.clone()
+            };
+            config.intercept = Some(InterceptSettings {
+                ca_dir: ca_dir.clone(),
+                tunnel_allow,
+                registries: self.intercept.clone(),
+            });
+        }
         Ok(config)
     }
 }
@@ -280,6 +346,10 @@ fn upstream_url(url: &str) -> Result<Uri, String> {
         ));
     }
     Ok(uri)
+}
+
+fn parse_registry(s: &str) -> Result<Registry, String> {
+    Registry::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
@@ -314,8 +384,10 @@ mod tests {
 
     fn serve(args: &[&str]) -> ServeArgs {
         let cli = Cli::try_parse_from(["pullcache", "serve"].iter().chain(args)).unwrap();
-        let Command::Serve(args) = cli.command;
-        args
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        *args
     }
 
     #[test]

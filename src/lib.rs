@@ -3,13 +3,15 @@
 //! The request path, in module order: [`server`] accepts and routes a request; [`manifests`]
 //! answers manifests from the [`store`] (tags through the tag index); blobs come from the
 //! [`store`] or a [`flight`], the one download per digest that every client tails; misses go
-//! through the [`upstream`] client. [`oci`] holds the grammar everything is validated against,
-//! and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
+//! through the [`upstream`] client. [`intercept`] makes the same listener an HTTPS proxy that
+//! terminates TLS for registry hosts. [`oci`] holds the grammar everything is validated
+//! against, and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod intercept;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;
@@ -49,11 +51,28 @@ pub async fn run(
     let readiness = metrics::Readiness::default();
     let store_metrics = Arc::new(store::Metrics::register(&registry)?);
     let upstreams = Arc::new(upstream::Upstreams::new(
-        config.upstream,
+        config.upstream.clone(),
         upstream::Metrics::register(&registry)?,
     ));
     let flight_metrics = flight::Metrics::register(&registry)?;
     let server_metrics = Arc::new(server::access::Metrics::register(&registry)?);
+    let intercept = match &config.intercept {
+        Some(settings) => {
+            let dir = settings.ca_dir.clone();
+            let ca =
+                tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
+            let registries: Vec<_> = config
+                .upstream
+                .registries
+                .keys()
+                .chain(&settings.registries)
+                .cloned()
+                .collect();
+            let policy = intercept::Policy::new(&registries, settings.tunnel_allow.clone());
+            Some(Arc::new(intercept::Intercept::new(policy, ca, &registry)?))
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -97,7 +116,12 @@ pub async fn run(
         tag_ttl = ?config.tag_ttl,
         "serving"
     );
-    let api = tokio::spawn(server::serve(listeners.api, slot.clone(), stopped()));
+    let api = tokio::spawn(server::serve(
+        listeners.api,
+        slot.clone(),
+        intercept,
+        stopped(),
+    ));
 
     let mut delay = STORE_RETRY;
     let store = loop {

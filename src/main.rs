@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pullcache::config::{Cli, Command, LogFormat};
+use pullcache::config::{CaCommand, Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// sysexits' EX_USAGE, for configuration the program cannot run with.
@@ -33,7 +33,10 @@ fn main() -> ExitCode {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Ca(command) => return ca(command),
+    };
     let config = match args.resolve() {
         Ok(config) => config,
         Err(e) => {
@@ -67,6 +70,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "pullcache failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pullcache ca init|cert`.
+fn ca(command: CaCommand) -> ExitCode {
+    let result = match command {
+        CaCommand::Init { dir } => pullcache::intercept::init(&dir).map(|()| {
+            println!("{}", dir.join(pullcache::intercept::CERT_FILE).display());
+        }),
+        CaCommand::Cert { dir } => pullcache::intercept::cert_pem(&dir).map(|pem| print!("{pem}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pullcache: {e}");
             ExitCode::FAILURE
         }
     }

@@ -24,7 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::flight::Flights;
+use crate::intercept::Intercept;
 use crate::manifests::Manifests;
+use crate::oci::Registry;
 use crate::upstream::Upstreams;
 use response::Body;
 use routes::Route;
@@ -62,10 +64,11 @@ impl Outcome {
 }
 
 impl App {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Answers a request; `host` is the registry of an intercepted connection.
+    pub async fn handle(&self, req: Request<Incoming>, host: Option<&Registry>) -> Response<Body> {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
-        let route = routes::parse(req.method(), req.uri());
+        let route = routes::parse(req.method(), req.uri(), host);
         let outcome = match &route {
             Ok(route) => self
                 .dispatch(route, head, req.headers())
@@ -123,15 +126,85 @@ impl App {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for a
-/// bounded grace period.
-pub async fn serve(listener: TcpListener, app: Arc<AppSlot>, shutdown: impl Future<Output = ()>) {
+/// A request on the listener: a proxy request (CONNECT or absolute-form) goes to the intercept
+/// side, anything else is a mirror-mode registry request.
+async fn answer(
+    req: Request<Incoming>,
+    app: Arc<AppSlot>,
+    intercept: Option<Arc<Intercept>>,
+) -> Response<Body> {
+    let proxy = req.method() == Method::CONNECT || req.uri().scheme().is_some();
+    if !proxy {
+        return match app.get() {
+            Some(app) => app.handle(req, None).await,
+            None => response::not_ready(req.method() == Method::HEAD),
+        };
+    }
+    let Some(intercept) = intercept else {
+        return crate::intercept::refused("proxy requests need intercept mode (--ca-dir)");
+    };
+    if req.method() == Method::CONNECT {
+        return intercept.connect(req, move |tls, registry| {
+            serve_intercepted(tls, registry, app)
+        });
+    }
+    // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    match intercept.decide(&authority) {
+        crate::intercept::Decision::Intercept { registry, .. } => match app.get() {
+            Some(app) => app.handle(req, Some(&registry)).await,
+            None => response::not_ready(req.method() == Method::HEAD),
+        },
+        crate::intercept::Decision::Tunnel | crate::intercept::Decision::Refuse(_) => {
+            crate::intercept::refused(&format!("{authority} is not an intercepted registry"))
+        }
+    }
+}
+
+/// Serves the registry API on a decrypted intercepted connection, for `registry`.
+async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let registry = Arc::new(registry);
+    let service = service_fn(move |req| {
+        let (app, registry) = (app.clone(), registry.clone());
+        async move {
+            Ok::<_, Infallible>(match app.get() {
+                Some(app) => app.handle(req, Some(&registry)).await,
+                None => response::not_ready(req.method() == Method::HEAD),
+            })
+        }
+    });
+    if let Err(e) = builder().serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    }
+}
+
+/// The HTTP/1.1 + h2 connection builder, with the header-read timeout.
+fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for a
+/// bounded grace period.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<AppSlot>,
+    intercept: Option<Arc<Intercept>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = builder();
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -152,18 +225,15 @@ pub async fn serve(listener: TcpListener, app: Arc<AppSlot>, shutdown: impl Futu
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |req| {
-            let app = app.clone();
-            async move {
-                Ok::<_, Infallible>(match app.get() {
-                    Some(app) => app.handle(req).await,
-                    None => response::not_ready(req.method() == Method::HEAD),
-                })
-            }
-        });
+        let service = {
+            let (app, intercept) = (app.clone(), intercept.clone());
+            service_fn(move |req| {
+                let (app, intercept) = (app.clone(), intercept.clone());
+                async move { Ok::<_, Infallible>(answer(req, app, intercept).await) }
+            })
+        };
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

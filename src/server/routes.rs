@@ -39,7 +39,9 @@ pub struct Target {
     pub repository: Repository,
 }
 
-pub fn parse(method: &Method, uri: &Uri) -> Result<Route, Error> {
+/// Parses a request. `host` is the registry an intercepted connection is for; it names the
+/// registry when the request has no `ns`.
+pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Route, Error> {
     let path = uri.path();
     let read_only = || -> Result<(), Error> {
         if method == Method::GET || method == Method::HEAD {
@@ -96,7 +98,7 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<Route, Error> {
         _ => return Err(no_route()),
     }
     read_only()?;
-    let target = target(name, uri.query())?;
+    let target = target(name, uri.query(), host)?;
     if kind == "blobs" {
         return Ok(Route::Blob {
             target,
@@ -111,7 +113,7 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<Route, Error> {
     Ok(Route::Manifest { target, reference })
 }
 
-fn target(name: &str, query: Option<&str>) -> Result<Target, Error> {
+fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Target, Error> {
     let ns = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "ns")
@@ -119,6 +121,7 @@ fn target(name: &str, query: Option<&str>) -> Result<Target, Error> {
     });
     let (registry, name) = match ns {
         Some(ns) => (Registry::parse(&ns)?, name),
+        None if host.is_some() => (host.cloned().expect("checked"), name),
         None => match name.split_once('/') {
             Some((first, rest)) if Registry::looks_like_host(first) => {
                 (Registry::parse(first)?, rest)
@@ -138,7 +141,7 @@ mod tests {
     use super::*;
 
     fn route(method: Method, uri: &str) -> Result<Route, Error> {
-        parse(&method, &uri.parse().unwrap())
+        parse(&method, &uri.parse().unwrap(), None)
     }
 
     fn target_of(uri: &str) -> (String, String) {
@@ -182,6 +185,35 @@ mod tests {
             target_of("/v2/org/app/manifests/3"),
             ("docker.io".into(), "org/app".into())
         );
+    }
+
+    #[test]
+    fn an_intercepted_host_names_the_registry() {
+        let host = Registry::parse("quay.io").unwrap();
+        let route = parse(
+            &Method::GET,
+            &"/v2/org/app.io/manifests/1".parse().unwrap(),
+            Some(&host),
+        )
+        .unwrap();
+        let Route::Manifest { target, .. } = route else {
+            panic!()
+        };
+        assert_eq!(
+            (target.registry.as_str(), target.repository.as_str()),
+            ("quay.io", "org/app.io")
+        );
+        let hub = Registry::docker_hub();
+        let route = parse(
+            &Method::GET,
+            &"/v2/alpine/manifests/3".parse().unwrap(),
+            Some(&hub),
+        )
+        .unwrap();
+        let Route::Manifest { target, .. } = route else {
+            panic!()
+        };
+        assert_eq!(target.repository.as_str(), "library/alpine");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod htpasswd;
 pub mod images;
 pub mod pullcache;
 pub mod registry;
+pub mod skopeo;
 pub mod spy;
 pub mod tls;
 pub mod token_service;

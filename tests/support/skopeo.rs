@@ -1,0 +1,123 @@
+//! A second real client: `skopeo` (1.9, containers/image) run as a subprocess, directly or through an HTTPS proxy.
+//!
+//! skopeo copies with `--insecure-policy` so no `/etc/containers/policy.json`
+//! is needed (signature policy only; TLS verification is unaffected).
+//!
+//! Verified with skopeo 1.9.3 through a TLS-terminating test proxy
+//! ([`copy_via_proxy`]): `CONNECT registry.test.invalid:443 HTTP/1.1` (`Host`,
+//! `User-Agent: Go-http-client/1.1`), SNI = the registry host, no ALPN, no DNS
+//! lookup of the registry host. Every request carries `Connection: close`, so
+//! each one gets its own CONNECT + TLS handshake. First `GET /v2/`, then `GET
+//! /v2/<repo>/manifests/<tag>` (six separate `Accept` header lines), then `GET
+//! /v2/<repo>/blobs/<digest>`; all with `Docker-Distribution-Api-Version:
+//! registry/2.0`. If `GET /v2/` fails (non-200/401 or transport error) it also
+//! tries `GET /v1/_ping`. `SSL_CERT_FILE` is honoured (no `--src-cert-dir`
+//! needed; `/etc/containers/certs.d/<host>` and `/etc/docker/certs.d/<host>`
+//! are looked up too). Errors: `pinging container registry registry.test.invalid:
+//! Get "https://registry.test.invalid/v2/": Forbidden` (CONNECT 403, reason
+//! phrase verbatim), `...: x509: certificate signed by unknown authority`.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::Command;
+
+use super::containerd::set_proxy_env;
+
+pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
+pub const COPY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Proxy variables removed for direct (non-proxied) runs, so loopback
+/// copies never go through a proxy from the environment.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// `skopeo copy --insecure-policy EXTRA_ARGS... SRC DST` with proxies removed
+/// from the environment, e.g. `copy("docker://127.0.0.1:5000/a/b:v1",
+/// "dir:/tmp/x", &["--src-tls-verify=false"])`. Err with stdout/stderr on a
+/// non-zero exit or after 120 s.
+pub async fn copy(src: &str, dst: &str, extra_args: &[&str]) -> Result<Output> {
+    let mut cmd = copy_command(src, dst, extra_args);
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    let out = run(cmd, &format!("skopeo copy {src} {dst}")).await?;
+    check_status(&format!("skopeo copy {src} {dst}"), out)
+}
+
+/// `skopeo copy docker://IMAGE dir:DEST_DIR` through an HTTPS proxy: env
+/// `HTTPS_PROXY`/`https_proxy` = `proxy` (`http://127.0.0.1:PORT`),
+/// `SSL_CERT_FILE` = `ca_bundle`, and `NO_PROXY`/`no_proxy`/`HTTP_PROXY`/
+/// `http_proxy`/`ALL_PROXY`/`all_proxy`/`SSL_CERT_DIR` removed. TLS
+/// verification stays on (`--src-tls-verify=true`, skopeo's default, made
+/// explicit); the bundle is trusted through Go's system pool. Err with
+/// stdout/stderr on failure or after 120 s.
+pub async fn copy_via_proxy(
+    image: &str,
+    dest_dir: &Path,
+    proxy: &str,
+    ca_bundle: &Path,
+) -> Result<Output> {
+    let out = copy_via_proxy_raw(image, dest_dir, proxy, ca_bundle).await?;
+    check_status(
+        &format!("skopeo copy docker://{image} (via proxy {proxy})"),
+        out,
+    )
+}
+
+/// [`copy_via_proxy`] returning the output whatever the exit status (for
+/// asserting on failures); Err only if skopeo cannot run or times out.
+pub async fn copy_via_proxy_raw(
+    image: &str,
+    dest_dir: &Path,
+    proxy: &str,
+    ca_bundle: &Path,
+) -> Result<Output> {
+    let dest = dest_dir.to_str().context("dest dir not UTF-8")?;
+    let src = format!("docker://{image}");
+    let dst = format!("dir:{dest}");
+    let mut cmd = copy_command(&src, &dst, &["--src-tls-verify=true"]);
+    set_proxy_env(&mut cmd, proxy, ca_bundle);
+    run(cmd, &format!("skopeo copy {src} {dst} (via proxy {proxy})")).await
+}
+
+fn copy_command(src: &str, dst: &str, extra_args: &[&str]) -> Command {
+    let mut cmd = Command::new(SKOPEO_BIN);
+    cmd.arg("copy")
+        .arg("--insecure-policy")
+        .args(extra_args)
+        .arg(src)
+        .arg(dst)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command, what: &str) -> Result<Output> {
+    match tokio::time::timeout(COPY_TIMEOUT, cmd.output()).await {
+        Ok(out) => out.with_context(|| format!("running {what} (is skopeo installed?)")),
+        Err(_) => bail!("{what} timed out after {COPY_TIMEOUT:?} (killed)"),
+    }
+}
+
+fn check_status(what: &str, out: Output) -> Result<Output> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    bail!(
+        "{what} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
