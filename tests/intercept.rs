@@ -1,0 +1,204 @@
+//! Intercept mode with real clients and no hosts.toml: `ctr` and `skopeo` run with
+//! `HTTPS_PROXY` pointing at pullcache and `SSL_CERT_FILE` holding its CA, and pull
+//! `registry.test.invalid/test/app:v1`, which pullcache maps to a loopback TLS registry with
+//! its own CA. Anything not intercepted or allowed is refused, and a client that does not
+//! trust the CA gets nothing.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pullcache::config::InterceptSettings;
+use pullcache::oci::Registry as RegistryName;
+use pullcache::upstream::load_certificates;
+use support::containerd::Containerd;
+use support::images::{PushedImage, push_oci_image};
+use support::pullcache::Pullcache;
+use support::registry::{Registry, RegistryOptions};
+use support::tls::TestCa;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REGISTRY: &str = "registry.test.invalid";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: Registry,
+    image: PushedImage,
+    pullcache: Pullcache,
+    /// pullcache's CA certificate: what the clients trust.
+    ca_bundle: std::path::PathBuf,
+    /// The upstream registry's own CA, which clients of pullcache do not need.
+    upstream_ca: std::path::PathBuf,
+}
+
+async fn setup() -> anyhow::Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let storage = dir.path().join("storage");
+    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
+    let image = push_oci_image(&plain.url(), "test/app", "v1", &[256 * 1024, 32 * 1024]).await?;
+    plain.stop().await;
+    let upstream_ca_issuer = TestCa::new();
+    let upstream_ca = upstream_ca_issuer.write_ca(dir.path());
+    let tls = upstream_ca_issuer.issue_server(dir.path(), &["127.0.0.1"]);
+    let registry = Registry::start_with(
+        RegistryOptions {
+            tls: Some(tls),
+            ..RegistryOptions::default()
+        },
+        Some(storage),
+    )
+    .await?;
+
+    let ca_dir = dir.path().join("pullcache-ca");
+    let mut config = pullcache::Config::new(dir.path().join("cache"));
+    config.registry(RegistryName::parse(REGISTRY)?).url = Some(registry.url().parse()?);
+    config.upstream.roots = load_certificates(&upstream_ca).map_err(anyhow::Error::msg)?;
+    config.intercept = Some(InterceptSettings {
+        ca_dir: ca_dir.clone(),
+        tunnel_allow: vec!["auth.docker.io".into()],
+        registries: Vec::new(),
+    });
+    let pullcache = Pullcache::start_with(config).await?;
+    let ca_bundle = ca_dir.join(pullcache::intercept::CERT_FILE);
+    assert!(ca_bundle.exists(), "the CA was not created on first start");
+    Ok(Setup {
+        _dir: dir,
+        registry,
+        image,
+        pullcache,
+        ca_bundle,
+        upstream_ca,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let proxy = s.pullcache.url();
+    let reference = s.image.reference(REGISTRY);
+
+    let first = Containerd::start().await?;
+    first
+        .pull_via_proxy(&reference, &proxy, &s.ca_bundle)
+        .await?;
+    assert!(first.is_unpacked(&reference).await?);
+    for blob in s.image.layers() {
+        let gets = s
+            .registry
+            .wait_access_log_count("GET", &blob.digest, 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(gets, 1, "layer {} fetched {gets} times", blob.digest);
+    }
+
+    // A second containerd: everything from the cache, no blob GET upstream.
+    let blob_gets = s.registry.access_log_count("GET", "/blobs/");
+    let second = Containerd::start().await?;
+    second
+        .pull_via_proxy(&reference, &proxy, &s.ca_bundle)
+        .await?;
+    assert!(second.is_unpacked(&reference).await?);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.registry.access_log_count("GET", "/blobs/"), blob_gets);
+
+    // skopeo, a second real client, through the same proxy.
+    let dest = tempfile::tempdir()?;
+    support::skopeo::copy_via_proxy(&reference, dest.path(), &proxy, &s.ca_bundle).await?;
+    let manifest = std::fs::read(dest.path().join("manifest.json"))?;
+    assert_eq!(manifest, s.image.manifest);
+    for layer in s.image.layers() {
+        let file = dest.path().join(&layer.digest[7..]);
+        assert_eq!(
+            std::fs::metadata(&file)?.len(),
+            layer.size,
+            "{}",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Sends a CONNECT and returns the status line and body of the answer.
+async fn connect(proxy: SocketAddr, target: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await?;
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The refusal closes nothing by itself; read until the body has arrived.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if n == 0
+            || text.contains("\r\n\r\n")
+                && (text.contains("pullcache:") || text.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+    }
+    let text = String::from_utf8(answer)?;
+    let status = text.split_whitespace().nth(1).unwrap_or_default().parse()?;
+    Ok((status, text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals() -> anyhow::Result<()> {
+    let s = setup().await?;
+    for target in [
+        "example.invalid:443",
+        "169.254.169.254:80",
+        "169.254.169.254:443",
+        "127.0.0.1:22",
+        "auth.docker.io:22",
+    ] {
+        let (status, text) = connect(s.pullcache.addr, target).await?;
+        assert_eq!(status, 403, "CONNECT {target}: {text}");
+        assert!(text.contains("pullcache:"), "no reason given: {text}");
+    }
+    // An intercepted host is accepted.
+    let (status, _) = connect(s.pullcache.addr, &format!("{REGISTRY}:443")).await?;
+    assert_eq!(status, 200);
+
+    // A client that trusts another CA fails the handshake, and nothing is served.
+    let before = s.pullcache.metrics().await?;
+    let ctr = Containerd::start().await?;
+    let out = ctr
+        .ctr_via_proxy_raw(
+            &[
+                "images",
+                "pull",
+                "--snapshotter",
+                "native",
+                &s.image.reference(REGISTRY),
+            ],
+            &s.pullcache.url(),
+            &s.upstream_ca,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert!(
+        !out.status.success(),
+        "a client without pullcache's CA pulled"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+    let after = s.pullcache.metrics().await?;
+    assert_eq!(
+        requests(&before),
+        requests(&after),
+        "something was served without a handshake"
+    );
+    assert!(requests(&after) == 0.0);
+    Ok(())
+}
+
+/// Every `pullcache_requests_total` sample, summed.
+fn requests(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pullcache_requests_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
