@@ -93,12 +93,7 @@ pub struct ServeArgs {
 
     /// A PEM file of CA certificates to trust for every upstream, besides the public and
     /// system roots. Repeatable; comma-separated in the environment. TLS is always verified.
-    #[arg(
-        long,
-        env = "PULLCACHE_UPSTREAM_CA",
-        value_name = "FILE",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PULLCACHE_UPSTREAM_CA", value_name = "FILE", value_delimiter = ',')]
     pub upstream_ca: Vec<PathBuf>,
 
     /// Registry credentials in docker config.json format (the format of a Kubernetes
@@ -114,12 +109,7 @@ pub struct ServeArgs {
     /// In intercept mode, a host that may be tunnelled untouched: a name or `*.suffix`, port
     /// 443. Repeatable. Default: auth.docker.io, production.cloudflare.docker.com and
     /// *.cloudflare.docker.com.
-    #[arg(
-        long,
-        env = "PULLCACHE_TUNNEL_ALLOW",
-        value_name = "PATTERN",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PULLCACHE_TUNNEL_ALLOW", value_name = "PATTERN", value_delimiter = ',')]
     pub tunnel_allow: Vec<String>,
 
     /// In intercept mode, a registry to intercept besides Docker Hub and the configured
@@ -160,9 +150,7 @@ impl Config {
     pub fn new(cache_dir: PathBuf) -> Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("default address is valid"),
-            metrics_listen: DEFAULT_METRICS_LISTEN
-                .parse()
-                .expect("default address is valid"),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().expect("default address is valid"),
             cache_dir,
             tag_ttl: DEFAULT_TAG_TTL,
             tag_ttls: HashMap::new(),
@@ -221,11 +209,7 @@ impl ServeArgs {
             }
             None => FileConfig::default(),
         };
-        let base = self
-            .config
-            .as_deref()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new(""));
+        let base = self.config.as_deref().and_then(Path::parent).unwrap_or(Path::new(""));
         let mut config = Config::new(
             self.cache_dir
                 .clone()
@@ -255,34 +239,25 @@ impl ServeArgs {
                 .roots
                 .extend(upstream::load_certificates(path).map_err(ConfigError)?);
         }
-        let docker_config = self
-            .docker_config
-            .clone()
-            .or(file.docker_config.map(|p| base.join(p)));
+        let docker_config = self.docker_config.clone().or(file.docker_config.map(|p| base.join(p)));
         if let Some(path) = &docker_config {
             config.upstream.docker_config = DockerConfig::load(path).map_err(ConfigError)?;
         }
 
         for (name, entry) in file.registries {
-            let registry = Registry::parse(&name)
-                .map_err(|e| ConfigError(format!("[registries.{name:?}]: {e}")))?;
+            let registry = Registry::parse(&name).map_err(|e| ConfigError(format!("[registries.{name:?}]: {e}")))?;
             let at = |what: &str| format!("[registries.{name:?}] {what}");
             if let Some(ttl) = &entry.tag_ttl {
-                config
-                    .tag_ttls
-                    .insert(registry.clone(), duration(ttl, &at("tag_ttl"))?);
+                config.tag_ttls.insert(registry.clone(), duration(ttl, &at("tag_ttl"))?);
             }
             let settings = config.registry(registry);
             if let Some(url) = &entry.url {
-                settings.url = Some(
-                    upstream_url(url).map_err(|e| ConfigError(format!("{}: {e}", at("url"))))?,
-                );
+                settings.url = Some(upstream_url(url).map_err(|e| ConfigError(format!("{}: {e}", at("url"))))?);
             }
             for mirror in &entry.mirrors {
-                settings.mirrors.push(
-                    upstream_url(mirror)
-                        .map_err(|e| ConfigError(format!("{}: {e}", at("mirrors"))))?,
-                );
+                settings
+                    .mirrors
+                    .push(upstream_url(mirror).map_err(|e| ConfigError(format!("{}: {e}", at("mirrors"))))?);
             }
             for path in &entry.ca {
                 settings
@@ -341,9 +316,7 @@ fn upstream_url(url: &str) -> Result<Uri, String> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     if host.parse().is_ok_and(upstream::is_forbidden) {
-        return Err(format!(
-            "{url:?} is a link-local, metadata or unspecified address"
-        ));
+        return Err(format!("{url:?} is a link-local, metadata or unspecified address"));
     }
     Ok(uri)
 }
@@ -353,9 +326,7 @@ fn parse_registry(s: &str) -> Result<Registry, String> {
 }
 
 fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
-    let (name, url) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
     let registry = Registry::parse(name.trim()).map_err(|e| e.to_string())?;
     Ok((registry, upstream_url(url)?))
 }
@@ -410,10 +381,7 @@ mod tests {
     fn runs_with_no_flags() {
         let config = serve(&[]).resolve().unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
-        assert_eq!(
-            config.metrics_listen,
-            DEFAULT_METRICS_LISTEN.parse().unwrap()
-        );
+        assert_eq!(config.metrics_listen, DEFAULT_METRICS_LISTEN.parse().unwrap());
         assert_eq!(config.tag_ttl, DEFAULT_TAG_TTL);
         assert!(config.cache_dir.ends_with("pullcache"));
         assert!(config.upstream.registries.is_empty());
@@ -456,15 +424,10 @@ mirrors = ["https://mirror.example.com"]
         let name = Registry::parse("registry.example.com:5000").unwrap();
         assert_eq!(config.tag_ttls[&name], Duration::from_secs(3600));
         let settings = &config.upstream.registries[&name];
-        assert_eq!(
-            settings.url.as_ref().unwrap().to_string(),
-            "https://10.0.0.5:5000/"
-        );
+        assert_eq!(settings.url.as_ref().unwrap().to_string(), "https://10.0.0.5:5000/");
         assert_eq!(settings.mirrors.len(), 1);
         assert_eq!(settings.roots.len(), 1);
-        assert!(
-            matches!(&settings.credentials, Some(Credentials::Basic { username, .. }) if username == "robot")
-        );
+        assert!(matches!(&settings.credentials, Some(Credentials::Basic { username, .. }) if username == "robot"));
         assert!(
             config
                 .upstream
@@ -488,11 +451,7 @@ mirrors = ["https://mirror.example.com"]
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(config.tag_ttl, Duration::from_secs(1));
         assert_eq!(
-            config.upstream.registries[&name]
-                .url
-                .as_ref()
-                .unwrap()
-                .to_string(),
+            config.upstream.registries[&name].url.as_ref().unwrap().to_string(),
             "http://127.0.0.1:9/"
         );
     }
@@ -502,23 +461,15 @@ mirrors = ["https://mirror.example.com"]
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         for (text, expected) in [
-            (
-                "[registries.\"x\"]\nurll = \"https://x\"\n",
-                "unknown field",
-            ),
+            ("[registries.\"x\"]\nurll = \"https://x\"\n", "unknown field"),
             ("[registries.\"Bad Name\"]\n", "Bad Name"),
             ("[registries.\"x.io\"]\nurl = \"ftp://x\"\n", "http"),
-            (
-                "[registries.\"x.io\"]\nca = [\"missing.pem\"]\n",
-                "missing.pem",
-            ),
+            ("[registries.\"x.io\"]\nca = [\"missing.pem\"]\n", "missing.pem"),
             ("[registries.\"x.io\"]\nauth = \"%%%\"\n", "base64"),
             ("tag_ttl = \"soon\"\n", "tag_ttl"),
         ] {
             std::fs::write(&file, text).unwrap();
-            let e = serve(&["--config", file.to_str().unwrap()])
-                .resolve()
-                .unwrap_err();
+            let e = serve(&["--config", file.to_str().unwrap()]).resolve().unwrap_err();
             assert!(e.to_string().contains(expected), "{text:?}: {e}");
         }
         let e = serve(&["--docker-config", "/nonexistent/config.json"])

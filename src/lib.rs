@@ -59,8 +59,7 @@ pub async fn run(
     let intercept = match &config.intercept {
         Some(settings) => {
             let dir = settings.ca_dir.clone();
-            let ca =
-                tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
+            let ca = tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
             let registries: Vec<_> = config
                 .upstream
                 .registries
@@ -116,12 +115,7 @@ pub async fn run(
         tag_ttl = ?config.tag_ttl,
         "serving"
     );
-    let api = tokio::spawn(server::serve(
-        listeners.api,
-        slot.clone(),
-        intercept,
-        stopped(),
-    ));
+    let api = tokio::spawn(server::serve(listeners.api, slot.clone(), intercept, stopped()));
 
     let mut delay = STORE_RETRY;
     let store = loop {
@@ -142,12 +136,7 @@ pub async fn run(
     let (bytes, blobs) = store.usage();
     let _ = slot.set(server::App {
         flights: flight::Flights::new(store.clone(), upstreams.clone(), flight_metrics),
-        manifests: manifests::Manifests::new(
-            store.clone(),
-            upstreams.clone(),
-            config.tag_ttl,
-            config.tag_ttls,
-        ),
+        manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), config.tag_ttl, config.tag_ttls),
         upstreams,
         metrics: server_metrics,
     });
@@ -157,10 +146,7 @@ pub async fn run(
     join(api, admin).await
 }
 
-async fn join(
-    api: tokio::task::JoinHandle<()>,
-    admin: Option<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
+async fn join(api: tokio::task::JoinHandle<()>, admin: Option<tokio::task::JoinHandle<()>>) -> anyhow::Result<()> {
     api.await?;
     if let Some(admin) = admin {
         admin.await?;

@@ -111,12 +111,7 @@ impl Manifests {
         }
     }
 
-    async fn by_digest(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        digest: &Digest,
-    ) -> Result<Manifest> {
+    async fn by_digest(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<Manifest> {
         if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
             return Ok(m);
         }
@@ -126,11 +121,7 @@ impl Manifests {
             .by_digest
             .run(digest.clone(), async move {
                 lookup
-                    .get(
-                        &digest_owned.to_string(),
-                        AcceptClass::all(),
-                        Some(&digest_owned),
-                    )
+                    .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
                     .await
                     .map_err(Arc::new)
             })
@@ -194,11 +185,7 @@ impl Manifests {
 }
 
 /// A stored manifest, read off the blocking pool.
-async fn stored(
-    store: &Arc<Store>,
-    digest: &Digest,
-    cache: CacheResult,
-) -> Result<Option<Manifest>> {
+async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Result<Option<Manifest>> {
     let (store, d) = (store.clone(), digest.clone());
     let found = tokio::task::spawn_blocking(move || store.manifest(&d))
         .await
@@ -303,12 +290,7 @@ impl Lookup {
 
     /// GETs a manifest, verifies it (against `expected`, else against the upstream's
     /// `Docker-Content-Digest` when given) and stores it.
-    async fn get(
-        &self,
-        reference: &str,
-        accept: AcceptClass,
-        expected: Option<&Digest>,
-    ) -> Result<Manifest> {
+    async fn get(&self, reference: &str, accept: AcceptClass, expected: Option<&Digest>) -> Result<Manifest> {
         let accept = accept.header_value();
         let resp = self
             .upstreams
@@ -343,8 +325,7 @@ impl Lookup {
                 }
             })?
             .to_bytes();
-        self.upstreams
-            .count_bytes(&self.registry, bytes.len() as u64);
+        self.upstreams.count_bytes(&self.registry, bytes.len() as u64);
         let digest = Digest::of(&bytes);
         if let Some(want) = expected.or(header_digest.as_ref())
             && want != &digest
@@ -357,17 +338,8 @@ impl Lookup {
         let media_type = content_type
             .filter(|t| crate::oci::is_manifest_media_type(t))
             .or_else(|| media_type_field(&bytes))
-            .ok_or_else(|| {
-                self.error(UpstreamErrorKind::Body(
-                    "manifest has no known media type".into(),
-                ))
-            })?;
-        let (store, d, t, b) = (
-            self.store.clone(),
-            digest.clone(),
-            media_type.clone(),
-            bytes.clone(),
-        );
+            .ok_or_else(|| self.error(UpstreamErrorKind::Body("manifest has no known media type".into())))?;
+        let (store, d, t, b) = (self.store.clone(), digest.clone(), media_type.clone(), bytes.clone());
         tokio::task::spawn_blocking(move || store.put_manifest(&d, &t, &b))
             .await
             .map_err(|e| Error::Internal(format!("manifest write: {e}")))?

@@ -115,20 +115,14 @@ fn answer(
             let mut body = Vec::new();
             if let Err(e) = encoder.encode(&registry.gather(), &mut body) {
                 tracing::error!(error = %e, "encoding metrics failed");
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding metrics failed\n",
-                );
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n");
             }
             Response::builder()
                 .header(CONTENT_TYPE, encoder.format_type())
                 .body(Full::new(Bytes::from(body)))
                 .expect("metrics response parts are valid")
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz\n",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
     }
 }
 
@@ -153,15 +147,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let readiness = Readiness::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            listener,
-            registry(),
-            readiness.clone(),
-            Vec::new(),
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let server = tokio::spawn(serve(listener, registry(), readiness.clone(), Vec::new(), async {
+            let _ = rx.await;
+        }));
         let get = |path: &'static str| async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

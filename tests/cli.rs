@@ -75,8 +75,7 @@ async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
         while let Some(line) = lines.next_line().await? {
             let json: serde_json::Value = serde_json::from_str(&line)?;
             if json["fields"]["message"] == "serving" {
-                let field =
-                    |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
+                let field = |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
                 return Ok((field("addr"), field("metrics_addr")));
             }
         }
@@ -94,10 +93,7 @@ async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
         .await?
         .text()
         .await?;
-    assert!(
-        metrics.contains("pullcache_build_info{version="),
-        "{metrics}"
-    );
+    assert!(metrics.contains("pullcache_build_info{version="), "{metrics}");
     assert_eq!(
         client
             .get(format!("http://{metrics_addr}/healthz"))
@@ -106,19 +102,10 @@ async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
             .status(),
         200
     );
-    assert!(
-        cache.path().join("blobs/sha256").is_dir(),
-        "the store was not created"
-    );
+    assert!(cache.path().join("blobs/sha256").is_dir(), "the store was not created");
 
     let pid = child.id().expect("running").to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await?
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await?.success());
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     assert!(status.success(), "exit after SIGTERM: {status}");
     Ok(())

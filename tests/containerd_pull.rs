@@ -16,18 +16,11 @@ use support::registry::Registry;
 const REGISTRY: &str = "registry.test";
 const DEAD_SERVER: &str = "http://127.0.0.1:1";
 
-async fn pull_all(
-    ctr: &Containerd,
-    images: &[&PushedImage],
-    hosts: &std::path::Path,
-) -> anyhow::Result<()> {
+async fn pull_all(ctr: &Containerd, images: &[&PushedImage], hosts: &std::path::Path) -> anyhow::Result<()> {
     for image in images {
         let reference = image.reference(REGISTRY);
         ctr.pull(&reference, hosts).await?;
-        assert!(
-            ctr.is_unpacked(&reference).await?,
-            "{reference} did not unpack"
-        );
+        assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
     }
     Ok(())
 }
@@ -35,13 +28,7 @@ async fn pull_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
     let mut upstream = Registry::start().await?;
-    let oci = push_oci_image(
-        &upstream.url(),
-        "team/oci",
-        "v1",
-        &[2 * 1024 * 1024, 100 * 1024],
-    )
-    .await?;
+    let oci = push_oci_image(&upstream.url(), "team/oci", "v1", &[2 * 1024 * 1024, 100 * 1024]).await?;
     let index = push_oci_index(&upstream.url(), "team/multi", "v1").await?;
     let docker = push_docker_image(&upstream.url(), "team/docker", "v1", &[512 * 1024]).await?;
     let images = [&oci, &index, &docker];
@@ -50,8 +37,7 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
     let hosts = tempfile::tempdir()?;
     let upstream_url = upstream.url();
     let mappings = [(REGISTRY, upstream_url.as_str())];
-    let mut pullcache =
-        Pullcache::start(cache.path(), &mappings, Duration::from_secs(3600)).await?;
+    let mut pullcache = Pullcache::start(cache.path(), &mappings, Duration::from_secs(3600)).await?;
     write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
 
     // Cold: every blob comes from upstream exactly once.
@@ -71,11 +57,7 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
             let gets = upstream
                 .wait_access_log_count("GET", &blob.digest, 1, Duration::from_secs(5))
                 .await;
-            assert_eq!(
-                gets, 1,
-                "blob {} fetched {gets} times upstream",
-                blob.digest
-            );
+            assert_eq!(gets, 1, "blob {} fetched {gets} times upstream", blob.digest);
             fetched += 1;
         }
     }
@@ -120,10 +102,7 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
     pull_all(&third, &images, hosts.path()).await?;
 
     let resp = support::http_client()
-        .get(format!(
-            "{}/v2/team/oci/manifests/v1?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/oci/manifests/v1?ns={REGISTRY}", pullcache.url()))
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await?;
@@ -144,12 +123,7 @@ async fn docker_hub_names_get_the_library_prefix() -> anyhow::Result<()> {
     let image = push_oci_image(&upstream.url(), "library/tool", "1.0", &[64 * 1024]).await?;
     let cache = tempfile::tempdir()?;
     let hosts = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[("docker.io", &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[("docker.io", &upstream.url())], Duration::from_secs(60)).await?;
     write_hosts_toml(hosts.path(), "docker.io", DEAD_SERVER, &pullcache.url());
 
     // containerd names it docker.io/library/tool and sends ns=docker.io.
@@ -164,10 +138,7 @@ async fn docker_hub_names_get_the_library_prefix() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["docker-content-digest"],
-        image.manifest_digest.as_str()
-    );
+    assert_eq!(resp.headers()["docker-content-digest"], image.manifest_digest.as_str());
     assert_eq!(resp.bytes().await?, image.manifest);
     Ok(())
 }

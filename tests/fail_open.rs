@@ -10,8 +10,8 @@ use bytes::Bytes;
 use support::containerd::{Containerd, write_hosts_toml};
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{
-    OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, build_config, build_layer, host_arch, push_blob,
-    push_manifest, push_oci_image,
+    OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, build_config, build_layer, host_arch, push_blob, push_manifest,
+    push_oci_image,
 };
 use support::pullcache::Pullcache;
 use support::registry::Registry;
@@ -26,12 +26,7 @@ async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry() -> anyhow::
     let broken = FaultUpstream::start().await?;
     let cache = tempfile::tempdir()?;
     let hosts = tempfile::tempdir()?;
-    let mut pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &broken.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let mut pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &broken.url())], Duration::from_secs(60)).await?;
     write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url());
 
     let ctr = Containerd::start().await?;
@@ -65,14 +60,7 @@ async fn a_forged_layer_is_never_unpacked_and_the_pull_recovers() -> anyhow::Res
         "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
         "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": layer.blob.len()}],
     }))?);
-    let manifest_digest = push_manifest(
-        &registry.url(),
-        "team/app",
-        "v1",
-        OCI_MANIFEST,
-        manifest.clone(),
-    )
-    .await?;
+    let manifest_digest = push_manifest(&registry.url(), "team/app", "v1", OCI_MANIFEST, manifest.clone()).await?;
 
     // pullcache's upstream serves the same manifest and config, but flips a byte of the layer.
     let liar = FaultUpstream::start().await?;
@@ -84,10 +72,7 @@ async fn a_forged_layer_is_never_unpacked_and_the_pull_recovers() -> anyhow::Res
         ],
     );
     liar.set("/v2/team/app/manifests/v1", manifest_reply.clone());
-    liar.set(
-        &format!("/v2/team/app/manifests/{manifest_digest}"),
-        manifest_reply,
-    );
+    liar.set(&format!("/v2/team/app/manifests/{manifest_digest}"), manifest_reply);
     liar.set(
         &format!("/v2/team/app/blobs/{config_digest}"),
         Reply::ok(config.to_vec(), &[]),
@@ -96,19 +81,11 @@ async fn a_forged_layer_is_never_unpacked_and_the_pull_recovers() -> anyhow::Res
     let mut forged = layer.blob.to_vec();
     forged[100] ^= 0x01;
     let layer_path = format!("/v2/team/app/blobs/{}", layer.digest);
-    liar.set(
-        &layer_path,
-        Reply::ok(forged, &[]).slowly(4, Duration::from_millis(20)),
-    );
+    liar.set(&layer_path, Reply::ok(forged, &[]).slowly(4, Duration::from_millis(20)));
 
     let cache = tempfile::tempdir()?;
     let hosts = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &liar.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &liar.url())], Duration::from_secs(60)).await?;
     write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url());
 
     // The first attempt fails: pullcache streams all but the final byte, then aborts when the
@@ -117,10 +94,7 @@ async fn a_forged_layer_is_never_unpacked_and_the_pull_recovers() -> anyhow::Res
     let ctr = Containerd::start().await?;
     let reference = format!("{REGISTRY}/team/app:v1");
     let first = ctr.pull(&reference, hosts.path()).await;
-    let error = format!(
-        "{:#}",
-        first.expect_err("a pull through a forged layer succeeded")
-    );
+    let error = format!("{:#}", first.expect_err("a pull through a forged layer succeeded"));
     assert!(error.contains("unexpected commit digest"), "{error}");
     assert!(
         !ctr.has_content(&layer.digest).await?,

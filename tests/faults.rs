@@ -15,8 +15,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 async fn setup() -> anyhow::Result<(FaultUpstream, tempfile::TempDir, Pullcache)> {
     let upstream = FaultUpstream::start().await?;
     let cache = tempfile::tempdir()?;
-    let pullcache =
-        Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::ZERO).await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::ZERO).await?;
     Ok((upstream, cache, pullcache))
 }
 
@@ -28,10 +27,7 @@ async fn wrong_bytes_abort_every_client_and_commit_nothing() -> anyhow::Result<(
     let mut forged = real.clone();
     forged[500_000] ^= 0xff;
     let path = format!("/v2/team/bad/blobs/{digest}");
-    upstream.set(
-        &path,
-        Reply::ok(forged, &[]).slowly(10, Duration::from_millis(20)),
-    );
+    upstream.set(&path, Reply::ok(forged, &[]).slowly(10, Duration::from_millis(20)));
 
     let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
     let clients: Vec<_> = (0..6)
@@ -51,10 +47,7 @@ async fn wrong_bytes_abort_every_client_and_commit_nothing() -> anyhow::Result<(
             Err(_) => {}
             Ok((status, Err(_))) => assert_eq!(status, 200),
             Ok((status, Ok(len))) => {
-                assert_ne!(
-                    status, 200,
-                    "a client got a complete 200 of {len} forged bytes"
-                );
+                assert_ne!(status, 200, "a client got a complete 200 of {len} forged bytes");
             }
         }
     }
@@ -80,8 +73,7 @@ async fn wrong_bytes_abort_every_client_and_commit_nothing() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_that_fail_their_digest_are_refused() -> anyhow::Result<()> {
     let (upstream, _cache, pullcache) = setup().await?;
-    let body =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
     let claimed = sha256_digest(b"something else");
     let client = support::http_client();
 
@@ -106,17 +98,11 @@ async fn manifests_that_fail_their_digest_are_refused() -> anyhow::Result<()> {
         "/v2/team/app/manifests/v1",
         Reply::ok(
             body,
-            &[
-                ("content-type", OCI_MANIFEST),
-                ("docker-content-digest", &claimed),
-            ],
+            &[("content-type", OCI_MANIFEST), ("docker-content-digest", &claimed)],
         ),
     );
     let resp = client
-        .get(format!(
-            "{}/v2/team/app/manifests/v1?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/app/manifests/v1?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     assert_eq!(resp.status(), 502);
@@ -134,10 +120,7 @@ async fn failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
         path,
         Reply::ok(
             body.clone(),
-            &[
-                ("content-type", OCI_MANIFEST),
-                ("docker-content-digest", &digest),
-            ],
+            &[("content-type", OCI_MANIFEST), ("docker-content-digest", &digest)],
         ),
     );
     let client = support::http_client();
@@ -156,11 +139,7 @@ async fn failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
         let status = failure.status;
         upstream.set(path, failure);
         let resp = client.get(&url).send().await?;
-        assert_eq!(
-            resp.status(),
-            200,
-            "upstream {status}: stale answer not served"
-        );
+        assert_eq!(resp.status(), 200, "upstream {status}: stale answer not served");
         assert_eq!(resp.headers()["docker-content-digest"], digest.as_str());
         assert!(resp.headers()["warning"].to_str()?.starts_with("110"));
         assert_eq!(resp.bytes().await?, body);
@@ -171,19 +150,13 @@ async fn failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
         path,
         Reply::ok(
             body.clone(),
-            &[
-                ("content-type", OCI_MANIFEST),
-                ("docker-content-digest", &digest),
-            ],
+            &[("content-type", OCI_MANIFEST), ("docker-content-digest", &digest)],
         ),
     );
     let hits = upstream.hits(path);
     let resp = client.head(&url).send().await?;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["content-length"],
-        body.len().to_string().as_str()
-    );
+    assert_eq!(resp.headers()["content-length"], body.len().to_string().as_str());
     assert!(resp.headers().get("warning").is_none());
     assert_eq!(upstream.hits(path), hits + 1);
 
@@ -213,16 +186,12 @@ async fn failing_upstream_gets_the_stale_tag() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_closes_the_upstream_for_its_retry_after() -> anyhow::Result<()> {
     let (upstream, _cache, pullcache) = setup().await?;
-    let body =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
     let digest = sha256_digest(&body);
     let path = "/v2/team/app/manifests/v1";
     let ok = Reply::ok(
         body.clone(),
-        &[
-            ("content-type", OCI_MANIFEST),
-            ("docker-content-digest", &digest),
-        ],
+        &[("content-type", OCI_MANIFEST), ("docker-content-digest", &digest)],
     );
     upstream.set(path, ok.clone());
     let client = support::http_client();
@@ -238,27 +207,17 @@ async fn a_429_closes_the_upstream_for_its_retry_after() -> anyhow::Result<()> {
         assert!(resp.headers()["warning"].to_str()?.starts_with("110"));
         assert_eq!(resp.bytes().await?, body);
     }
-    assert_eq!(
-        upstream.hits(path),
-        2,
-        "pullcache asked again inside Retry-After"
-    );
+    assert_eq!(upstream.hits(path), 2, "pullcache asked again inside Retry-After");
 
     // Other content of that registry is not asked for either; the client learns how long.
     upstream.set("/v2/team/app/manifests/v2", ok);
     let resp = client
-        .get(format!(
-            "{}/v2/team/app/manifests/v2?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/app/manifests/v2?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     assert_eq!(resp.status(), 429);
     let retry_after: u64 = resp.headers()["retry-after"].to_str()?.parse()?;
-    assert!(
-        (50..=60).contains(&retry_after),
-        "Retry-After {retry_after}"
-    );
+    assert!((50..=60).contains(&retry_after), "Retry-After {retry_after}");
     assert_eq!(upstream.hits("/v2/team/app/manifests/v2"), 0);
     Ok(())
 }
@@ -271,10 +230,7 @@ async fn a_rate_limited_miss_passes_the_429_on() -> anyhow::Result<()> {
         Reply::status(429, &[("retry-after", "30")]),
     );
     let resp = support::http_client()
-        .get(format!(
-            "{}/v2/team/app/manifests/v2?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/app/manifests/v2?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     assert_eq!(resp.status(), 429);

@@ -40,17 +40,9 @@ async fn thirty_two_clients_one_upstream_get() -> anyhow::Result<()> {
     let blob = random_bytes(24 * 1024 * 1024);
     let digest = push_blob(&upstream.url(), "team/herd", blob).await?;
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
 
-    let url = format!(
-        "{}/v2/team/herd/blobs/{digest}?ns={REGISTRY}",
-        pullcache.url()
-    );
+    let url = format!("{}/v2/team/herd/blobs/{digest}?ns={REGISTRY}", pullcache.url());
     let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -82,17 +74,9 @@ async fn clients_stream_while_a_slow_download_runs() -> anyhow::Result<()> {
     let digest = sha256_digest(&blob);
     let path = format!("/v2/team/slow/blobs/{digest}");
     // About two seconds of body, in 40 pieces.
-    upstream.set(
-        &path,
-        Reply::ok(blob, &[]).slowly(40, Duration::from_millis(50)),
-    );
+    upstream.set(&path, Reply::ok(blob, &[]).slowly(40, Duration::from_millis(50)));
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
 
     // One client gives up after its first bytes; the download must go on without it.

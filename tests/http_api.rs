@@ -14,18 +14,11 @@ const REGISTRY: &str = "registry.test";
 
 /// Sends a request line exactly as written (HTTP clients normalise `..` away) and returns the
 /// status and the JSON body, which must be an OCI error.
-async fn raw_request(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-) -> anyhow::Result<(u16, serde_json::Value)> {
+async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
-        .write_all(
-            format!("{method} {path} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
+        .write_all(format!("{method} {path} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
@@ -35,8 +28,7 @@ async fn raw_request(
         .ok_or_else(|| anyhow::anyhow!("no header end: {text}"))?;
     let status = head.split_whitespace().nth(1).unwrap_or_default().parse()?;
     assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/json"),
+        head.to_ascii_lowercase().contains("content-type: application/json"),
         "{method} {path}: not JSON:\n{head}"
     );
     Ok((status, serde_json::from_str(body)?))
@@ -45,15 +37,8 @@ async fn raw_request(
 async fn error_code(resp: reqwest::Response) -> anyhow::Result<String> {
     assert_eq!(resp.headers()["content-type"], "application/json");
     let json: serde_json::Value = resp.json().await?;
-    assert!(
-        json["errors"][0]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty())
-    );
-    Ok(json["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+    assert!(json["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    Ok(json["errors"][0]["code"].as_str().unwrap_or_default().to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,15 +46,9 @@ async fn manifests_keep_upstream_headers_on_get_and_head() -> anyhow::Result<()>
     let upstream = Registry::start().await?;
     let image = push_oci_image(&upstream.url(), "team/app", "v1", &[10 * 1024]).await?;
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
-    let accept =
-        "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
     let direct = client
         .head(format!("{}/v2/team/app/manifests/v1", upstream.url()))
@@ -85,10 +64,7 @@ async fn manifests_keep_upstream_headers_on_get_and_head() -> anyhow::Result<()>
         let resp = client
             .request(
                 method.clone(),
-                format!(
-                    "{}/v2/team/app/manifests/{reference}?ns={REGISTRY}",
-                    pullcache.url()
-                ),
+                format!("{}/v2/team/app/manifests/{reference}?ns={REGISTRY}", pullcache.url()),
             )
             .header("accept", accept)
             .send()
@@ -117,17 +93,9 @@ async fn ranges_on_stored_blobs() -> anyhow::Result<()> {
     let blob = random_bytes(300_000);
     let digest = push_blob(&upstream.url(), "team/app", blob.clone()).await?;
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
-    let url = format!(
-        "{}/v2/team/app/blobs/{digest}?ns={REGISTRY}",
-        pullcache.url()
-    );
+    let url = format!("{}/v2/team/app/blobs/{digest}?ns={REGISTRY}", pullcache.url());
 
     // HEAD of a blob nobody fetched yet asks upstream and downloads nothing.
     let head = client.head(&url).send().await?;
@@ -178,29 +146,16 @@ async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
         Reply::ok(blob.clone(), &[]).slowly(20, Duration::from_millis(50)),
     );
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
     let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
 
     let whole = tokio::spawn(client.get(&url).send());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let resp = client
-        .get(&url)
-        .header("range", "bytes=1000000-1000099")
-        .send()
-        .await?;
+    let resp = client.get(&url).header("range", "bytes=1000000-1000099").send().await?;
     assert_eq!(resp.status(), 206);
     assert_eq!(resp.bytes().await?, blob[1_000_000..1_000_100]);
-    let resp = client
-        .get(&url)
-        .header("range", "bytes=3000000-")
-        .send()
-        .await?;
+    let resp = client.get(&url).header("range", "bytes=3000000-").send().await?;
     assert_eq!(resp.status(), 416);
     assert_eq!(whole.await??.bytes().await?, blob);
     assert_eq!(upstream.hits(&path), 1);
@@ -220,44 +175,24 @@ async fn bad_requests_get_oci_errors() -> anyhow::Result<()> {
     assert_eq!(ping.status(), 200);
 
     let cases: &[(&str, &str, u16, &str)] = &[
-        (
-            "GET",
-            "/v2/../../etc/passwd/manifests/v1",
-            400,
-            "NAME_INVALID",
-        ),
+        ("GET", "/v2/../../etc/passwd/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/a/%2e%2e/b/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/a//b/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/UPPER/manifests/v1", 400, "NAME_INVALID"),
-        (
-            "GET",
-            "/v2/a/manifests/v1?ns=bad_host!",
-            400,
-            "NAME_INVALID",
-        ),
+        ("GET", "/v2/a/manifests/v1?ns=bad_host!", 400, "NAME_INVALID"),
         ("GET", "/v2/a/manifests/-tag", 400, "TAG_INVALID"),
         ("GET", "/v2/a/manifests/sha256:1234", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/sha256:ABCDEF", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/md5:abc", 400, "DIGEST_INVALID"),
         ("PUT", "/v2/a/manifests/v1", 405, "UNSUPPORTED"),
-        (
-            "DELETE",
-            &format!("/v2/a/blobs/{digest}"),
-            405,
-            "UNSUPPORTED",
-        ),
+        ("DELETE", &format!("/v2/a/blobs/{digest}"), 405, "UNSUPPORTED"),
         ("POST", "/v2/a/blobs/uploads/", 405, "UNSUPPORTED"),
         ("GET", "/v2/_catalog", 405, "UNSUPPORTED"),
         ("GET", "/v2/a/tags/list", 405, "UNSUPPORTED"),
         ("GET", "/v2/a/unknown/thing", 404, "NAME_UNKNOWN"),
         ("GET", "/etc/passwd", 404, "NAME_UNKNOWN"),
         ("GET", "/v2/a/manifests/v1?ns=127.0.0.1:22", 403, "DENIED"),
-        (
-            "GET",
-            "/v2/a/manifests/v1?ns=169.254.169.254",
-            403,
-            "DENIED",
-        ),
+        ("GET", "/v2/a/manifests/v1?ns=169.254.169.254", 403, "DENIED"),
         ("GET", "/v2/a/manifests/v1?ns=0.0.0.0:80", 403, "DENIED"),
         ("GET", "/v2//etc/passwd/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/a/b/../../../manifests/v1", 400, "NAME_INVALID"),
@@ -266,11 +201,7 @@ async fn bad_requests_get_oci_errors() -> anyhow::Result<()> {
         let (got_status, json) = raw_request(pullcache.addr, method, path).await?;
         assert_eq!(got_status, *status, "{method} {path}: {json}");
         assert_eq!(json["errors"][0]["code"], *code, "{method} {path}");
-        assert!(
-            json["errors"][0]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty())
-        );
+        assert!(json["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     assert!(pullcache.stored_blobs().is_empty());
     Ok(())

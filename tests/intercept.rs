@@ -79,9 +79,7 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     let reference = s.image.reference(REGISTRY);
 
     let first = Containerd::start().await?;
-    first
-        .pull_via_proxy(&reference, &proxy, &s.ca_bundle)
-        .await?;
+    first.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(first.is_unpacked(&reference).await?);
     for blob in s.image.layers() {
         let gets = s
@@ -94,9 +92,7 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     // A second containerd: everything from the cache, no blob GET upstream.
     let blob_gets = s.registry.access_log_count("GET", "/blobs/");
     let second = Containerd::start().await?;
-    second
-        .pull_via_proxy(&reference, &proxy, &s.ca_bundle)
-        .await?;
+    second.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(second.is_unpacked(&reference).await?);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.registry.access_log_count("GET", "/blobs/"), blob_gets);
@@ -108,12 +104,7 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     assert_eq!(manifest, s.image.manifest);
     for layer in s.image.layers() {
         let file = dest.path().join(&layer.digest[7..]);
-        assert_eq!(
-            std::fs::metadata(&file)?.len(),
-            layer.size,
-            "{}",
-            file.display()
-        );
+        assert_eq!(std::fs::metadata(&file)?.len(), layer.size, "{}", file.display());
     }
     Ok(())
 }
@@ -131,10 +122,7 @@ async fn connect(proxy: SocketAddr, target: &str) -> anyhow::Result<(u16, String
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
         answer.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&answer);
-        if n == 0
-            || text.contains("\r\n\r\n")
-                && (text.contains("pullcache:") || text.starts_with("HTTP/1.1 200"))
-        {
+        if n == 0 || text.contains("\r\n\r\n") && (text.contains("pullcache:") || text.starts_with("HTTP/1.1 200")) {
             break;
         }
     }
@@ -178,10 +166,7 @@ async fn refusals() -> anyhow::Result<()> {
             Duration::from_secs(60),
         )
         .await?;
-    assert!(
-        !out.status.success(),
-        "a client without pullcache's CA pulled"
-    );
+    assert!(!out.status.success(), "a client without pullcache's CA pulled");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("certificate"), "{stderr}");
     let after = s.pullcache.metrics().await?;

@@ -17,14 +17,10 @@ use support::registry::Registry;
 
 const REGISTRY: &str = "registry.test";
 const SLOW: &str = "slow.test";
-const DASHBOARD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/deploy/grafana/pullcache-dashboard.json"
-);
+const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/pullcache-dashboard.json");
 
 fn parse(text: &str) -> Scrape {
-    Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("/metrics is valid Prometheus text")
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("/metrics is valid Prometheus text")
 }
 
 /// The sum of a counter's or gauge's samples whose labels include `labels`.
@@ -79,22 +75,14 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
     )
     .await?;
     let hosts = tempfile::tempdir()?;
-    write_hosts_toml(
-        hosts.path(),
-        REGISTRY,
-        "http://127.0.0.1:1",
-        &pullcache.url(),
-    );
+    write_hosts_toml(hosts.path(), REGISTRY, "http://127.0.0.1:1", &pullcache.url());
     let reference = image.reference(REGISTRY);
     let blobs: u64 = image.blobs.iter().map(|b| b.size).sum();
     let blob_count = image.blobs.len() as f64;
     assert_eq!(blob_count, 3.0, "config and two layers");
 
     // Cold pull: every blob is a miss, streamed from upstream.
-    Containerd::start()
-        .await?
-        .pull(&reference, hosts.path())
-        .await?;
+    Containerd::start().await?.pull(&reference, hosts.path()).await?;
     let text = pullcache.metrics().await?;
     let scrape = parse(&text);
     let blob_requests = |cache| [("route", "blob"), ("cache", cache), ("status_class", "2xx")];
@@ -102,10 +90,7 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
         value(&scrape, "pullcache_requests_total", &blob_requests("miss")),
         blob_count
     );
-    assert_eq!(
-        value(&scrape, "pullcache_requests_total", &blob_requests("hit")),
-        0.0
-    );
+    assert_eq!(value(&scrape, "pullcache_requests_total", &blob_requests("hit")), 0.0);
     assert_eq!(
         value(
             &scrape,
@@ -115,43 +100,22 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
         blobs as f64
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_bytes_total",
-            &[("registry", REGISTRY)]
-        ),
+        value(&scrape, "pullcache_upstream_bytes_total", &[("registry", REGISTRY)]),
         (blobs + image.manifest.len() as u64) as f64,
         "upstream bytes are the blobs plus the one manifest GET"
     );
-    let upstream = |kind| {
-        [
-            ("registry", REGISTRY),
-            ("kind", kind),
-            ("status_class", "2xx"),
-        ]
-    };
+    let upstream = |kind| [("registry", REGISTRY), ("kind", kind), ("status_class", "2xx")];
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_requests_total",
-            &upstream("blob")
-        ),
+        value(&scrape, "pullcache_upstream_requests_total", &upstream("blob")),
         blob_count
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_requests_total",
-            &upstream("manifest")
-        ),
+        value(&scrape, "pullcache_upstream_requests_total", &upstream("manifest")),
         1.0
     );
 
     // Warm pull by a fresh containerd: every blob is a hit, served from the cache.
-    Containerd::start()
-        .await?
-        .pull(&reference, hosts.path())
-        .await?;
+    Containerd::start().await?.pull(&reference, hosts.path()).await?;
     let scrape = parse(&pullcache.metrics().await?);
     assert_eq!(
         value(&scrape, "pullcache_requests_total", &blob_requests("hit")),
@@ -170,11 +134,7 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
         blobs as f64
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_requests_total",
-            &upstream("blob")
-        ),
+        value(&scrape, "pullcache_upstream_requests_total", &upstream("blob")),
         blob_count
     );
 
@@ -196,26 +156,12 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
         blob_count + 1.0
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_requests_total",
-            &blob_requests("coalesced")
-        ),
+        value(&scrape, "pullcache_requests_total", &blob_requests("coalesced")),
         7.0
     );
-    assert_eq!(
-        slow.hits(&herd_path),
-        2,
-        "one 401 challenge, then one download"
-    );
-    assert_eq!(
-        line(&text, "pullcache_flight_waiters_count"),
-        blob_count + 1.0
-    );
-    assert_eq!(
-        line(&text, "pullcache_flight_waiters_sum"),
-        blob_count + 8.0
-    );
+    assert_eq!(slow.hits(&herd_path), 2, "one 401 challenge, then one download");
+    assert_eq!(line(&text, "pullcache_flight_waiters_count"), blob_count + 1.0);
+    assert_eq!(line(&text, "pullcache_flight_waiters_sum"), blob_count + 8.0);
     assert_eq!(value(&scrape, "pullcache_inflight_fetches", &[]), 0.0);
     assert_eq!(
         value(
@@ -226,31 +172,17 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
         1.0
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_ratelimit_remaining",
-            &[("registry", SLOW)]
-        ),
+        value(&scrape, "pullcache_upstream_ratelimit_remaining", &[("registry", SLOW)]),
         42.0
     );
     assert_eq!(
-        value(
-            &scrape,
-            "pullcache_upstream_ratelimit_limit",
-            &[("registry", SLOW)]
-        ),
+        value(&scrape, "pullcache_upstream_ratelimit_limit", &[("registry", SLOW)]),
         100.0
     );
-    assert_eq!(
-        value(&scrape, "pullcache_digest_verification_failures_total", &[]),
-        0.0
-    );
+    assert_eq!(value(&scrape, "pullcache_digest_verification_failures_total", &[]), 0.0);
     let stored = blobs + image.manifest.len() as u64 + 2 * 1024 * 1024;
     assert_eq!(value(&scrape, "pullcache_cache_bytes", &[]), stored as f64);
-    assert_eq!(
-        value(&scrape, "pullcache_cache_blobs", &[]),
-        blob_count + 2.0
-    );
+    assert_eq!(value(&scrape, "pullcache_cache_blobs", &[]), blob_count + 2.0);
     assert!(value(&scrape, "pullcache_filesystem_free_bytes", &[]) > 0.0);
     assert_eq!(value(&scrape, "pullcache_build_info", &[]), 1.0);
 
@@ -266,18 +198,12 @@ async fn metrics_agree_with_what_happened() -> anyhow::Result<()> {
                     .iter()
                     .find_map(|suffix| name.strip_suffix(suffix).filter(|b| names.contains(b)))
                     .unwrap_or(&name);
-                assert!(
-                    names.contains(base),
-                    "dashboard queries {name}, which /metrics lacks"
-                );
+                assert!(names.contains(base), "dashboard queries {name}, which /metrics lacks");
                 queried += 1;
             }
         }
     }
-    assert!(
-        queried >= 12,
-        "the dashboard queries only {queried} metrics"
-    );
+    assert!(queried >= 12, "the dashboard queries only {queried} metrics");
     Ok(())
 }
 
@@ -310,10 +236,7 @@ async fn not_ready_until_the_cache_opens() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(client.get(admin("/healthz")).send().await?.status(), 200);
     assert_eq!(client.get(admin("/readyz")).send().await?.status(), 503);
-    let resp = client
-        .get(format!("{}/v2/", pullcache.url()))
-        .send()
-        .await?;
+    let resp = client.get(format!("{}/v2/", pullcache.url())).send().await?;
     assert_eq!(
         resp.status(),
         503,
@@ -326,11 +249,7 @@ async fn not_ready_until_the_cache_opens() -> anyhow::Result<()> {
     std::fs::create_dir(&blocker)?;
     pullcache.wait_ready(Duration::from_secs(10)).await?;
     assert_eq!(
-        client
-            .get(format!("{}/v2/", pullcache.url()))
-            .send()
-            .await?
-            .status(),
+        client.get(format!("{}/v2/", pullcache.url())).send().await?.status(),
         200
     );
     Ok(())

@@ -25,8 +25,7 @@ const DEAD_SERVER: &str = "http://127.0.0.1:1";
 /// Pushes the test image through a plain registry on `storage` (the test client speaks no TLS
 /// and no auth), for an authenticating registry to serve afterwards.
 async fn seed(storage: &Path) -> anyhow::Result<PushedImage> {
-    let mut plain =
-        Registry::start_with(RegistryOptions::default(), Some(storage.to_owned())).await?;
+    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.to_owned())).await?;
     let image = push_oci_image(&plain.url(), "team/app", "v1", &[512 * 1024, 64 * 1024]).await?;
     plain.stop().await;
     Ok(image)
@@ -66,20 +65,14 @@ async fn pull_through(pullcache: &Pullcache, image: &PushedImage) -> anyhow::Res
     let ctr = Containerd::start().await?;
     let reference = image.reference(REGISTRY);
     ctr.pull(&reference, hosts.path()).await?;
-    assert!(
-        ctr.is_unpacked(&reference).await?,
-        "{reference} did not unpack"
-    );
+    assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
     Ok(())
 }
 
 /// The OCI error a client gets for the test image's manifest.
 async fn manifest_error(pullcache: &Pullcache) -> anyhow::Result<(u16, String, String)> {
     let resp = support::http_client()
-        .get(format!(
-            "{}/v2/team/app/manifests/v1?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/app/manifests/v1?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     let status = resp.status().as_u16();
@@ -113,13 +106,7 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
 
     let cache = tempfile::tempdir()?;
     let credentials = docker_config(dir.path(), &basic_entry("robot", "hunter2"))?;
-    let pullcache = start_pullcache(
-        cache.path(),
-        &registry.url(),
-        Some(&ca_file),
-        Some(credentials),
-    )
-    .await?;
+    let pullcache = start_pullcache(cache.path(), &registry.url(), Some(&ca_file), Some(credentials)).await?;
     pull_through(&pullcache, &image).await?;
     for blob in image.layers() {
         let gets = registry
@@ -139,8 +126,7 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
     // Verification is always on: without the CA, the registry's certificate is refused.
     let cache = tempfile::tempdir()?;
     let credentials = docker_config(dir.path(), &basic_entry("robot", "hunter2"))?;
-    let untrusting =
-        start_pullcache(cache.path(), &registry.url(), None, Some(credentials)).await?;
+    let untrusting = start_pullcache(cache.path(), &registry.url(), None, Some(credentials)).await?;
     let (status, code, message) = manifest_error(&untrusting).await?;
     assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"), "{message}");
     assert!(message.contains("certificate"), "{message}");
@@ -148,8 +134,7 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
     // Wrong and missing credentials: 401 naming the registry and what went wrong.
     let cache = tempfile::tempdir()?;
     let wrong = docker_config(dir.path(), &basic_entry("robot", "wrong"))?;
-    let refused =
-        start_pullcache(cache.path(), &registry.url(), Some(&ca_file), Some(wrong)).await?;
+    let refused = start_pullcache(cache.path(), &registry.url(), Some(&ca_file), Some(wrong)).await?;
     let (status, code, message) = manifest_error(&refused).await?;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"), "{message}");
     assert!(
@@ -193,10 +178,7 @@ async fn token_auth_registry_like_docker_hub() -> anyhow::Result<()> {
     // One token for the repository, reused for the manifest and every blob.
     assert_eq!(requests.len(), 1, "token requests: {requests:?}");
     assert_eq!(requests[0].basic_user().as_deref(), Some("robot"));
-    assert_eq!(
-        requests[0].param("scope").as_deref(),
-        Some("repository:team/app:pull")
-    );
+    assert_eq!(requests[0].param("scope").as_deref(), Some("repository:team/app:pull"));
     assert_eq!(requests[0].param("service"), Some(tokens.service()));
 
     // Wrong password: the token service refuses, the client hears it from pullcache.
@@ -236,13 +218,7 @@ async fn identity_tokens_are_exchanged_for_access_tokens() -> anyhow::Result<()>
     let requests = tokens.requests();
     assert_eq!(requests.len(), 1, "token requests: {requests:?}");
     assert_eq!(requests[0].method, "POST");
-    assert_eq!(
-        requests[0].param("grant_type").as_deref(),
-        Some("refresh_token")
-    );
-    assert_eq!(
-        requests[0].param("refresh_token").as_deref(),
-        Some("refresh-9f2c")
-    );
+    assert_eq!(requests[0].param("grant_type").as_deref(), Some("refresh_token"));
+    assert_eq!(requests[0].param("refresh_token").as_deref(), Some("refresh-9f2c"));
     Ok(())
 }

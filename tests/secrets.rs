@@ -20,8 +20,7 @@ const TOKEN: &str = "tok-s3cret-91bc";
 async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
     let upstream = FaultUpstream::start().await?;
     upstream.require_token(TOKEN);
-    let manifest =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
     let digest = sha256_digest(&manifest);
     upstream.set(
         "/v2/team/app/manifests/v1",
@@ -69,8 +68,7 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
             logs.push('\n');
             let json: serde_json::Value = serde_json::from_str(&line)?;
             if json["fields"]["message"] == "serving" {
-                let field =
-                    |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
+                let field = |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
                 return Ok((field("addr"), field("metrics_addr")));
             }
         }
@@ -85,17 +83,12 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let resp = support::http_client()
-        .get(format!(
-            "http://{addr}/v2/team/app/manifests/v1?ns=registry.test"
-        ))
+        .get(format!("http://{addr}/v2/team/app/manifests/v1?ns=registry.test"))
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
     // The token was fetched with the configured credentials, and used.
-    assert_eq!(
-        upstream.auth_seen("/token"),
-        vec![Some(format!("Basic {basic}"))]
-    );
+    assert_eq!(upstream.auth_seen("/token"), vec![Some(format!("Basic {basic}"))]);
     assert_eq!(
         upstream
             .auth_seen("/v2/team/app/manifests/v1")
@@ -108,12 +101,7 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
     let pid = child.id().expect("running").to_string();
     Command::new("kill").args(["-TERM", &pid]).status().await?;
     let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stderr)
-        .await?;
+    child.stderr.take().expect("piped").read_to_string(&mut stderr).await?;
     while let Some(line) = stdout.next_line().await? {
         logs.push_str(&line);
         logs.push('\n');

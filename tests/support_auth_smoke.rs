@@ -40,9 +40,7 @@ impl CurlResult {
     fn header(&self, name: &str) -> Option<String> {
         self.headers.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
         })
     }
 }
@@ -68,10 +66,7 @@ async fn curl(dir: &Path, args: &[&str], url: &str) -> CurlResult {
         .expect("running curl");
     CurlResult {
         exit: out.status.code().unwrap_or(-1),
-        status: String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0),
+        status: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
         headers: std::fs::read_to_string(&headers_path).unwrap_or_default(),
         body: std::fs::read(&body_path).unwrap_or_default(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -89,10 +84,7 @@ async fn skopeo_inspect(args: &[&str], reference: &str) -> (bool, String, String
         .env_remove("HTTPS_PROXY")
         .env_remove("http_proxy")
         .env_remove("https_proxy")
-        .env(
-            "REGISTRY_AUTH_FILE",
-            "/nonexistent/pullcache-test-auth.json",
-        )
+        .env("REGISTRY_AUTH_FILE", "/nonexistent/pullcache-test-auth.json")
         .stdin(Stdio::null())
         .output()
         .await
@@ -171,23 +163,13 @@ async fn tls_basic_registry_serves_shared_storage() {
     }
     for blob in &img.blobs {
         let url = format!("{}/v2/{REPO}/blobs/{}", reg.url(), blob.digest);
-        let r = curl(
-            dir,
-            &["--cacert", cacert, "-u", "user2y:pw-secret", "-L"],
-            &url,
-        )
-        .await;
+        let r = curl(dir, &["--cacert", cacert, "-u", "user2y:pw-secret", "-L"], &url).await;
         assert_eq!((r.exit, r.status), (0, 200), "{}", r.stderr);
         assert_eq!(sha256_digest(&r.body), blob.digest);
     }
     // The DNS SAN verifies too.
     let localhost_v2 = format!("https://localhost:{}/v2/", reg.addr().port());
-    let r = curl(
-        dir,
-        &["--cacert", cacert, "-u", "user2b:pw-secret"],
-        &localhost_v2,
-    )
-    .await;
+    let r = curl(dir, &["--cacert", cacert, "-u", "user2b:pw-secret"], &localhost_v2).await;
     assert_eq!((r.exit, r.status), (0, 200), "{}", r.stderr);
     // Without our CA, curl refuses the certificate (exit 60).
     let r = curl(dir, &["-u", "user2y:pw-secret"], &v2).await;
@@ -199,19 +181,11 @@ async fn tls_basic_registry_serves_shared_storage() {
     std::fs::write(cert_dir.join("ca.crt"), ca.ca_pem()).unwrap();
     let reference = img.reference(&reg.host());
     let cert_dir_s = cert_dir.to_str().unwrap();
-    let (ok, out, err) = skopeo_inspect(
-        &["--cert-dir", cert_dir_s, "--creds", "user2a:pw-secret"],
-        &reference,
-    )
-    .await;
+    let (ok, out, err) = skopeo_inspect(&["--cert-dir", cert_dir_s, "--creds", "user2a:pw-secret"], &reference).await;
     assert!(ok, "skopeo over TLS + basic failed: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Digest"], img.manifest_digest.as_str());
-    let (ok, _, _) = skopeo_inspect(
-        &["--cert-dir", cert_dir_s, "--creds", "user2a:nope"],
-        &reference,
-    )
-    .await;
+    let (ok, _, _) = skopeo_inspect(&["--cert-dir", cert_dir_s, "--creds", "user2a:nope"], &reference).await;
     assert!(!ok, "skopeo with a wrong password must fail");
 
     // restart keeps TLS and auth, on the same port.
@@ -277,9 +251,7 @@ async fn post_token(ts: &TokenService, form: &[(&str, &str)]) -> (u16, Value) {
 
 /// GET `url` on the registry with an optional bearer token: (status, WWW-Authenticate, body).
 async fn get_bearer(url: &str, token: Option<&str>) -> (u16, Option<String>, bytes::Bytes) {
-    let mut req = support::http_client()
-        .get(url)
-        .header("accept", images::OCI_MANIFEST);
+    let mut req = support::http_client().get(url).header("accept", images::OCI_MANIFEST);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -297,9 +269,7 @@ async fn token_registry(ts: &TokenService, dir: &Path, storage: PathBuf) -> Regi
         token: Some(ts.token_auth(dir)),
         ..Default::default()
     };
-    Registry::start_with(opts, Some(storage))
-        .await
-        .expect("token registry")
+    Registry::start_with(opts, Some(storage)).await.expect("token registry")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -344,10 +314,7 @@ async fn token_registry_accepts_service_tokens() {
     assert_eq!(body["access_token"], token.as_str());
     assert_eq!(body["expires_in"], 300);
     let issued_at = body["issued_at"].as_str().unwrap();
-    assert!(
-        issued_at.len() == 20 && issued_at.ends_with('Z'),
-        "{issued_at}"
-    );
+    assert!(issued_at.len() == 20 && issued_at.ends_with('Z'), "{issued_at}");
     let claims = token_service::jwt_claims(&token).unwrap();
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["aud"], service.as_str());
@@ -457,11 +424,7 @@ async fn token_registry_accepts_service_tokens() {
     // skopeo as a third-party client: Basic to the token service, Bearer to the registry.
     let before = ts.request_count();
     let reference = img.reference(&reg.host());
-    let (ok, out, err) = skopeo_inspect(
-        &["--tls-verify=false", "--creds", "alice:s3cret"],
-        &reference,
-    )
-    .await;
+    let (ok, out, err) = skopeo_inspect(&["--tls-verify=false", "--creds", "alice:s3cret"], &reference).await;
     assert!(ok, "skopeo against the token registry failed: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Digest"], img.manifest_digest.as_str());
@@ -472,8 +435,7 @@ async fn token_registry_accepts_service_tokens() {
             .any(|r| r.method == "GET" && r.basic_user().as_deref() == Some("alice")),
         "{skopeo_requests:?}"
     );
-    let (ok, _, _) =
-        skopeo_inspect(&["--tls-verify=false", "--creds", "alice:bad"], &reference).await;
+    let (ok, _, _) = skopeo_inspect(&["--tls-verify=false", "--creds", "alice:bad"], &reference).await;
     assert!(!ok, "skopeo with a wrong password must fail");
 }
 
@@ -482,9 +444,7 @@ async fn token_service_anonymous_pull() {
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("storage");
     let img = push_to_storage(&storage).await;
-    let ts = TokenService::start(&[("alice", "s3cret")], true)
-        .await
-        .unwrap();
+    let ts = TokenService::start(&[("alice", "s3cret")], true).await.unwrap();
     let reg = token_registry(&ts, work.path(), storage).await;
     let scope = format!("repository:{REPO}:pull");
     let (status, body) = fetch_token(&ts, None, &scope).await;
@@ -496,16 +456,9 @@ async fn token_service_anonymous_pull() {
     assert_eq!(status, 200);
     assert_eq!(manifest, img.manifest);
     // Credentials, if sent, are still checked.
-    assert_eq!(
-        fetch_token(&ts, Some(("alice", "bad")), &scope).await.0,
-        401
-    );
+    assert_eq!(fetch_token(&ts, Some(("alice", "bad")), &scope).await.0, 401);
     // skopeo without credentials goes the anonymous way.
-    let (ok, out, err) = skopeo_inspect(
-        &["--tls-verify=false", "--no-creds"],
-        &img.reference(&reg.host()),
-    )
-    .await;
+    let (ok, out, err) = skopeo_inspect(&["--tls-verify=false", "--no-creds"], &img.reference(&reg.host())).await;
     assert!(ok, "anonymous skopeo failed: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Digest"], img.manifest_digest.as_str());
@@ -515,8 +468,5 @@ async fn token_service_anonymous_pull() {
 fn rfc3339_formats_utc() {
     assert_eq!(token_service::rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(token_service::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    assert_eq!(
-        token_service::rfc3339(1_700_000_000),
-        "2023-11-14T22:13:20Z"
-    );
+    assert_eq!(token_service::rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
 }

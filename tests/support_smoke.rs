@@ -102,14 +102,7 @@ async fn registry_access_log_counts_exactly_and_restarts() {
 
     let client = support::http_client();
     for _ in 0..5 {
-        let body = client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let body = client.get(&url).send().await.unwrap().bytes().await.unwrap();
         assert_eq!(body.as_ref(), blob.as_slice());
     }
     for _ in 0..2 {
@@ -119,28 +112,15 @@ async fn registry_access_log_counts_exactly_and_restarts() {
     // A 404 and a query string: still one line each, matched on the path only.
     let missing = format!("/blobs/{}", sha256_digest(b"nope"));
     let resp = client
-        .get(format!(
-            "{}/v2/smoke/blob{missing}?ns=example.com",
-            reg.url()
-        ))
+        .get(format!("{}/v2/smoke/blob{missing}?ns=example.com", reg.url()))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
 
-    assert_eq!(
-        reg.wait_access_log_count("GET", &path, 5, LOG_WAIT).await,
-        5
-    );
-    assert_eq!(
-        reg.wait_access_log_count("HEAD", &path, 2, LOG_WAIT).await,
-        2
-    );
-    assert_eq!(
-        reg.wait_access_log_count("GET", &missing, 1, LOG_WAIT)
-            .await,
-        1
-    );
+    assert_eq!(reg.wait_access_log_count("GET", &path, 5, LOG_WAIT).await, 5);
+    assert_eq!(reg.wait_access_log_count("HEAD", &path, 2, LOG_WAIT).await, 2);
+    assert_eq!(reg.wait_access_log_count("GET", &missing, 1, LOG_WAIT).await, 1);
     let entry = reg
         .access_log()
         .into_iter()
@@ -160,10 +140,7 @@ async fn registry_access_log_counts_exactly_and_restarts() {
     assert_eq!(reg.addr(), addr);
     let resp = client.get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        reg.wait_access_log_count("GET", &path, 6, LOG_WAIT).await,
-        6
-    );
+    assert_eq!(reg.wait_access_log_count("GET", &path, 6, LOG_WAIT).await, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,12 +181,7 @@ async fn containerd_pulls_through_mirror_with_dead_server() {
     let imgs = push_all_kinds(&reg, big).await;
     let ctd = Containerd::start().await.expect("containerd starts");
     let hosts = tempfile::tempdir().unwrap();
-    containerd::write_hosts_toml(
-        hosts.path(),
-        "testreg.local",
-        "http://127.0.0.1:1",
-        &reg.url(),
-    );
+    containerd::write_hosts_toml(hosts.path(), "testreg.local", "http://127.0.0.1:1", &reg.url());
     assert!(hosts.path().join("testreg.local/hosts.toml").is_file());
 
     for img in &imgs {
@@ -268,11 +240,7 @@ async fn containerd_routes_host_port_and_docker_io_refs() {
     let hosts2 = tempfile::tempdir().unwrap();
     let dir = hosts2.path().join(&host);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!("server = \"{}\"\n", reg.url()),
-    )
-    .unwrap();
+    std::fs::write(dir.join("hosts.toml"), format!("server = \"{}\"\n", reg.url())).unwrap();
     pull_and_check(&ctd, &index.reference(&host), hosts2.path()).await;
 
     // 3. `docker.io/library/...` refs route to the `docker.io` entry.
@@ -308,30 +276,18 @@ async fn containerd_mirror_request_shapes() {
     // Mirror answering 404 to everything, dead server: fails fast, and the
     // mirror saw exactly one HEAD for the tag.
     let spy404 = SpyServer::start().await.unwrap();
-    containerd::write_hosts_toml(
-        hosts.path(),
-        "deadreg.local",
-        "http://127.0.0.1:1",
-        &spy404.url(),
-    );
+    containerd::write_hosts_toml(hosts.path(), "deadreg.local", "http://127.0.0.1:1", &spy404.url());
     let t = Instant::now();
     let err = ctd
         .pull("deadreg.local/shape/img:v1", hosts.path())
         .await
         .expect_err("nothing can serve it");
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
     assert!(format!("{err:#}").contains("connection refused"), "{err:#}");
     let reqs = spy404.requests();
     assert_eq!(reqs.len(), 1, "{reqs:#?}");
     assert_eq!(reqs[0].method, "HEAD");
-    assert_eq!(
-        reqs[0].target,
-        "/v2/shape/img/manifests/v1?ns=deadreg.local"
-    );
+    assert_eq!(reqs[0].target, "/v2/shape/img/manifests/v1?ns=deadreg.local");
     assert_eq!(
         reqs[0].header("accept"),
         Some(
@@ -341,21 +297,11 @@ async fn containerd_mirror_request_shapes() {
              application/vnd.oci.image.index.v1+json, */*"
         )
     );
-    assert!(
-        reqs[0]
-            .header("user-agent")
-            .unwrap()
-            .starts_with("containerd/1.6")
-    );
+    assert!(reqs[0].header("user-agent").unwrap().starts_with("containerd/1.6"));
 
     // A recording proxy in front of the registry as the mirror, dead server.
     let fwd = SpyServer::start_forwarding(reg.addr()).await.unwrap();
-    containerd::write_hosts_toml(
-        hosts.path(),
-        "testreg.local",
-        "http://127.0.0.1:1",
-        &fwd.url(),
-    );
+    containerd::write_hosts_toml(hosts.path(), "testreg.local", "http://127.0.0.1:1", &fwd.url());
     let image_ref = img.reference("testreg.local");
     pull_and_check(&ctd, &image_ref, hosts.path()).await;
     let seen: Vec<(String, String, String)> = fwd
@@ -379,10 +325,7 @@ async fn containerd_mirror_request_shapes() {
         ),
         (
             "GET".to_string(),
-            format!(
-                "/v2/shape/img/manifests/{}?ns=testreg.local",
-                img.manifest_digest
-            ),
+            format!("/v2/shape/img/manifests/{}?ns=testreg.local", img.manifest_digest),
             format!("{}, */*", images::OCI_MANIFEST),
         ),
     ];
@@ -414,12 +357,7 @@ async fn is_unpacked_is_false_for_fetched_only_content() {
         .expect("push");
     let ctd = Containerd::start().await.expect("containerd starts");
     let hosts = tempfile::tempdir().unwrap();
-    containerd::write_hosts_toml(
-        hosts.path(),
-        "testreg.local",
-        "http://127.0.0.1:1",
-        &reg.url(),
-    );
+    containerd::write_hosts_toml(hosts.path(), "testreg.local", "http://127.0.0.1:1", &reg.url());
     let image_ref = img.reference("testreg.local");
     let hosts_arg = hosts.path().to_str().unwrap();
     ctd.ctr(&["content", "fetch", "--hosts-dir", hosts_arg, &image_ref])

@@ -19,8 +19,7 @@ async fn token_auth_and_cross_host_redirects() -> anyhow::Result<()> {
     let storage = FaultUpstream::start().await?;
     registry.require_token("s3cret");
 
-    let manifest =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
     let manifest_digest = sha256_digest(&manifest);
     registry.set(
         "/v2/team/app/manifests/v1",
@@ -38,25 +37,14 @@ async fn token_auth_and_cross_host_redirects() -> anyhow::Result<()> {
     let storage_path = format!("/bucket/{digest}");
     let location = format!("{}{storage_path}?signature=abc", storage.url());
     registry.set(&blob_path, Reply::status(307, &[("location", &location)]));
-    storage.set(
-        &storage_path,
-        Reply::ok(blob.clone(), &[]).rejecting_authorization(),
-    );
+    storage.set(&storage_path, Reply::ok(blob.clone(), &[]).rejecting_authorization());
 
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &registry.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &registry.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
 
     let resp = client
-        .get(format!(
-            "{}/v2/team/app/manifests/v1?ns={REGISTRY}",
-            pullcache.url()
-        ))
+        .get(format!("{}/v2/team/app/manifests/v1?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
@@ -104,28 +92,16 @@ async fn resume(honor_range: bool) -> anyhow::Result<()> {
     }
     upstream.set(&path, reply);
     let cache = tempfile::tempdir()?;
-    let pullcache = Pullcache::start(
-        cache.path(),
-        &[(REGISTRY, &upstream.url())],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
 
     let resp = support::http_client()
         .get(format!("{}{path}?ns={REGISTRY}", pullcache.url()))
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["content-length"],
-        blob.len().to_string().as_str()
-    );
+    assert_eq!(resp.headers()["content-length"], blob.len().to_string().as_str());
     let got = resp.bytes().await?;
-    assert!(
-        got == blob,
-        "the client's body is not the blob ({} bytes)",
-        got.len()
-    );
+    assert!(got == blob, "the client's body is not the blob ({} bytes)", got.len());
     assert_eq!(
         upstream.ranges_seen(&path),
         vec![None, Some("bytes=1048576-".to_owned())],
@@ -149,31 +125,22 @@ async fn a_resume_answered_with_the_whole_blob_still_works() -> anyhow::Result<(
 async fn a_rejected_cached_token_is_refreshed_once() -> anyhow::Result<()> {
     let registry = FaultUpstream::start().await?;
     registry.require_token("first");
-    let manifest =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec();
     let digest = sha256_digest(&manifest);
     let reply = Reply::ok(
         manifest,
-        &[
-            ("content-type", OCI_MANIFEST),
-            ("docker-content-digest", &digest),
-        ],
+        &[("content-type", OCI_MANIFEST), ("docker-content-digest", &digest)],
     );
     registry.set("/v2/team/app/manifests/v1", reply);
     let cache = tempfile::tempdir()?;
     // A zero TTL makes every tag request go upstream with the cached token.
-    let pullcache =
-        Pullcache::start(cache.path(), &[(REGISTRY, &registry.url())], Duration::ZERO).await?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &registry.url())], Duration::ZERO).await?;
     let client = support::http_client();
     let url = format!("{}/v2/team/app/manifests/v1?ns={REGISTRY}", pullcache.url());
 
     assert_eq!(client.get(&url).send().await?.status(), 200);
     assert_eq!(client.get(&url).send().await?.status(), 200);
-    assert_eq!(
-        registry.token_queries().len(),
-        1,
-        "a valid cached token was not reused"
-    );
+    assert_eq!(registry.token_queries().len(), 1, "a valid cached token was not reused");
 
     // The registry stops taking the cached token (revoked, or expired early).
     registry.require_token("second");
@@ -183,11 +150,7 @@ async fn a_rejected_cached_token_is_refreshed_once() -> anyhow::Result<()> {
         resp.headers().get("warning").is_none(),
         "served stale instead of refreshing"
     );
-    assert_eq!(
-        registry.token_queries().len(),
-        2,
-        "expected exactly one refresh"
-    );
+    assert_eq!(registry.token_queries().len(), 2, "expected exactly one refresh");
     let seen = registry.auth_seen("/v2/team/app/manifests/v1");
     assert_eq!(
         seen.last().cloned().flatten().as_deref(),
@@ -209,10 +172,7 @@ async fn mirrors_are_tried_first_and_the_registry_is_the_fallback() -> anyhow::R
         (&registry, &mirrored, &from_mirror),
         (&registry, &unmirrored, &from_registry),
     ] {
-        server.set(
-            &format!("/v2/team/app/blobs/{digest}"),
-            Reply::ok(bytes.clone(), &[]),
-        );
+        server.set(&format!("/v2/team/app/blobs/{digest}"), Reply::ok(bytes.clone(), &[]));
     }
     let cache = tempfile::tempdir()?;
     let mut config = pullcache::Config::new(cache.path().to_owned());
@@ -224,10 +184,7 @@ async fn mirrors_are_tried_first_and_the_registry_is_the_fallback() -> anyhow::R
 
     for (digest, bytes) in [(&mirrored, &from_mirror), (&unmirrored, &from_registry)] {
         let resp = client
-            .get(format!(
-                "{}/v2/team/app/blobs/{digest}?ns={REGISTRY}",
-                pullcache.url()
-            ))
+            .get(format!("{}/v2/team/app/blobs/{digest}?ns={REGISTRY}", pullcache.url()))
             .send()
             .await?;
         assert_eq!(resp.status(), 200);
@@ -240,11 +197,7 @@ async fn mirrors_are_tried_first_and_the_registry_is_the_fallback() -> anyhow::R
         0,
         "the mirror had it; the registry was asked anyway"
     );
-    assert_eq!(
-        mirror.hits(&path(&unmirrored)),
-        1,
-        "the mirror was not tried first"
-    );
+    assert_eq!(mirror.hits(&path(&unmirrored)), 1, "the mirror was not tried first");
     assert_eq!(registry.hits(&path(&unmirrored)), 1);
     Ok(())
 }

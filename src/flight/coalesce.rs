@@ -17,9 +17,7 @@ pub struct Coalesce<K, V> {
 
 impl<K, V> Default for Coalesce<K, V> {
     fn default() -> Self {
-        Coalesce {
-            active: Arc::default(),
-        }
+        Coalesce { active: Arc::default() }
     }
 }
 

@@ -175,12 +175,7 @@ impl Flights {
 
     /// The stored blob, a running flight to join, or a new flight fetching it from
     /// `registry`/`repository`.
-    pub fn get(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        digest: &Digest,
-    ) -> Result<BlobSource, Error> {
+    pub fn get(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<BlobSource, Error> {
         if let Some((file, size)) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored { file, size });
         }
@@ -224,11 +219,7 @@ impl Flights {
             digest: digest.clone(),
             progress: Arc::new(tx),
         };
-        let (active, refused, metrics) = (
-            self.active.clone(),
-            self.refused.clone(),
-            self.metrics.clone(),
-        );
+        let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
         let counted = flight.clone();
         metrics.inflight.inc();
         tokio::spawn(async move {
@@ -260,10 +251,7 @@ impl Flights {
             metrics.inflight.dec();
             metrics.waiters.observe(waiters as f64);
         });
-        Ok(BlobSource::Flight {
-            flight,
-            joined: false,
-        })
+        Ok(BlobSource::Flight { flight, joined: false })
     }
 }
 
@@ -291,9 +279,7 @@ impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
     async fn run(self, temp: TempBlob) -> Result<(), Error> {
         let digest = self.digest.to_string();
-        let request = |from| {
-            Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from)
-        };
+        let request = |from| Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
         let resp = self.upstreams.fetch(request(None)).await?;
         let size = content_length(&resp);
         self.progress.send_modify(|p| {
@@ -420,9 +406,7 @@ impl BodyStream {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !range.starts_with(&expected) {
-                return Err(format!(
-                    "resume answered Content-Range {range:?}, wanted {expected}"
-                ));
+                return Err(format!("resume answered Content-Range {range:?}, wanted {expected}"));
             }
             self.skip = 0;
         } else {

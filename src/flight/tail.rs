@@ -93,9 +93,7 @@ impl Tail {
                     }
                     FlightState::Connecting | FlightState::Streaming => {
                         // Hold back the range's final byte until the digest is verified.
-                        let limit = self
-                            .end
-                            .map_or(p.written, |end| p.written.min(end.saturating_sub(1)));
+                        let limit = self.end.map_or(p.written, |end| p.written.min(end.saturating_sub(1)));
                         if limit > self.pos {
                             return Ok(limit);
                         }
@@ -129,10 +127,7 @@ mod tests {
         assert_eq!(&tail.next_chunk().await.unwrap().unwrap()[..], b"abcde");
         let pending = tokio::spawn(async move { (tail.next_chunk().await, tail) });
         tokio::task::yield_now().await;
-        assert!(
-            !pending.is_finished(),
-            "final byte went out before verification"
-        );
+        assert!(!pending.is_finished(), "final byte went out before verification");
         tx.send_modify(|p| p.state = FlightState::Done);
         let (chunk, mut tail) = pending.await.unwrap();
         assert_eq!(&chunk.unwrap().unwrap()[..], b"f");
@@ -150,9 +145,7 @@ mod tests {
         let mut tail = Tail::following(file, 0, None, rx);
         let pending = tokio::spawn(async move { tail.next_chunk().await });
         tx.send_modify(|p| {
-            p.state = FlightState::Failed(Arc::new(crate::error::Error::Internal(
-                "digest mismatch".into(),
-            )))
+            p.state = FlightState::Failed(Arc::new(crate::error::Error::Internal("digest mismatch".into())))
         });
         assert!(pending.await.unwrap().unwrap().is_err());
     }

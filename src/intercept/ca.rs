@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -46,14 +46,10 @@ fn files(dir: &Path, message: impl std::fmt::Display) -> CaError {
 /// Creates a new CA in `dir`. Refuses to replace one that exists.
 pub fn init(dir: &Path) -> Result<(), CaError> {
     if dir.join(KEY_FILE).exists() || dir.join(CERT_FILE).exists() {
-        return Err(files(
-            dir,
-            "a CA exists already; remove it first to make a new one",
-        ));
+        return Err(files(dir, "a CA exists already; remove it first to make a new one"));
     }
     fs::create_dir_all(dir).map_err(|e| files(dir, e))?;
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| CaError::Certificate(e.to_string()))?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Certificate(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, CA_NAME);
@@ -71,8 +67,7 @@ pub fn init(dir: &Path) -> Result<(), CaError> {
     let cert = params
         .self_signed(&key)
         .map_err(|e| CaError::Certificate(e.to_string()))?;
-    write_new(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)
-        .map_err(|e| files(dir, e))?;
+    write_new(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600).map_err(|e| files(dir, e))?;
     write_new(&dir.join(CERT_FILE), cert.pem().as_bytes(), 0o644).map_err(|e| files(dir, e))?;
     Ok(())
 }
@@ -108,20 +103,14 @@ impl Ca {
         let key_path = dir.join(KEY_FILE);
         let mode = fs::metadata(&key_path).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
         if std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077 != 0 {
-            return Err(files(
-                dir,
-                format!("{KEY_FILE} is readable by others; chmod 600 it"),
-            ));
+            return Err(files(dir, format!("{KEY_FILE} is readable by others; chmod 600 it")));
         }
-        let key_pem =
-            fs::read_to_string(&key_path).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
-        let key =
-            KeyPair::from_pem(&key_pem).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
         let cert_pem = cert_pem(dir)?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
         Ok(Ca {
             issuer,
             cert_der,
@@ -177,22 +166,10 @@ mod tests {
     fn init_writes_a_private_key_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path()).unwrap();
-        let mode = fs::metadata(dir.path().join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(
-            cert_pem(dir.path())
-                .unwrap()
-                .starts_with("-----BEGIN CERTIFICATE-----")
-        );
-        assert!(
-            init(dir.path())
-                .unwrap_err()
-                .to_string()
-                .contains("exists already")
-        );
+        assert!(cert_pem(dir.path()).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(init(dir.path()).unwrap_err().to_string().contains("exists already"));
     }
 
     #[test]

@@ -64,10 +64,7 @@ pub struct Policy {
 
 impl Policy {
     /// Intercepts Docker Hub's hosts and every registry in `registries`.
-    pub fn new<'a>(
-        registries: impl IntoIterator<Item = &'a Registry>,
-        tunnel_allow: Vec<String>,
-    ) -> Policy {
+    pub fn new<'a>(registries: impl IntoIterator<Item = &'a Registry>, tunnel_allow: Vec<String>) -> Policy {
         let mut intercepted = HashMap::new();
         for host in DOCKER_HUB_HOSTS {
             intercepted.insert((*host).to_owned(), Registry::docker_hub());
@@ -77,10 +74,7 @@ impl Policy {
         }
         Policy {
             intercepted,
-            tunnel_allow: tunnel_allow
-                .into_iter()
-                .map(|p| p.to_ascii_lowercase())
-                .collect(),
+            tunnel_allow: tunnel_allow.into_iter().map(|p| p.to_ascii_lowercase()).collect(),
         }
     }
 
@@ -108,16 +102,9 @@ impl Policy {
             .parse::<std::net::IpAddr>()
             && (ip.is_loopback() || crate::upstream::is_forbidden(ip))
         {
-            return Decision::Refuse(format!(
-                "{host} is a loopback, link-local or metadata address"
-            ));
+            return Decision::Refuse(format!("{host} is a loopback, link-local or metadata address"));
         }
-        if port == 443
-            && self
-                .tunnel_allow
-                .iter()
-                .any(|pattern| matches(pattern, host))
-        {
+        if port == 443 && self.tunnel_allow.iter().any(|pattern| matches(pattern, host)) {
             return Decision::Tunnel;
         }
         Decision::Refuse(format!(
@@ -129,9 +116,7 @@ impl Policy {
 /// `host:port`, `[v6]:port` or `host` → (host, port).
 fn split_authority(authority: &str) -> (&str, Option<u16>) {
     match authority.rsplit_once(':') {
-        Some((host, port))
-            if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) =>
-        {
+        Some((host, port)) if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) => {
             (host, port.parse().ok())
         }
         _ => (authority, Some(443)),
@@ -141,9 +126,7 @@ fn split_authority(authority: &str) -> (&str, Option<u16>) {
 fn matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
-            host.len() > suffix.len() + 1
-                && host.ends_with(suffix)
-                && host[..host.len() - suffix.len()].ends_with('.')
+            host.len() > suffix.len() + 1 && host.ends_with(suffix) && host[..host.len() - suffix.len()].ends_with('.')
         }
         None => pattern == host,
     }
@@ -157,11 +140,7 @@ pub struct Intercept {
 }
 
 impl Intercept {
-    pub fn new(
-        policy: Policy,
-        ca: Ca,
-        registry: &prometheus::Registry,
-    ) -> prometheus::Result<Intercept> {
+    pub fn new(policy: Policy, ca: Ca, registry: &prometheus::Registry) -> prometheus::Result<Intercept> {
         let connects = IntCounterVec::new(
             prometheus::Opts::new(
                 "pullcache_proxy_requests_total",
@@ -170,11 +149,7 @@ impl Intercept {
             &["decision"],
         )?;
         registry.register(Box::new(connects.clone()))?;
-        Ok(Intercept {
-            policy,
-            ca,
-            connects,
-        })
+        Ok(Intercept { policy, ca, connects })
     }
 
     /// Decides for a host and counts the decision.
@@ -191,12 +166,7 @@ impl Intercept {
     /// `serve` serves an intercepted, decrypted connection.
     pub fn connect<F, Fut>(self: &Arc<Self>, req: Request<Incoming>, serve: F) -> Response<Body>
     where
-        F: FnOnce(
-                tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>,
-                Registry,
-            ) -> Fut
-            + Send
-            + 'static,
+        F: FnOnce(tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>, Registry) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
         let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
@@ -219,10 +189,7 @@ impl Intercept {
                     Ok(leaf) => leaf,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot make a certificate");
-                        return refuse(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "cannot make a certificate",
-                        );
+                        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a certificate");
                     }
                 };
                 tokio::spawn(async move {
@@ -252,9 +219,7 @@ fn refuse(status: StatusCode, reason: &str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(response::full(Bytes::from(format!(
-            "pullcache: {reason}\n"
-        ))))
+        .body(response::full(Bytes::from(format!("pullcache: {reason}\n"))))
         .expect("refusal parts are valid")
 }
 
@@ -268,22 +233,17 @@ fn tls_acceptor(leaf: Arc<rustls::sign::CertifiedKey>) -> tokio_rustls::TlsAccep
     #[derive(Debug)]
     struct Fixed(Arc<rustls::sign::CertifiedKey>);
     impl rustls::server::ResolvesServerCert for Fixed {
-        fn resolve(
-            &self,
-            _hello: rustls::server::ClientHello<'_>,
-        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
             // The certificate is for the CONNECT host, whatever the SNI says: a client that
             // asks for another name fails its own verification.
             Some(self.0.clone())
         }
     }
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(Fixed(leaf)));
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(leaf)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
@@ -300,12 +260,9 @@ async fn tunnel(on_upgrade: hyper::upgrade::OnUpgrade, authority: &str) -> std::
             "{authority} has no address a tunnel may reach"
         )));
     }
-    let mut server = tokio::time::timeout(
-        TUNNEL_CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(&addrs[..]),
-    )
-    .await
-    .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))??;
+    let mut server = tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addrs[..]))
+        .await
+        .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))??;
     let upgraded = on_upgrade.await.map_err(std::io::Error::other)?;
     let mut client = TokioIo::new(upgraded);
     tokio::io::copy_bidirectional(&mut client, &mut server).await?;
@@ -337,10 +294,7 @@ mod tests {
     #[test]
     fn registry_hosts_are_intercepted() {
         let p = policy();
-        assert_eq!(
-            intercepted(p.decide("registry-1.docker.io:443")),
-            "docker.io"
-        );
+        assert_eq!(intercepted(p.decide("registry-1.docker.io:443")), "docker.io");
         assert_eq!(intercepted(p.decide("index.docker.io:443")), "docker.io");
         assert_eq!(
             intercepted(p.decide("Registry.Test.Invalid:443")),
@@ -368,10 +322,7 @@ mod tests {
             "0.0.0.0:443",
             "nonsense",
         ] {
-            assert!(
-                matches!(p.decide(refused), Decision::Refuse(_)),
-                "{refused}"
-            );
+            assert!(matches!(p.decide(refused), Decision::Refuse(_)), "{refused}");
         }
     }
 

@@ -47,13 +47,9 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hex = s
             .strip_prefix(PREFIX)
-            .filter(|h| {
-                h.len() == HEX_LEN && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            })
+            .filter(|h| h.len() == HEX_LEN && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
             .ok_or_else(|| DigestError::Invalid(truncate(s)))?;
-        Ok(Digest {
-            hex: hex.to_owned(),
-        })
+        Ok(Digest { hex: hex.to_owned() })
     }
 }
 

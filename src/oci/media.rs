@@ -141,10 +141,7 @@ mod tests {
     use super::*;
 
     fn class(values: &[&str]) -> AcceptClass {
-        let values: Vec<HeaderValue> = values
-            .iter()
-            .map(|v| HeaderValue::from_str(v).unwrap())
-            .collect();
+        let values: Vec<HeaderValue> = values.iter().map(|v| HeaderValue::from_str(v).unwrap()).collect();
         AcceptClass::from_headers(values.iter())
     }
 
@@ -161,11 +158,7 @@ mod tests {
     fn narrow_accepts_keep_their_class() {
         assert_eq!(class(&[DOCKER_MANIFEST]).as_str(), "docker");
         assert_eq!(
-            class(&[
-                OCI_MANIFEST,
-                "application/vnd.oci.image.index.v1+json;q=0.9"
-            ])
-            .as_str(),
+            class(&[OCI_MANIFEST, "application/vnd.oci.image.index.v1+json;q=0.9"]).as_str(),
             "index+oci"
         );
         assert_eq!(class(&["text/html"]), AcceptClass::all());

@@ -88,9 +88,7 @@ fn is_domain_label(label: &str) -> bool {
     let bytes = label.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -117,9 +115,7 @@ impl Repository {
     /// `separator = '.' | '_' | '__' | '-'+`.
     pub fn parse(s: &str) -> Result<Self, NameError> {
         if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(is_path_component) {
-            return Err(NameError::Repository(
-                s.chars().take(MAX_NAME_LEN + 1).collect(),
-            ));
+            return Err(NameError::Repository(s.chars().take(MAX_NAME_LEN + 1).collect()));
         }
         Ok(Repository(s.to_owned()))
     }
@@ -281,24 +277,12 @@ mod tests {
         let hub = Registry::docker_hub();
         let other = Registry::parse("ghcr.io").unwrap();
         assert_eq!(
-            Repository::parse("alpine")
-                .unwrap()
-                .normalize_for(&hub)
-                .as_str(),
+            Repository::parse("alpine").unwrap().normalize_for(&hub).as_str(),
             "library/alpine"
         );
+        assert_eq!(Repository::parse("a/b").unwrap().normalize_for(&hub).as_str(), "a/b");
         assert_eq!(
-            Repository::parse("a/b")
-                .unwrap()
-                .normalize_for(&hub)
-                .as_str(),
-            "a/b"
-        );
-        assert_eq!(
-            Repository::parse("alpine")
-                .unwrap()
-                .normalize_for(&other)
-                .as_str(),
+            Repository::parse("alpine").unwrap().normalize_for(&other).as_str(),
             "alpine"
         );
     }

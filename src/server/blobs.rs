@@ -1,9 +1,7 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: from the store, or by joining or starting the digest's
 //! flight. Single ranges are honoured, also while the blob is still downloading.
 
-use http::header::{
-    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
-};
+use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::response::{self, Body};
@@ -15,13 +13,7 @@ use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
 use crate::upstream::{Fetch, content_length};
 
-pub async fn serve(
-    app: &App,
-    head: bool,
-    headers: &HeaderMap,
-    target: &Target,
-    digest: &Digest,
-) -> Result<Outcome> {
+pub async fn serve(app: &App, head: bool, headers: &HeaderMap, target: &Target, digest: &Digest) -> Result<Outcome> {
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
     let source = if head {
         match app.flights.lookup(digest)? {
@@ -29,8 +21,7 @@ pub async fn serve(
             None => return head_upstream(app, target, digest).await,
         }
     } else {
-        app.flights
-            .get(&target.registry, &target.repository, digest)?
+        app.flights.get(&target.registry, &target.repository, digest)?
     };
     match source {
         BlobSource::Stored { file, size } => {
@@ -78,18 +69,10 @@ async fn head_upstream(app: &App, target: &Target, digest: &Digest) -> Result<Ou
         ))
         .await?;
     let size = content_length(&resp);
-    Ok(Outcome::new(
-        respond(digest, size, None, response::empty()),
-        "bypass",
-    ))
+    Ok(Outcome::new(respond(digest, size, None, response::empty()), "bypass"))
 }
 
-fn respond(
-    digest: &Digest,
-    size: Option<u64>,
-    span: Option<(u64, u64)>,
-    body: Body,
-) -> Response<Body> {
+fn respond(digest: &Digest, size: Option<u64>, span: Option<(u64, u64)>, body: Body) -> Response<Body> {
     let mut resp = Response::builder()
         .header(CONTENT_TYPE, BLOB_MEDIA_TYPE)
         .header(DOCKER_CONTENT_DIGEST, digest.to_string())

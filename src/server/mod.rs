@@ -101,12 +101,7 @@ impl App {
         outcome.response.map(|body| access.wrap(body))
     }
 
-    async fn dispatch(
-        &self,
-        route: &Route,
-        head: bool,
-        headers: &http::HeaderMap,
-    ) -> crate::error::Result<Outcome> {
+    async fn dispatch(&self, route: &Route, head: bool, headers: &http::HeaderMap) -> crate::error::Result<Outcome> {
         match route {
             Route::Ping => Ok(Outcome::new(
                 Response::builder()
@@ -116,23 +111,15 @@ impl App {
                     .expect("ping response parts are valid"),
                 "none",
             )),
-            Route::Manifest { target, reference } => {
-                manifests::serve(self, head, headers, target, reference).await
-            }
-            Route::Blob { target, digest } => {
-                blobs::serve(self, head, headers, target, digest).await
-            }
+            Route::Manifest { target, reference } => manifests::serve(self, head, headers, target, reference).await,
+            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest).await,
         }
     }
 }
 
 /// A request on the listener: a proxy request (CONNECT or absolute-form) goes to the intercept
 /// side, anything else is a mirror-mode registry request.
-async fn answer(
-    req: Request<Incoming>,
-    app: Arc<AppSlot>,
-    intercept: Option<Arc<Intercept>>,
-) -> Response<Body> {
+async fn answer(req: Request<Incoming>, app: Arc<AppSlot>, intercept: Option<Arc<Intercept>>) -> Response<Body> {
     let proxy = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     if !proxy {
         return match app.get() {
@@ -144,16 +131,10 @@ async fn answer(
         return crate::intercept::refused("proxy requests need intercept mode (--ca-dir)");
     };
     if req.method() == Method::CONNECT {
-        return intercept.connect(req, move |tls, registry| {
-            serve_intercepted(tls, registry, app)
-        });
+        return intercept.connect(req, move |tls, registry| serve_intercepted(tls, registry, app));
     }
     // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
     match intercept.decide(&authority) {
         crate::intercept::Decision::Intercept { registry, .. } => match app.get() {
             Some(app) => app.handle(req, Some(&registry)).await,

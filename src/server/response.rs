@@ -18,9 +18,7 @@ use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 pub fn full(bytes: Bytes) -> Body {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -41,57 +39,36 @@ pub fn tail(tail: Tail) -> Body {
 fn classify(err: &Error) -> (StatusCode, ErrorCode) {
     match err.root() {
         Error::Request(e) => match e {
-            RequestError::Name(NameError::Tag(_)) => {
-                (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid)
-            }
+            RequestError::Name(NameError::Tag(_)) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
             RequestError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
             RequestError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
-            RequestError::Range { .. } => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid)
-            }
+            RequestError::Range { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid),
             RequestError::Method { .. } | RequestError::Unsupported { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported)
             }
             RequestError::NoRoute { .. } => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
         },
         Error::Upstream(UpstreamError { kind, .. }) => match kind {
-            UpstreamErrorKind::Status {
-                status, resource, ..
-            } => match (*status, resource) {
-                (StatusCode::NOT_FOUND, Resource::Manifest) => {
-                    (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown)
-                }
-                (StatusCode::NOT_FOUND, Resource::Blob) => {
-                    (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown)
-                }
-                (StatusCode::UNAUTHORIZED, _) => {
-                    (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
-                }
+            UpstreamErrorKind::Status { status, resource, .. } => match (*status, resource) {
+                (StatusCode::NOT_FOUND, Resource::Manifest) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+                (StatusCode::NOT_FOUND, Resource::Blob) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+                (StatusCode::UNAUTHORIZED, _) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
                 (StatusCode::FORBIDDEN, _) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
-                (StatusCode::TOO_MANY_REQUESTS, _) => {
-                    (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
-                }
+                (StatusCode::TOO_MANY_REQUESTS, _) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
-            UpstreamErrorKind::CredentialsRefused { status }
-            | UpstreamErrorKind::CredentialsRequired { status } => {
+            UpstreamErrorKind::CredentialsRefused { status } | UpstreamErrorKind::CredentialsRequired { status } => {
                 if *status == StatusCode::FORBIDDEN {
                     (StatusCode::FORBIDDEN, ErrorCode::Denied)
                 } else {
                     (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
                 }
             }
-            UpstreamErrorKind::RateLimited(_) => {
-                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
-            }
+            UpstreamErrorKind::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             UpstreamErrorKind::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
-            UpstreamErrorKind::DigestMismatch { .. } => {
-                (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid)
-            }
-            UpstreamErrorKind::TooLarge { .. } => {
-                (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid)
-            }
+            UpstreamErrorKind::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
+            UpstreamErrorKind::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid),
             UpstreamErrorKind::Request(_)
             | UpstreamErrorKind::Redirect(_)
             | UpstreamErrorKind::Token(_)
@@ -178,20 +155,11 @@ mod tests {
             (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown)
         );
         assert_eq!(
-            classify(&upstream(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Resource::Manifest
-            )),
+            classify(&upstream(StatusCode::SERVICE_UNAVAILABLE, Resource::Manifest)),
             (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
         );
-        let shared = Error::Shared(std::sync::Arc::new(upstream(
-            StatusCode::NOT_FOUND,
-            Resource::Manifest,
-        )));
-        assert_eq!(
-            classify(&shared),
-            (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown)
-        );
+        let shared = Error::Shared(std::sync::Arc::new(upstream(StatusCode::NOT_FOUND, Resource::Manifest)));
+        assert_eq!(classify(&shared), (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown));
         assert_eq!(
             classify(&Error::Internal("x".into())),
             (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
@@ -200,10 +168,7 @@ mod tests {
 
     #[test]
     fn rate_limits_keep_retry_after() {
-        let resp = error(
-            &upstream(StatusCode::TOO_MANY_REQUESTS, Resource::Manifest),
-            false,
-        );
+        let resp = error(&upstream(StatusCode::TOO_MANY_REQUESTS, Resource::Manifest), false);
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[RETRY_AFTER], "7");
     }

@@ -71,8 +71,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
         .into());
     }
     let mut parts = rest.rsplitn(3, '/');
-    let (Some(reference), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(reference), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(no_route());
     };
     match (kind, reference) {
@@ -90,10 +89,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
             .into());
         }
         ("blobs", "uploads") | ("uploads", _) | (_, "uploads") => {
-            return Err(RequestError::Unsupported {
-                operation: "pushing",
-            }
-            .into());
+            return Err(RequestError::Unsupported { operation: "pushing" }.into());
         }
         _ => return Err(no_route()),
     }
@@ -123,17 +119,12 @@ fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Ta
         Some(ns) => (Registry::parse(&ns)?, name),
         None if host.is_some() => (host.cloned().expect("checked"), name),
         None => match name.split_once('/') {
-            Some((first, rest)) if Registry::looks_like_host(first) => {
-                (Registry::parse(first)?, rest)
-            }
+            Some((first, rest)) if Registry::looks_like_host(first) => (Registry::parse(first)?, rest),
             _ => (Registry::docker_hub(), name),
         },
     };
     let repository = Repository::parse(name)?.normalize_for(&registry);
-    Ok(Target {
-        registry,
-        repository,
-    })
+    Ok(Target { registry, repository })
 }
 
 #[cfg(test)]
@@ -204,12 +195,7 @@ mod tests {
             ("quay.io", "org/app.io")
         );
         let hub = Registry::docker_hub();
-        let route = parse(
-            &Method::GET,
-            &"/v2/alpine/manifests/3".parse().unwrap(),
-            Some(&hub),
-        )
-        .unwrap();
+        let route = parse(&Method::GET, &"/v2/alpine/manifests/3".parse().unwrap(), Some(&hub)).unwrap();
         let Route::Manifest { target, .. } = route else {
             panic!()
         };

@@ -134,10 +134,7 @@ impl Store {
         let path = self.blob_path(digest);
         match File::open(&path) {
             Ok(file) => {
-                let len = file
-                    .metadata()
-                    .map_err(|e| StoreError::new("stat", &path, e))?
-                    .len();
+                let len = file.metadata().map_err(|e| StoreError::new("stat", &path, e))?.len();
                 Ok(Some((file, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -171,12 +168,7 @@ impl Store {
 
     /// Moves a temp blob into the store under `expected`, only if its bytes hash to it (and
     /// have `expected_size`, when known). Crash-safe: fsync, rename, fsync the directory.
-    pub fn commit(
-        &self,
-        mut temp: TempBlob,
-        expected: &Digest,
-        expected_size: Option<u64>,
-    ) -> Result<(), CommitError> {
+    pub fn commit(&self, mut temp: TempBlob, expected: &Digest, expected_size: Option<u64>) -> Result<(), CommitError> {
         let actual = Digest::from_hasher(std::mem::take(&mut temp.hasher));
         if let Some(expected_size) = expected_size
             && expected_size != temp.size
@@ -211,12 +203,7 @@ impl Store {
     }
 
     /// Stores a manifest's bytes under its digest, with its media type beside it.
-    pub fn put_manifest(
-        &self,
-        digest: &Digest,
-        media_type: &str,
-        bytes: &[u8],
-    ) -> Result<(), CommitError> {
+    pub fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), CommitError> {
         if !self.has_blob(digest) {
             let mut temp = self.temp_blob()?;
             temp.write(bytes)?;
@@ -248,9 +235,7 @@ impl Store {
 fn scan(blobs: &Path) -> Result<(u64, u64)> {
     let (mut bytes, mut count) = (0, 0);
     for prefix in fs::read_dir(blobs).map_err(|e| StoreError::new("list", blobs, e))? {
-        let prefix = prefix
-            .map_err(|e| StoreError::new("list", blobs, e))?
-            .path();
+        let prefix = prefix.map_err(|e| StoreError::new("list", blobs, e))?.path();
         let Ok(entries) = fs::read_dir(&prefix) else {
             continue;
         };
@@ -278,8 +263,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Metrics> {
-        let bytes =
-            prometheus::IntGauge::new("pullcache_cache_bytes", "Bytes of blobs in the cache.")?;
+        let bytes = prometheus::IntGauge::new("pullcache_cache_bytes", "Bytes of blobs in the cache.")?;
         let blobs = prometheus::IntGauge::new(
             "pullcache_cache_blobs",
             "Blobs (layers, configs, manifests) in the cache.",
@@ -288,10 +272,8 @@ impl Metrics {
             "pullcache_filesystem_free_bytes",
             "Free bytes on the cache's filesystem (for an unprivileged writer).",
         )?;
-        let evictions = prometheus::IntCounter::new(
-            "pullcache_cache_evictions_total",
-            "Blobs evicted from the cache.",
-        )?;
+        let evictions =
+            prometheus::IntCounter::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(blobs.clone()))?;
         registry.register(Box::new(free.clone()))?;
@@ -367,9 +349,7 @@ impl TempBlob {
     /// A second handle on the file for readers tailing it. They read by offset, so the shared
     /// file position does not matter, and the handle stays valid after the rename.
     pub fn reader(&self) -> Result<File> {
-        self.file
-            .try_clone()
-            .map_err(|e| StoreError::new("dup", &self.path, e))
+        self.file.try_clone().map_err(|e| StoreError::new("dup", &self.path, e))
     }
 
     pub fn size(&self) -> u64 {
@@ -413,11 +393,7 @@ mod tests {
         let err = store.commit(temp, &other, None).unwrap_err();
         assert!(matches!(err, CommitError::DigestMismatch { .. }), "{err}");
         assert!(store.open_blob(&other).unwrap().is_none());
-        assert_eq!(
-            fs::read_dir(&store.tmp).unwrap().count(),
-            0,
-            "temp file left behind"
-        );
+        assert_eq!(fs::read_dir(&store.tmp).unwrap().count(), 0, "temp file left behind");
     }
 
     #[test]
@@ -440,9 +416,7 @@ mod tests {
         let (_dir, store) = store();
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"hello").unwrap();
-        let err = store
-            .commit(temp, &Digest::of(b"hello"), Some(6))
-            .unwrap_err();
+        let err = store.commit(temp, &Digest::of(b"hello"), Some(6)).unwrap_err();
         assert!(matches!(err, CommitError::SizeMismatch { .. }), "{err}");
         assert!(!store.has_blob(&Digest::of(b"hello")));
     }
@@ -474,9 +448,7 @@ mod tests {
         let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
         assert_eq!(bytes, body);
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
-        let err = store
-            .put_manifest(&Digest::of(b"x"), "t", body)
-            .unwrap_err();
+        let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
         assert!(matches!(err, CommitError::DigestMismatch { .. }));
     }
 }

@@ -117,11 +117,7 @@ impl TagIndex {
     }
 
     pub fn get(&self, key: &TagKey) -> Option<TagRecord> {
-        self.entries
-            .read()
-            .expect("tag index lock")
-            .get(key)
-            .cloned()
+        self.entries.read().expect("tag index lock").get(key).cloned()
     }
 
     /// Answers recorded for the same tag under other accept classes whose media type a client
@@ -159,10 +155,7 @@ impl TagIndex {
         };
         let bytes = serde_json::to_vec(&entry).expect("tag entries serialize");
         write_atomic(&self.tmp, &self.dir.join(key.file_name()), &bytes)?;
-        self.entries
-            .write()
-            .expect("tag index lock")
-            .insert(key, record);
+        self.entries.write().expect("tag index lock").insert(key, record);
         Ok(())
     }
 

@@ -18,8 +18,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use super::credentials::Credentials;
 use super::resolve::check_target;
 use super::{
-    Fetch, HEADER_TIMEOUT, Origin, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams,
-    error_chain,
+    Fetch, HEADER_TIMEOUT, Origin, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams, error_chain,
 };
 use crate::oci::Repository;
 
@@ -72,11 +71,7 @@ fn parse_params(s: &str) -> HashMap<String, String> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
             let mut value = String::new();
             let mut chars = quoted.char_indices();
@@ -122,9 +117,7 @@ impl TokenResponse {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
-        let lifetime = self
-            .expires_in
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let lifetime = self.expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
         Some((value, lifetime))
     }
 }
@@ -180,9 +173,7 @@ impl Upstreams {
             let result = match &token {
                 Ok(_) => "ok",
                 Err(UpstreamError {
-                    kind:
-                        UpstreamErrorKind::CredentialsRefused { .. }
-                        | UpstreamErrorKind::CredentialsRequired { .. },
+                    kind: UpstreamErrorKind::CredentialsRefused { .. } | UpstreamErrorKind::CredentialsRequired { .. },
                     ..
                 }) => "refused",
                 Err(_) => "error",
@@ -210,10 +201,7 @@ impl Upstreams {
                 .credentials
                 .and_then(Credentials::basic_header)
                 .ok_or_else(|| refused(false))?;
-            self.basic
-                .lock()
-                .expect("basic lock")
-                .insert(origin.authority.clone());
+            self.basic.lock().expect("basic lock").insert(origin.authority.clone());
             return Ok(header);
         }
         Err(refused(origin.credentials.is_some()))
@@ -289,8 +277,7 @@ impl Upstreams {
             .ok()
             .and_then(TokenResponse::into_header)
             .ok_or_else(|| err("token response has no token".into()))?;
-        self.tokens
-            .put(&origin.authority, cache_scope, value.clone(), lifetime);
+        self.tokens.put(&origin.authority, cache_scope, value.clone(), lifetime);
         Ok(value)
     }
 }
@@ -316,18 +303,14 @@ mod tests {
         assert_eq!(c.realm, "https://r/t?a=1,b");
         assert_eq!(c.service.as_deref(), Some("svc"));
         let repo = Repository::parse("team/app").unwrap();
-        assert_eq!(
-            c.scope_for(Some(&repo)).unwrap(),
-            "repository:team/app:pull"
-        );
+        assert_eq!(c.scope_for(Some(&repo)).unwrap(), "repository:team/app:pull");
         assert!(Challenge::parse(r#"Basic realm="x""#).is_none());
         assert!(Challenge::parse("Bearer service=x").is_none());
     }
 
     #[test]
     fn token_header_is_sensitive_and_expires() {
-        let t: TokenResponse =
-            serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
+        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
         let (value, life) = t.into_header().unwrap();
         assert!(value.is_sensitive());
         assert_eq!(value, "Bearer abc");
@@ -337,10 +320,6 @@ mod tests {
         cache.put(hub, "s", value.clone(), life);
         assert_eq!(cache.get(hub, "s"), Some(value.clone()));
         cache.put(hub, "short", value, Duration::from_secs(5));
-        assert_eq!(
-            cache.get(hub, "short"),
-            None,
-            "a token about to expire is not reused"
-        );
+        assert_eq!(cache.get(hub, "short"), None, "a token about to expire is not reused");
     }
 }

@@ -212,11 +212,7 @@ mod tests {
         let config = DockerConfig::parse(CONFIG.as_bytes()).unwrap();
         let alias = Registry::parse("registry.test").unwrap();
         assert!(config.lookup(&alias, None).is_none());
-        assert!(
-            config
-                .lookup(&alias, Some("registry.example.com:5000"))
-                .is_some()
-        );
+        assert!(config.lookup(&alias, Some("registry.example.com:5000")).is_some());
     }
 
     #[test]
@@ -225,15 +221,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
-        assert!(
-            !format!(
-                "{:?}",
-                Credentials::IdentityToken {
-                    token: "tok".into()
-                }
-            )
-            .contains("tok")
-        );
+        assert!(!format!("{:?}", Credentials::IdentityToken { token: "tok".into() }).contains("tok"));
         assert!(Credentials::from_fields(Some("!!"), None, None, None).is_err());
         assert!(Credentials::from_fields(Some("bm9jb2xvbg=="), None, None, None).is_err());
         assert!(DockerConfig::parse(br#"{"auths": []}"#).is_err());

@@ -67,9 +67,7 @@ impl Limits {
     pub fn closed_for(&self, origin: &str) -> Option<Duration> {
         let entries = self.entries.lock().expect("limits lock");
         let until = entries.get(origin)?.closed_until?;
-        until
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     pub fn rate_limit(&self, origin: &str) -> Option<RateLimit> {
@@ -86,10 +84,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let when = httpdate::parse_http_date(value.trim()).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -101,10 +96,7 @@ mod tests {
         let limits = Limits::default();
         let mut headers = HeaderMap::new();
         headers.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
-        headers.insert(
-            "ratelimit-remaining",
-            HeaderValue::from_static("76;w=21600"),
-        );
+        headers.insert("ratelimit-remaining", HeaderValue::from_static("76;w=21600"));
         limits.observe("registry-1.docker.io", &headers);
         assert_eq!(
             limits.rate_limit("registry-1.docker.io"),
@@ -114,10 +106,7 @@ mod tests {
             })
         );
         limits.observe("registry-1.docker.io", &HeaderMap::new());
-        assert_eq!(
-            limits.rate_limit("registry-1.docker.io").unwrap().remaining,
-            Some(76)
-        );
+        assert_eq!(limits.rate_limit("registry-1.docker.io").unwrap().remaining, Some(76));
         assert_eq!(limits.rate_limit("ghcr.io"), None);
     }
 
@@ -141,10 +130,7 @@ mod tests {
             wait > Duration::from_secs(55) && wait <= Duration::from_secs(61),
             "{wait:?}"
         );
-        assert_eq!(
-            limits.close("r", Some(&HeaderValue::from_static("0"))),
-            Duration::ZERO
-        );
+        assert_eq!(limits.close("r", Some(&HeaderValue::from_static("0"))), Duration::ZERO);
         assert_eq!(limits.closed_for("r"), None);
     }
 }

@@ -45,9 +45,7 @@ impl Metrics {
                 "pullcache_upstream_request_duration_seconds",
                 "Time until an upstream registry's response headers.",
             )
-            .buckets(vec![
-                0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+            .buckets(vec![0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             &["registry", "kind"],
         )?;
         let bytes = IntCounterVec::new(

@@ -93,9 +93,7 @@ pub enum UpstreamErrorKind {
     },
     #[error("refused the configured credentials ({status})")]
     CredentialsRefused { status: StatusCode },
-    #[error(
-        "requires credentials ({status}); none are configured for it (--docker-config or the config file)"
-    )]
+    #[error("requires credentials ({status}); none are configured for it (--docker-config or the config file)")]
     CredentialsRequired { status: StatusCode },
     #[error("rate limited: not asked again for {0} s (Retry-After)")]
     RateLimited(u64),
@@ -185,12 +183,7 @@ impl<'a> Fetch<'a> {
         }
     }
 
-    pub fn blob(
-        method: Method,
-        registry: &'a Registry,
-        repository: &'a Repository,
-        digest: &'a str,
-    ) -> Self {
+    pub fn blob(method: Method, registry: &'a Registry, repository: &'a Repository, digest: &'a str) -> Self {
         Fetch {
             method,
             registry,
@@ -266,8 +259,7 @@ impl Upstreams {
 
     /// The `registry` label for a registry: see [`metrics`].
     fn label<'a>(&self, registry: &'a Registry) -> &'a str {
-        if self.settings.registries.contains_key(registry) || metrics::well_known(registry.as_str())
-        {
+        if self.settings.registries.contains_key(registry) || metrics::well_known(registry.as_str()) {
             registry.as_str()
         } else {
             "other"
@@ -284,12 +276,7 @@ impl Upstreams {
 
     /// The registry's own base URL, without a trailing slash.
     fn base(&self, registry: &Registry) -> Result<String, UpstreamError> {
-        if let Some(url) = self
-            .settings
-            .registries
-            .get(registry)
-            .and_then(|r| r.url.as_ref())
-        {
+        if let Some(url) = self.settings.registries.get(registry).and_then(|r| r.url.as_ref()) {
             return Ok(url.to_string().trim_end_matches('/').to_owned());
         }
         if registry.is_docker_hub() {
@@ -336,8 +323,7 @@ impl Upstreams {
             .authority()
             .map_or_else(String::new, |a| a.as_str().to_ascii_lowercase());
         Ok(Origin {
-            credentials: credentials
-                .or_else(|| self.settings.docker_config.lookup_host(&authority)),
+            credentials: credentials.or_else(|| self.settings.docker_config.lookup_host(&authority)),
             allow_loopback: host_ip(&uri).is_some_and(|ip| ip.is_loopback()),
             client: self.clients.get(registry).unwrap_or(&self.client),
             base,
@@ -368,11 +354,7 @@ impl Upstreams {
         unreachable!("a registry always has its own origin")
     }
 
-    async fn fetch_from(
-        &self,
-        origin: &Origin<'_>,
-        req: &Fetch<'_>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    async fn fetch_from(&self, origin: &Origin<'_>, req: &Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(req.registry, kind);
         if let Some(wait) = self.limits.closed_for(&origin.authority) {
             return Err(err(UpstreamErrorKind::RateLimited(wait.as_secs().max(1))));
@@ -386,11 +368,7 @@ impl Upstreams {
         let origin_authority = uri.authority().cloned();
         let scope = format!("repository:{}:pull", req.repository);
         let mut auth = self.tokens.get(&origin.authority, &scope).or_else(|| {
-            let basic = self
-                .basic
-                .lock()
-                .expect("basic lock")
-                .contains(&origin.authority);
+            let basic = self.basic.lock().expect("basic lock").contains(&origin.authority);
             basic
                 .then(|| origin.credentials.and_then(Credentials::basic_header))
                 .flatten()
@@ -414,9 +392,7 @@ impl Upstreams {
             if on_origin && let Some(auth) = &auth {
                 builder = builder.header(AUTHORIZATION, auth.clone());
             }
-            let request = builder
-                .body(Full::default())
-                .expect("request parts are valid");
+            let request = builder.body(Full::default()).expect("request parts are valid");
             let sent = std::time::Instant::now();
             let result = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request)).await;
             let registry_label = self.label(req.registry);
@@ -449,20 +425,13 @@ impl Upstreams {
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
-            if on_origin && let Some(limit) = self.limits.observe(&origin.authority, resp.headers())
-            {
+            if on_origin && let Some(limit) = self.limits.observe(&origin.authority, resp.headers()) {
                 if let Some(remaining) = limit.remaining {
-                    let gauge = self
-                        .metrics
-                        .ratelimit_remaining
-                        .with_label_values(&[registry_label]);
+                    let gauge = self.metrics.ratelimit_remaining.with_label_values(&[registry_label]);
                     gauge.set(i64::try_from(remaining).unwrap_or(i64::MAX));
                 }
                 if let Some(max) = limit.limit {
-                    let gauge = self
-                        .metrics
-                        .ratelimit_limit
-                        .with_label_values(&[registry_label]);
+                    let gauge = self.metrics.ratelimit_limit.with_label_values(&[registry_label]);
                     gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
                 }
             }
@@ -471,9 +440,7 @@ impl Upstreams {
             {
                 redirects += 1;
                 if redirects > MAX_REDIRECTS {
-                    return Err(err(UpstreamErrorKind::Redirect(format!(
-                        "more than {MAX_REDIRECTS}"
-                    ))));
+                    return Err(err(UpstreamErrorKind::Redirect(format!("more than {MAX_REDIRECTS}"))));
                 }
                 uri = resolve_location(&uri, location, origin.allow_loopback)
                     .map_err(|m| err(UpstreamErrorKind::Redirect(m)))?;
@@ -493,9 +460,7 @@ impl Upstreams {
                 return Ok(resp);
             }
             let kind = match status {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                    if origin.credentials.is_some() =>
-                {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if origin.credentials.is_some() => {
                     UpstreamErrorKind::CredentialsRefused { status }
                 }
                 StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired { status },
@@ -543,10 +508,7 @@ mod tests {
                 ..RegistrySettings::default()
             },
         );
-        let up = Upstreams::new(
-            settings,
-            Metrics::register(&prometheus::Registry::new()).unwrap(),
-        );
+        let up = Upstreams::new(settings, Metrics::register(&prometheus::Registry::new()).unwrap());
         assert_eq!(
             up.base(&Registry::docker_hub()).unwrap(),
             "https://registry-1.docker.io"
@@ -564,10 +526,7 @@ mod tests {
             "http://127.0.0.1:5001"
         );
         for forbidden in ["127.0.0.1:5000", "169.254.169.254", "0.0.0.0"] {
-            assert!(
-                up.base(&Registry::parse(forbidden).unwrap()).is_err(),
-                "{forbidden}"
-            );
+            assert!(up.base(&Registry::parse(forbidden).unwrap()).is_err(), "{forbidden}");
         }
     }
 }

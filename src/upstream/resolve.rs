@@ -17,16 +17,12 @@ use hyper_util::client::legacy::connect::dns::Name;
 /// [`super::Upstreams`].
 pub fn is_forbidden(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()
-        }
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
         IpAddr::V6(v6) => {
             v6.is_unspecified()
                 || v6.is_multicast()
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| is_forbidden(IpAddr::V4(v4)))
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_forbidden(IpAddr::V4(v4)))
         }
     }
 }
@@ -63,11 +59,7 @@ impl tower_service::Service<Name> for GuardedResolver {
 }
 
 pub(super) fn host_ip(uri: &Uri) -> Option<std::net::IpAddr> {
-    uri.host()?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()
+    uri.host()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// Refuses URLs that are not http(s) or that aim at forbidden (or, unless allowed, loopback)
@@ -85,17 +77,9 @@ pub(super) fn check_target(uri: &Uri, allow_loopback: bool) -> Result<(), String
 }
 
 /// Resolves a `Location` against the current URL.
-pub(super) fn resolve_location(
-    current: &Uri,
-    location: &HeaderValue,
-    allow_loopback: bool,
-) -> Result<Uri, String> {
-    let location = location
-        .to_str()
-        .map_err(|_| "Location is not text".to_owned())?;
-    let target: Uri = location
-        .parse()
-        .map_err(|_| "Location is not a URL".to_owned())?;
+pub(super) fn resolve_location(current: &Uri, location: &HeaderValue, allow_loopback: bool) -> Result<Uri, String> {
+    let location = location.to_str().map_err(|_| "Location is not text".to_owned())?;
+    let target: Uri = location.parse().map_err(|_| "Location is not a URL".to_owned())?;
     let target = if target.scheme().is_some() {
         target
     } else {
@@ -137,11 +121,9 @@ mod tests {
     #[test]
     fn redirects_resolve_and_stay_off_forbidden_addresses() {
         let cur: Uri = "https://reg.test/v2/a/blobs/x".parse().unwrap();
-        let rel =
-            resolve_location(&cur, &HeaderValue::from_static("/storage/x?sig=1"), false).unwrap();
+        let rel = resolve_location(&cur, &HeaderValue::from_static("/storage/x?sig=1"), false).unwrap();
         assert_eq!(rel.to_string(), "https://reg.test/storage/x?sig=1");
-        let abs =
-            resolve_location(&cur, &HeaderValue::from_static("https://cdn.test/x"), false).unwrap();
+        let abs = resolve_location(&cur, &HeaderValue::from_static("https://cdn.test/x"), false).unwrap();
         assert_eq!(abs.host(), Some("cdn.test"));
         for bad in [
             "http://169.254.169.254/latest/meta-data",
@@ -153,13 +135,6 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(
-            resolve_location(
-                &cur,
-                &HeaderValue::from_static("http://127.0.0.1:8080/"),
-                true
-            )
-            .is_ok()
-        );
+        assert!(resolve_location(&cur, &HeaderValue::from_static("http://127.0.0.1:8080/"), true).is_ok());
     }
 }

@@ -37,19 +37,13 @@ pub(super) fn client(extra: &[CertificateDer<'static>]) -> HttpClient {
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     let (added, ignored) = roots.add_parsable_certificates(extra.iter().cloned());
     if ignored > 0 {
-        tracing::warn!(
-            added,
-            ignored,
-            "some configured CA certificates could not be used"
-        );
+        tracing::warn!(added, ignored, "some configured CA certificates could not be used");
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = HttpConnector::new_with_resolver(GuardedResolver);
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -74,11 +68,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        assert!(
-            load_certificates(&empty)
-                .unwrap_err()
-                .contains("no PEM certificates")
-        );
+        assert!(load_certificates(&empty).unwrap_err().contains("no PEM certificates"));
         assert!(load_certificates(&dir.path().join("missing.pem")).is_err());
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
         let good = dir.path().join("ca.pem");

@@ -185,21 +185,9 @@ disabled_plugins = [
     }
 
     /// [`Containerd::pull`] with extra flags (e.g. `--all-platforms`, `--platform linux/arm64`).
-    pub async fn pull_with_args(
-        &self,
-        image_ref: &str,
-        hosts_dir: &Path,
-        extra: &[&str],
-    ) -> Result<Output> {
+    pub async fn pull_with_args(&self, image_ref: &str, hosts_dir: &Path, extra: &[&str]) -> Result<Output> {
         let hosts = hosts_dir.to_str().context("hosts dir not UTF-8")?;
-        let mut args = vec![
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts,
-            "--snapshotter",
-            SNAPSHOTTER,
-        ];
+        let mut args = vec!["images", "pull", "--hosts-dir", hosts, "--snapshotter", SNAPSHOTTER];
         args.extend_from_slice(extra);
         args.push(image_ref);
         let out = ctr_output(&self.socket, &args, PULL_TIMEOUT).await?;
@@ -213,14 +201,8 @@ disabled_plugins = [
     /// `NO_PROXY`/`no_proxy`/`HTTP_PROXY`/`http_proxy`/`ALL_PROXY`/`all_proxy`/
     /// `SSL_CERT_DIR` removed. TLS verification stays on. Err with
     /// stdout/stderr on failure or after 120 s.
-    pub async fn pull_via_proxy(
-        &self,
-        image_ref: &str,
-        proxy: &str,
-        ca_bundle: &Path,
-    ) -> Result<Output> {
-        self.pull_via_proxy_with_args(image_ref, proxy, ca_bundle, &[])
-            .await
+    pub async fn pull_via_proxy(&self, image_ref: &str, proxy: &str, ca_bundle: &Path) -> Result<Output> {
+        self.pull_via_proxy_with_args(image_ref, proxy, ca_bundle, &[]).await
     }
 
     /// [`Containerd::pull_via_proxy`] with extra flags (e.g. `--all-platforms`).
@@ -234,13 +216,8 @@ disabled_plugins = [
         let mut args = vec!["images", "pull", "--snapshotter", SNAPSHOTTER];
         args.extend_from_slice(extra);
         args.push(image_ref);
-        let out = self
-            .ctr_via_proxy_raw(&args, proxy, ca_bundle, PULL_TIMEOUT)
-            .await?;
-        check_status(
-            &format!("ctr images pull {image_ref} (via proxy {proxy})"),
-            out,
-        )
+        let out = self.ctr_via_proxy_raw(&args, proxy, ca_bundle, PULL_TIMEOUT).await?;
+        check_status(&format!("ctr images pull {image_ref} (via proxy {proxy})"), out)
     }
 
     /// Run `ctr -a SOCK -n default ARGS...` with the proxy environment of
@@ -276,9 +253,7 @@ disabled_plugins = [
     /// it computes the chain ID from the config's diff_ids and stats the
     /// committed snapshot). Err if the image is unknown.
     pub async fn is_unpacked(&self, image_ref: &str) -> Result<bool> {
-        let out = self
-            .ctr(&["images", "check", "--snapshotter", SNAPSHOTTER])
-            .await?;
+        let out = self.ctr(&["images", "check", "--snapshotter", SNAPSHOTTER]).await?;
         let text = String::from_utf8_lossy(&out.stdout);
         // REF TYPE DIGEST STATUS... SIZE UNPACKED (STATUS may contain spaces).
         for line in text.lines().skip(1) {
@@ -297,9 +272,7 @@ disabled_plugins = [
     /// Whether the content store holds a blob with this digest.
     pub async fn has_content(&self, digest: &str) -> Result<bool> {
         let out = self.ctr(&["content", "ls", "-q"]).await?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.trim() == digest))
+        Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == digest))
     }
 
     /// Remove an image and run garbage collection synchronously, so a later
@@ -412,19 +385,13 @@ pub fn hosts_dir_name(registry_host: &str) -> String {
 /// containerd 1.6 has no `dial_timeout` in hosts.toml (added in 1.7), so none
 /// is written. `server` and `mirror` are full URLs (`http://127.0.0.1:PORT`).
 pub fn write_hosts_toml(hosts_dir: &Path, registry_host: &str, server: &str, mirror: &str) {
-    let body = format!(
-        "server = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    );
+    let body = format!("server = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
     write_hosts_file(hosts_dir, registry_host, &body);
 }
 
 /// Write a hosts.toml with only `server = "<server>"` (no mirror).
 pub fn write_hosts_toml_server_only(hosts_dir: &Path, registry_host: &str, server: &str) {
-    write_hosts_file(
-        hosts_dir,
-        registry_host,
-        &format!("server = \"{server}\"\n"),
-    );
+    write_hosts_file(hosts_dir, registry_host, &format!("server = \"{server}\"\n"));
 }
 
 fn write_hosts_file(hosts_dir: &Path, registry_host: &str, body: &str) {

@@ -38,10 +38,7 @@ impl Reply {
     pub fn ok(body: Vec<u8>, headers: &[(&str, &str)]) -> Reply {
         Reply {
             status: 200,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             body,
             chunks: 1,
             chunk_delay: Duration::ZERO,
@@ -142,11 +139,7 @@ impl FaultUpstream {
 
     /// Scripts the reply for a path (without query), e.g. `/v2/a/blobs/sha256:...`.
     pub fn set(&self, path: &str, reply: Reply) {
-        self.state
-            .lock()
-            .unwrap()
-            .replies
-            .insert(path.to_owned(), reply);
+        self.state.lock().unwrap().replies.insert(path.to_owned(), reply);
     }
 
     /// Demands `Authorization: Bearer <token>` on `/v2/` paths, with a challenge whose realm is
@@ -157,24 +150,12 @@ impl FaultUpstream {
 
     /// The `Authorization` header of every request to `path`, in order.
     pub fn auth_seen(&self, path: &str) -> Vec<Option<String>> {
-        self.state
-            .lock()
-            .unwrap()
-            .auth
-            .get(path)
-            .cloned()
-            .unwrap_or_default()
+        self.state.lock().unwrap().auth.get(path).cloned().unwrap_or_default()
     }
 
     /// The `Range` header of every request to `path`, in order.
     pub fn ranges_seen(&self, path: &str) -> Vec<Option<String>> {
-        self.state
-            .lock()
-            .unwrap()
-            .ranges
-            .get(path)
-            .cloned()
-            .unwrap_or_default()
+        self.state.lock().unwrap().ranges.get(path).cloned().unwrap_or_default()
     }
 
     /// The query strings of token requests.
@@ -184,13 +165,7 @@ impl FaultUpstream {
 
     /// How many requests (any method) reached `path`.
     pub fn hits(&self, path: &str) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .hits
-            .get(path)
-            .copied()
-            .unwrap_or(0)
+        self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
     }
 }
 
@@ -200,8 +175,7 @@ impl Drop for FaultUpstream {
     }
 }
 
-type Body =
-    StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>;
+type Body = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>;
 
 fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duration, Response<Body>) {
     let path = req.uri().path().to_owned();
@@ -216,16 +190,8 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
         let hits = state.hits.entry(path.clone()).or_default();
         *hits += 1;
         let first_hit = *hits == 1;
-        state
-            .auth
-            .entry(path.clone())
-            .or_default()
-            .push(auth.clone());
-        state
-            .ranges
-            .entry(path.clone())
-            .or_default()
-            .push(range.clone());
+        state.auth.entry(path.clone()).or_default().push(auth.clone());
+        state.ranges.entry(path.clone()).or_default().push(range.clone());
         let reply = match state.required_token.clone() {
             Some(token) if path == "/token" => {
                 state
@@ -234,14 +200,8 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
                 let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
                 Some(Reply::ok(body, &[("content-type", "application/json")]))
             }
-            Some(token)
-                if path.starts_with("/v2/")
-                    && auth.as_deref() != Some(&format!("Bearer {token}")) =>
-            {
-                let challenge = format!(
-                    r#"Bearer realm="http://{}/token",service="fault""#,
-                    state.addr.unwrap()
-                );
+            Some(token) if path.starts_with("/v2/") && auth.as_deref() != Some(&format!("Bearer {token}")) => {
+                let challenge = format!(r#"Bearer realm="http://{}/token",service="fault""#, state.addr.unwrap());
                 Some(Reply::status(401, &[("www-authenticate", &challenge)]))
             }
             _ => state.replies.get(&path).cloned(),
@@ -262,10 +222,9 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
     let mut resp = Response::builder();
     let body = match start {
         Some(start) => {
-            resp = resp.status(206).header(
-                "content-range",
-                format!("bytes {start}-{}/{total}", total - 1),
-            );
+            resp = resp
+                .status(206)
+                .header("content-range", format!("bytes {start}-{}/{total}", total - 1));
             &reply.body[start..]
         }
         None => {
@@ -302,10 +261,7 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
             frame
         })
         .boxed();
-    (
-        reply.header_delay,
-        resp.body(StreamBody::new(stream)).unwrap(),
-    )
+    (reply.header_delay, resp.body(StreamBody::new(stream)).unwrap())
 }
 
 use futures_util::StreamExt;

@@ -18,10 +18,7 @@ pub fn htpasswd_entry(user: &str, password: &str) -> String {
 
 /// Like [`htpasswd_entry`] with an explicit bcrypt prefix (`$2a$`, `$2b$`, `$2y$`, `$2x$`).
 pub fn htpasswd_entry_with(user: &str, password: &str, version: bcrypt::Version) -> String {
-    assert!(
-        !user.contains(':'),
-        "htpasswd user names cannot contain ':'"
-    );
+    assert!(!user.contains(':'), "htpasswd user names cannot contain ':'");
     let parts = bcrypt::hash_with_result(password, BCRYPT_COST).expect("bcrypt hash");
     format!("{user}:{}", parts.format_for_version(version))
 }

@@ -42,11 +42,7 @@ pub fn host_arch() -> &'static str {
 
 /// An architecture that is NOT the host's (for the foreign platform of an index).
 pub fn other_arch() -> &'static str {
-    if host_arch() == "arm64" {
-        "amd64"
-    } else {
-        "arm64"
-    }
+    if host_arch() == "arm64" { "amd64" } else { "arm64" }
 }
 
 /// Fast non-cryptographic generator (splitmix64). Each call to
@@ -109,8 +105,7 @@ pub fn build_layer(approx_size: usize) -> Layer {
         h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(mtime);
-        tar.append_data(&mut h, dir, std::io::empty())
-            .expect("tar dir");
+        tar.append_data(&mut h, dir, std::io::empty()).expect("tar dir");
     }
     let mut append_file = |path: &str, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
@@ -209,18 +204,13 @@ impl PushedImage {
 
     /// The biggest blob (handy for herd tests).
     pub fn largest_blob(&self) -> &BlobInfo {
-        self.blobs
-            .iter()
-            .max_by_key(|b| b.size)
-            .expect("image has blobs")
+        self.blobs.iter().max_by_key(|b| b.size).expect("image has blobs")
     }
 }
 
 fn join_url(registry_url: &str, location: &str) -> Result<reqwest::Url> {
-    let base = reqwest::Url::parse(registry_url)
-        .with_context(|| format!("bad registry url {registry_url}"))?;
-    base.join(location)
-        .with_context(|| format!("bad Location {location}"))
+    let base = reqwest::Url::parse(registry_url).with_context(|| format!("bad registry url {registry_url}"))?;
+    base.join(location).with_context(|| format!("bad Location {location}"))
 }
 
 /// Push a blob (POST upload + monolithic PUT); returns its digest.
@@ -234,12 +224,7 @@ pub async fn push_blob(registry_url: &str, name: &str, bytes: impl Into<Bytes>) 
 /// [`push_blob`] with a digest the caller already computed (saves hashing big
 /// blobs twice); the registry verifies it. Also usable to push a blob under a
 /// WRONG digest to test error paths (expect an Err then).
-pub async fn push_blob_with_digest(
-    registry_url: &str,
-    name: &str,
-    digest: &str,
-    bytes: Bytes,
-) -> Result<()> {
+pub async fn push_blob_with_digest(registry_url: &str, name: &str, digest: &str, bytes: Bytes) -> Result<()> {
     let client = http_client();
     let base = registry_url.trim_end_matches('/');
     let resp = client
@@ -398,15 +383,7 @@ async fn push_image(
     layer_sizes: &[usize],
     kind: &Kind,
 ) -> Result<PushedImage> {
-    let (digest, manifest, blobs) = push_single(
-        registry_url,
-        name,
-        Some(tag),
-        kind,
-        host_arch(),
-        layer_sizes,
-    )
-    .await?;
+    let (digest, manifest, blobs) = push_single(registry_url, name, Some(tag), kind, host_arch(), layer_sizes).await?;
     Ok(PushedImage {
         name: name.to_string(),
         tag: tag.to_string(),
@@ -420,12 +397,7 @@ async fn push_image(
 
 /// OCI image manifest for linux/<host arch> with one layer per entry of
 /// `layer_sizes` (approximate compressed bytes each).
-pub async fn push_oci_image(
-    registry_url: &str,
-    name: &str,
-    tag: &str,
-    layer_sizes: &[usize],
-) -> Result<PushedImage> {
+pub async fn push_oci_image(registry_url: &str, name: &str, tag: &str, layer_sizes: &[usize]) -> Result<PushedImage> {
     push_image(registry_url, name, tag, layer_sizes, &OCI).await
 }
 
@@ -447,8 +419,7 @@ pub async fn push_oci_index(registry_url: &str, name: &str, tag: &str) -> Result
     let mut manifests = Vec::new();
     let mut entries = Vec::new();
     for (arch, size) in [(host_arch(), 96 * 1024), (other_arch(), 64 * 1024)] {
-        let (digest, body, child_blobs) =
-            push_single(registry_url, name, None, &OCI, arch, &[size]).await?;
+        let (digest, body, child_blobs) = push_single(registry_url, name, None, &OCI, arch, &[size]).await?;
         entries.push(json!({
             "mediaType": OCI_MANIFEST,
             "digest": digest,

@@ -28,11 +28,7 @@ pub fn init_tracing() {
 
 impl Pullcache {
     /// Starts pullcache with `upstreams` as `(registry name, URL)` mappings.
-    pub async fn start(
-        cache_dir: &Path,
-        upstreams: &[(&str, &str)],
-        tag_ttl: Duration,
-    ) -> anyhow::Result<Pullcache> {
+    pub async fn start(cache_dir: &Path, upstreams: &[(&str, &str)], tag_ttl: Duration) -> anyhow::Result<Pullcache> {
         let mut config = pullcache::Config::new(cache_dir.to_owned());
         config.tag_ttl = tag_ttl;
         for (name, url) in upstreams {
@@ -98,10 +94,7 @@ impl Pullcache {
             if resp.status() == 200 {
                 return Ok(());
             }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "not ready after {timeout:?}"
-            );
+            anyhow::ensure!(std::time::Instant::now() < deadline, "not ready after {timeout:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -122,11 +115,7 @@ impl Pullcache {
         let mut out = Vec::new();
         let root = self.cache_dir.join("blobs").join("sha256");
         for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            for blob in std::fs::read_dir(prefix.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
                 out.push(format!("sha256:{}", blob.file_name().to_string_lossy()));
             }
         }

@@ -258,13 +258,10 @@ impl Registry {
                 let ok = if self.opts.tls.is_some() {
                     // reqwest here has no TLS: the bound socket accepting is
                     // enough (Serve starts right after the log line).
-                    tokio::time::timeout(
-                        Duration::from_secs(2),
-                        tokio::net::TcpStream::connect(addr),
-                    )
-                    .await
-                    .map(|r| r.is_ok())
-                    .unwrap_or(false)
+                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                        .await
+                        .map(|r| r.is_ok())
+                        .unwrap_or(false)
                 } else {
                     let expected = if self.opts.has_auth() {
                         reqwest::StatusCode::UNAUTHORIZED

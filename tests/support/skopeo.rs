@@ -60,27 +60,14 @@ pub async fn copy(src: &str, dst: &str, extra_args: &[&str]) -> Result<Output> {
 /// verification stays on (`--src-tls-verify=true`, skopeo's default, made
 /// explicit); the bundle is trusted through Go's system pool. Err with
 /// stdout/stderr on failure or after 120 s.
-pub async fn copy_via_proxy(
-    image: &str,
-    dest_dir: &Path,
-    proxy: &str,
-    ca_bundle: &Path,
-) -> Result<Output> {
+pub async fn copy_via_proxy(image: &str, dest_dir: &Path, proxy: &str, ca_bundle: &Path) -> Result<Output> {
     let out = copy_via_proxy_raw(image, dest_dir, proxy, ca_bundle).await?;
-    check_status(
-        &format!("skopeo copy docker://{image} (via proxy {proxy})"),
-        out,
-    )
+    check_status(&format!("skopeo copy docker://{image} (via proxy {proxy})"), out)
 }
 
 /// [`copy_via_proxy`] returning the output whatever the exit status (for
 /// asserting on failures); Err only if skopeo cannot run or times out.
-pub async fn copy_via_proxy_raw(
-    image: &str,
-    dest_dir: &Path,
-    proxy: &str,
-    ca_bundle: &Path,
-) -> Result<Output> {
+pub async fn copy_via_proxy_raw(image: &str, dest_dir: &Path, proxy: &str, ca_bundle: &Path) -> Result<Output> {
     let dest = dest_dir.to_str().context("dest dir not UTF-8")?;
     let src = format!("docker://{image}");
     let dst = format!("dir:{dest}");

@@ -20,10 +20,7 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn path(&self) -> &str {
@@ -69,9 +66,7 @@ impl SpyServer {
     }
 
     async fn start_mode(mode: Mode) -> Result<SpyServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding spy server")?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.context("binding spy server")?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();
@@ -83,11 +78,7 @@ impl SpyServer {
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ok(SpyServer {
-            addr,
-            requests,
-            task,
-        })
+        Ok(SpyServer { addr, requests, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -142,13 +133,7 @@ async fn serve_conn(stream: TcpStream, recorded: Arc<Mutex<Vec<RecordedRequest>>
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0);
         let mut body = Vec::new();
-        if body_len > 0
-            && (&mut reader)
-                .take(body_len)
-                .read_to_end(&mut body)
-                .await
-                .is_err()
-        {
+        if body_len > 0 && (&mut reader).take(body_len).read_to_end(&mut body).await.is_err() {
             return;
         }
         recorded.lock().unwrap().push(RecordedRequest {
@@ -164,15 +149,7 @@ async fn serve_conn(stream: TcpStream, recorded: Arc<Mutex<Vec<RecordedRequest>>
                 }
             }
             Mode::Forward(upstream) => {
-                let _ = forward(
-                    reader.get_mut(),
-                    upstream,
-                    &method,
-                    &target,
-                    &headers,
-                    &body,
-                )
-                .await;
+                let _ = forward(reader.get_mut(), upstream, &method, &target, &headers, &body).await;
                 return;
             }
         }

@@ -4,8 +4,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// A self-signed CA. Every certificate it issues chains to [`TestCa::ca_pem`].
@@ -50,8 +50,7 @@ impl TestCa {
     /// Writes the CA certificate to `dir/ca.pem` and returns that path.
     pub fn write_ca(&self, dir: &Path) -> PathBuf {
         let path = dir.join("ca.pem");
-        std::fs::write(&path, &self.cert_pem)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        std::fs::write(&path, &self.cert_pem).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path
     }
 
@@ -60,10 +59,7 @@ impl TestCa {
     /// Writes `dir/<first name>.crt` (leaf only) and `dir/<first name>.key`
     /// (PKCS#8 PEM, mode 0600); returns `(cert_path, key_path)`.
     pub fn issue_server(&self, dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
-        assert!(
-            !names.is_empty(),
-            "a server certificate needs at least one name"
-        );
+        assert!(!names.is_empty(), "a server certificate needs at least one name");
         let key = KeyPair::generate().expect("generating server key");
         let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("server cert SANs");
@@ -71,15 +67,10 @@ impl TestCa {
         dn.push(DnType::CommonName, names[0]);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("signing server cert");
+        let cert = params.signed_by(&key, &self.issuer).expect("signing server cert");
 
         let stem: String = names[0]
             .chars()
@@ -93,8 +84,7 @@ impl TestCa {
             .collect();
         let cert_path = dir.join(format!("{stem}.crt"));
         let key_path = dir.join(format!("{stem}.key"));
-        std::fs::write(&cert_path, cert.pem())
-            .unwrap_or_else(|e| panic!("writing {}: {e}", cert_path.display()));
+        std::fs::write(&cert_path, cert.pem()).unwrap_or_else(|e| panic!("writing {}: {e}", cert_path.display()));
         std::fs::write(&key_path, key.serialize_pem())
             .unwrap_or_else(|e| panic!("writing {}: {e}", key_path.display()));
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))

@@ -133,19 +133,14 @@ impl TokenService {
         dn.push(rcgen::DnType::CommonName, "pullcache test token signer");
         params.distinguished_name = dn;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        let cert = params
-            .self_signed(&cert_key)
-            .context("self-signing token cert")?;
+        let cert = params.self_signed(&cert_key).context("self-signing token cert")?;
         let signer = Signer {
             key,
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
         };
         let state = Arc::new(State {
-            users: users
-                .iter()
-                .map(|(u, p)| (u.to_string(), p.to_string()))
-                .collect(),
+            users: users.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
             allow_anonymous,
             refresh_tokens: Mutex::new(HashMap::new()),
             expires_in: AtomicI64::new(DEFAULT_EXPIRES_IN),
@@ -385,8 +380,8 @@ fn post_token(state: &State, req: &TokenRequest) -> Resp {
             if state.users.get(&user) != Some(&pass) {
                 return oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant");
             }
-            let refresh = (req.param("access_type").as_deref() == Some("offline"))
-                .then(|| new_refresh_token(state, &user));
+            let refresh =
+                (req.param("access_type").as_deref() == Some("offline")).then(|| new_refresh_token(state, &user));
             (user, refresh)
         }
         "refresh_token" => {
@@ -538,8 +533,6 @@ pub fn rfc3339(unix: i64) -> String {
 /// Decodes a JWT's claims (no verification): for assertions in tests.
 pub fn jwt_claims(token: &str) -> Result<Value> {
     let payload = token.split('.').nth(1).context("JWT without payload")?;
-    let bytes = URL_SAFE_NO_PAD
-        .decode(payload)
-        .context("JWT payload base64")?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).context("JWT payload base64")?;
     serde_json::from_slice(&bytes).context("JWT payload JSON")
 }
