@@ -126,3 +126,42 @@ async fn wait_ready(client: &reqwest::Client, metrics_addr: &str) -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn ca_init_and_cert() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca");
+    let init = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .await?;
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mode = std::fs::metadata(ca.join("ca.key"))?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the CA key is {mode:o}");
+    let cert = Command::new(BIN)
+        .args(["ca", "cert", "--dir"])
+        .arg(&ca)
+        .output()
+        .await?;
+    assert!(cert.status.success());
+    let pem = String::from_utf8(cert.stdout)?;
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    assert_eq!(pem, std::fs::read_to_string(ca.join("ca.crt"))?);
+
+    let again = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .await?;
+    assert!(!again.status.success(), "a second init replaced the CA");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    let missing = Command::new(BIN)
+        .args(["ca", "cert", "--dir"])
+        .arg(dir.path().join("none"))
+        .output()
+        .await?;
+    assert!(!missing.status.success());
+    Ok(())
+}

@@ -143,7 +143,11 @@ async fn refusals() -> anyhow::Result<()> {
     ] {
         let (status, text) = connect(s.pullcache.addr, target).await?;
         assert_eq!(status, 403, "CONNECT {target}: {text}");
-        assert!(text.contains("pullcache:"), "no reason given: {text}");
+        let status_line = text.lines().next().unwrap_or_default();
+        assert!(
+            status_line.starts_with("HTTP/1.1 403 pullcache: "),
+            "no reason in the status line: {text}"
+        );
     }
     // An intercepted host is accepted.
     let (status, _) = connect(s.pullcache.addr, &format!("{REGISTRY}:443")).await?;
@@ -186,4 +190,53 @@ fn requests(metrics: &str) -> f64 {
         .filter(|l| l.starts_with("pullcache_requests_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `curl -i` through the proxy with pullcache's CA; the response head, lowercased.
+async fn curl_via_proxy(s: &Setup, method: &str, url: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-i", "-X", method, "--max-time", "20", "--proxy"])
+        .arg(s.pullcache.url())
+        .arg("--cacert")
+        .arg(&s.ca_bundle)
+        .arg(url)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    // The proxy's own "200 connection established" head comes first.
+    let head = text
+        .split("\r\n\r\n")
+        .filter(|h| h.starts_with("http/"))
+        .last()
+        .unwrap_or_default();
+    Ok(head.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_outside_the_api_are_forwarded_untouched() -> anyhow::Result<()> {
+    let s = setup().await?;
+    // The registry's own answer to `/` (pullcache itself would say 404 with an OCI error).
+    let root = curl_via_proxy(&s, "GET", &format!("https://{REGISTRY}/")).await?;
+    assert!(
+        root.starts_with("http/1.1 200") || root.starts_with("http/2 200"),
+        "{root}"
+    );
+    assert!(root.contains("cache-control: no-cache"), "{root}");
+    let ping = curl_via_proxy(&s, "GET", &format!("https://{REGISTRY}/v1/_ping")).await?;
+    assert!(ping.contains(" 404"), "{ping}");
+    assert!(
+        ping.contains("content-type: text/plain"),
+        "not the registry's own 404: {ping}"
+    );
+    let post = curl_via_proxy(&s, "POST", &format!("https://{REGISTRY}/")).await?;
+    assert!(post.contains(" 405"), "{post}");
+    assert!(s.pullcache.stored_blobs().is_empty(), "a forwarded response was cached");
+    Ok(())
 }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{Request, Response, StatusCode};
+use http::header::{CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounterVec;
@@ -24,6 +25,7 @@ pub use ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
 
 use crate::oci::Registry;
 use crate::server::response::{self, Body};
+use crate::upstream::Upstreams;
 
 /// Token and CDN hosts of the default registries, tunnelled unless configured otherwise.
 pub const DEFAULT_TUNNEL_ALLOW: &[&str] = &[
@@ -216,16 +218,47 @@ fn established() -> Response<Body> {
 }
 
 fn refuse(status: StatusCode, reason: &str) -> Response<Body> {
-    Response::builder()
+    let mut resp = Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(response::full(Bytes::from(format!("pullcache: {reason}\n"))))
-        .expect("refusal parts are valid")
+        .expect("refusal parts are valid");
+    // Go clients (containerd, skopeo) print a refused CONNECT's reason phrase and not its
+    // body, so the reason goes in the status line too.
+    let phrase: String = format!("pullcache: {reason}")
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(200)
+        .collect();
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase.into_bytes()) {
+        resp.extensions_mut().insert(phrase);
+    }
+    resp
 }
 
 /// The answer to an absolute-form request for a host that is not intercepted.
 pub fn refused(reason: &str) -> Response<Body> {
     refuse(StatusCode::FORBIDDEN, reason)
+}
+
+/// A request outside the registry API on an intercepted host (`/`, `/v1/_ping`, a token
+/// endpoint): passed to the registry untouched and not cached. Only GET and HEAD.
+pub async fn forward(upstreams: &Upstreams, registry: &Registry, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !head {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are forwarded");
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match upstreams.forward(registry, req.method().clone(), path).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {
+                parts.headers.remove(hop);
+            }
+            Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
+        }
+        Err(e) => response::error(&e.into(), head),
+    }
 }
 
 /// A TLS acceptor presenting `leaf`, offering h2 and http/1.1.

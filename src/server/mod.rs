@@ -156,6 +156,9 @@ where
         let (app, registry) = (app.clone(), registry.clone());
         async move {
             Ok::<_, Infallible>(match app.get() {
+                Some(app) if !req.uri().path().starts_with("/v2") => {
+                    crate::intercept::forward(&app.upstreams, &registry, req).await
+                }
                 Some(app) => app.handle(req, Some(&registry)).await,
                 None => response::not_ready(req.method() == Method::HEAD),
             })

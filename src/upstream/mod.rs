@@ -337,6 +337,33 @@ impl Upstreams {
         self.limits.rate_limit(base.authority()?.as_str())
     }
 
+    /// Sends a GET or HEAD for a path outside the registry API to the registry's own URL,
+    /// untouched: no credentials, no redirects followed, nothing cached. Intercept mode uses
+    /// it for the non-`/v2` paths of an intercepted host.
+    pub async fn forward(
+        &self,
+        registry: &Registry,
+        method: Method,
+        path_and_query: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let err = |kind| UpstreamError::new(registry, kind);
+        let origin = self.origin(registry, self.base(registry)?, None)?;
+        let uri: Uri = format!("{}{path_and_query}", origin.base)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .body(Full::default())
+            .expect("request parts are valid");
+        match tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request)).await {
+            Err(_) => Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT))),
+            Ok(Err(e)) => Err(err(UpstreamErrorKind::Request(error_chain(&e)))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first
     /// 2xx response. Anything else is an error, the registry's own when every origin failed.
     pub async fn fetch(&self, req: Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
