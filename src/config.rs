@@ -181,6 +181,10 @@ struct FileConfig {
     #[serde(default)]
     upstream_ca: Vec<PathBuf>,
     docker_config: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    tunnel_allow: Option<Vec<String>>,
+    #[serde(default)]
+    intercept: Vec<String>,
     #[serde(default)]
     registries: HashMap<String, FileRegistry>,
 }
@@ -275,19 +279,28 @@ impl ServeArgs {
         for (registry, url) in &self.upstreams {
             config.registry(registry.clone()).url = Some(url.clone());
         }
-        if let Some(ca_dir) = &self.ca_dir {
-            let tunnel_allow = if self.tunnel_allow.is_empty() {
+        let ca_dir = self.ca_dir.clone().or(file.ca_dir.map(|d| base.join(d)));
+        if let Some(ca_dir) = ca_dir {
+            let tunnel_allow = if !self.tunnel_allow.is_empty() {
+                self.tunnel_allow.clone()
+            } else if let Some(patterns) = file.tunnel_allow {
+                patterns
+            } else {
                 crate::intercept::DEFAULT_TUNNEL_ALLOW
                     .iter()
                     .map(|s| (*s).to_owned())
                     .collect()
+            };
+            let registries = if self.intercept.is_empty() {
+                let parse = |name: &String| Registry::parse(name).map_err(|e| ConfigError(format!("intercept: {e}")));
+                file.intercept.iter().map(parse).collect::<Result<_, _>>()?
             } else {
-                self.tunnel_allow.clone()
+                self.intercept.clone()
             };
             config.intercept = Some(InterceptSettings {
-                ca_dir: ca_dir.clone(),
+                ca_dir,
                 tunnel_allow,
-                registries: self.intercept.clone(),
+                registries,
             });
         }
         Ok(config)
@@ -405,6 +418,9 @@ listen = "127.0.0.1:6000"
 cache_dir = "cache"
 tag_ttl = "10m"
 docker_config = "docker.json"
+ca_dir = "ca"
+tunnel_allow = ["auth.example.com"]
+intercept = ["quay.io"]
 
 [registries."registry.example.com:5000"]
 url = "https://10.0.0.5:5000"
@@ -435,6 +451,10 @@ mirrors = ["https://mirror.example.com"]
                 .lookup(&Registry::parse("ghcr.io").unwrap(), None)
                 .is_some()
         );
+        let intercept = config.intercept.as_ref().expect("ca_dir turns intercept on");
+        assert_eq!(intercept.ca_dir, dir.path().join("ca"));
+        assert_eq!(intercept.tunnel_allow, vec!["auth.example.com".to_owned()]);
+        assert_eq!(intercept.registries, vec![Registry::parse("quay.io").unwrap()]);
 
         let config = serve(&[
             "--config",
