@@ -240,3 +240,27 @@ async fn paths_outside_the_api_are_forwarded_untouched() -> anyhow::Result<()> {
     assert!(s.pullcache.stored_blobs().is_empty(), "a forwarded response was cached");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_requests_are_served_for_intercepted_hosts_only() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(s.pullcache.url())?)
+        .build()?;
+    let resp = client
+        .get(format!("http://{REGISTRY}/v2/test/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        s.image.manifest_digest.as_str()
+    );
+    assert_eq!(resp.bytes().await?, s.image.manifest);
+    for url in ["http://example.invalid/", "http://169.254.169.254/latest/meta-data/"] {
+        let resp = client.get(url).send().await?;
+        assert_eq!(resp.status(), 403, "{url}");
+    }
+    Ok(())
+}
