@@ -48,6 +48,42 @@ pub enum Command {
     /// Manage the CA that intercept mode signs registry certificates with.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Wire the node's containerd to pullcache through certs.d hosts.toml files, or undo it.
+    #[command(subcommand, name = "containerd-config")]
+    ContainerdConfig(ContainerdCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerdCommand {
+    /// Put pullcache first in hosts.toml for each registry (default: `_default`, every
+    /// registry), keeping the registry as the fallback. Existing files are backed up and
+    /// merged; running it again changes nothing.
+    Install {
+        /// containerd's certs.d directory (its CRI registry `config_path`).
+        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
+        certs_dir: PathBuf,
+        /// pullcache's address as containerd reaches it.
+        #[arg(long, env = "PULLCACHE_MIRROR", default_value = "http://127.0.0.1:5000")]
+        mirror: String,
+        /// A registry to send through pullcache, as containerd names it. Repeatable.
+        #[arg(long = "registry", env = "PULLCACHE_REGISTRIES", value_delimiter = ',', value_parser = parse_registry)]
+        registries: Vec<Registry>,
+        /// containerd's config file, checked for `config_path`.
+        #[arg(
+            long,
+            env = "PULLCACHE_CONTAINERD_CONFIG",
+            default_value = "/etc/containerd/config.toml"
+        )]
+        containerd_config: PathBuf,
+        /// Fail (exit 1) when containerd's config_path does not include the certs dir.
+        #[arg(long, env = "PULLCACHE_STRICT")]
+        strict: bool,
+    },
+    /// Restore every hosts.toml install changed, exactly, and remove what it created.
+    Uninstall {
+        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
+        certs_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +152,11 @@ pub struct ServeArgs {
     /// ones. Repeatable.
     #[arg(long = "intercept", env = "PULLCACHE_INTERCEPT", value_name = "NAME", value_delimiter = ',', value_parser = parse_registry)]
     pub intercept: Vec<Registry>,
+
+    /// Read and check the configuration (files included), print the result and exit: 0 when
+    /// it can run, 64 when not.
+    #[arg(long)]
+    pub check_config: bool,
 
     /// A TOML file with these settings and per-registry ones ([registries."NAME"]: url, ca,
     /// username/password/auth/identity_token, tag_ttl, mirrors). Flags win over the file.

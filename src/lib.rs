@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod containerd;
 pub mod error;
 pub mod flight;
 pub mod intercept;

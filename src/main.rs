@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pullcache::config::{CaCommand, Cli, Command, LogFormat};
+use pullcache::config::{CaCommand, Cli, Command, ContainerdCommand, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// sysexits' EX_USAGE, for configuration the program cannot run with.
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::Ca(command) => return ca(command),
+        Command::ContainerdConfig(command) => return containerd_config(command),
     };
     let config = match args.resolve() {
         Ok(config) => config,
@@ -41,6 +42,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if args.check_config {
+        println!(
+            "configuration ok: {} registries configured, cache in {}",
+            config.upstream.registries.len(),
+            config.cache_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -64,6 +73,57 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "pullcache failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pullcache containerd-config install|uninstall`.
+fn containerd_config(command: ContainerdCommand) -> ExitCode {
+    use pullcache::containerd::{self, Change};
+    let (result, advice_failed) = match command {
+        ContainerdCommand::Install {
+            certs_dir,
+            mirror,
+            registries,
+            containerd_config,
+            strict,
+        } => {
+            let advice = containerd::config_path(&containerd_config)
+                .map(|found| containerd::config_path_advice(&containerd_config, &found, &certs_dir));
+            let failed = match advice {
+                Ok(Some(advice)) => {
+                    eprintln!("pullcache: warning: {advice}");
+                    strict
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    eprintln!("pullcache: warning: {e}");
+                    strict
+                }
+            };
+            (containerd::install(&certs_dir, &mirror, &registries), failed)
+        }
+        ContainerdCommand::Uninstall { certs_dir } => (containerd::uninstall(&certs_dir), false),
+    };
+    match result {
+        Ok(changes) => {
+            for change in changes {
+                match change {
+                    Change::Written(p) => println!("wrote {}", p.display()),
+                    Change::Unchanged(p) => println!("unchanged {}", p.display()),
+                    Change::Restored(p) => println!("restored {}", p.display()),
+                    Change::Removed(p) => println!("removed {}", p.display()),
+                }
+            }
+            if advice_failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("pullcache: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,264 @@
+//! `pullcache containerd-config install|uninstall`, run as the binary: golden files, merging
+//! with an operator's hosts.toml, idempotence, an exact restore, the config_path check, and
+//! the real containerd pulling through what install wrote, and past pullcache when it is down.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::containerd::Containerd;
+use support::images::push_oci_image;
+use support::pullcache::Pullcache;
+use support::registry::Registry;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/containerd-config");
+const MIRROR: &str = "http://127.0.0.1:5000";
+
+/// An operator's own hosts.toml, with settings and a mirror of its own.
+const EXISTING: &str = r#"server = "https://registry-1.docker.io"
+ca = "/etc/containerd/certs.d/docker.io/corp-ca.pem"
+
+[host."https://mirror.corp.example"]
+  capabilities = ["pull"]
+"#;
+
+fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("pullcache runs")
+}
+
+fn install(certs: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "containerd-config",
+        "install",
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--mirror",
+        MIRROR,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--containerd-config", "/nonexistent/config.toml"]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Every file under `dir`, by relative path.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.insert(path.strip_prefix(dir).unwrap().to_owned(), b"<dir>".to_vec());
+                stack.push(path);
+            } else {
+                files.insert(
+                    path.strip_prefix(dir).unwrap().to_owned(),
+                    std::fs::read(&path).unwrap(),
+                );
+            }
+        }
+    }
+    files
+}
+
+fn assert_golden(actual: &Path, golden: &str) {
+    let golden_path = Path::new(GOLDEN).join(golden);
+    let actual = std::fs::read_to_string(actual).unwrap();
+    let expected = std::fs::read_to_string(&golden_path)
+        .unwrap_or_else(|e| panic!("{}: {e}; the actual output is:\n{actual}", golden_path.display()));
+    assert_eq!(actual, expected, "differs from {}", golden_path.display());
+}
+
+#[test]
+fn install_matches_the_golden_files_and_merges() {
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(certs.path().join("docker.io")).unwrap();
+    std::fs::write(certs.path().join("docker.io/hosts.toml"), EXISTING).unwrap();
+
+    install(
+        certs.path(),
+        &[
+            "--registry",
+            "docker.io",
+            "--registry",
+            "registry.test:5000",
+            "--registry",
+            "ghcr.io",
+        ],
+    );
+    assert_golden(&certs.path().join("docker.io/hosts.toml"), "merged-docker.io.toml");
+    assert_golden(
+        &certs.path().join("registry.test:5000/hosts.toml"),
+        "new-registry.test-5000.toml",
+    );
+    assert_eq!(
+        std::fs::read_to_string(certs.path().join("docker.io/hosts.toml.pullcache-orig")).unwrap(),
+        EXISTING
+    );
+
+    let defaults = tempfile::tempdir().unwrap();
+    install(defaults.path(), &[]);
+    assert_golden(&defaults.path().join("_default/hosts.toml"), "default.toml");
+}
+
+#[test]
+fn install_twice_changes_nothing_and_uninstall_restores_exactly() {
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(certs.path().join("docker.io")).unwrap();
+    std::fs::write(certs.path().join("docker.io/hosts.toml"), EXISTING).unwrap();
+    std::fs::create_dir_all(certs.path().join("quay.io")).unwrap();
+    std::fs::write(
+        certs.path().join("quay.io/hosts.toml"),
+        "server = \"https://quay.io\"\n",
+    )
+    .unwrap();
+    let before = snapshot(certs.path());
+
+    let args = ["--registry", "docker.io", "--registry", "ghcr.io"];
+    let first = install(certs.path(), &args);
+    assert!(String::from_utf8_lossy(&first.stdout).contains("wrote"));
+    let installed = snapshot(certs.path());
+    let second = install(certs.path(), &args);
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        !stdout.contains("wrote") && stdout.matches("unchanged").count() == 2,
+        "{stdout}"
+    );
+    assert_eq!(snapshot(certs.path()), installed, "a second install changed files");
+
+    let out = run(&[
+        "containerd-config",
+        "uninstall",
+        "--certs-dir",
+        certs.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        snapshot(certs.path()),
+        before,
+        "uninstall did not restore the directory exactly"
+    );
+    // Uninstalling again is harmless.
+    let again = run(&[
+        "containerd-config",
+        "uninstall",
+        "--certs-dir",
+        certs.path().to_str().unwrap(),
+    ]);
+    assert!(again.status.success());
+    assert_eq!(snapshot(certs.path()), before);
+}
+
+#[test]
+fn an_unset_config_path_is_reported_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n",
+    )
+    .unwrap();
+    let certs = dir.path().join("certs.d");
+    let args = |strict: bool| {
+        let mut a = vec![
+            "containerd-config".to_owned(),
+            "install".into(),
+            "--certs-dir".into(),
+            certs.display().to_string(),
+            "--containerd-config".into(),
+            config.display().to_string(),
+        ];
+        if strict {
+            a.push("--strict".into());
+        }
+        a
+    };
+    let out = std::process::Command::new(BIN).args(args(false)).output().unwrap();
+    assert!(out.status.success(), "without --strict the wiring is still written");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("config_path is unset") && stderr.contains(&format!("config_path = \"{}\"", certs.display())),
+        "{stderr}"
+    );
+    let strict = std::process::Command::new(BIN).args(args(true)).output().unwrap();
+    assert!(!strict.status.success(), "--strict must fail");
+
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let fine = std::process::Command::new(BIN).args(args(true)).output().unwrap();
+    assert!(fine.status.success());
+    assert!(!String::from_utf8_lossy(&fine.stderr).contains("warning"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down() -> anyhow::Result<()> {
+    let registry = Registry::start().await?;
+    let image = push_oci_image(&registry.url(), "team/app", "v1", &[128 * 1024]).await?;
+    let cache = tempfile::tempdir()?;
+    let mut pullcache = Pullcache::start(
+        cache.path(),
+        &[("registry.test", &registry.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+
+    // The operator's hosts.toml already sends registry.test to the registry; install puts
+    // pullcache in front of it.
+    let certs = tempfile::tempdir()?;
+    std::fs::create_dir(certs.path().join("registry.test"))?;
+    std::fs::write(
+        certs.path().join("registry.test/hosts.toml"),
+        format!("server = \"{}\"\n", registry.url()),
+    )?;
+    let out = run(&[
+        "containerd-config",
+        "install",
+        "--certs-dir",
+        certs.path().to_str().unwrap(),
+        "--mirror",
+        &pullcache.url(),
+        "--registry",
+        "registry.test",
+        "--containerd-config",
+        "/nonexistent/config.toml",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let reference = image.reference("registry.test");
+    let ctr = Containerd::start().await?;
+    ctr.pull(&reference, certs.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?);
+    for blob in &image.blobs {
+        assert!(
+            pullcache.stored_blobs().contains(&blob.digest),
+            "{} did not go through pullcache",
+            blob.digest
+        );
+    }
+
+    // pullcache stopped: the same containerd still pulls, straight from the registry.
+    pullcache.stop().await?;
+    ctr.remove_image(&reference).await?;
+    let gets_before = registry.access_log_count("GET", "/blobs/");
+    ctr.pull(&reference, certs.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?);
+    let gets_after = registry
+        .wait_access_log_count("GET", "/blobs/", gets_before + 1, Duration::from_secs(5))
+        .await;
+    assert!(gets_after > gets_before, "the second pull did not reach the registry");
+    Ok(())
+}
