@@ -1,4 +1,7 @@
 # Build: docker build -t pullcache .
+# The final image is debian-slim rather than distroless or scratch: the binary links glibc
+# (ring and the system roots via rustls-native-certs) and wants /etc/ssl/certs for the
+# public registries.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
@@ -6,11 +9,13 @@ COPY src src
 RUN cargo build --release --locked && strip target/release/pullcache
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 65532 --no-create-home pullcache
 COPY --from=build /src/target/release/pullcache /usr/local/bin/pullcache
-# The cache lives on a hostPath in the DaemonSet.
-VOLUME /var/lib/pullcache
-USER 0
+# Non-root by default. The chart runs it as root because it writes hostPaths
+# (/var/lib/pullcache, /etc/containerd/certs.d); every capability is still dropped there.
+USER 65532
 ENTRYPOINT ["/usr/local/bin/pullcache"]
-CMD ["serve", "--cache-dir", "/var/lib/pullcache"]
+CMD ["serve", "--listen", "127.0.0.1:5000", "--cache-dir", "/var/lib/pullcache"]

@@ -88,11 +88,24 @@ pub enum ContainerdCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create a CA (ECDSA P-256; the key file is mode 0600). Refuses to replace one.
+    /// Create a CA (ECDSA P-256; the key file is mode 0600) in a directory, or in a
+    /// Kubernetes Secret if that Secret does not exist yet. Never replaces one.
     Init {
         /// Directory for ca.key and ca.crt.
-        #[arg(long, env = "PULLCACHE_CA_DIR")]
-        dir: PathBuf,
+        #[arg(
+            long,
+            env = "PULLCACHE_CA_DIR",
+            required_unless_present = "k8s_secret",
+            conflicts_with = "k8s_secret"
+        )]
+        dir: Option<PathBuf>,
+        /// A Secret to create (keys ca.key and ca.crt), with the in-cluster service account or
+        /// $KUBECONFIG.
+        #[arg(long, env = "PULLCACHE_CA_SECRET", value_name = "NAME")]
+        k8s_secret: Option<String>,
+        /// The Secret's namespace; default: the pod's own (or the kubeconfig's).
+        #[arg(long, env = "PULLCACHE_NAMESPACE", requires = "k8s_secret")]
+        namespace: Option<String>,
     },
     /// Print the CA certificate (PEM) to install in node trust stores.
     Cert {

@@ -132,9 +132,19 @@ fn containerd_config(command: ContainerdCommand) -> ExitCode {
 /// `pullcache ca init|cert`.
 fn ca(command: CaCommand) -> ExitCode {
     let result = match command {
-        CaCommand::Init { dir } => pullcache::intercept::init(&dir).map(|()| {
+        CaCommand::Init {
+            dir: Some(dir),
+            k8s_secret: None,
+            ..
+        } => pullcache::intercept::init(&dir).map(|()| {
             println!("{}", dir.join(pullcache::intercept::CERT_FILE).display());
         }),
+        CaCommand::Init {
+            k8s_secret: Some(name),
+            namespace,
+            ..
+        } => ca_secret(&name, namespace),
+        CaCommand::Init { .. } => unreachable!("clap requires exactly one of --dir and --k8s-secret"),
         CaCommand::Cert { dir } => pullcache::intercept::cert_pem(&dir).map(|pem| print!("{pem}")),
     };
     match result {
@@ -144,6 +154,26 @@ fn ca(command: CaCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `pullcache ca init --k8s-secret`: creates the Secret unless it exists.
+fn ca_secret(name: &str, namespace: Option<String>) -> Result<(), pullcache::intercept::CaError> {
+    use pullcache::intercept::{CaError, SecretOutcome, init_secret};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CaError::Kube(e.to_string()))?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| CaError::Kube(format!("no Kubernetes client configuration: {e}")))?;
+        let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+        match init_secret(client, &namespace, name).await? {
+            SecretOutcome::Created => println!("created secret {namespace}/{name}"),
+            SecretOutcome::Exists => println!("secret {namespace}/{name} exists; left as it is"),
+        }
+        Ok(())
+    })
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.

@@ -8,11 +8,16 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v curl >/dev/null || need+=(curl ca-certificates)
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing test dependencies: ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "installing test dependencies: ${need[*]}"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+
+# The chart test: the real Helm engine (helm-python-sdk) and Kubernetes schemas.
+if ! python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
+  echo "installing chart test dependencies"
+  python3 -m pip install --quiet --disable-pip-version-check -r "$(dirname "$0")/chart/requirements.txt"
+fi

@@ -34,6 +34,8 @@ pub enum CaError {
     Files { dir: PathBuf, message: String },
     #[error("CA: {0}")]
     Certificate(String),
+    #[error("CA: {0}")]
+    Kube(String),
 }
 
 fn files(dir: &Path, message: impl std::fmt::Display) -> CaError {
@@ -49,6 +51,14 @@ pub fn init(dir: &Path) -> Result<(), CaError> {
         return Err(files(dir, "a CA exists already; remove it first to make a new one"));
     }
     fs::create_dir_all(dir).map_err(|e| files(dir, e))?;
+    let (key_pem, cert_pem) = generate()?;
+    write_new(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600).map_err(|e| files(dir, e))?;
+    write_new(&dir.join(CERT_FILE), cert_pem.as_bytes(), 0o644).map_err(|e| files(dir, e))?;
+    Ok(())
+}
+
+/// A new CA: its key and certificate, in PEM.
+pub fn generate() -> Result<(String, String), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Certificate(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -67,9 +77,7 @@ pub fn init(dir: &Path) -> Result<(), CaError> {
     let cert = params
         .self_signed(&key)
         .map_err(|e| CaError::Certificate(e.to_string()))?;
-    write_new(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600).map_err(|e| files(dir, e))?;
-    write_new(&dir.join(CERT_FILE), cert.pem().as_bytes(), 0o644).map_err(|e| files(dir, e))?;
-    Ok(())
+    Ok((key.serialize_pem(), cert.pem()))
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {

@@ -8,6 +8,7 @@
 //!   loopback targets are always refused unless they are an explicitly configured registry.
 
 mod ca;
+mod secret;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounterVec;
 
 pub use ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
+pub use secret::{SecretOutcome, init_secret};
 
 use crate::oci::Registry;
 use crate::server::response::{self, Body};

@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod fault_upstream;
 pub mod htpasswd;
 pub mod images;
+pub mod kube_api;
 pub mod pullcache;
 pub mod registry;
 pub mod skopeo;

@@ -1,0 +1,154 @@
+{{/*
+The chart's name, or nameOverride.
+*/}}
+{{- define "pullcache.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified name: the release name, plus the chart name unless the release name already
+contains it. Truncated to 63 characters (the DNS label limit) minus room for suffixes such as
+"-cleanup" and "-ca-init".
+*/}}
+{{- define "pullcache.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "pullcache.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "pullcache.labels" -}}
+helm.sh/chart: {{ include "pullcache.chart" . }}
+{{ include "pullcache.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pullcache
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels. Each workload adds its own app.kubernetes.io/component.
+*/}}
+{{- define "pullcache.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pullcache.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The service account of the cache pods.
+*/}}
+{{- define "pullcache.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pullcache.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: repository@digest when a digest is set, else repository:tag (the tag
+defaults to the chart's appVersion).
+*/}}
+{{- define "pullcache.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the intercept CA (ca.key, ca.crt).
+*/}}
+{{- define "pullcache.caSecretName" -}}
+{{- default (printf "%s-ca" (include "pullcache.fullname" .)) .Values.intercept.caSecretName }}
+{{- end }}
+
+{{/*
+Where containerd reaches pullcache: the node's loopback, which only processes on the node
+(containerd among them) can connect to.
+*/}}
+{{- define "pullcache.mirrorURL" -}}
+{{- printf "http://127.0.0.1:%d" (int .Values.pullcache.port) }}
+{{- end }}
+
+{{/*
+Where the node's containerd certs.d directory is mounted in the wiring containers: at the
+same path as on the node, so that `install` can compare it with containerd's config_path and
+its messages name the node's paths.
+*/}}
+{{- define "pullcache.certsDirMount" -}}
+{{- clean .Values.containerd.certsDir }}
+{{- end }}
+
+{{/*
+Where the directory holding the node's containerd config.toml is mounted (read-only): also
+at the node's path. certs.d, usually inside it, is a separate read-write mount.
+*/}}
+{{- define "pullcache.containerdConfigDirMount" -}}
+{{- dir (clean .Values.containerd.configFile) }}
+{{- end }}
+
+{{/*
+The containerd wiring container's volume mounts: certs.d read-write, and the directory of
+containerd's config.toml read-only, so `install` can check that containerd reads certs.d.
+*/}}
+{{- define "pullcache.containerdMounts" -}}
+- name: containerd-certs
+  mountPath: {{ include "pullcache.certsDirMount" . }}
+{{- if .Values.containerd.configFile }}
+- name: containerd-config
+  mountPath: {{ include "pullcache.containerdConfigDirMount" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+The hostPath volumes behind pullcache.containerdMounts.
+*/}}
+{{- define "pullcache.containerdVolumes" -}}
+{{- if and .Values.containerd.configFile (eq (dir (clean .Values.containerd.configFile)) (clean .Values.containerd.certsDir)) }}
+{{- fail "containerd.configFile must not be inside containerd.certsDir" }}
+{{- end }}
+- name: containerd-certs
+  hostPath:
+    path: {{ clean .Values.containerd.certsDir }}
+    type: DirectoryOrCreate
+{{- if .Values.containerd.configFile }}
+- name: containerd-config
+  hostPath:
+    path: {{ dir (clean .Values.containerd.configFile) }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+
+{{/*
+The registry host of pullcache's own image, as containerd connects to it (Docker Hub images
+come from registry-1.docker.io).
+*/}}
+{{- define "pullcache.imageRegistryHost" -}}
+{{- $first := first (splitList "/" .Values.image.repository) }}
+{{- if and (contains "/" .Values.image.repository) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $first }}
+{{- else }}
+{{- "registry-1.docker.io" }}
+{{- end }}
+{{- end }}
