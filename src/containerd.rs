@@ -184,7 +184,8 @@ pub enum ConfigPath {
     NoConfig,
 }
 
-/// Reads `config_path` from the CRI registry section of a containerd config.toml.
+/// Reads `config_path` from the CRI registry section of a containerd config.toml (1.x or
+/// 2.x layout).
 pub fn config_path(containerd_config: &Path) -> Result<ConfigPath, WiringError> {
     let Some(text) = read_optional(containerd_config)? else {
         return Ok(ConfigPath::NoConfig);
@@ -192,13 +193,21 @@ pub fn config_path(containerd_config: &Path) -> Result<ConfigPath, WiringError> 
     let value: toml::Table = toml::from_str(&text).map_err(|e: toml::de::Error| {
         at(containerd_config)(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     })?;
-    let registry = value
-        .get("plugins")
-        .and_then(|p| p.get("io.containerd.grpc.v1.cri"))
-        .and_then(|c| c.get("registry"));
-    match registry.and_then(|r| r.get("config_path")).and_then(|p| p.as_str()) {
-        Some(path) if !path.is_empty() => Ok(ConfigPath::Set(path.split(':').map(PathBuf::from).collect())),
-        _ => Ok(ConfigPath::Unset),
+    // containerd 1.x keeps it in the CRI plugin, 2.x in the CRI images plugin.
+    let config_path = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images"]
+        .iter()
+        .filter_map(|plugin| {
+            value
+                .get("plugins")?
+                .get(*plugin)?
+                .get("registry")?
+                .get("config_path")?
+                .as_str()
+        })
+        .find(|path| !path.is_empty());
+    match config_path {
+        Some(path) => Ok(ConfigPath::Set(path.split(':').map(PathBuf::from).collect())),
+        None => Ok(ConfigPath::Unset),
     }
 }
 
@@ -252,6 +261,16 @@ mod tests {
         let found = config_path(&file).unwrap();
         assert_eq!(found, ConfigPath::Set(vec![certs.to_owned(), PathBuf::from("/other")]));
         assert_eq!(config_path_advice(&file, &found, certs), None);
+        fs::write(
+            &file,
+            "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config_path(&file).unwrap(),
+            ConfigPath::Set(vec![certs.to_owned()]),
+            "containerd 2.x"
+        );
         fs::write(&file, "not toml [").unwrap();
         assert!(config_path(&file).is_err());
     }
