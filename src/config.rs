@@ -48,6 +48,13 @@ pub enum Command {
     /// Manage the CA that intercept mode signs registry certificates with.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Re-hash every blob in a cache and quarantine those that do not match their digest
+    /// (for suspected disk corruption). Exit 0 when all match, 1 when some were quarantined.
+    Verify {
+        /// The cache directory (default as for `serve`). Best run while pullcache is stopped.
+        #[arg(long, env = "PULLCACHE_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Wire the node's containerd to pullcache through certs.d hosts.toml files, or undo it.
     #[command(subcommand, name = "containerd-config")]
     ContainerdConfig(ContainerdCommand),
@@ -398,7 +405,7 @@ fn parse_upstream(s: &str) -> Result<(Registry, Uri), String> {
     Ok((registry, upstream_url(url)?))
 }
 
-fn default_cache_dir() -> PathBuf {
+pub fn default_cache_dir() -> PathBuf {
     if is_root() {
         return PathBuf::from("/var/lib/pullcache");
     }

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => args,
         Command::Ca(command) => return ca(command),
         Command::ContainerdConfig(command) => return containerd_config(command),
+        Command::Verify { cache_dir } => return verify(cache_dir.unwrap_or_else(pullcache::config::default_cache_dir)),
     };
     let config = match args.resolve() {
         Ok(config) => config,
@@ -73,6 +74,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "pullcache failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pullcache verify`.
+fn verify(cache_dir: std::path::PathBuf) -> ExitCode {
+    let report = pullcache::store::Store::open(&cache_dir).and_then(|store| store.verify());
+    match report {
+        Ok(report) => {
+            for (from, to) in &report.quarantined {
+                println!("quarantined {} -> {}", from.display(), to.display());
+            }
+            println!(
+                "checked {} blobs ({} bytes) in {}: {} quarantined",
+                report.checked,
+                report.bytes,
+                cache_dir.display(),
+                report.quarantined.len()
+            );
+            if report.quarantined.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pullcache: {e}");
             ExitCode::FAILURE
         }
     }

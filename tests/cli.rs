@@ -165,3 +165,47 @@ async fn ca_init_and_cert() -> anyhow::Result<()> {
     assert!(!missing.status.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn verify_quarantines_corrupt_blobs() -> anyhow::Result<()> {
+    use pullcache::oci::Digest;
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let (good, bad) = (Digest::of(b"intact"), Digest::of(b"original"));
+    {
+        let store = pullcache::store::Store::open(&cache)?;
+        for (digest, content) in [(&good, &b"intact"[..]), (&bad, b"original")] {
+            let mut temp = store.temp_blob()?;
+            temp.write(content)?;
+            store.commit(temp, digest, None)?;
+        }
+        std::fs::write(store.blob_path(&bad), b"flipped")?;
+    }
+    let verify = || Command::new(BIN).args(["verify", "--cache-dir"]).arg(&cache).output();
+    let out = verify().await?;
+    let stdout = String::from_utf8(out.stdout)?;
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "quarantined {}",
+            cache
+                .join("blobs/sha256")
+                .join(&bad.hex()[..2])
+                .join(bad.hex())
+                .display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("checked 2 blobs"), "{stdout}");
+    assert!(cache.join("quarantine").join(bad.hex()).exists());
+    assert!(
+        cache
+            .join("blobs/sha256")
+            .join(&good.hex()[..2])
+            .join(good.hex())
+            .exists()
+    );
+    let again = verify().await?;
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stdout));
+    Ok(())
+}

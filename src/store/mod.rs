@@ -6,6 +6,7 @@
 //! directory. A [`TempBlob`] that is dropped uncommitted deletes its file.
 
 mod tags;
+mod verify;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -18,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use crate::oci::Digest;
 
 pub use tags::{TagIndex, TagKey, TagRecord};
+pub use verify::Report as VerifyReport;
 
 /// Manifests larger than this are refused, as distribution refuses them.
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
