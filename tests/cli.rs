@@ -1,13 +1,13 @@
 //! The `pullcache` binary as an operator runs it: defaults in `--help`, exit 64 on bad
 //! configuration, serving, and a clean exit on SIGTERM.
 
-use std::process::Stdio;
+mod support;
+
+use std::ffi::OsStr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::binary::BIN;
 use tokio::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
 
 #[tokio::test]
 async fn help_names_the_defaults_and_their_environment() -> anyhow::Result<()> {
@@ -55,36 +55,11 @@ async fn invalid_configuration_exits_64() -> anyhow::Result<()> {
 #[tokio::test]
 async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .env("PULLCACHE_CACHE_DIR", cache.path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await? {
-            let json: serde_json::Value = serde_json::from_str(&line)?;
-            if json["fields"]["message"] == "serving" {
-                let field = |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
-                return Ok((field("addr"), field("metrics_addr")));
-            }
-        }
-        anyhow::bail!("pullcache exited without serving")
-    })
-    .await??;
-
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    wait_ready(&client, &metrics_addr).await?;
+    let cache_dir = cache.path().as_os_str();
+    let mut served = support::binary::serve([OsStr::new("--cache-dir"), cache_dir], "info").await?;
+    served.wait_ready().await?;
+    let (addr, metrics_addr) = (served.addr.clone(), served.metrics_addr.clone());
+    let client = support::http_client();
     let resp = client.get(format!("http://{addr}/v2/")).send().await?;
     assert_eq!(resp.status(), 200);
     let metrics = client
@@ -104,26 +79,10 @@ async fn serves_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
     );
     assert!(cache.path().join("blobs/sha256").is_dir(), "the store was not created");
 
-    let pid = child.id().expect("running").to_string();
+    let pid = served.child.id().expect("running").to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().await?.success());
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    let status = tokio::time::timeout(Duration::from_secs(15), served.child.wait()).await??;
     assert!(status.success(), "exit after SIGTERM: {status}");
-    Ok(())
-}
-
-/// Polls `/readyz` until it answers 200.
-async fn wait_ready(client: &reqwest::Client, metrics_addr: &str) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("http://{metrics_addr}/readyz"))
-        .send()
-        .await?
-        .status()
-        != 200
-    {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     Ok(())
 }
 

@@ -59,6 +59,22 @@ async fn start_pullcache(
     Pullcache::start_with(config).await
 }
 
+/// A registry with token auth from `tokens`, serving the seeded test image.
+async fn token_registry(dir: &Path, tokens: &TokenService) -> anyhow::Result<(PushedImage, Registry)> {
+    let storage = dir.join("storage");
+    let image = seed(&storage).await?;
+    let options = RegistryOptions {
+        token: Some(tokens.token_auth(dir)),
+        ..RegistryOptions::default()
+    };
+    Ok((image, Registry::start_with(options, Some(storage)).await?))
+}
+
+/// An error message a client can act on: which registry, and what went wrong.
+fn assert_names_registry(message: &str, what: &str) {
+    assert!(message.contains(REGISTRY) && message.contains(what), "{message}");
+}
+
 async fn pull_through(pullcache: &Pullcache, image: &PushedImage) -> anyhow::Result<()> {
     let hosts = tempfile::tempdir()?;
     write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
@@ -137,36 +153,21 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
     let refused = start_pullcache(cache.path(), &registry.url(), Some(&ca_file), Some(wrong)).await?;
     let (status, code, message) = manifest_error(&refused).await?;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"), "{message}");
-    assert!(
-        message.contains(REGISTRY) && message.contains("refused the configured credentials"),
-        "{message}"
-    );
+    assert_names_registry(&message, "refused the configured credentials");
 
     let cache = tempfile::tempdir()?;
     let anonymous = start_pullcache(cache.path(), &registry.url(), Some(&ca_file), None).await?;
     let (status, _, message) = manifest_error(&anonymous).await?;
     assert_eq!(status, 401, "{message}");
-    assert!(
-        message.contains(REGISTRY) && message.contains("requires credentials"),
-        "{message}"
-    );
+    assert_names_registry(&message, "requires credentials");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_auth_registry_like_docker_hub() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let storage = dir.path().join("storage");
-    let image = seed(&storage).await?;
     let tokens = TokenService::start(&[("robot", "hunter2")], false).await?;
-    let registry = Registry::start_with(
-        RegistryOptions {
-            token: Some(tokens.token_auth(dir.path())),
-            ..RegistryOptions::default()
-        },
-        Some(storage),
-    )
-    .await?;
+    let (image, registry) = token_registry(dir.path(), &tokens).await?;
 
     let cache = tempfile::tempdir()?;
     let credentials = docker_config(dir.path(), &basic_entry("robot", "hunter2"))?;
@@ -187,29 +188,17 @@ async fn token_auth_registry_like_docker_hub() -> anyhow::Result<()> {
     let refused = start_pullcache(cache.path(), &registry.url(), None, Some(wrong)).await?;
     let (status, _, message) = manifest_error(&refused).await?;
     assert_eq!(status, 401, "{message}");
-    assert!(
-        message.contains(REGISTRY) && message.contains("refused the configured credentials"),
-        "{message}"
-    );
+    assert_names_registry(&message, "refused the configured credentials");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_tokens_are_exchanged_for_access_tokens() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let storage = dir.path().join("storage");
-    let image = seed(&storage).await?;
     let tokens = TokenService::start(&[], false)
         .await?
         .with_refresh_token("refresh-9f2c", "robot");
-    let registry = Registry::start_with(
-        RegistryOptions {
-            token: Some(tokens.token_auth(dir.path())),
-            ..RegistryOptions::default()
-        },
-        Some(storage),
-    )
-    .await?;
+    let (image, registry) = token_registry(dir.path(), &tokens).await?;
     let cache = tempfile::tempdir()?;
     let credentials = docker_config(dir.path(), r#"{"identitytoken":"refresh-9f2c"}"#)?;
     let pullcache = start_pullcache(cache.path(), &registry.url(), None, Some(credentials)).await?;

@@ -3,16 +3,14 @@
 
 mod support;
 
-use std::process::Stdio;
-use std::time::Duration;
+use std::ffi::OsStr;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::sha256_digest;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
 const PASSWORD: &str = "pw-s3cret-7f3a";
 const TOKEN: &str = "tok-s3cret-91bc";
 
@@ -40,48 +38,25 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
         format!(r#"{{"auths":{{"registry.test":{{"auth":"{basic}"}}}}}}"#),
     )?;
 
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--docker-config")
-        .arg(&docker_config)
-        .args(["--upstream", &format!("registry.test={}", upstream.url())])
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut logs = String::new();
-    let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = stdout.next_line().await? {
-            logs.push_str(&line);
-            logs.push('\n');
-            let json: serde_json::Value = serde_json::from_str(&line)?;
-            if json["fields"]["message"] == "serving" {
-                let field = |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
-                return Ok((field("addr"), field("metrics_addr")));
-            }
-        }
-        anyhow::bail!("pullcache exited without serving:\n{logs}")
-    })
-    .await??;
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let readyz = format!("http://{metrics_addr}/readyz");
-    while support::http_client().get(&readyz).send().await?.status() != 200 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let upstream_arg = format!("registry.test={}", upstream.url());
+    let cache_dir = dir.path().join("cache");
+    let args: [&OsStr; 6] = [
+        "--cache-dir".as_ref(),
+        cache_dir.as_os_str(),
+        "--docker-config".as_ref(),
+        docker_config.as_os_str(),
+        "--upstream".as_ref(),
+        upstream_arg.as_ref(),
+    ];
+    let served = support::binary::serve(args, "trace").await?;
+    served.wait_ready().await?;
+    let support::binary::Served {
+        mut child,
+        addr,
+        mut stdout,
+        mut logs,
+        ..
+    } = served;
     let resp = support::http_client()
         .get(format!("http://{addr}/v2/team/app/manifests/v1?ns=registry.test"))
         .send()

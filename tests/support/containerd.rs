@@ -46,7 +46,7 @@ use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use super::log_tail;
+use super::{check_status, log_tail};
 
 pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
 pub const CTR_BIN: &str = "/usr/bin/ctr";
@@ -356,18 +356,6 @@ pub fn set_proxy_env(cmd: &mut Command, proxy: &str, ca_bundle: &Path) {
     cmd.env("HTTPS_PROXY", proxy)
         .env("https_proxy", proxy)
         .env("SSL_CERT_FILE", ca_bundle);
-}
-
-fn check_status(what: &str, out: Output) -> Result<Output> {
-    if out.status.success() {
-        return Ok(out);
-    }
-    bail!(
-        "{what} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Name of the hosts-dir entry for a registry host. containerd 1.6

@@ -1,6 +1,7 @@
 //! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd, a recording HTTP spy, TLS/basic/token auth for the upstream.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod containerd;
 pub mod fault_upstream;
 pub mod htpasswd;
@@ -40,4 +41,17 @@ pub fn http_client() -> reqwest::Client {
         .no_proxy()
         .build()
         .expect("building reqwest client")
+}
+
+/// `out` when its command succeeded, else an error with `what`, the status and both streams.
+pub fn check_status(what: &str, out: std::process::Output) -> anyhow::Result<std::process::Output> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    anyhow::bail!(
+        "{what} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

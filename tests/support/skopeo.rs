@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
+use super::check_status;
 use super::containerd::set_proxy_env;
 
 pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
@@ -95,16 +96,4 @@ async fn run(mut cmd: Command, what: &str) -> Result<Output> {
         Ok(out) => out.with_context(|| format!("running {what} (is skopeo installed?)")),
         Err(_) => bail!("{what} timed out after {COPY_TIMEOUT:?} (killed)"),
     }
-}
-
-fn check_status(what: &str, out: Output) -> Result<Output> {
-    if out.status.success() {
-        return Ok(out);
-    }
-    bail!(
-        "{what} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }

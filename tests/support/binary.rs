@@ -1,0 +1,84 @@
+//! The real `pullcache` binary as a server: `serve` on port 0 with JSON logs, its addresses
+//! read from its "serving" log line, ready once `/readyz` says so.
+
+use std::ffi::OsStr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
+
+pub struct Served {
+    pub child: Child,
+    /// The registry API, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: String,
+    /// The rest of stdout, after the "serving" line.
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    /// Everything logged up to and including the "serving" line.
+    pub logs: String,
+}
+
+/// Runs `pullcache serve` on port 0 with `args` added, `RUST_LOG=rust_log`, and waits for it
+/// to log that it serves.
+pub async fn serve<I, S>(args: I, rust_log: &str) -> Result<Served>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut logs = String::new();
+    let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stdout.next_line().await? {
+            logs.push_str(&line);
+            logs.push('\n');
+            let json: serde_json::Value = serde_json::from_str(&line)?;
+            if json["fields"]["message"] == "serving" {
+                let field = |name: &str| json["fields"][name].as_str().unwrap_or_default().to_owned();
+                return Ok((field("addr"), field("metrics_addr")));
+            }
+        }
+        bail!("pullcache exited without serving:\n{logs}")
+    })
+    .await??;
+    Ok(Served {
+        child,
+        addr,
+        metrics_addr,
+        stdout,
+        logs,
+    })
+}
+
+impl Served {
+    /// Polls `/readyz` until it answers 200.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let readyz = format!("http://{}/readyz", self.metrics_addr);
+        while super::http_client().get(&readyz).send().await?.status() != 200 {
+            ensure!(Instant::now() < deadline, "never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+}
