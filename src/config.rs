@@ -12,12 +12,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
 use serde::Deserialize;
 
-use crate::oci::Registry;
+use crate::oci::{ImageRef, Registry};
+use crate::store::{self, MinFree};
 use crate::upstream::{self, Credentials, DockerConfig, RegistrySettings};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+/// kubelet evicts pods when the node filesystem's free space drops under 10%.
+const DEFAULT_MIN_FREE: MinFree = MinFree::Percent(10.0);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,6 +176,22 @@ pub struct ServeArgs {
     #[arg(long = "intercept", env = "PULLCACHE_INTERCEPT", value_name = "NAME", value_delimiter = ',', value_parser = parse_registry)]
     pub intercept: Vec<Registry>,
 
+    /// The most bytes of blobs to keep, e.g. 20GiB or 500MB (default: no limit but
+    /// --cache-min-free). Past it the least recently used blobs are evicted down to 90%.
+    #[arg(long, env = "PULLCACHE_CACHE_MAX_SIZE", value_name = "SIZE", value_parser = store::parse_size)]
+    pub cache_max_size: Option<u64>,
+
+    /// Free space to leave on the cache's filesystem, as a size or a percentage (default 10%,
+    /// kubelet's hard eviction threshold for nodefs). Below it blobs are evicted.
+    #[arg(long, env = "PULLCACHE_CACHE_MIN_FREE", value_name = "SIZE|PCT", value_parser = MinFree::parse)]
+    pub cache_min_free: Option<MinFree>,
+
+    /// An image to keep whatever the pressure, with everything it references:
+    /// `alpine:3.20`, `ghcr.io/org/app@sha256:...`. A tag pin follows the tag. Repeatable;
+    /// comma-separated in the environment.
+    #[arg(long = "pin", env = "PULLCACHE_PIN", value_name = "IMAGE", value_delimiter = ',', value_parser = parse_image)]
+    pub pins: Vec<ImageRef>,
+
     /// Read and check the configuration (files included), print the result and exit: 0 when
     /// it can run, 64 when not.
     #[arg(long)]
@@ -196,6 +215,8 @@ pub struct Config {
     pub upstream: upstream::Settings,
     /// HTTPS intercept mode, when on.
     pub intercept: Option<InterceptSettings>,
+    /// Disk budget and pins.
+    pub budget: store::Budget,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +238,10 @@ impl Config {
             tag_ttls: HashMap::new(),
             upstream: upstream::Settings::default(),
             intercept: None,
+            budget: store::Budget {
+                min_free: DEFAULT_MIN_FREE,
+                ..store::Budget::default()
+            },
         }
     }
 
@@ -246,6 +271,10 @@ struct FileConfig {
     tunnel_allow: Option<Vec<String>>,
     #[serde(default)]
     intercept: Vec<String>,
+    cache_max_size: Option<String>,
+    cache_min_free: Option<String>,
+    #[serde(default)]
+    pins: Vec<String>,
     #[serde(default)]
     registries: HashMap<String, FileRegistry>,
 }
@@ -292,6 +321,25 @@ impl ServeArgs {
         } else if let Some(ttl) = &file.tag_ttl {
             config.tag_ttl = duration(ttl, "tag_ttl")?;
         }
+
+        config.budget.max_size = match (self.cache_max_size, &file.cache_max_size) {
+            (Some(size), _) => Some(size),
+            (None, Some(text)) => {
+                Some(store::parse_size(text).map_err(|e| ConfigError(format!("cache_max_size: {e}")))?)
+            }
+            (None, None) => None,
+        };
+        if let Some(floor) = self.cache_min_free {
+            config.budget.min_free = floor;
+        } else if let Some(text) = &file.cache_min_free {
+            config.budget.min_free = MinFree::parse(text).map_err(|e| ConfigError(format!("cache_min_free: {e}")))?;
+        }
+        config.budget.pins = if self.pins.is_empty() {
+            let parse = |s: &String| ImageRef::parse(s).map_err(|e| ConfigError(format!("pins: {e}")));
+            file.pins.iter().map(parse).collect::<Result<_, _>>()?
+        } else {
+            self.pins.clone()
+        };
 
         let ca_files = if self.upstream_ca.is_empty() {
             file.upstream_ca.iter().map(|p| base.join(p)).collect()
@@ -393,6 +441,10 @@ fn upstream_url(url: &str) -> Result<Uri, String> {
         return Err(format!("{url:?} is a link-local, metadata or unspecified address"));
     }
     Ok(uri)
+}
+
+fn parse_image(s: &str) -> Result<ImageRef, String> {
+    ImageRef::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_registry(s: &str) -> Result<Registry, String> {

@@ -119,9 +119,10 @@ pub async fn run(
     let api = tokio::spawn(server::serve(listeners.api, slot.clone(), intercept, stopped()));
 
     let mut delay = STORE_RETRY;
+    let opening = std::time::Instant::now();
     let store = loop {
-        let dir = config.cache_dir.clone();
-        match tokio::task::spawn_blocking(move || store::Store::open(&dir)).await? {
+        let (dir, budget) = (config.cache_dir.clone(), config.budget.clone());
+        match tokio::task::spawn_blocking(move || store::Store::open(&dir).map(|s| s.with_budget(budget))).await? {
             Ok(store) => break Arc::new(store),
             Err(e) => {
                 tracing::error!(error = %e, retry_in = ?delay, "cannot open the cache; not ready");
@@ -133,8 +134,19 @@ pub async fn run(
             }
         }
     };
+    let opened_in = opening.elapsed();
     let _ = store_slot.set(store.clone());
     let (bytes, blobs) = store.usage();
+    store_metrics.set_budget(store.budget());
+    tokio::spawn({
+        let (store, store_metrics, stop) = (store.clone(), store_metrics.clone(), stopped());
+        async move {
+            tokio::select! {
+                () = store::keep_within_budget(store, move |evicted| store_metrics.count(evicted)) => {}
+                () = stop => {}
+            }
+        }
+    });
     let _ = slot.set(server::App {
         flights: flight::Flights::new(store.clone(), upstreams.clone(), flight_metrics),
         manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), config.tag_ttl, config.tag_ttls),
@@ -142,7 +154,16 @@ pub async fn run(
         metrics: server_metrics,
     });
     readiness.set_ready();
-    tracing::info!(blobs, bytes, tags = store.tags().len(), "cache open; ready");
+    tracing::info!(
+        blobs,
+        bytes,
+        tags = store.tags().len(),
+        max_size = ?config.budget.max_size,
+        min_free = %config.budget.min_free,
+        pins = config.budget.pins.len(),
+        ?opened_in,
+        "cache open; ready"
+    );
 
     join(api, admin).await
 }

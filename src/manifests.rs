@@ -13,8 +13,9 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::error::{Error, Result};
 use crate::flight::Coalesce;
+use crate::oci::MAX_MANIFEST_SIZE;
 use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
-use crate::store::{CommitError, MAX_MANIFEST_SIZE, Store, TagKey, TagRecord};
+use crate::store::{CommitError, Store, TagKey, TagRecord};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams};
 
 /// How long a client with a stale tag answer waits for its revalidation before the stale

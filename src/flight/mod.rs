@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
 use crate::oci::{Digest, Registry, Repository};
-use crate::store::{CommitError, Store, TempBlob};
+use crate::store::{Blob, CommitError, Store, TempBlob};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
 pub use coalesce::{Abandoned, Coalesce};
@@ -134,7 +134,7 @@ impl Flight {
 
 /// What serves a blob: the store, or a flight.
 pub enum BlobSource {
-    Stored { file: File, size: u64 },
+    Stored(Blob),
     Flight { flight: Arc<Flight>, joined: bool },
 }
 
@@ -163,8 +163,8 @@ impl Flights {
 
     /// The stored blob or a running flight, without starting one.
     pub fn lookup(&self, digest: &Digest) -> Result<Option<BlobSource>, Error> {
-        if let Some((file, size)) = self.store.open_blob(digest)? {
-            return Ok(Some(BlobSource::Stored { file, size }));
+        if let Some(blob) = self.store.open_blob(digest)? {
+            return Ok(Some(BlobSource::Stored(blob)));
         }
         let active = self.active.lock().expect("flights lock");
         Ok(active.get(digest).map(|flight| BlobSource::Flight {
@@ -176,8 +176,8 @@ impl Flights {
     /// The stored blob, a running flight to join, or a new flight fetching it from
     /// `registry`/`repository`.
     pub fn get(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<BlobSource, Error> {
-        if let Some((file, size)) = self.store.open_blob(digest)? {
-            return Ok(BlobSource::Stored { file, size });
+        if let Some(blob) = self.store.open_blob(digest)? {
+            return Ok(BlobSource::Stored(blob));
         }
         let mut active = self.active.lock().expect("flights lock");
         if let Some(flight) = active.get(digest) {
@@ -189,8 +189,8 @@ impl Flights {
         }
         // A flight commits before it leaves `active`, so under the lock a second look at the
         // store closes the gap between the first look and here.
-        if let Some((file, size)) = self.store.open_blob(digest)? {
-            return Ok(BlobSource::Stored { file, size });
+        if let Some(blob) = self.store.open_blob(digest)? {
+            return Ok(BlobSource::Stored(blob));
         }
         {
             let mut refused = self.refused.lock().expect("refused lock");

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::{FlightState, Progress};
+use crate::store::{Blob, InUse};
 
 /// Bytes per read from disk.
 pub const CHUNK: u64 = 1024 * 1024;
@@ -21,16 +22,19 @@ pub struct Tail {
     /// Exclusive end; `None` means the end of a blob whose size the upstream did not say.
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
+    /// Keeps a stored blob from eviction while it is read.
+    _in_use: Option<InUse>,
 }
 
 impl Tail {
-    /// A committed file: everything up to `end` is readable now.
-    pub fn stored(file: File, start: u64, end: u64) -> Tail {
+    /// A committed blob: everything up to `end` is readable now.
+    pub fn stored(blob: Blob, start: u64, end: u64) -> Tail {
         Tail {
-            file: Arc::new(file),
+            file: Arc::new(blob.file),
             pos: start,
             end: Some(end),
             progress: None,
+            _in_use: Some(blob.in_use),
         }
     }
 
@@ -45,6 +49,7 @@ impl Tail {
             pos: start,
             end,
             progress: Some(progress),
+            _in_use: None,
         }
     }
 
@@ -152,10 +157,14 @@ mod tests {
 
     #[tokio::test]
     async fn stored_reads_in_chunks() {
-        let mut f = tempfile::tempfile().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
         let data = vec![7u8; (CHUNK as usize) * 2 + 5];
-        f.write_all(&data).unwrap();
-        let mut tail = Tail::stored(f, 3, data.len() as u64);
+        let digest = crate::oci::Digest::of(&data);
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(&data).unwrap();
+        store.commit(temp, &digest, None).unwrap();
+        let mut tail = Tail::stored(store.open_blob(&digest).unwrap().unwrap(), 3, data.len() as u64);
         let mut got = 0;
         while let Some(chunk) = tail.next_chunk().await {
             let chunk = chunk.unwrap();

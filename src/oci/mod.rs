@@ -4,10 +4,12 @@
 
 mod digest;
 mod error;
+mod manifest;
 mod media;
 mod name;
 
 pub use digest::{Digest, DigestError};
 pub use error::{ErrorCode, error_body};
+pub use manifest::{MAX_MANIFEST_SIZE, ManifestError, References};
 pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, is_manifest_media_type};
-pub use name::{NameError, Reference, Registry, Repository, Tag};
+pub use name::{ImageRef, ImageRefError, NameError, Reference, Registry, Repository, Tag};

@@ -228,6 +228,73 @@ impl fmt::Display for Reference {
     }
 }
 
+/// An image reference as people write it: `[registry/]repository[:tag][@digest]`, with
+/// docker's defaults (`docker.io`, `library/`, `latest`). A digest wins over a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    pub registry: Registry,
+    pub repository: Repository,
+    pub reference: Reference,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("image reference {input:?}: {reason}")]
+pub struct ImageRefError {
+    input: String,
+    reason: String,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
+        let fail = |reason: String| ImageRefError {
+            input: s.chars().take(300).collect(),
+            reason,
+        };
+        let (rest, digest) = match s.split_once('@') {
+            Some((rest, digest)) => (rest, Some(digest.parse::<Digest>().map_err(|e| fail(e.to_string()))?)),
+            None => (s, None),
+        };
+        // A ':' after the last '/' starts the tag; one before it belongs to a registry port.
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match rest[last_slash..].find(':') {
+            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+            None => (rest, None),
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, path)) if Registry::looks_like_host(first) => {
+                (Registry::parse(first).map_err(|e| fail(e.to_string()))?, path)
+            }
+            _ => (Registry::docker_hub(), name),
+        };
+        let repository = Repository::parse(path)
+            .map_err(|e| fail(e.to_string()))?
+            .normalize_for(&registry);
+        let reference = match (digest, tag) {
+            (Some(digest), _) => Reference::Digest(digest),
+            (None, Some(tag)) => Reference::Tag(Tag::parse(tag).map_err(|e| fail(e.to_string()))?),
+            (None, None) => Reference::Tag(Tag::parse("latest").expect("latest is a tag")),
+        };
+        if let (Some(tag), Reference::Digest(_)) = (tag, &reference) {
+            Tag::parse(tag).map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(ImageRef {
+            registry,
+            repository,
+            reference,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sep = match self.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        write!(f, "{}/{}{sep}{}", self.registry, self.repository, self.reference)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +395,36 @@ mod tests {
         assert!(Registry::looks_like_host("localhost"));
         assert!(Registry::looks_like_host("host:5000"));
         assert!(!Registry::looks_like_host("library"));
+    }
+
+    #[test]
+    fn image_references() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for (input, want) in [
+            ("alpine", "docker.io/library/alpine:latest"),
+            ("alpine:3.20", "docker.io/library/alpine:3.20"),
+            ("org/app:v1", "docker.io/org/app:v1"),
+            ("ghcr.io/org/app", "ghcr.io/org/app:latest"),
+            ("localhost:5000/app:v1", "localhost:5000/app:v1"),
+            ("registry.local:5000/a/b", "registry.local:5000/a/b:latest"),
+            (&format!("alpine:3.20@{d}"), &format!("docker.io/library/alpine@{d}")),
+            (&format!("127.0.0.1:5000/x@{d}"), &format!("127.0.0.1:5000/x@{d}")),
+        ] {
+            assert_eq!(ImageRef::parse(input).unwrap().to_string(), want, "{input}");
+        }
+        for bad in [
+            "",
+            "Alpine",
+            "alpine:",
+            "alpine:-x",
+            "alpine@sha256:abc",
+            "ghcr.io/",
+            "ghcr.io/../etc",
+            "a//b",
+            "bad host:5000/x",
+            "x:5000:6000/y",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

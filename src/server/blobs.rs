@@ -24,13 +24,14 @@ pub async fn serve(app: &App, head: bool, headers: &HeaderMap, target: &Target, 
         app.flights.get(&target.registry, &target.repository, digest)?
     };
     match source {
-        BlobSource::Stored { file, size } => {
+        BlobSource::Stored(blob) => {
+            let size = blob.size;
             let span = super::range::parse(range, size)?;
             let (start, end) = span.map_or((0, size), |(a, b)| (a, b + 1));
             let body = if head {
                 response::empty()
             } else {
-                response::tail(Tail::stored(file, start, end))
+                response::tail(Tail::stored(blob, start, end))
             };
             Ok(Outcome::new(respond(digest, Some(size), span, body), "hit"))
         }

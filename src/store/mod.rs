@@ -5,6 +5,8 @@
 //! [`TempBlob`] computed while the bytes were written, fsyncs, renames, and fsyncs the
 //! directory. A [`TempBlob`] that is dropped uncommitted deletes its file.
 
+mod budget;
+mod index;
 mod tags;
 mod verify;
 
@@ -12,17 +14,17 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::oci::Digest;
 
+pub use budget::{Budget, Evicted, MinFree, keep_within_budget, parse_size};
+pub use index::InUse;
 pub use tags::{TagIndex, TagKey, TagRecord};
 pub use verify::Report as VerifyReport;
-
-/// Manifests larger than this are refused, as distribution refuses them.
-pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -68,14 +70,24 @@ pub struct Store {
     tmp: PathBuf,
     tags: TagIndex,
     next_temp: AtomicU64,
-    /// Bytes and count of committed blobs.
-    stored_bytes: AtomicU64,
-    stored_blobs: AtomicU64,
+    /// Every committed blob: size, last use, readers.
+    index: Arc<index::Index>,
+    budget: Budget,
+    /// Woken when the store goes over its budget, or a write found the disk full.
+    pressure: tokio::sync::Notify,
+}
+
+/// A committed blob opened for reading; it is not evicted while this lives.
+pub struct Blob {
+    pub file: File,
+    pub size: u64,
+    pub in_use: InUse,
 }
 
 impl Store {
     /// Opens (creating if needed) a store under `root`, clears leftover temp files from an
-    /// earlier run and loads the tag index.
+    /// earlier run, and loads the tag index and the blob index. No budget: see
+    /// [`Store::with_budget`].
     pub fn open(root: &Path) -> Result<Store> {
         let blobs = root.join("blobs").join("sha256");
         let manifests = root.join("manifests").join("sha256");
@@ -90,11 +102,12 @@ impl Store {
             let _ = fs::remove_file(&path);
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
-        let (bytes, count) = scan(&blobs)?;
+        let index = Arc::new(index::Index::scan(&blobs)?);
         Ok(Store {
             root: root.to_owned(),
-            stored_bytes: AtomicU64::new(bytes),
-            stored_blobs: AtomicU64::new(count),
+            index,
+            budget: Budget::default(),
+            pressure: tokio::sync::Notify::new(),
             blobs,
             manifests,
             tmp,
@@ -105,16 +118,7 @@ impl Store {
 
     /// Bytes and number of committed blobs.
     pub fn usage(&self) -> (u64, u64) {
-        (
-            self.stored_bytes.load(Ordering::Relaxed),
-            self.stored_blobs.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Free bytes for an unprivileged writer on the store's filesystem.
-    pub fn filesystem_free(&self) -> Option<u64> {
-        let stat = rustix::fs::statvfs(&self.root).ok()?;
-        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+        self.index.usage()
     }
 
     pub fn tags(&self) -> &TagIndex {
@@ -131,13 +135,14 @@ impl Store {
         self.manifests.join(&hex[..2]).join(hex)
     }
 
-    /// Opens a committed blob, with its size.
-    pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, u64)>> {
+    /// Opens a committed blob for reading, which counts as a use.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<Blob>> {
         let path = self.blob_path(digest);
         match File::open(&path) {
             Ok(file) => {
-                let len = file.metadata().map_err(|e| StoreError::new("stat", &path, e))?.len();
-                Ok(Some((file, len)))
+                let size = file.metadata().map_err(|e| StoreError::new("stat", &path, e))?.len();
+                let in_use = self.index.use_blob(digest, &file, size);
+                Ok(Some(Blob { file, size, in_use }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::new("open", &path, e)),
@@ -193,14 +198,13 @@ impl Store {
         let dest = self.blob_path(expected);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
-        let replaced = dest.exists();
         fs::rename(&temp.path, &dest).map_err(|e| StoreError::new("rename", &dest, e))?;
         temp.committed = true;
-        if !replaced {
-            self.stored_bytes.fetch_add(temp.size, Ordering::Relaxed);
-            self.stored_blobs.fetch_add(1, Ordering::Relaxed);
-        }
         sync_dir(dir)?;
+        self.index.insert(expected, temp.size);
+        if self.over_budget() > 0 {
+            self.pressure.notify_one();
+        }
         Ok(())
     }
 
@@ -233,34 +237,14 @@ impl Store {
     }
 }
 
-/// Bytes and number of the blobs under `blobs/sha256`, from file sizes (nothing is re-hashed).
-fn scan(blobs: &Path) -> Result<(u64, u64)> {
-    let (mut bytes, mut count) = (0, 0);
-    for prefix in fs::read_dir(blobs).map_err(|e| StoreError::new("list", blobs, e))? {
-        let prefix = prefix.map_err(|e| StoreError::new("list", blobs, e))?.path();
-        let Ok(entries) = fs::read_dir(&prefix) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if let Ok(meta) = entry.metadata()
-                && meta.is_file()
-            {
-                bytes += meta.len();
-                count += 1;
-            }
-        }
-    }
-    Ok((bytes, count))
-}
-
 /// Cache size metrics, read from the store at scrape time.
 pub struct Metrics {
     bytes: prometheus::IntGauge,
     blobs: prometheus::IntGauge,
     free: prometheus::IntGauge,
-    /// Counted by eviction, which a later change brings; registered now so dashboards and
-    /// alerts can be written against it.
-    pub evictions: prometheus::IntCounter,
+    max: prometheus::IntGauge,
+    evictions: prometheus::IntCounter,
+    evicted_bytes: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -274,18 +258,40 @@ impl Metrics {
             "pullcache_filesystem_free_bytes",
             "Free bytes on the cache's filesystem (for an unprivileged writer).",
         )?;
+        let max = prometheus::IntGauge::new(
+            "pullcache_cache_max_bytes",
+            "The cache's size budget (--cache-max-size); 0 when it has none.",
+        )?;
         let evictions =
             prometheus::IntCounter::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
+        let evicted_bytes = prometheus::IntCounter::new(
+            "pullcache_cache_evicted_bytes_total",
+            "Bytes of blobs evicted from the cache.",
+        )?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(blobs.clone()))?;
         registry.register(Box::new(free.clone()))?;
+        registry.register(Box::new(max.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(evicted_bytes.clone()))?;
         Ok(Metrics {
             bytes,
             blobs,
             free,
+            max,
             evictions,
+            evicted_bytes,
         })
+    }
+
+    pub fn set_budget(&self, budget: &Budget) {
+        self.max
+            .set(i64::try_from(budget.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
+    }
+
+    pub fn count(&self, evicted: Evicted) {
+        self.evictions.inc_by(evicted.blobs);
+        self.evicted_bytes.inc_by(evicted.bytes);
     }
 
     /// Sets the gauges from the store.
@@ -385,8 +391,7 @@ mod tests {
         temp.write(b"hel").unwrap();
         temp.write(b"lo").unwrap();
         store.commit(temp, &good, Some(5)).unwrap();
-        let (_, len) = store.open_blob(&good).unwrap().unwrap();
-        assert_eq!(len, 5);
+        assert_eq!(store.open_blob(&good).unwrap().unwrap().size, 5);
         assert_eq!(fs::read(store.blob_path(&good)).unwrap(), b"hello");
 
         let other = Digest::of(b"other");

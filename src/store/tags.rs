@@ -2,7 +2,7 @@
 //! fetched-at). It lives in memory and is written through to one small file per entry, so a
 //! restarted pullcache still answers tags with the upstream down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -157,6 +157,22 @@ impl TagIndex {
         write_atomic(&self.tmp, &self.dir.join(key.file_name()), &bytes)?;
         self.entries.write().expect("tag index lock").insert(key, record);
         Ok(())
+    }
+
+    /// The digests every cached tag points at.
+    pub fn digests(&self) -> HashSet<Digest> {
+        let entries = self.entries.read().expect("tag index lock");
+        entries.values().map(|r| r.digest.clone()).collect()
+    }
+
+    /// What a tag points at, under every accept class it was asked with.
+    pub fn matching(&self, registry: &Registry, repository: &Repository, tag: &Tag) -> Vec<Digest> {
+        let entries = self.entries.read().expect("tag index lock");
+        entries
+            .iter()
+            .filter(|(k, _)| &k.registry == registry && &k.repository == repository && &k.tag == tag)
+            .map(|(_, r)| r.digest.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -5,7 +5,6 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use sha2::{Digest as _, Sha256};
 
@@ -48,12 +47,9 @@ impl Store {
                 if let Some(expected) = &expected {
                     let _ = fs::remove_file(self.media_type_path(expected));
                 }
-                let _ = self
-                    .stored_bytes
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(size)));
-                let _ = self
-                    .stored_blobs
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+                if let Some(expected) = &expected {
+                    self.index.remove(expected);
+                }
                 tracing::warn!(file = %path.display(), actual = %actual, "blob does not match its name; quarantined");
                 report.quarantined.push((path, dest));
             }

@@ -1,0 +1,415 @@
+//! The cache's disk budget and eviction. Two high watermarks: the cache's own size
+//! (`--cache-max-size`) and the filesystem's free space (`--cache-min-free`). Crossing either
+//! evicts least-recently-used blobs down to a low watermark (90% of the size budget, or the
+//! free floor plus a tenth). Never evicted: a blob a response is reading, a download in
+//! progress (it is not in the store yet), and pinned images with everything they reference.
+//! Manifests that cached tags point at go after every other blob.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Store;
+use crate::oci::{Digest, ImageRef, Reference, References};
+
+/// The size budget's low watermark, as a fraction of the high one.
+const LOW_WATERMARK: f64 = 0.9;
+/// How often free space is checked when nothing else wakes the evictor: other writers on
+/// the filesystem change it too.
+const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default)]
+pub struct Budget {
+    /// The most bytes of blobs the cache keeps.
+    pub max_size: Option<u64>,
+    /// Free space the cache leaves on its filesystem.
+    pub min_free: MinFree,
+    /// Images kept whatever the pressure.
+    pub pins: Vec<ImageRef>,
+}
+
+/// A free-space floor: bytes, or a percentage of the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl Default for MinFree {
+    fn default() -> Self {
+        MinFree::Bytes(0)
+    }
+}
+
+impl MinFree {
+    /// `15%`, or a size as [`parse_size`] reads it.
+    pub fn parse(s: &str) -> Result<MinFree, String> {
+        match s.trim().strip_suffix('%') {
+            Some(pct) => match pct.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(MinFree::Percent(p)),
+                _ => Err(format!("{s:?} is not a percentage between 0% and 100%")),
+            },
+            None => parse_size(s).map(MinFree::Bytes),
+        }
+    }
+
+    fn bytes(self, filesystem_size: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => (filesystem_size as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl fmt::Display for MinFree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MinFree::Bytes(b) => write!(f, "{b} bytes"),
+            MinFree::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Parses a size: a number of bytes with an optional unit, `KiB`/`MiB`/`GiB`/`TiB` (powers of
+/// 1024, also `Ki`, `K`...) or `KB`/`MB`/`GB`/`TB` (powers of 1000). `20GiB`, `500M`, `1.5G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 20GiB, 500MB, 1048576)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit (use KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ));
+        }
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Bytes it still needed to free when nothing evictable was left.
+    pub short: u64,
+}
+
+impl Store {
+    pub fn with_budget(mut self, budget: Budget) -> Store {
+        self.budget = budget;
+        self
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Free bytes for an unprivileged writer on the store's filesystem, and its size.
+    pub fn filesystem_space(&self) -> Option<(u64, u64)> {
+        let stat = rustix::fs::statvfs(&self.root).ok()?;
+        Some((
+            stat.f_bavail.saturating_mul(stat.f_frsize),
+            stat.f_blocks.saturating_mul(stat.f_frsize),
+        ))
+    }
+
+    /// Free bytes for an unprivileged writer on the store's filesystem.
+    pub fn filesystem_free(&self) -> Option<u64> {
+        self.filesystem_space().map(|(free, _)| free)
+    }
+
+    /// How far past a high watermark the store is now, in bytes; 0 within budget.
+    pub fn over_budget(&self) -> u64 {
+        self.excess(1.0, 1.0)
+    }
+
+    /// Bytes to free to get below both watermarks scaled by these factors.
+    fn excess(&self, size_factor: f64, free_factor: f64) -> u64 {
+        let (used, _) = self.usage();
+        let over_size = self
+            .budget
+            .max_size
+            .map_or(0, |max| used.saturating_sub((max as f64 * size_factor) as u64));
+        let short_free = match self.filesystem_space() {
+            Some((free, total)) => {
+                let floor = self.budget.min_free.bytes(total);
+                ((floor as f64 * free_factor) as u64).saturating_sub(free)
+            }
+            None => 0,
+        };
+        over_size.max(short_free)
+    }
+
+    /// Evicts down to the low watermarks if a high one is crossed.
+    pub fn enforce_budget(&self) -> Evicted {
+        if self.over_budget() == 0 {
+            return Evicted::default();
+        }
+        self.evict(self.excess(LOW_WATERMARK, 1.0 / LOW_WATERMARK))
+    }
+
+    /// Frees at least `bytes` if it can: least recently used first, manifests of cached tags
+    /// last, pinned and in-use blobs never.
+    pub fn evict(&self, bytes: u64) -> Evicted {
+        let pinned = self.pinned();
+        let tagged = self.tags().digests();
+        let mut candidates: Vec<_> = self
+            .index
+            .unused()
+            .into_iter()
+            .filter(|(digest, _, _)| !pinned.contains(digest))
+            .collect();
+        candidates.sort_by_key(|(digest, _, used)| (tagged.contains(digest), *used));
+        let mut evicted = Evicted::default();
+        for (digest, _, _) in candidates {
+            if evicted.bytes >= bytes {
+                break;
+            }
+            // Checked again under the index lock: a reader may have opened it since.
+            let Some(size) = self.index.remove_unused(&digest) else {
+                continue;
+            };
+            let path = self.blob_path(&digest);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not evict blob");
+                continue;
+            }
+            let _ = std::fs::remove_file(self.media_type_path(&digest));
+            evicted.blobs += 1;
+            evicted.bytes += size;
+        }
+        evicted.short = bytes.saturating_sub(evicted.bytes);
+        evicted
+    }
+
+    /// Every digest the pins reach: their manifests (a tag pin follows whatever the tag
+    /// points at now, under any accept class), the manifests an index lists, configs and
+    /// layers.
+    pub fn pinned(&self) -> HashSet<Digest> {
+        let mut queue = Vec::new();
+        for pin in &self.budget.pins {
+            match &pin.reference {
+                Reference::Digest(d) => queue.push(d.clone()),
+                Reference::Tag(tag) => queue.extend(self.tags().matching(&pin.registry, &pin.repository, tag)),
+            }
+        }
+        let mut pinned = HashSet::new();
+        while let Some(digest) = queue.pop() {
+            if !pinned.insert(digest.clone()) {
+                continue;
+            }
+            let Ok(Some((bytes, _))) = self.manifest(&digest) else {
+                continue;
+            };
+            match References::of(&bytes) {
+                Ok(refs) => {
+                    queue.extend(refs.manifests.into_iter().map(|(d, _)| d));
+                    pinned.extend(refs.blobs);
+                }
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "pinned manifest cannot be read; its blobs are not pinned")
+                }
+            }
+        }
+        pinned
+    }
+
+    /// Wakes the evictor: a write found the disk full.
+    pub fn report_full_disk(&self) {
+        self.pressure.notify_one();
+    }
+}
+
+/// Keeps the store within its budget until the task is dropped: on every commit that crosses
+/// a high watermark, every full-disk write, and every [`CHECK_INTERVAL`].
+pub async fn keep_within_budget(store: Arc<Store>, on_evict: impl Fn(Evicted) + Send + 'static) {
+    let mut was_short = false;
+    let mut first = true;
+    loop {
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                () = store.pressure.notified() => {}
+                () = tokio::time::sleep(CHECK_INTERVAL) => {}
+            }
+        }
+        let s = store.clone();
+        let Ok(evicted) = tokio::task::spawn_blocking(move || s.enforce_budget()).await else {
+            continue;
+        };
+        if evicted.blobs > 0 {
+            let (bytes, blobs) = store.usage();
+            tracing::info!(
+                evicted = evicted.blobs,
+                evicted_bytes = evicted.bytes,
+                cache_bytes = bytes,
+                cache_blobs = blobs,
+                "evicted least recently used blobs"
+            );
+            on_evict(evicted);
+        }
+        let short = evicted.short > 0;
+        if short && !was_short {
+            tracing::warn!(
+                short_bytes = evicted.short,
+                budget = ?store.budget.max_size,
+                min_free = %store.budget.min_free,
+                "cache is over budget and everything left is pinned or in use"
+            );
+        }
+        was_short = short;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{TagKey, TagRecord};
+
+    #[test]
+    fn sizes_and_floors_parse() {
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size(" 1048576 "), Ok(1 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        for bad in ["", "GiB", "10 parsecs", "-5G", "1e400", "1.2.3M"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(MinFree::parse("15%"), Ok(MinFree::Percent(15.0)));
+        assert_eq!(MinFree::parse("2GiB"), Ok(MinFree::Bytes(2 << 30)));
+        assert!(MinFree::parse("101%").is_err());
+        assert_eq!(MinFree::Percent(10.0).bytes(1000), 100);
+    }
+
+    fn put(store: &Store, content: &[u8]) -> Digest {
+        let digest = Digest::of(content);
+        let mut temp = store.temp_blob().unwrap();
+        temp.write(content).unwrap();
+        store.commit(temp, &digest, None).unwrap();
+        digest
+    }
+
+    #[test]
+    fn evicts_least_recently_used_down_to_the_low_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget {
+            max_size: Some(1000),
+            ..Budget::default()
+        });
+        let blobs: Vec<Digest> = (0..10u8)
+            .map(|i| {
+                // Last use is kept in milliseconds: one apart, the order is certain.
+                std::thread::sleep(Duration::from_millis(2));
+                put(&store, &[i; 100])
+            })
+            .collect();
+        assert_eq!(store.over_budget(), 0, "exactly at the budget is within it");
+        // Use the oldest one: it becomes the most recent.
+        std::thread::sleep(Duration::from_millis(5));
+        drop(store.open_blob(&blobs[0]).unwrap().unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        let reading = store.open_blob(&blobs[1]).unwrap().unwrap();
+        let newest = put(&store, &[42; 100]);
+        assert_eq!(store.over_budget(), 100);
+        let evicted = store.enforce_budget();
+        assert_eq!(
+            evicted,
+            Evicted {
+                blobs: 2,
+                bytes: 200,
+                short: 0
+            },
+            "down to 90% of 1000"
+        );
+        assert!(store.has_blob(&blobs[0]), "a recently used blob was evicted");
+        assert!(store.has_blob(&blobs[1]), "a blob being read was evicted");
+        assert!(!store.has_blob(&blobs[2]) && !store.has_blob(&blobs[3]));
+        assert!(store.has_blob(&newest));
+        assert_eq!(store.usage(), (900, 9));
+        drop(reading);
+    }
+
+    #[test]
+    fn tagged_manifests_go_last_and_pins_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = put(&Store::open(dir.path()).unwrap(), b"pinned layer");
+        let config = Digest::of(b"{}");
+        let manifest =
+            format!(r#"{{"schemaVersion":2,"config":{{"digest":"{config}"}},"layers":[{{"digest":"{layer}"}}]}}"#);
+        let manifest_digest = Digest::of(manifest.as_bytes());
+        let registry = crate::oci::Registry::parse("r.example").unwrap();
+        let repository = crate::oci::Repository::parse("app").unwrap();
+        let pin = ImageRef::parse("r.example/app:v1").unwrap();
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget {
+            pins: vec![pin],
+            ..Budget::default()
+        });
+        put(&store, b"{}");
+        store
+            .put_manifest(
+                &manifest_digest,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.as_bytes(),
+            )
+            .unwrap();
+        let tagged = Digest::of(b"tagged manifest");
+        store
+            .put_manifest(
+                &tagged,
+                "application/vnd.oci.image.manifest.v1+json",
+                b"tagged manifest",
+            )
+            .unwrap();
+        for (tag, digest) in [("v1", &manifest_digest), ("v2", &tagged)] {
+            let key = TagKey {
+                registry: registry.clone(),
+                repository: repository.clone(),
+                tag: crate::oci::Tag::parse(tag).unwrap(),
+                accept: crate::oci::AcceptClass::all(),
+            };
+            let record = TagRecord {
+                digest: digest.clone(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                fetched_at: std::time::SystemTime::now(),
+            };
+            store.tags().put(key, record).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let plain = put(&store, b"plain blob, newest of all");
+
+        assert_eq!(store.pinned().len(), 3, "manifest, config and layer");
+        let evicted = store.evict(1);
+        assert_eq!(evicted.blobs, 1);
+        assert!(
+            !store.has_blob(&plain),
+            "an untagged blob goes before a tagged manifest"
+        );
+        let evicted = store.evict(u64::MAX);
+        assert_eq!(evicted.blobs, 1, "only the tagged, unpinned manifest was left");
+        assert!(store.manifest(&tagged).unwrap().is_none());
+        assert!(evicted.short > 0);
+        for kept in [&layer, &config, &manifest_digest] {
+            assert!(store.has_blob(kept), "pinned {kept} was evicted");
+        }
+    }
+}
