@@ -139,10 +139,10 @@ pub async fn run(
     let (bytes, blobs) = store.usage();
     store_metrics.set_budget(store.budget());
     tokio::spawn({
-        let (store, store_metrics, stop) = (store.clone(), store_metrics.clone(), stopped());
+        let (store, stop) = (store.clone(), stopped());
         async move {
             tokio::select! {
-                () = store::keep_within_budget(store, move |evicted| store_metrics.count(evicted)) => {}
+                () = store::keep_within_budget(store) => {}
                 () = stop => {}
             }
         }

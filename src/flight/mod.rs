@@ -4,12 +4,17 @@
 //! runs in its own task, so no client's disconnect cancels it. At the end the store commits the
 //! file only if it hashes to the digest; otherwise every reader's body is aborted.
 //!
+//! If the cache write fails (a full disk, an I/O error), the flight goes on as a pass-through:
+//! readers get the rest of the bytes from memory ([`spill`]), the digest is still checked
+//! before any response completes, and nothing is committed.
+//!
 //! A digest whose upstream served wrong bytes is remembered for a short while: requests for it
 //! fail at once, before any header, so containerd moves on to its next host (the registry
 //! itself) instead of retrying a download that cannot verify. A failure mid-body gives
 //! containerd no such chance.
 
 mod coalesce;
+mod spill;
 mod tail;
 
 use std::collections::HashMap;
@@ -24,6 +29,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
@@ -32,6 +38,7 @@ use crate::store::{Blob, CommitError, Store, TempBlob};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
 pub use coalesce::{Abandoned, Coalesce};
+use spill::Spill;
 pub use tail::Tail;
 
 /// Body chunks buffered between the network task and the writer thread.
@@ -57,7 +64,7 @@ pub enum FlightState {
     Connecting,
     /// Headers arrived; bytes are coming.
     Streaming,
-    /// Verified and committed to the store.
+    /// Verified, and committed to the store unless the cache write failed.
     Done,
     /// Nothing was committed; readers abort.
     Failed(Arc<Error>),
@@ -67,6 +74,7 @@ pub struct Metrics {
     inflight: IntGauge,
     waiters: Histogram,
     verify_failures: IntCounter,
+    write_failures: IntCounter,
 }
 
 impl Metrics {
@@ -88,18 +96,26 @@ impl Metrics {
         )?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(waiters.clone()))?;
+        let write_failures = IntCounter::new(
+            "pullcache_cache_write_failures_total",
+            "Downloads whose cache write failed (full disk, I/O error); they went on as a pass-through and stored nothing.",
+        )?;
         registry.register(Box::new(verify_failures.clone()))?;
+        registry.register(Box::new(write_failures.clone()))?;
         Ok(Metrics {
             inflight,
             waiters,
             verify_failures,
+            write_failures,
         })
     }
 }
 
 /// One download in progress.
 pub struct Flight {
-    file: Arc<File>,
+    /// The temp file; `None` when it could not even be created.
+    file: Option<Arc<File>>,
+    spill: Arc<Spill>,
     /// Clients that joined, the first included.
     waiters: AtomicU64,
     progress: watch::Receiver<Progress>,
@@ -128,7 +144,7 @@ impl Flight {
     /// A reader of bytes `start..end` (`end` unknown: to the end of the blob) that follows the
     /// download.
     pub fn tail(&self, start: u64, end: Option<u64>) -> Tail {
-        Tail::following(self.file.clone(), start, end, self.progress.clone())
+        Tail::following(self.file.clone(), self.spill.clone(), start, end, self.progress.clone())
     }
 }
 
@@ -180,12 +196,18 @@ impl Flights {
             return Ok(BlobSource::Stored(blob));
         }
         let mut active = self.active.lock().expect("flights lock");
+        // A pass-through flight that has dropped bytes from memory cannot serve a newcomer
+        // from the start; the newcomer gets a flight of its own, outside `active`.
+        let mut shared = true;
         if let Some(flight) = active.get(digest) {
-            flight.waiters.fetch_add(1, Ordering::Relaxed);
-            return Ok(BlobSource::Flight {
-                flight: flight.clone(),
-                joined: true,
-            });
+            if !flight.spill.lost_bytes() {
+                flight.waiters.fetch_add(1, Ordering::Relaxed);
+                return Ok(BlobSource::Flight {
+                    flight: flight.clone(),
+                    joined: true,
+                });
+            }
+            shared = false;
         }
         // A flight commits before it leaves `active`, so under the lock a second look at the
         // store closes the gap between the first look and here.
@@ -199,7 +221,17 @@ impl Flights {
                 return Err(Error::Shared(error.clone()));
             }
         }
-        let temp = self.store.temp_blob()?;
+        let spill = Arc::new(Spill::default());
+        let temp = match self.store.temp_blob() {
+            Ok(temp) => Some(temp),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot create a cache file; passing the blob through");
+                self.metrics.write_failures.inc();
+                self.store.report_full_disk();
+                spill.begin(0);
+                None
+            }
+        };
         let (tx, rx) = watch::channel(Progress {
             size: None,
             written: 0,
@@ -207,10 +239,13 @@ impl Flights {
         });
         let flight = Arc::new(Flight {
             waiters: AtomicU64::new(1),
-            file: Arc::new(temp.reader()?),
+            file: temp.as_ref().map(TempBlob::reader).transpose()?.map(Arc::new),
+            spill: spill.clone(),
             progress: rx,
         });
-        active.insert(digest.clone(), flight.clone());
+        if shared {
+            active.insert(digest.clone(), flight.clone());
+        }
         let download = Download {
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
@@ -218,6 +253,8 @@ impl Flights {
             repository: repository.clone(),
             digest: digest.clone(),
             progress: Arc::new(tx),
+            spill,
+            metrics: self.metrics.clone(),
         };
         let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
         let counted = flight.clone();
@@ -245,7 +282,9 @@ impl Flights {
             // Leaving `active` under its lock: no one joins after the waiters are read.
             let waiters = {
                 let mut active = active.lock().expect("flights lock");
-                active.remove(&digest);
+                if active.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &counted)) {
+                    active.remove(&digest);
+                }
                 counted.waiters.load(Ordering::Relaxed)
             };
             metrics.inflight.dec();
@@ -273,11 +312,13 @@ struct Download {
     repository: Repository,
     digest: Digest,
     progress: Arc<watch::Sender<Progress>>,
+    spill: Arc<Spill>,
+    metrics: Arc<Metrics>,
 }
 
 impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
-    async fn run(self, temp: TempBlob) -> Result<(), Error> {
+    async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
         let digest = self.digest.to_string();
         let request = |from| Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
         let resp = self.upstreams.fetch(request(None)).await?;
@@ -287,10 +328,39 @@ impl Download {
             p.state = FlightState::Streaming;
         });
 
-        let (chunks, queue) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (chunks, mut queue) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = {
-            let progress = self.progress.clone();
-            tokio::task::spawn_blocking(move || write_chunks(temp, queue, &progress))
+            let mut sink = match temp {
+                Some(temp) => Sink::Disk(temp),
+                None => Sink::Memory {
+                    hasher: Sha256::new(),
+                    size: 0,
+                },
+            };
+            let (progress, spill, metrics, store) = (
+                self.progress.clone(),
+                self.spill.clone(),
+                self.metrics.clone(),
+                self.store.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let on_failure = |e: &crate::store::StoreError| {
+                    tracing::warn!(error = %e, "cache write failed; passing the blob through, storing nothing");
+                    metrics.write_failures.inc();
+                    store.report_full_disk();
+                };
+                while let Some(chunk) = queue.blocking_recv() {
+                    sink = sink.write(chunk, &spill, &progress, &on_failure);
+                    // Drain what is already queued before waking readers, so a fast upstream
+                    // does not cost one wake-up per small frame.
+                    while let Ok(chunk) = queue.try_recv() {
+                        sink = sink.write(chunk, &spill, &progress, &on_failure);
+                    }
+                    let written = sink.size();
+                    progress.send_modify(|p| p.written = written);
+                }
+                sink
+            })
         };
         let mut stream = BodyStream {
             body: resp.into_body(),
@@ -322,12 +392,24 @@ impl Download {
         };
         drop(chunks);
         self.upstreams.count_bytes(&self.registry, stream.received);
-        let temp = writer
-            .await
-            .map_err(|e| Error::Internal(format!("blob writer: {e}")))??;
+        let sink = writer.await.map_err(|e| Error::Internal(format!("blob writer: {e}")))?;
         if let Some(message) = body_error {
             return Err(self.upstream_error(UpstreamErrorKind::Body(message)));
         }
+        let temp = match sink {
+            Sink::Disk(temp) => temp,
+            Sink::Memory { hasher, size: actual } => {
+                let digest = Digest::from_hasher(hasher);
+                if digest != self.digest || size.is_some_and(|size| size != actual) {
+                    return Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
+                        expected: self.digest.to_string(),
+                        actual: format!("{digest} ({actual} bytes)"),
+                    }));
+                }
+                tracing::info!(bytes = actual, "passed through and verified; not cached");
+                return Ok(());
+            }
+        };
         let store = self.store.clone();
         let digest = self.digest.clone();
         let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size))
@@ -418,21 +500,47 @@ impl BodyStream {
     }
 }
 
-/// The writer thread: appends chunks to the temp file, publishing progress after each batch.
-fn write_chunks(
-    mut temp: TempBlob,
-    mut queue: mpsc::Receiver<Bytes>,
-    progress: &watch::Sender<Progress>,
-) -> Result<TempBlob, Error> {
-    while let Some(chunk) = queue.blocking_recv() {
-        temp.write(&chunk)?;
-        // Drain what is already queued before waking readers, so a fast upstream does not
-        // cost one wake-up per small frame.
-        while let Ok(chunk) = queue.try_recv() {
-            temp.write(&chunk)?;
+/// Where the writer thread puts a flight's bytes: the temp file, or, once a write to it has
+/// failed, the spill window (hashing all the same).
+enum Sink {
+    Disk(TempBlob),
+    Memory { hasher: Sha256, size: u64 },
+}
+
+impl Sink {
+    fn size(&self) -> u64 {
+        match self {
+            Sink::Disk(temp) => temp.size(),
+            Sink::Memory { size, .. } => *size,
         }
-        let written = temp.size();
-        progress.send_modify(|p| p.written = written);
     }
-    Ok(temp)
+
+    fn write(
+        self,
+        chunk: Bytes,
+        spill: &Spill,
+        progress: &watch::Sender<Progress>,
+        on_failure: &dyn Fn(&crate::store::StoreError),
+    ) -> Sink {
+        let (mut hasher, mut size) = match self {
+            Sink::Disk(mut temp) => match temp.write(&chunk) {
+                Ok(()) => return Sink::Disk(temp),
+                Err(e) => {
+                    on_failure(&e);
+                    // The file keeps what was written before the failure; readers take the
+                    // rest from memory.
+                    let (hasher, size) = temp.into_hash();
+                    spill.begin(size);
+                    (hasher, size)
+                }
+            },
+            Sink::Memory { hasher, size } => (hasher, size),
+        };
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        spill.append(chunk);
+        progress.send_modify(|p| p.written = size);
+        spill.wait_for_room();
+        Sink::Memory { hasher, size }
+    }
 }

@@ -1,6 +1,7 @@
 //! Reading a blob file by offset, in large chunks: a committed blob, or a temp file that a
-//! flight is still writing. While the flight is unverified, a reader never hands out the last
-//! byte of its range, so no response can complete with bytes that fail their digest.
+//! flight is still writing (past a failed cache write, from the flight's spill window). While
+//! the flight is unverified, a reader never hands out the last byte of its range, so no
+//! response can complete with bytes that fail their digest.
 
 use std::fs::File;
 use std::io;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::spill::Spill;
 use super::{FlightState, Progress};
 use crate::store::{Blob, InUse};
 
@@ -17,39 +19,54 @@ use crate::store::{Blob, InUse};
 pub const CHUNK: u64 = 1024 * 1024;
 
 pub struct Tail {
-    file: Arc<File>,
+    /// `None` for a flight that could not create its temp file: everything comes from `spill`.
+    file: Option<Arc<File>>,
     pos: u64,
     /// Exclusive end; `None` means the end of a blob whose size the upstream did not say.
     end: Option<u64>,
     progress: Option<watch::Receiver<Progress>>,
     /// Keeps a stored blob from eviction while it is read.
     _in_use: Option<InUse>,
+    /// The flight's pass-through window, and this reader's id in it.
+    spill: Option<(Arc<Spill>, u64)>,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if let Some((spill, id)) = &self.spill {
+            spill.unregister(*id);
+        }
+    }
 }
 
 impl Tail {
     /// A committed blob: everything up to `end` is readable now.
     pub fn stored(blob: Blob, start: u64, end: u64) -> Tail {
         Tail {
-            file: Arc::new(blob.file),
+            file: Some(Arc::new(blob.file)),
             pos: start,
             end: Some(end),
             progress: None,
             _in_use: Some(blob.in_use),
+            spill: None,
         }
     }
 
     pub(super) fn following(
-        file: Arc<File>,
+        file: Option<Arc<File>>,
+        spill: Arc<Spill>,
         start: u64,
         end: Option<u64>,
         progress: watch::Receiver<Progress>,
     ) -> Tail {
+        let id = spill.register(start);
         Tail {
             file,
             pos: start,
             end,
             progress: Some(progress),
             _in_use: None,
+            spill: Some((spill, id)),
         }
     }
 
@@ -62,16 +79,38 @@ impl Tail {
         if self.pos >= readable {
             return None;
         }
-        let len = (readable - self.pos).min(CHUNK) as usize;
-        let (file, pos) = (self.file.clone(), self.pos);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; len];
-            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
-        if let Ok(chunk) = &read {
-            self.pos += chunk.len() as u64;
+        let mut len = (readable - self.pos).min(CHUNK);
+        let disk_len = self.spill.as_ref().and_then(|(spill, _)| spill.disk_len());
+        let read = match (disk_len, &self.file) {
+            (Some(disk_len), _) if self.pos >= disk_len => {
+                let (spill, _) = self.spill.as_ref().expect("a spilled tail has its spill");
+                spill
+                    .read(self.pos, len)
+                    .map_err(|_| io::Error::other("reader fell behind a pass-through download"))
+            }
+            (_, Some(file)) => {
+                if let Some(disk_len) = disk_len {
+                    len = len.min(disk_len - self.pos);
+                }
+                let (file, pos) = (file.clone(), self.pos);
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; len as usize];
+                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+            }
+            (_, None) => Err(io::Error::other("blob bytes are neither on disk nor in memory")),
+        };
+        match &read {
+            Ok(chunk) if chunk.is_empty() => return Some(Err(io::Error::other("blob read made no progress"))),
+            Ok(chunk) => {
+                self.pos += chunk.len() as u64;
+                if let Some((spill, id)) = &self.spill {
+                    spill.advance(*id, self.pos);
+                }
+            }
+            Err(_) => {}
         }
         Some(read)
     }
@@ -128,7 +167,7 @@ mod tests {
             written: 6,
             state: FlightState::Streaming,
         });
-        let mut tail = Tail::following(file, 0, Some(6), rx);
+        let mut tail = Tail::following(Some(file), Arc::default(), 0, Some(6), rx);
         assert_eq!(&tail.next_chunk().await.unwrap().unwrap()[..], b"abcde");
         let pending = tokio::spawn(async move { (tail.next_chunk().await, tail) });
         tokio::task::yield_now().await;
@@ -147,7 +186,7 @@ mod tests {
             written: 0,
             state: FlightState::Streaming,
         });
-        let mut tail = Tail::following(file, 0, None, rx);
+        let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
         let pending = tokio::spawn(async move { tail.next_chunk().await });
         tx.send_modify(|p| {
             p.state = FlightState::Failed(Arc::new(crate::error::Error::Internal("digest mismatch".into())))

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Store;
@@ -166,6 +167,27 @@ impl Store {
         self.evict(self.excess(LOW_WATERMARK, 1.0 / LOW_WATERMARK))
     }
 
+    /// Before a commit of `incoming` bytes: evicts down to the low watermark if the commit
+    /// would cross the size budget, so the store never holds more than its budget.
+    pub(super) fn make_room(&self, incoming: u64) {
+        let Some(max) = self.budget.max_size else {
+            return;
+        };
+        let (used, _) = self.usage();
+        if used + incoming > max {
+            let low = (max as f64 * LOW_WATERMARK) as u64;
+            self.evict((used + incoming).saturating_sub(low));
+        }
+    }
+
+    /// Blobs and bytes evicted since the store opened.
+    pub fn evicted(&self) -> (u64, u64) {
+        (
+            self.evicted_blobs.load(Ordering::Relaxed),
+            self.evicted_bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// Frees at least `bytes` if it can: least recently used first, manifests of cached tags
     /// last, pinned and in-use blobs never.
     pub fn evict(&self, bytes: u64) -> Evicted {
@@ -199,6 +221,18 @@ impl Store {
             evicted.bytes += size;
         }
         evicted.short = bytes.saturating_sub(evicted.bytes);
+        self.evicted_blobs.fetch_add(evicted.blobs, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(evicted.bytes, Ordering::Relaxed);
+        if evicted.blobs > 0 {
+            let (bytes, blobs) = self.usage();
+            tracing::info!(
+                evicted = evicted.blobs,
+                evicted_bytes = evicted.bytes,
+                cache_bytes = bytes,
+                cache_blobs = blobs,
+                "evicted least recently used blobs"
+            );
+        }
         evicted
     }
 
@@ -240,9 +274,10 @@ impl Store {
     }
 }
 
-/// Keeps the store within its budget until the task is dropped: on every commit that crosses
-/// a high watermark, every full-disk write, and every [`CHECK_INTERVAL`].
-pub async fn keep_within_budget(store: Arc<Store>, on_evict: impl Fn(Evicted) + Send + 'static) {
+/// Keeps the store within its budget until the task is dropped: at start, whenever a write
+/// finds the disk full or a commit leaves free space short, and every [`CHECK_INTERVAL`].
+/// (Commits keep to the size budget themselves.)
+pub async fn keep_within_budget(store: Arc<Store>) {
     let mut was_short = false;
     let mut first = true;
     loop {
@@ -256,17 +291,6 @@ pub async fn keep_within_budget(store: Arc<Store>, on_evict: impl Fn(Evicted) + 
         let Ok(evicted) = tokio::task::spawn_blocking(move || s.enforce_budget()).await else {
             continue;
         };
-        if evicted.blobs > 0 {
-            let (bytes, blobs) = store.usage();
-            tracing::info!(
-                evicted = evicted.blobs,
-                evicted_bytes = evicted.bytes,
-                cache_bytes = bytes,
-                cache_blobs = blobs,
-                "evicted least recently used blobs"
-            );
-            on_evict(evicted);
-        }
         let short = evicted.short > 0;
         if short && !was_short {
             tracing::warn!(
@@ -329,24 +353,34 @@ mod tests {
         drop(store.open_blob(&blobs[0]).unwrap().unwrap());
         std::thread::sleep(Duration::from_millis(5));
         let reading = store.open_blob(&blobs[1]).unwrap().unwrap();
+        // The commit makes room first: the store never holds more than its budget.
         let newest = put(&store, &[42; 100]);
-        assert_eq!(store.over_budget(), 100);
-        let evicted = store.enforce_budget();
-        assert_eq!(
-            evicted,
-            Evicted {
-                blobs: 2,
-                bytes: 200,
-                short: 0
-            },
-            "down to 90% of 1000"
-        );
+        assert_eq!(store.evicted(), (2, 200), "down to 90% of 1000");
         assert!(store.has_blob(&blobs[0]), "a recently used blob was evicted");
         assert!(store.has_blob(&blobs[1]), "a blob being read was evicted");
         assert!(!store.has_blob(&blobs[2]) && !store.has_blob(&blobs[3]));
         assert!(store.has_blob(&newest));
         assert_eq!(store.usage(), (900, 9));
         drop(reading);
+
+        // Reopened with a smaller budget, the first check brings it down.
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget {
+            max_size: Some(500),
+            ..Budget::default()
+        });
+        assert_eq!(store.over_budget(), 400);
+        let evicted = store.enforce_budget();
+        assert_eq!(
+            evicted,
+            Evicted {
+                blobs: 5,
+                bytes: 500,
+                short: 0
+            },
+            "down to 90% of 500"
+        );
+        assert_eq!(store.usage(), (400, 4));
+        assert!(store.has_blob(&newest), "the newest blob went before older ones");
     }
 
     #[test]

@@ -73,8 +73,14 @@ pub struct Store {
     /// Every committed blob: size, last use, readers.
     index: Arc<index::Index>,
     budget: Budget,
-    /// Woken when the store goes over its budget, or a write found the disk full.
+    /// Woken when free space runs short, or a write found the disk full.
     pressure: tokio::sync::Notify,
+    /// Held from making room to the rename, so concurrent commits cannot overshoot the budget
+    /// together.
+    committing: std::sync::Mutex<()>,
+    /// Blobs and bytes evicted since the store opened.
+    evicted_blobs: AtomicU64,
+    evicted_bytes: AtomicU64,
 }
 
 /// A committed blob opened for reading; it is not evicted while this lives.
@@ -108,6 +114,9 @@ impl Store {
             index,
             budget: Budget::default(),
             pressure: tokio::sync::Notify::new(),
+            committing: std::sync::Mutex::default(),
+            evicted_blobs: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             blobs,
             manifests,
             tmp,
@@ -198,10 +207,16 @@ impl Store {
         let dest = self.blob_path(expected);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
-        fs::rename(&temp.path, &dest).map_err(|e| StoreError::new("rename", &dest, e))?;
-        temp.committed = true;
+        {
+            let _committing = self.committing.lock().expect("commit lock");
+            if !self.has_blob(expected) {
+                self.make_room(temp.size);
+            }
+            fs::rename(&temp.path, &dest).map_err(|e| StoreError::new("rename", &dest, e))?;
+            temp.committed = true;
+            self.index.insert(expected, temp.size);
+        }
         sync_dir(dir)?;
-        self.index.insert(expected, temp.size);
         if self.over_budget() > 0 {
             self.pressure.notify_one();
         }
@@ -243,8 +258,8 @@ pub struct Metrics {
     blobs: prometheus::IntGauge,
     free: prometheus::IntGauge,
     max: prometheus::IntGauge,
-    evictions: prometheus::IntCounter,
-    evicted_bytes: prometheus::IntCounter,
+    evictions: prometheus::IntGauge,
+    evicted_bytes: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -262,9 +277,9 @@ impl Metrics {
             "pullcache_cache_max_bytes",
             "The cache's size budget (--cache-max-size); 0 when it has none.",
         )?;
-        let evictions =
-            prometheus::IntCounter::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
-        let evicted_bytes = prometheus::IntCounter::new(
+        // Counters kept by the store and copied at scrape time, hence gauges in the client.
+        let evictions = prometheus::IntGauge::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
+        let evicted_bytes = prometheus::IntGauge::new(
             "pullcache_cache_evicted_bytes_total",
             "Bytes of blobs evicted from the cache.",
         )?;
@@ -289,16 +304,14 @@ impl Metrics {
             .set(i64::try_from(budget.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
     }
 
-    pub fn count(&self, evicted: Evicted) {
-        self.evictions.inc_by(evicted.blobs);
-        self.evicted_bytes.inc_by(evicted.bytes);
-    }
-
     /// Sets the gauges from the store.
     pub fn refresh(&self, store: &Store) {
         let (bytes, blobs) = store.usage();
         self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        let (blobs, bytes) = store.evicted();
+        self.evictions.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        self.evicted_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         if let Some(free) = store.filesystem_free() {
             self.free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
@@ -362,6 +375,11 @@ impl TempBlob {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Gives up on the file (deleting it) and keeps the running hash of what it holds.
+    pub fn into_hash(mut self) -> (Sha256, u64) {
+        (std::mem::take(&mut self.hasher), self.size)
     }
 }
 
