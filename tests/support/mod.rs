@@ -12,6 +12,7 @@ pub mod registry;
 pub mod skopeo;
 pub mod spy;
 pub mod tls;
+pub mod tmpfs;
 pub mod token_service;
 
 use std::path::Path;

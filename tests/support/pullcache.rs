@@ -122,6 +122,11 @@ impl Pullcache {
         out
     }
 
+    /// Bytes of the blob files in the store, as on disk now.
+    pub fn stored_bytes(&self) -> u64 {
+        stored_bytes(&self.cache_dir)
+    }
+
     /// Files left in the store's temp directory.
     pub fn temp_files(&self) -> usize {
         std::fs::read_dir(self.cache_dir.join("tmp")).map_or(0, |d| d.count())
@@ -137,4 +142,44 @@ impl Drop for Pullcache {
             task.abort();
         }
     }
+}
+
+/// Bytes of the blob files in a cache directory's store.
+pub fn stored_bytes(cache_dir: &Path) -> u64 {
+    let root = cache_dir.join("blobs").join("sha256");
+    let mut total = 0;
+    for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
+            total += blob.metadata().map_or(0, |m| m.len());
+        }
+    }
+    total
+}
+
+/// Blob files in a cache directory's store whose bytes do not hash to their names.
+pub fn corrupt_blobs(cache_dir: &Path) -> Vec<String> {
+    use sha2::Digest as _;
+    let root = cache_dir.join("blobs").join("sha256");
+    let mut bad = Vec::new();
+    for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
+            let name = blob.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(blob.path()).unwrap_or_default();
+            if hex::encode(sha2::Sha256::digest(&bytes)) != name {
+                bad.push(name);
+            }
+        }
+    }
+    bad
+}
+
+/// Blob files in a cache directory's store.
+pub fn stored_blob_count(cache_dir: &Path) -> usize {
+    let root = cache_dir.join("blobs").join("sha256");
+    std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|prefix| std::fs::read_dir(prefix.path()).map_or(0, |d| d.count()))
+        .sum()
 }
