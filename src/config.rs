@@ -192,6 +192,11 @@ pub struct ServeArgs {
     #[arg(long = "pin", env = "PULLCACHE_PIN", value_name = "IMAGE", value_delimiter = ',', value_parser = parse_image)]
     pub pins: Vec<ImageRef>,
 
+    /// Client connections served at once (default 4096); more are closed at once, so
+    /// containerd goes on to its next host.
+    #[arg(long, env = "PULLCACHE_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
     /// Read and check the configuration (files included), print the result and exit: 0 when
     /// it can run, 64 when not.
     #[arg(long)]
@@ -217,6 +222,7 @@ pub struct Config {
     pub intercept: Option<InterceptSettings>,
     /// Disk budget and pins.
     pub budget: store::Budget,
+    pub limits: crate::server::Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +248,7 @@ impl Config {
                 min_free: DEFAULT_MIN_FREE,
                 ..store::Budget::default()
             },
+            limits: crate::server::Limits::default(),
         }
     }
 
@@ -273,6 +280,7 @@ struct FileConfig {
     intercept: Vec<String>,
     cache_max_size: Option<String>,
     cache_min_free: Option<String>,
+    max_connections: Option<u32>,
     #[serde(default)]
     pins: Vec<String>,
     #[serde(default)]
@@ -322,6 +330,9 @@ impl ServeArgs {
             config.tag_ttl = duration(ttl, "tag_ttl")?;
         }
 
+        if let Some(n) = self.max_connections.or(file.max_connections) {
+            config.limits.max_connections = n as usize;
+        }
         config.budget.max_size = match (self.cache_max_size, &file.cache_max_size) {
             (Some(size), _) => Some(size),
             (None, Some(text)) => {

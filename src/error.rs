@@ -33,6 +33,8 @@ pub enum RequestError {
     Unsupported { operation: &'static str },
     #[error("no such route: {path}")]
     NoRoute { path: String },
+    #[error("request URI is {len} bytes; the limit is {limit}")]
+    UriTooLong { len: usize, limit: usize },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -116,7 +116,13 @@ pub async fn run(
         tag_ttl = ?config.tag_ttl,
         "serving"
     );
-    let api = tokio::spawn(server::serve(listeners.api, slot.clone(), intercept, stopped()));
+    let api = tokio::spawn(server::serve(
+        listeners.api,
+        slot.clone(),
+        intercept,
+        config.limits,
+        stopped(),
+    ));
 
     let mut delay = STORE_RETRY;
     let opening = std::time::Instant::now();

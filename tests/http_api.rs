@@ -15,23 +15,13 @@ const REGISTRY: &str = "registry.test";
 /// Sends a request line exactly as written (HTTP clients normalise `..` away) and returns the
 /// status and the JSON body, which must be an OCI error.
 async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("{method} {path} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8(response)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no header end: {text}"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or_default().parse()?;
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n");
+    let (status, head, body) = support::raw_exchange(addr, request.as_bytes()).await?;
     assert!(
         head.to_ascii_lowercase().contains("content-type: application/json"),
         "{method} {path}: not JSON:\n{head}"
     );
-    Ok((status, serde_json::from_str(body)?))
+    Ok((status, serde_json::from_str(&body)?))
 }
 
 async fn error_code(resp: reqwest::Response) -> anyhow::Result<String> {

@@ -31,10 +31,29 @@ use crate::upstream::Upstreams;
 use response::Body;
 use routes::Route;
 
-/// Connections served at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request headers within this long (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of request line and headers a connection may buffer; past it hyper answers 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Header fields in one request; past it hyper answers 431.
+const MAX_HEADERS: usize = 64;
+
+/// Limits on what clients may hold of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are closed on accept, so containerd moves on to
+    /// its next host at once.
+    pub max_connections: usize,
+    /// A client must send its request headers within this long (slowloris).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
 /// How long in-flight requests get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -164,19 +183,27 @@ where
             })
         }
     });
-    if let Err(e) = builder().serve_connection(TokioIo::new(io), service).await {
+    if let Err(e) = builder(Limits::default())
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
 }
 
-/// The HTTP/1.1 + h2 connection builder, with the header-read timeout.
-fn builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP/1.1 + h2 connection builder, with the header limits and read timeout.
+fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     builder
 }
 
@@ -186,11 +213,12 @@ pub async fn serve(
     listener: TcpListener,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = builder();
+    let builder = builder(limits);
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -205,7 +233,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "connection limit reached; closing");
+            tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; closing");
             continue;
         };
         let _ = stream.set_nodelay(true);

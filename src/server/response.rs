@@ -47,6 +47,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported)
             }
             RequestError::NoRoute { .. } => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+            RequestError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, ErrorCode::NameInvalid),
         },
         Error::Upstream(UpstreamError { kind, .. }) => match kind {
             UpstreamErrorKind::Status { status, resource, .. } => match (*status, resource) {

@@ -7,6 +7,10 @@ use http::{Method, Uri};
 use crate::error::{Error, RequestError};
 use crate::oci::{Digest, Reference, Registry, Repository, Tag};
 
+/// The longest path and query accepted. The longest valid request (a 255-character name, a
+/// digest and an `ns`) is far below it.
+const MAX_URI_LEN: usize = 2048;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `GET /v2/`: the API version check.
@@ -42,6 +46,14 @@ pub struct Target {
 /// Parses a request. `host` is the registry an intercepted connection is for; it names the
 /// registry when the request has no `ns`.
 pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Route, Error> {
+    let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_LEN {
+        return Err(RequestError::UriTooLong {
+            len,
+            limit: MAX_URI_LEN,
+        }
+        .into());
+    }
     let path = uri.path();
     let read_only = || -> Result<(), Error> {
         if method == Method::GET || method == Method::HEAD {

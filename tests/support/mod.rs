@@ -56,3 +56,19 @@ pub fn check_status(what: &str, out: std::process::Output) -> anyhow::Result<std
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Sends `request` exactly as written on a new connection (HTTP clients normalise paths and
+/// refuse oversize headers) and reads until the server closes: status, head and body.
+pub async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> anyhow::Result<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8(response)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no header end: {text}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or_default().parse()?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}

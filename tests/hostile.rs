@@ -1,0 +1,173 @@
+//! Clients and upstreams that push limits: oversize URIs and headers, a slowloris, more
+//! connections than the cap, a manifest over 4 MiB. Each gets a clear refusal, the server
+//! stays up for everyone else, and nothing enters the cache.
+
+mod support;
+
+use std::time::Duration;
+
+use support::fault_upstream::{FaultUpstream, Reply};
+use support::images::sha256_digest;
+use support::pullcache::Pullcache;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const REGISTRY: &str = "registry.test";
+
+async fn start(limits: pullcache::server::Limits) -> anyhow::Result<(tempfile::TempDir, Pullcache)> {
+    let cache = tempfile::tempdir()?;
+    let mut config = pullcache::Config::new(cache.path().to_owned());
+    config.limits = limits;
+    Ok((cache, Pullcache::start_with(config).await?))
+}
+
+/// A keep-alive `GET /v2/` on an open connection; true if it was answered 200.
+async fn ping(stream: &mut TcpStream) -> anyhow::Result<bool> {
+    stream
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: pullcache\r\n\r\n")
+        .await?;
+    let mut buf = vec![0; 4096];
+    let mut got = Vec::new();
+    // The ping's body is `{}`, plain or as the last chunk before the terminating one.
+    while !(got.ends_with(b"{}") || got.ends_with(b"\r\n0\r\n\r\n")) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        if n == 0 {
+            return Ok(false);
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    anyhow::ensure!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "ping answered:\n{}",
+        String::from_utf8_lossy(&got)
+    );
+    Ok(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_uris_and_headers_are_refused() -> anyhow::Result<()> {
+    let (_cache, pullcache) = start(Default::default()).await?;
+    let long_path = format!("/v2/{}/manifests/v1", "a/".repeat(1500) + "a");
+    let request = format!("GET {long_path} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n");
+    let (status, head, body) = support::raw_exchange(pullcache.addr, request.as_bytes()).await?;
+    assert_eq!(status, 414, "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(
+        json["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limit"),
+        "{json}"
+    );
+
+    let huge = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: pullcache\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+        "x".repeat(100 * 1024)
+    );
+    let (status, head, _) = support::raw_exchange(pullcache.addr, huge.as_bytes()).await?;
+    assert_eq!(status, 431, "{head}");
+
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: pullcache\r\n{many}Connection: close\r\n\r\n");
+    let (status, head, _) = support::raw_exchange(pullcache.addr, request.as_bytes()).await?;
+    assert_eq!(status, 431, "{head}");
+
+    // Still serving.
+    let mut stream = TcpStream::connect(pullcache.addr).await?;
+    assert!(ping(&mut stream).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_is_cut_off() -> anyhow::Result<()> {
+    let (_cache, pullcache) = start(pullcache::server::Limits {
+        header_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await?;
+    let mut slow = TcpStream::connect(pullcache.addr).await?;
+    slow.write_all(b"GET /v2/ HTTP/1.1\r\nHost: pull").await?;
+    let started = std::time::Instant::now();
+    let mut buf = vec![0; 1024];
+    // The server closes it (possibly after a 408); it never waits for the rest.
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a half-sent request held its connection for 10s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off before the timeout"
+    );
+    let mut fine = TcpStream::connect(pullcache.addr).await?;
+    assert!(ping(&mut fine).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_once() -> anyhow::Result<()> {
+    let (_cache, pullcache) = start(pullcache::server::Limits {
+        max_connections: 4,
+        ..Default::default()
+    })
+    .await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(pullcache.addr).await?;
+        assert!(ping(&mut stream).await?, "a connection under the cap was refused");
+        held.push(stream);
+    }
+    let mut over = TcpStream::connect(pullcache.addr).await?;
+    assert!(!ping(&mut over).await.unwrap_or(false), "a fifth connection was served");
+
+    // A freed slot serves again.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = TcpStream::connect(pullcache.addr).await?;
+        if ping(&mut stream).await.unwrap_or(false) {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the freed slot never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for mut stream in held {
+        assert!(ping(&mut stream).await?, "a held keep-alive connection was dropped");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_over_4_mib_is_refused_and_not_stored() -> anyhow::Result<()> {
+    let upstream = FaultUpstream::start().await?;
+    let mut body =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"x":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'a', 4 * 1024 * 1024));
+    body.extend(br#""}}"#);
+    let digest = sha256_digest(&body);
+    let media = [("content-type", "application/vnd.oci.image.manifest.v1+json")];
+    upstream.set("/v2/team/fat/manifests/v1", Reply::ok(body.clone(), &media));
+    upstream.set(&format!("/v2/team/fat/manifests/{digest}"), Reply::ok(body, &media));
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::ZERO).await?;
+    for reference in ["v1", digest.as_str()] {
+        let resp = support::http_client()
+            .get(format!(
+                "{}/v2/team/fat/manifests/{reference}?ns={REGISTRY}",
+                pullcache.url()
+            ))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 502, "{reference}");
+        let json: serde_json::Value = resp.json().await?;
+        assert_eq!(json["errors"][0]["code"], "MANIFEST_INVALID", "{reference}: {json}");
+    }
+    assert!(pullcache.stored_blobs().is_empty());
+    Ok(())
+}
