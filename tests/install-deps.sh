@@ -8,6 +8,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v curl >/dev/null || need+=(curl ca-certificates)
+# libFuzzer, built by the fuzz targets, is C++.
+command -v g++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -20,4 +22,11 @@ fi
 if ! python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
   echo "installing chart test dependencies"
   python3 -m pip install --quiet --disable-pip-version-check -r "$(dirname "$0")/chart/requirements.txt"
+fi
+
+# The fuzz targets: cargo-fuzz, at the version the Makefile was written against.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi

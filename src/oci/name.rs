@@ -120,12 +120,13 @@ impl Repository {
         Ok(Repository(s.to_owned()))
     }
 
-    /// Applies Docker Hub's implicit `library/` namespace to single-component names.
-    pub fn normalize_for(self, registry: &Registry) -> Self {
+    /// Applies Docker Hub's implicit `library/` namespace to single-component names. The
+    /// result must still fit the length limit.
+    pub fn normalize_for(self, registry: &Registry) -> Result<Self, NameError> {
         if registry.is_docker_hub() && !self.0.contains('/') {
-            Repository(format!("library/{}", self.0))
+            Repository::parse(&format!("library/{}", self.0))
         } else {
-            self
+            Ok(self)
         }
     }
 
@@ -268,7 +269,8 @@ impl ImageRef {
         };
         let repository = Repository::parse(path)
             .map_err(|e| fail(e.to_string()))?
-            .normalize_for(&registry);
+            .normalize_for(&registry)
+            .map_err(|e| fail(e.to_string()))?;
         let reference = match (digest, tag) {
             (Some(digest), _) => Reference::Digest(digest),
             (None, Some(tag)) => Reference::Tag(Tag::parse(tag).map_err(|e| fail(e.to_string()))?),
@@ -344,12 +346,27 @@ mod tests {
         let hub = Registry::docker_hub();
         let other = Registry::parse("ghcr.io").unwrap();
         assert_eq!(
-            Repository::parse("alpine").unwrap().normalize_for(&hub).as_str(),
+            Repository::parse("alpine")
+                .unwrap()
+                .normalize_for(&hub)
+                .unwrap()
+                .as_str(),
             "library/alpine"
         );
-        assert_eq!(Repository::parse("a/b").unwrap().normalize_for(&hub).as_str(), "a/b");
         assert_eq!(
-            Repository::parse("alpine").unwrap().normalize_for(&other).as_str(),
+            Repository::parse("a/b").unwrap().normalize_for(&hub).unwrap().as_str(),
+            "a/b"
+        );
+        // Found by the reference fuzz target: `library/` must not push a name past 255.
+        let long = Repository::parse(&"a".repeat(250)).unwrap();
+        assert!(long.clone().normalize_for(&hub).is_err());
+        assert!(long.normalize_for(&other).is_ok());
+        assert_eq!(
+            Repository::parse("alpine")
+                .unwrap()
+                .normalize_for(&other)
+                .unwrap()
+                .as_str(),
             "alpine"
         );
     }

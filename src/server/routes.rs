@@ -135,7 +135,7 @@ fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Ta
             _ => (Registry::docker_hub(), name),
         },
     };
-    let repository = Repository::parse(name)?.normalize_for(&registry);
+    let repository = Repository::parse(name)?.normalize_for(&registry)?;
     Ok(Target { registry, repository })
 }
 

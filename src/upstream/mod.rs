@@ -5,6 +5,7 @@
 //! errors and 5xx, and the 429 gate of [`limits`]. TLS is always verified.
 
 mod auth;
+pub use auth::Challenge;
 mod credentials;
 pub mod limits;
 mod metrics;
