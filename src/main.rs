@@ -44,10 +44,16 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        let budget = match config.budget.max_size {
+            Some(max) => format!("at most {max} bytes"),
+            None => "no size budget".to_owned(),
+        };
         println!(
-            "configuration ok: {} registries configured, cache in {}",
+            "configuration ok: {} registries configured, cache in {} ({budget}, keeping {} free, {} pins)",
             config.upstream.registries.len(),
-            config.cache_dir.display()
+            config.cache_dir.display(),
+            config.budget.min_free,
+            config.budget.pins.len(),
         );
         return ExitCode::SUCCESS;
     }

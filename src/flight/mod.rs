@@ -5,7 +5,7 @@
 //! file only if it hashes to the digest; otherwise every reader's body is aborted.
 //!
 //! If the cache write fails (a full disk, an I/O error), the flight goes on as a pass-through:
-//! readers get the rest of the bytes from memory ([`spill`]), the digest is still checked
+//! readers get the rest of the bytes from memory (the `spill` module), the digest is still checked
 //! before any response completes, and nothing is committed.
 //!
 //! A digest whose upstream served wrong bytes is remembered for a short while: requests for it

@@ -275,7 +275,7 @@ impl Store {
 }
 
 /// Keeps the store within its budget until the task is dropped: at start, whenever a write
-/// finds the disk full or a commit leaves free space short, and every [`CHECK_INTERVAL`].
+/// finds the disk full or a commit leaves free space short, and every 10 s.
 /// (Commits keep to the size budget themselves.)
 pub async fn keep_within_budget(store: Arc<Store>) {
     let mut was_short = false;

@@ -76,6 +76,9 @@ pullcache:
   port: 5055
   metricsPort: 9199
   cacheHostPath: /mnt/cache/pullcache
+  cacheMaxSize: 50GiB
+  cacheMinFree: 5GiB
+  pins: [registry.k8s.io/pause:3.10, "ghcr.io/org/agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"]
   tagTTL: 1h
   logFormat: json
   logFilter: pullcache=debug,info
@@ -285,6 +288,15 @@ def daemonset_shape() -> None:
     assert "--metrics-listen=$(HOST_IP):9090" in args
     assert "--cache-dir=/var/lib/pullcache" in args
     assert "--tag-ttl=5m" in args
+    assert "--cache-max-size=20GiB" in args and "--cache-min-free=15%" in args
+    pinned = container(
+        cache_daemonset(render_objects({"pullcache": {"pins": ["registry.k8s.io/pause:3.10"], "cacheMaxSize": ""}}))[
+            "spec"
+        ]["template"]["spec"],
+        "pullcache",
+    )["args"]
+    assert "--pin=registry.k8s.io/pause:3.10" in pinned
+    assert not any(a.startswith("--cache-max-size") for a in pinned)
     env = {e["name"]: e for e in main["env"]}
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     # No hostPort, and the API port is not declared at all (hostNetwork turns ports into hostPorts).
@@ -477,6 +489,8 @@ NEGATIVE = {
     "a tag TTL that is not a duration": "pullcache.tagTTL=fast",
     "a registry given as a URL": "containerd.registries={https://ghcr.io}",
     "a port out of range": "pullcache.port=70000",
+    "a cache size with an unknown unit": "pullcache.cacheMaxSize=20 parsecs",
+    "a free-space floor that is neither size nor percentage": "pullcache.cacheMinFree=lots",
 }
 
 
