@@ -35,9 +35,21 @@ struct State {
 }
 
 impl State {
-    /// Drops window chunks every reader is past.
+    /// Drops window chunks every reader is past, and more while the window is over `limit`.
+    /// A reader still in the file's part needs the whole window; one already left behind
+    /// needs nothing more from it.
     fn trim(&mut self, limit: u64) {
-        let slowest = self.readers.values().copied().min().unwrap_or(u64::MAX);
+        let disk_len = self.disk_len.unwrap_or(0);
+        let slowest = self
+            .readers
+            .values()
+            .filter_map(|&pos| match pos {
+                pos if pos < disk_len => Some(disk_len),
+                pos if pos < self.start => None,
+                pos => Some(pos),
+            })
+            .min()
+            .unwrap_or(u64::MAX);
         while let Some(front) = self.chunks.front() {
             let len = front.len() as u64;
             if self.start + len > slowest && self.window <= limit {
@@ -174,9 +186,28 @@ mod tests {
         assert!(spill.read(12, 1).is_err(), "a chunk every reader passed is kept");
         assert_eq!(&spill.read(16, 10).unwrap()[..], b"ghij");
         assert!(spill.lost_bytes());
+
+        // A reader still in the file's part holds the window; one left behind does not.
+        let on_disk = spill.register(3);
+        spill.advance(fast, 21);
+        spill.advance(slow, 21);
+        push(&spill, Bytes::from_static(b"m"));
+        assert_eq!(
+            &spill.read(15, 1).unwrap()[..],
+            b"f",
+            "trimmed under a reader still on disk"
+        );
+        spill.unregister(on_disk);
+        spill.advance(slow, 12);
+        push(&spill, Bytes::from_static(b"n"));
+        assert!(
+            spill.read(20, 1).is_err(),
+            "a reader left behind still holds the window"
+        );
+        assert_eq!(&spill.read(21, 1).unwrap()[..], b"m");
         spill.unregister(slow);
         spill.unregister(fast);
         push(&spill, Bytes::from_static(b"l"));
-        assert!(spill.read(20, 1).is_err(), "no readers: nothing is kept");
+        assert!(spill.read(23, 1).is_err(), "no readers: nothing is kept");
     }
 }

@@ -138,7 +138,12 @@ impl App {
 
 /// A request on the listener: a proxy request (CONNECT or absolute-form) goes to the intercept
 /// side, anything else is a mirror-mode registry request.
-async fn answer(req: Request<Incoming>, app: Arc<AppSlot>, intercept: Option<Arc<Intercept>>) -> Response<Body> {
+async fn answer(
+    req: Request<Incoming>,
+    app: Arc<AppSlot>,
+    intercept: Option<Arc<Intercept>>,
+    limits: Limits,
+) -> Response<Body> {
     let proxy = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     if !proxy {
         return match app.get() {
@@ -150,7 +155,7 @@ async fn answer(req: Request<Incoming>, app: Arc<AppSlot>, intercept: Option<Arc
         return crate::intercept::refused("proxy requests need intercept mode (--ca-dir)");
     };
     if req.method() == Method::CONNECT {
-        return intercept.connect(req, move |tls, registry| serve_intercepted(tls, registry, app));
+        return intercept.connect(req, move |tls, registry| serve_intercepted(tls, registry, app, limits));
     }
     // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
@@ -166,7 +171,7 @@ async fn answer(req: Request<Incoming>, app: Arc<AppSlot>, intercept: Option<Arc
 }
 
 /// Serves the registry API on a decrypted intercepted connection, for `registry`.
-async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>)
+async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: Limits)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -183,10 +188,7 @@ where
             })
         }
     });
-    if let Err(e) = builder(Limits::default())
-        .serve_connection(TokioIo::new(io), service)
-        .await
-    {
+    if let Err(e) = builder(limits).serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
 }
@@ -241,7 +243,7 @@ pub async fn serve(
             let (app, intercept) = (app.clone(), intercept.clone());
             service_fn(move |req| {
                 let (app, intercept) = (app.clone(), intercept.clone());
-                async move { Ok::<_, Infallible>(answer(req, app, intercept).await) }
+                async move { Ok::<_, Infallible>(answer(req, app, intercept, limits).await) }
             })
         };
         let conn = builder
