@@ -112,14 +112,10 @@ impl Pullcache {
 
     /// Every blob file in the store, as `sha256:<hex>`.
     pub fn stored_blobs(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let root = self.cache_dir.join("blobs").join("sha256");
-        for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
-                out.push(format!("sha256:{}", blob.file_name().to_string_lossy()));
-            }
-        }
-        out
+        blob_files(&self.cache_dir)
+            .iter()
+            .map(|path| format!("sha256:{}", path.file_name().unwrap_or_default().to_string_lossy()))
+            .collect()
     }
 
     /// Bytes of the blob files in the store, as on disk now.
@@ -144,30 +140,33 @@ impl Drop for Pullcache {
     }
 }
 
+/// The blob files in a cache directory's store.
+pub fn blob_files(cache_dir: &Path) -> Vec<PathBuf> {
+    let root = cache_dir.join("blobs").join("sha256");
+    let prefixes = std::fs::read_dir(&root).into_iter().flatten().flatten();
+    prefixes
+        .flat_map(|prefix| std::fs::read_dir(prefix.path()).into_iter().flatten().flatten())
+        .map(|entry| entry.path())
+        .collect()
+}
+
 /// Bytes of the blob files in a cache directory's store.
 pub fn stored_bytes(cache_dir: &Path) -> u64 {
-    let root = cache_dir.join("blobs").join("sha256");
-    let mut total = 0;
-    for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
-            total += blob.metadata().map_or(0, |m| m.len());
-        }
-    }
-    total
+    blob_files(cache_dir)
+        .iter()
+        .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+        .sum()
 }
 
 /// Blob files in a cache directory's store whose bytes do not hash to their names.
 pub fn corrupt_blobs(cache_dir: &Path) -> Vec<String> {
     use sha2::Digest as _;
-    let root = cache_dir.join("blobs").join("sha256");
     let mut bad = Vec::new();
-    for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
-            let name = blob.file_name().to_string_lossy().into_owned();
-            let bytes = std::fs::read(blob.path()).unwrap_or_default();
-            if hex::encode(sha2::Sha256::digest(&bytes)) != name {
-                bad.push(name);
-            }
+    for path in blob_files(cache_dir) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        if hex::encode(sha2::Sha256::digest(&bytes)) != name {
+            bad.push(name);
         }
     }
     bad
@@ -175,11 +174,5 @@ pub fn corrupt_blobs(cache_dir: &Path) -> Vec<String> {
 
 /// Blob files in a cache directory's store.
 pub fn stored_blob_count(cache_dir: &Path) -> usize {
-    let root = cache_dir.join("blobs").join("sha256");
-    std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|prefix| std::fs::read_dir(prefix.path()).map_or(0, |d| d.count()))
-        .sum()
+    blob_files(cache_dir).len()
 }
