@@ -192,6 +192,11 @@ pub struct ServeArgs {
     #[arg(long = "pin", env = "PULLCACHE_PIN", value_name = "IMAGE", value_delimiter = ',', value_parser = parse_image)]
     pub pins: Vec<ImageRef>,
 
+    /// Never contact an upstream: serve tags and digests from the cache only (air-gapped
+    /// clusters); a miss gets 404 saying it is not in the offline cache.
+    #[arg(long, env = "PULLCACHE_OFFLINE")]
+    pub offline: bool,
+
     /// Client connections served at once (default 4096); more are closed at once, so
     /// containerd goes on to its next host.
     #[arg(long, env = "PULLCACHE_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -281,6 +286,7 @@ struct FileConfig {
     cache_max_size: Option<String>,
     cache_min_free: Option<String>,
     max_connections: Option<u32>,
+    offline: Option<bool>,
     #[serde(default)]
     pins: Vec<String>,
     #[serde(default)]
@@ -330,6 +336,7 @@ impl ServeArgs {
             config.tag_ttl = duration(ttl, "tag_ttl")?;
         }
 
+        config.upstream.offline = self.offline || file.offline.unwrap_or(false);
         if let Some(n) = self.max_connections.or(file.max_connections) {
             config.limits.max_connections = n as usize;
         }

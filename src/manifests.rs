@@ -152,8 +152,9 @@ impl Manifests {
             Some(record) => stored(&self.store, &record.digest, CacheResult::Hit).await?,
             None => None,
         };
+        // Offline, a cached tag is as fresh as it will ever get.
         if let (Some(record), Some(cached)) = (&record, &cached)
-            && record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl)
+            && (self.upstreams.is_offline() || record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl))
         {
             return Ok(cached.clone());
         }

@@ -7,8 +7,8 @@ use pullcache::oci::References;
 
 fuzz_target!(|input: &[u8]| {
     if let Ok(refs) = References::of(input) {
-        for digest in refs.blobs.iter().chain(refs.manifests.iter().map(|(d, _)| d)) {
-            assert_eq!(digest.hex().len(), 64);
+        for descriptor in refs.blobs.iter().chain(&refs.manifests) {
+            assert_eq!(descriptor.digest.hex().len(), 64);
         }
     }
 });

@@ -9,13 +9,23 @@ use super::Digest;
 /// Manifests larger than this are refused, as distribution refuses them.
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
-/// The digests a manifest points at.
+/// What a manifest points at.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct References {
-    /// Child manifests (of an index or manifest list), each with its platform when given.
-    pub manifests: Vec<(Digest, Option<String>)>,
+    /// Child manifests (of an index or manifest list).
+    pub manifests: Vec<Descriptor>,
     /// The config and layers (of an image manifest).
-    pub blobs: Vec<Digest>,
+    pub blobs: Vec<Descriptor>,
+}
+
+/// One reference, as the manifest describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: Digest,
+    pub size: Option<u64>,
+    pub media_type: Option<String>,
+    /// `os/architecture[/variant]`, for an index's children.
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +41,18 @@ pub enum ManifestError {
 #[derive(Deserialize)]
 struct Raw {
     #[serde(default)]
-    manifests: Vec<Descriptor>,
-    config: Option<Descriptor>,
+    manifests: Vec<RawDescriptor>,
+    config: Option<RawDescriptor>,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    layers: Vec<RawDescriptor>,
 }
 
 #[derive(Deserialize)]
-struct Descriptor {
+struct RawDescriptor {
     digest: String,
+    size: Option<u64>,
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
     platform: Option<Platform>,
 }
 
@@ -60,16 +73,40 @@ impl References {
         let raw: Raw = serde_json::from_slice(bytes)?;
         let mut refs = References::default();
         for child in raw.manifests {
-            let platform = child.platform.map(|p| match p.variant {
-                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                None => format!("{}/{}", p.os, p.architecture),
-            });
-            refs.manifests.push((child.digest.parse()?, platform));
+            refs.manifests.push(child.parse()?);
         }
         for blob in raw.config.into_iter().chain(raw.layers) {
-            refs.blobs.push(blob.digest.parse()?);
+            refs.blobs.push(blob.parse()?);
         }
         Ok(refs)
+    }
+}
+
+impl RawDescriptor {
+    fn parse(self) -> Result<Descriptor, ManifestError> {
+        Ok(Descriptor {
+            digest: self.digest.parse()?,
+            size: self.size,
+            media_type: self.media_type,
+            platform: self.platform.map(|p| match p.variant {
+                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                None => format!("{}/{}", p.os, p.architecture),
+            }),
+        })
+    }
+}
+
+impl Descriptor {
+    /// Whether this index entry is for one of `platforms` (`os/arch`, or `os/arch/variant`
+    /// to also match the variant). An empty list takes every entry.
+    pub fn for_platforms(&self, platforms: &[String]) -> bool {
+        if platforms.is_empty() {
+            return true;
+        }
+        let Some(own) = &self.platform else {
+            return false;
+        };
+        platforms.iter().any(|p| own == p || own.starts_with(&format!("{p}/")))
     }
 }
 
@@ -92,9 +129,10 @@ mod tests {
         let refs = References::of(image.as_bytes()).unwrap();
         assert!(refs.manifests.is_empty());
         assert_eq!(
-            refs.blobs.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            refs.blobs.iter().map(|b| b.digest.to_string()).collect::<Vec<_>>(),
             [d('a'), d('b'), d('c')]
         );
+        assert_eq!(refs.blobs[0].size, Some(1));
 
         let index = format!(
             r#"{{"manifests":[{{"digest":"{}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},{{"digest":"{}"}}]}}"#,
@@ -103,8 +141,12 @@ mod tests {
         );
         let refs = References::of(index.as_bytes()).unwrap();
         assert_eq!(refs.manifests.len(), 2);
-        assert_eq!(refs.manifests[0].1.as_deref(), Some("linux/arm64/v8"));
-        assert_eq!(refs.manifests[1].1, None);
+        assert_eq!(refs.manifests[0].platform.as_deref(), Some("linux/arm64/v8"));
+        assert_eq!(refs.manifests[1].platform, None);
+        let arm = |p: &[&str]| refs.manifests[0].for_platforms(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(arm(&[]) && arm(&["linux/arm64"]) && arm(&["linux/arm64/v8"]) && arm(&["linux/amd64", "linux/arm64"]));
+        assert!(!arm(&["linux/amd64"]) && !arm(&["linux/arm64/v7"]) && !arm(&["linux/arm"]));
+        assert!(!refs.manifests[1].for_platforms(&["linux/amd64".into()]));
         assert!(refs.blobs.is_empty());
     }
 

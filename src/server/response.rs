@@ -70,6 +70,10 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
             UpstreamErrorKind::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
             UpstreamErrorKind::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid),
+            UpstreamErrorKind::Offline { resource, .. } => match resource {
+                Resource::Manifest => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+                Resource::Blob => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            },
             UpstreamErrorKind::Request(_)
             | UpstreamErrorKind::Redirect(_)
             | UpstreamErrorKind::Token(_)

@@ -14,6 +14,9 @@ use std::time::Duration;
 use super::Store;
 use crate::oci::{Digest, ImageRef, Reference, References};
 
+/// Pins saved in the cache directory, one image reference per line.
+pub(super) const PINS_FILE: &str = "pins";
+
 /// The size budget's low watermark, as a fraction of the high one.
 const LOW_WATERMARK: f64 = 0.9;
 /// How often free space is checked when nothing else wakes the evictor: other writers on
@@ -236,12 +239,30 @@ impl Store {
         evicted
     }
 
+    /// Saves pins in the cache directory: they hold for every later `serve` of it.
+    pub fn add_pins(&self, pins: &[ImageRef]) -> super::Result<()> {
+        let mut saved = self.saved_pins.write().expect("pins lock");
+        for pin in pins {
+            if !saved.contains(pin) {
+                saved.push(pin.clone());
+            }
+        }
+        let text: String = saved.iter().map(|p| format!("{p}\n")).collect();
+        super::write_atomic(&self.tmp, &self.root.join(PINS_FILE), text.as_bytes())
+    }
+
+    /// Every pin: the budget's and those saved in the cache.
+    pub fn pins(&self) -> Vec<ImageRef> {
+        let saved = self.saved_pins.read().expect("pins lock");
+        self.budget.pins.iter().chain(saved.iter()).cloned().collect()
+    }
+
     /// Every digest the pins reach: their manifests (a tag pin follows whatever the tag
     /// points at now, under any accept class), the manifests an index lists, configs and
     /// layers.
     pub fn pinned(&self) -> HashSet<Digest> {
         let mut queue = Vec::new();
-        for pin in &self.budget.pins {
+        for pin in &self.pins() {
             match &pin.reference {
                 Reference::Digest(d) => queue.push(d.clone()),
                 Reference::Tag(tag) => queue.extend(self.tags().matching(&pin.registry, &pin.repository, tag)),
@@ -257,8 +278,8 @@ impl Store {
             };
             match References::of(&bytes) {
                 Ok(refs) => {
-                    queue.extend(refs.manifests.into_iter().map(|(d, _)| d));
-                    pinned.extend(refs.blobs);
+                    queue.extend(refs.manifests.into_iter().map(|m| m.digest));
+                    pinned.extend(refs.blobs.into_iter().map(|b| b.digest));
                 }
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "pinned manifest cannot be read; its blobs are not pinned")
@@ -272,6 +293,23 @@ impl Store {
     pub fn report_full_disk(&self) {
         self.pressure.notify_one();
     }
+}
+
+/// Reads saved pins; a line that does not parse is skipped with a warning.
+pub(super) fn load_pins(path: &std::path::Path) -> Vec<ImageRef> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|line| match ImageRef::parse(line.trim()) {
+            Ok(pin) => Some(pin),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a saved pin");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Keeps the store within its budget until the task is dropped: at start, whenever a write
@@ -445,5 +483,15 @@ mod tests {
         for kept in [&layer, &config, &manifest_digest] {
             assert!(store.has_blob(kept), "pinned {kept} was evicted");
         }
+
+        // A pin saved in the cache holds for the next opening, without any --pin.
+        let saved = ImageRef::parse("r.example/app:v1").unwrap();
+        store.add_pins(std::slice::from_ref(&saved)).unwrap();
+        store.add_pins(std::slice::from_ref(&saved)).unwrap();
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.pins(), vec![saved]);
+        assert_eq!(reopened.evict(u64::MAX).blobs, 0);
+        assert!(reopened.has_blob(&layer));
     }
 }

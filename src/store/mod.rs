@@ -73,6 +73,8 @@ pub struct Store {
     /// Every committed blob: size, last use, readers.
     index: Arc<index::Index>,
     budget: Budget,
+    /// Pins recorded in the cache itself (`import --pin`), besides the budget's.
+    saved_pins: std::sync::RwLock<Vec<crate::oci::ImageRef>>,
     /// Woken when free space runs short, or a write found the disk full.
     pressure: tokio::sync::Notify,
     /// Held from making room to the rename, so concurrent commits cannot overshoot the budget
@@ -109,7 +111,9 @@ impl Store {
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
         let index = Arc::new(index::Index::scan(&blobs)?);
+        let saved_pins = std::sync::RwLock::new(budget::load_pins(&root.join(budget::PINS_FILE)));
         Ok(Store {
+            saved_pins,
             root: root.to_owned(),
             index,
             budget: Budget::default(),
@@ -223,6 +227,11 @@ impl Store {
         Ok(())
     }
 
+    /// Records a committed blob as a manifest of `media_type`.
+    pub fn set_media_type(&self, digest: &Digest, media_type: &str) -> Result<()> {
+        write_atomic(&self.tmp, &self.media_type_path(digest), media_type.as_bytes())
+    }
+
     /// Stores a manifest's bytes under its digest, with its media type beside it.
     pub fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), CommitError> {
         if !self.has_blob(digest) {
@@ -230,8 +239,7 @@ impl Store {
             temp.write(bytes)?;
             self.commit(temp, digest, Some(bytes.len() as u64))?;
         }
-        let path = self.media_type_path(digest);
-        write_atomic(&self.tmp, &path, media_type.as_bytes())?;
+        self.set_media_type(digest, media_type)?;
         Ok(())
     }
 
@@ -375,6 +383,11 @@ impl TempBlob {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The digest of what was written so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_hasher(self.hasher.clone())
     }
 
     /// Gives up on the file (deleting it) and keeps the running hash of what it holds.

@@ -108,6 +108,8 @@ pub enum UpstreamErrorKind {
     DigestMismatch { expected: String, actual: String },
     #[error("manifest exceeds {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("{reference} is not in the offline cache (serve --offline never asks an upstream)")]
+    Offline { resource: Resource, reference: String },
 }
 
 /// An error's message followed by its sources, for errors whose `Display` hides the cause
@@ -151,6 +153,8 @@ pub struct Settings {
     /// `--upstream-ca`: trusted for every registry.
     pub roots: Vec<CertificateDer<'static>>,
     pub docker_config: DockerConfig,
+    /// `serve --offline`: never contact an upstream.
+    pub offline: bool,
 }
 
 /// One request to send upstream.
@@ -236,6 +240,11 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Whether upstreams are never contacted (`serve --offline`).
+    pub fn is_offline(&self) -> bool {
+        self.settings.offline
+    }
+
     pub fn new(settings: Settings, metrics: Metrics) -> Upstreams {
         let client = tls::client(&settings.roots);
         let clients = settings
@@ -368,6 +377,15 @@ impl Upstreams {
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first
     /// 2xx response. Anything else is an error, the registry's own when every origin failed.
     pub async fn fetch(&self, req: Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
+        if self.settings.offline {
+            return Err(UpstreamError::new(
+                req.registry,
+                UpstreamErrorKind::Offline {
+                    resource: req.resource,
+                    reference: format!("{}/{}@{}", req.registry, req.repository, req.reference),
+                },
+            ));
+        }
         let origins = self.origins(req.registry)?;
         let last = origins.len() - 1;
         for (i, origin) in origins.iter().enumerate() {
