@@ -58,9 +58,75 @@ pub enum Command {
         #[arg(long, env = "PULLCACHE_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Fetch images into a cache ahead of time: into a running pullcache (--server), or into
+    /// a cache directory, fetched with serve's upstream flags. Shows a progress bar on a
+    /// terminal.
+    Prefetch(Box<PrefetchArgs>),
+    /// Write images as an OCI image layout tarball (skopeo, crane and containerd read it),
+    /// from a cache directory; what it lacks is fetched with serve's upstream flags first.
+    Export(Box<ExportArgs>),
+    /// Read an OCI image layout (tarball or directory) or a `docker save` tarball into a
+    /// cache. Every blob is verified first; a bad bundle changes nothing. Safe while
+    /// pullcache serves the same cache.
+    Import(ImportArgs),
     /// Wire the node's containerd to pullcache through certs.d hosts.toml files, or undo it.
     #[command(subcommand, name = "containerd-config")]
     ContainerdConfig(ContainerdCommand),
+}
+
+/// Which images, for `prefetch` and `export`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Images by tag or digest: `alpine:3.20`, `ghcr.io/org/app@sha256:...`.
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<String>,
+    /// A file with one image per line (blank lines and `#` comments are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+    /// Only these platforms of a multi-platform image (`linux/amd64`, `linux/arm64/v8`).
+    /// Repeatable; default: every platform.
+    #[arg(long = "platform", value_name = "OS/ARCH", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PrefetchArgs {
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// A running pullcache's registry API to warm, e.g. http://127.0.0.1:5000. Without it,
+    /// the cache directory is filled directly.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// The tarball to write.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// Bundles: OCI image layout tarballs or directories, or `docker save` tarballs.
+    #[arg(value_name = "BUNDLE", required = true)]
+    pub bundles: Vec<PathBuf>,
+    /// The cache directory (default as for `serve`).
+    #[arg(long, env = "PULLCACHE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// A name for a bundle's single image when the bundle names none (skopeo writes no name
+    /// unless given one).
+    #[arg(long, value_name = "IMAGE", value_parser = parse_image)]
+    pub name: Option<ImageRef>,
+    /// Pin what is imported: eviction never removes it.
+    #[arg(long)]
+    pub pin: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@
 //! against, and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod config;
 pub mod containerd;
 pub mod error;

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The one-shot commands print what they did; their logs are for when something goes wrong.
+    let quiet = !matches!(cli.command, Command::Serve(_));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" }));
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -35,6 +38,9 @@ fn main() -> ExitCode {
         Command::Ca(command) => return ca(command),
         Command::ContainerdConfig(command) => return containerd_config(command),
         Command::Verify { cache_dir } => return verify(cache_dir.unwrap_or_else(pullcache::config::default_cache_dir)),
+        Command::Prefetch(args) => return one_shot(pullcache::bundle::prefetch_command(&args)),
+        Command::Export(args) => return one_shot(pullcache::bundle::export_command(&args)),
+        Command::Import(args) => return report(pullcache::bundle::import_command(&args)),
     };
     let config = match args.resolve() {
         Ok(config) => config,
@@ -186,6 +192,33 @@ fn ca(command: CaCommand) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pullcache: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command that needs the runtime and prints its summary.
+fn one_shot(command: impl std::future::Future<Output = anyhow::Result<String>>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => report(runtime.block_on(command)),
+        Err(e) => report(Err(e.into())),
+    }
+}
+
+/// Prints a command's summary, or its error: exit 64 for configuration it cannot run with,
+/// 1 for anything else.
+fn report(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is::<pullcache::config::ConfigError>() || e.is::<pullcache::oci::ImageRefError>() => {
+            eprintln!("pullcache: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("pullcache: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -11,5 +11,5 @@ mod name;
 pub use digest::{Digest, DigestError};
 pub use error::{ErrorCode, error_body};
 pub use manifest::{Descriptor, MAX_MANIFEST_SIZE, ManifestError, References};
-pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, is_manifest_media_type};
+pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, OCI_INDEX, OCI_MANIFEST, is_manifest_media_type};
 pub use name::{ImageRef, ImageRefError, NameError, Reference, Registry, Repository, Tag};

@@ -242,6 +242,7 @@ impl Store {
     /// Saves pins in the cache directory: they hold for every later `serve` of it.
     pub fn add_pins(&self, pins: &[ImageRef]) -> super::Result<()> {
         let mut saved = self.saved_pins.write().expect("pins lock");
+        *saved = load_pins(&self.root.join(PINS_FILE));
         for pin in pins {
             if !saved.contains(pin) {
                 saved.push(pin.clone());
@@ -251,10 +252,12 @@ impl Store {
         super::write_atomic(&self.tmp, &self.root.join(PINS_FILE), text.as_bytes())
     }
 
-    /// Every pin: the budget's and those saved in the cache.
+    /// Every pin: the budget's and those saved in the cache (read again each time: `import`
+    /// may have added some while this process serves).
     pub fn pins(&self) -> Vec<ImageRef> {
-        let saved = self.saved_pins.read().expect("pins lock");
-        self.budget.pins.iter().chain(saved.iter()).cloned().collect()
+        let saved = load_pins(&self.root.join(PINS_FILE));
+        *self.saved_pins.write().expect("pins lock") = saved.clone();
+        self.budget.pins.iter().chain(&saved).cloned().collect()
     }
 
     /// Every digest the pins reach: their manifests (a tag pin follows whatever the tag

@@ -97,6 +97,16 @@ impl Store {
     /// earlier run, and loads the tag index and the blob index. No budget: see
     /// [`Store::with_budget`].
     pub fn open(root: &Path) -> Result<Store> {
+        Self::open_with(root, true)
+    }
+
+    /// Opens a store that a running pullcache may be serving, as `import` and `export` do:
+    /// its temp files are left alone (temp names carry the process id, so they never clash).
+    pub fn attach(root: &Path) -> Result<Store> {
+        Self::open_with(root, false)
+    }
+
+    fn open_with(root: &Path, clear_tmp: bool) -> Result<Store> {
         let blobs = root.join("blobs").join("sha256");
         let manifests = root.join("manifests").join("sha256");
         let tmp = root.join("tmp");
@@ -104,10 +114,12 @@ impl Store {
         for dir in [&blobs, &manifests, &tmp, &tags_dir] {
             fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
         }
-        for entry in fs::read_dir(&tmp).map_err(|e| StoreError::new("list", &tmp, e))? {
-            let path = entry.map_err(|e| StoreError::new("list", &tmp, e))?.path();
-            // A leftover is never committed, so deleting it loses nothing.
-            let _ = fs::remove_file(&path);
+        if clear_tmp {
+            for entry in fs::read_dir(&tmp).map_err(|e| StoreError::new("list", &tmp, e))? {
+                let path = entry.map_err(|e| StoreError::new("list", &tmp, e))?.path();
+                // A leftover is never committed, so deleting it loses nothing.
+                let _ = fs::remove_file(&path);
+            }
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
         let index = Arc::new(index::Index::scan(&blobs)?);

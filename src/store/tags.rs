@@ -116,8 +116,22 @@ impl TagIndex {
         })
     }
 
+    /// The record for `key`. One missing from memory is looked for on disk too, where
+    /// `import` may have written it while this process was serving.
     pub fn get(&self, key: &TagKey) -> Option<TagRecord> {
-        self.entries.read().expect("tag index lock").get(key).cloned()
+        if let Some(record) = self.entries.read().expect("tag index lock").get(key) {
+            return Some(record.clone());
+        }
+        let bytes = fs::read(self.dir.join(key.file_name())).ok()?;
+        let (found, record) = serde_json::from_slice::<Entry>(&bytes).ok().and_then(Entry::parse)?;
+        if &found != key {
+            return None;
+        }
+        self.entries
+            .write()
+            .expect("tag index lock")
+            .insert(found, record.clone());
+        Some(record)
     }
 
     /// Answers recorded for the same tag under other accept classes whose media type a client

@@ -1,0 +1,363 @@
+//! Air-gapped clusters: images exported from a cache as an OCI layout tarball (which skopeo
+//! reads too), imported into an empty cache, and pulled by the real containerd from
+//! `serve --offline` with every upstream stopped. Bundles made by skopeo and `docker save`
+//! import as well; corrupt bundles are refused and change nothing.
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use pullcache::oci::Registry as RegistryName;
+use support::binary::BIN;
+use support::containerd::{Containerd, write_hosts_toml};
+use support::images::{build_config, build_layer, host_arch, push_oci_image, push_oci_index, sha256_digest};
+use support::pullcache::{Pullcache, blob_files};
+use support::registry::Registry;
+
+const REGISTRY: &str = "registry.test";
+const DEAD_SERVER: &str = "http://127.0.0.1:1";
+
+/// Runs the binary with `args`; its output, whatever the exit status.
+async fn pullcache(args: &[&str]) -> anyhow::Result<Output> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    Ok(out)
+}
+
+async fn pullcache_ok(args: &[&str]) -> anyhow::Result<String> {
+    let out = support::check_status(&format!("pullcache {}", args.join(" ")), pullcache(args).await?)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// pullcache serving `cache` with no upstream at all.
+async fn serve_offline(cache: &Path) -> anyhow::Result<Pullcache> {
+    let mut config = pullcache::Config::new(cache.to_owned());
+    config.upstream.offline = true;
+    // Mapped to a dead port as well: offline must not even try.
+    config.registry(RegistryName::parse(REGISTRY)?).url = Some(DEAD_SERVER.parse()?);
+    Pullcache::start_with(config).await
+}
+
+/// Files under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).expect("under root").to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_import_and_pull_offline() -> anyhow::Result<()> {
+    let mut upstream = Registry::start().await?;
+    let app = push_oci_image(&upstream.url(), "team/app", "v1", &[512 * 1024, 64 * 1024]).await?;
+    let multi = push_oci_index(&upstream.url(), "team/multi", "v2").await?;
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle.tar");
+    let export_cache = work.path().join("export-cache");
+    let mapping = format!("{REGISTRY}={}", upstream.url());
+    let platform = format!("linux/{}", host_arch());
+    let summary = pullcache_ok(&[
+        "export",
+        &format!("{REGISTRY}/team/app:v1"),
+        &format!("{REGISTRY}/team/multi:v2"),
+        "--platform",
+        &platform,
+        "-o",
+        path(&bundle),
+        "--cache-dir",
+        path(&export_cache),
+        "--upstream",
+        &mapping,
+    ])
+    .await?;
+    assert!(summary.contains("exported 2 images"), "{summary}");
+
+    // A third-party reader takes it.
+    let copied = work.path().join("skopeo-dir");
+    support::skopeo::copy(
+        &format!("oci-archive:{}:v1", bundle.display()),
+        &format!("dir:{}", copied.display()),
+        &[],
+    )
+    .await?;
+    for blob in &app.blobs {
+        assert!(
+            copied.join(&blob.digest[7..]).exists(),
+            "skopeo did not copy {}",
+            blob.digest
+        );
+    }
+
+    // Carried across: every upstream is gone.
+    upstream.stop().await;
+    let cache = work.path().join("offline-cache");
+    let summary = pullcache_ok(&["import", path(&bundle), "--cache-dir", path(&cache), "--pin"]).await?;
+    assert!(summary.contains(&format!("{REGISTRY}/team/app:v1")), "{summary}");
+    let pins = std::fs::read_to_string(cache.join("pins"))?;
+    assert!(pins.contains("team/multi:v2"), "{pins}");
+
+    let server = serve_offline(&cache).await?;
+    let hosts = tempfile::tempdir()?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &server.url());
+    let ctr = Containerd::start().await?;
+    for image in [&app, &multi] {
+        let reference = image.reference(REGISTRY);
+        ctr.pull(&reference, hosts.path()).await?;
+        assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
+    }
+
+    let resp = support::http_client()
+        .get(format!("{}/v2/team/absent/manifests/v1?ns={REGISTRY}", server.url()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 404);
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    assert!(
+        json["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not in the offline cache"),
+        "{json}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_bundles_import_and_serve() -> anyhow::Result<()> {
+    let mut upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/x", "y", &[256 * 1024]).await?;
+    let work = tempfile::tempdir()?;
+    let source = format!("docker://{}/team/x:y", upstream.host());
+    let named = work.path().join("named.tar");
+    let unnamed = work.path().join("unnamed.tar");
+    let tls = ["--src-tls-verify=false"];
+    support::skopeo::copy(
+        &source,
+        &format!("oci-archive:{}:{REGISTRY}/team/x:y", named.display()),
+        &tls,
+    )
+    .await?;
+    support::skopeo::copy(&source, &format!("oci-archive:{}", unnamed.display()), &tls).await?;
+    upstream.stop().await;
+
+    let cache = work.path().join("cache");
+    pullcache_ok(&["import", path(&named), "--cache-dir", path(&cache)]).await?;
+    let summary = pullcache_ok(&[
+        "import",
+        path(&unnamed),
+        "--cache-dir",
+        path(&cache),
+        "--name",
+        &format!("{REGISTRY}/team/renamed:z"),
+    ])
+    .await?;
+    assert!(summary.contains("team/renamed:z"), "{summary}");
+
+    let server = serve_offline(&cache).await?;
+    let hosts = tempfile::tempdir()?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &server.url());
+    let ctr = Containerd::start().await?;
+    for reference in [format!("{REGISTRY}/team/x:y"), format!("{REGISTRY}/team/renamed:z")] {
+        ctr.pull(&reference, hosts.path()).await?;
+        assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
+    }
+    assert!(server.stored_blobs().contains(&image.largest_blob().digest));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_save_tarballs_import_and_serve() -> anyhow::Result<()> {
+    // `docker save`'s layout: manifest.json, a config file and uncompressed layer tars.
+    let layer = build_layer(128 * 1024);
+    let mut tar_bytes = Vec::new();
+    flate2::read::GzDecoder::new(&layer.blob[..]).read_to_end(&mut tar_bytes)?;
+    assert_eq!(sha256_digest(&tar_bytes), layer.diff_id);
+    let config = build_config(host_arch(), std::slice::from_ref(&layer.diff_id));
+    let config_name = format!("{}.json", &sha256_digest(&config)[7..]);
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [format!("{REGISTRY}/team/saved:v1")],
+        "Layers": ["0123abcd/layer.tar"],
+    }]);
+    let work = tempfile::tempdir()?;
+    let saved = work.path().join("saved.tar");
+    {
+        let mut builder = tar::Builder::new(std::fs::File::create(&saved)?);
+        let mut add = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, bytes)?;
+            Ok(())
+        };
+        add("manifest.json", &serde_json::to_vec(&manifest)?)?;
+        add(&config_name, &config)?;
+        add("0123abcd/layer.tar", &tar_bytes)?;
+        add("0123abcd/VERSION", b"1.0")?;
+        builder.finish()?;
+    }
+    let cache = work.path().join("cache");
+    let summary = pullcache_ok(&["import", path(&saved), "--cache-dir", path(&cache)]).await?;
+    assert!(summary.contains("team/saved:v1"), "{summary}");
+
+    let server = serve_offline(&cache).await?;
+    let hosts = tempfile::tempdir()?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &server.url());
+    let ctr = Containerd::start().await?;
+    let reference = format!("{REGISTRY}/team/saved:v1");
+    ctr.pull(&reference, hosts.path()).await?;
+    assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
+    assert!(
+        server.stored_blobs().contains(&layer.diff_id),
+        "the layer is stored uncompressed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_bundles_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/app", "v1", &[64 * 1024]).await?;
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle.tar");
+    pullcache_ok(&[
+        "export",
+        &format!("{REGISTRY}/team/app:v1"),
+        "-o",
+        path(&bundle),
+        "--cache-dir",
+        path(&work.path().join("export-cache")),
+        "--upstream",
+        &format!("{REGISTRY}={}", upstream.url()),
+    ])
+    .await?;
+    let layer = &image.layers()[0].digest;
+    let layer_file = |dir: &Path| dir.join("blobs/sha256").join(&layer[7..]);
+
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage, &str); 3] = [
+        (
+            "a flipped byte",
+            |f| {
+                let mut bytes = std::fs::read(f).unwrap();
+                bytes[100] ^= 0xff;
+                std::fs::write(f, bytes).unwrap();
+            },
+            "does not match its digest",
+        ),
+        (
+            "a missing blob",
+            |f| std::fs::remove_file(f).unwrap(),
+            "bundle lacks blob",
+        ),
+        (
+            "a wrong size",
+            |f| {
+                let bytes = std::fs::read(f).unwrap();
+                std::fs::write(f, &bytes[..bytes.len() - 10]).unwrap();
+            },
+            "its descriptor says",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let dir = work.path().join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&dir)?;
+        tar::Archive::new(std::fs::File::open(&bundle)?).unpack(&dir)?;
+        damage(&layer_file(&dir));
+        let cache = work.path().join(format!("cache-{}", what.replace(' ', "-")));
+        // A cache with everything but the layer: it must stay exactly as it is.
+        pullcache_ok(&["import", path(&bundle), "--cache-dir", path(&cache)]).await?;
+        std::fs::remove_file(cache.join("blobs/sha256").join(&layer[7..9]).join(&layer[7..]))?;
+        let before = tree(&cache);
+
+        let out = pullcache(&["import", path(&dir), "--cache-dir", path(&cache)]).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(expected) && stderr.contains(layer.as_str()),
+            "{what}: {stderr}"
+        );
+        assert_eq!(tree(&cache), before, "{what}: the cache changed");
+        assert!(
+            blob_files(&cache).iter().all(|p| !p.ends_with(&layer[7..])),
+            "{what}: the layer was stored"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_warms_a_server_and_shows_progress_only_on_a_terminal() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/big", "v1", &[4 * 1024 * 1024]).await?;
+    let work = tempfile::tempdir()?;
+    let list = work.path().join("images.txt");
+    std::fs::write(&list, format!("# warm these\n\n{REGISTRY}/team/big:v1\n"))?;
+
+    // A running instance, warmed through its API.
+    let server = Pullcache::start(
+        &work.path().join("served"),
+        &[(REGISTRY, &upstream.url())],
+        Duration::from_secs(60),
+    )
+    .await?;
+    let out = pullcache(&["prefetch", "--from-file", path(&list), "--server", &server.url()]).await?;
+    let out = support::check_status("prefetch --server", out)?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("prefetched 1 images"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("B/s"), "progress drawn on a pipe: {stderr}");
+    let stored = server.stored_blobs();
+    for blob in &image.blobs {
+        assert!(stored.contains(&blob.digest), "prefetch did not cache {}", blob.digest);
+    }
+
+    // A cache directory, on a terminal: the bar shows bytes and rate.
+    let cache = work.path().join("direct");
+    let command = format!(
+        "{BIN} prefetch {REGISTRY}/team/big:v1 --cache-dir {} --upstream {REGISTRY}={}",
+        cache.display(),
+        upstream.url()
+    );
+    let out = tokio::process::Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .output()
+        .await?;
+    let out = support::check_status("prefetch under script(1)", out)?;
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        terminal.contains("B/s") && terminal.contains("MiB"),
+        "no progress bar on a terminal: {terminal}"
+    );
+    assert!(terminal.contains("prefetched 1 images"), "{terminal}");
+    assert!(
+        blob_files(&cache).len() > image.blobs.len(),
+        "the manifest and every blob are cached"
+    );
+    Ok(())
+}
