@@ -55,8 +55,9 @@ fn main() -> ExitCode {
             None => "no size budget".to_owned(),
         };
         println!(
-            "configuration ok: {} registries configured, cache in {} ({budget}, keeping {} free, {} pins)",
+            "configuration ok: {} registries configured{}, cache in {} ({budget}, keeping {} free, {} pins)",
             config.upstream.registries.len(),
+            if config.upstream.offline { " (offline)" } else { "" },
             config.cache_dir.display(),
             config.budget.min_free,
             config.budget.pins.len(),

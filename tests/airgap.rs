@@ -112,6 +112,18 @@ async fn export_import_and_pull_offline() -> anyhow::Result<()> {
         );
     }
 
+    // containerd reads it as well, names included.
+    let reader = Containerd::start().await?;
+    reader.ctr(&["images", "import", path(&bundle)]).await?;
+    let listed = reader.ctr(&["images", "ls", "-q"]).await?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for name in [app.reference(REGISTRY), multi.reference(REGISTRY)] {
+        assert!(
+            listed.lines().any(|l| l == name),
+            "ctr import did not name {name}: {listed}"
+        );
+    }
+
     // Carried across: every upstream is gone.
     upstream.stop().await;
     let cache = work.path().join("offline-cache");

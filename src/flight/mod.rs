@@ -214,6 +214,16 @@ impl Flights {
         if let Some(blob) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored(blob));
         }
+        if self.upstreams.is_offline() {
+            return Err(UpstreamError::new(
+                registry,
+                UpstreamErrorKind::Offline {
+                    resource: crate::upstream::Resource::Blob,
+                    reference: format!("{registry}/{repository}@{digest}"),
+                },
+            )
+            .into());
+        }
         {
             let mut refused = self.refused.lock().expect("refused lock");
             refused.retain(|_, (until, _)| *until > Instant::now());
