@@ -27,6 +27,7 @@ async fn pullcache(args: &[&str]) -> anyhow::Result<Output> {
         tokio::process::Command::new(BIN)
             .args(args)
             .env_remove("RUST_LOG")
+            .env("PULLCACHE_CACHE_MIN_FREE", "0")
             .kill_on_drop(true)
             .output(),
     )
@@ -45,7 +46,7 @@ fn path(p: &Path) -> &str {
 
 /// pullcache serving `cache` with no upstream at all.
 async fn serve_offline(cache: &Path) -> anyhow::Result<Pullcache> {
-    let mut config = pullcache::Config::new(cache.to_owned());
+    let mut config = support::pullcache::config(cache.to_owned());
     config.upstream.offline = true;
     // Mapped to a dead port as well: offline must not even try.
     config.registry(RegistryName::parse(REGISTRY)?).url = Some(DEAD_SERVER.parse()?);
@@ -352,7 +353,7 @@ async fn prefetch_warms_a_server_and_shows_progress_only_on_a_terminal() -> anyh
     // A cache directory, on a terminal: the bar shows bytes and rate.
     let cache = work.path().join("direct");
     let command = format!(
-        "{BIN} prefetch {REGISTRY}/team/big:v1 --cache-dir {} --upstream {REGISTRY}={}",
+        "{BIN} prefetch {REGISTRY}/team/big:v1 --cache-dir {} --upstream {REGISTRY}={} --cache-min-free 0",
         cache.display(),
         upstream.url()
     );

@@ -21,7 +21,7 @@ const DEAD_SERVER: &str = "http://127.0.0.1:1";
 const MIB: usize = 1024 * 1024;
 
 fn config(cache_dir: &std::path::Path, upstream: &str) -> anyhow::Result<pullcache::Config> {
-    let mut config = pullcache::Config::new(cache_dir.to_owned());
+    let mut config = support::pullcache::config(cache_dir.to_owned());
     config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.parse()?);
     Ok(config)
 }

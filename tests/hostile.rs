@@ -16,7 +16,7 @@ const REGISTRY: &str = "registry.test";
 
 async fn start(limits: pullcache::server::Limits) -> anyhow::Result<(tempfile::TempDir, Pullcache)> {
     let cache = tempfile::tempdir()?;
-    let mut config = pullcache::Config::new(cache.path().to_owned());
+    let mut config = support::pullcache::config(cache.path().to_owned());
     config.limits = limits;
     Ok((cache, Pullcache::start_with(config).await?))
 }

@@ -51,7 +51,7 @@ async fn setup() -> anyhow::Result<Setup> {
     .await?;
 
     let ca_dir = dir.path().join("pullcache-ca");
-    let mut config = pullcache::Config::new(dir.path().join("cache"));
+    let mut config = support::pullcache::config(dir.path().join("cache"));
     config.registry(RegistryName::parse(REGISTRY)?).url = Some(registry.url().parse()?);
     config.upstream.roots = load_certificates(&upstream_ca).map_err(anyhow::Error::msg)?;
     config.intercept = Some(InterceptSettings {

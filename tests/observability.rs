@@ -229,7 +229,7 @@ async fn not_ready_until_the_cache_opens() -> anyhow::Result<()> {
     // like a hostPath that is not mounted yet.
     let blocker = dir.path().join("disk");
     std::fs::write(&blocker, b"not a directory")?;
-    let pullcache = Pullcache::spawn(pullcache::Config::new(blocker.join("cache"))).await?;
+    let pullcache = Pullcache::spawn(support::pullcache::config(blocker.join("cache"))).await?;
     let client = support::http_client();
     let admin = |path: &str| format!("http://{}{path}", pullcache.admin_addr);
 

@@ -48,7 +48,7 @@ async fn start_pullcache(
     ca: Option<&Path>,
     credentials: Option<DockerConfig>,
 ) -> anyhow::Result<Pullcache> {
-    let mut config = pullcache::Config::new(cache.to_owned());
+    let mut config = support::pullcache::config(cache.to_owned());
     config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.parse()?);
     if let Some(ca) = ca {
         config.upstream.roots = load_certificates(ca).map_err(anyhow::Error::msg)?;

@@ -175,7 +175,7 @@ async fn mirrors_are_tried_first_and_the_registry_is_the_fallback() -> anyhow::R
         server.set(&format!("/v2/team/app/blobs/{digest}"), Reply::ok(bytes.clone(), &[]));
     }
     let cache = tempfile::tempdir()?;
-    let mut config = pullcache::Config::new(cache.path().to_owned());
+    let mut config = support::pullcache::config(cache.path().to_owned());
     let settings = config.registry(pullcache::oci::Registry::parse(REGISTRY)?);
     settings.url = Some(registry.url().parse()?);
     settings.mirrors = vec![mirror.url().parse()?];

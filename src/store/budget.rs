@@ -425,6 +425,31 @@ mod tests {
     }
 
     #[test]
+    fn a_free_space_floor_evicts_what_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget {
+            // More free space than any disk has: everything unpinned must go.
+            min_free: MinFree::Bytes(u64::MAX / 2),
+            ..Budget::default()
+        });
+        for i in 0..3u8 {
+            put(&store, &[i; 10]);
+        }
+        assert!(store.over_budget() > 0);
+        let evicted = store.enforce_budget();
+        assert_eq!((evicted.blobs, evicted.bytes), (3, 30));
+        assert!(evicted.short > 0, "the floor cannot be met, and it says so");
+        assert_eq!(store.usage(), (0, 0));
+
+        let roomy = Store::open(dir.path()).unwrap().with_budget(Budget {
+            min_free: MinFree::Percent(0.0),
+            ..Budget::default()
+        });
+        put(&roomy, b"kept");
+        assert_eq!(roomy.enforce_budget(), Evicted::default());
+    }
+
+    #[test]
     fn tagged_manifests_go_last_and_pins_stay() {
         let dir = tempfile::tempdir().unwrap();
         let layer = put(&Store::open(dir.path()).unwrap(), b"pinned layer");

@@ -42,6 +42,8 @@ where
         ])
         .args(args)
         .env("RUST_LOG", rust_log)
+        // As in-process tests: no dependence on how full this machine's disk is.
+        .env("PULLCACHE_CACHE_MIN_FREE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -26,10 +26,18 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// pullcache's defaults for a cache in `cache_dir`, except the free-space floor: off, so no
+/// test depends on how full this machine's disk is (the floor has tests of its own).
+pub fn config(cache_dir: impl Into<PathBuf>) -> pullcache::Config {
+    let mut config = pullcache::Config::new(cache_dir.into());
+    config.budget.min_free = pullcache::store::MinFree::Bytes(0);
+    config
+}
+
 impl Pullcache {
     /// Starts pullcache with `upstreams` as `(registry name, URL)` mappings.
     pub async fn start(cache_dir: &Path, upstreams: &[(&str, &str)], tag_ttl: Duration) -> anyhow::Result<Pullcache> {
-        let mut config = pullcache::Config::new(cache_dir.to_owned());
+        let mut config = config(cache_dir);
         config.tag_ttl = tag_ttl;
         for (name, url) in upstreams {
             config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
