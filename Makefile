@@ -2,7 +2,7 @@
 # and docs, runs unit and end-to-end tests (real registry, real containerd; needs root for
 # containerd and for the full-disk test's tmpfs), renders and validates the Helm chart
 # against the real binary, then runs every fuzz target for a few seconds.
-.PHONY: test deps lint chart fuzz run
+.PHONY: test deps lint chart fuzz bench run
 SHELL := /bin/bash
 
 # Seconds each fuzz target runs in `make test`; longer runs: `make fuzz FUZZ_SECONDS=600`.
@@ -37,6 +37,11 @@ fuzz:
 			grep -E 'Done [0-9]+ runs|ERROR|panicked|SUMMARY|Test unit written'; \
 		status=$${PIPESTATUS[0]}; rm -rf $$out; [ $$status -eq 0 ] || exit $$status; \
 	done
+
+# The benchmark harness against nginx and distribution (see BENCHMARKS.md); `bench/run` for
+# the full mode.
+bench:
+	bench/run --quick
 
 run:
 	cargo run --release -- serve
