@@ -15,7 +15,7 @@ use super::Store;
 use crate::oci::{Digest, ImageRef, Reference, References};
 
 /// Pins saved in the cache directory, one image reference per line.
-pub(super) const PINS_FILE: &str = "pins";
+const PINS_FILE: &str = "pins";
 
 /// The size budget's low watermark, as a fraction of the high one.
 const LOW_WATERMARK: f64 = 0.9;
@@ -241,8 +241,7 @@ impl Store {
 
     /// Saves pins in the cache directory: they hold for every later `serve` of it.
     pub fn add_pins(&self, pins: &[ImageRef]) -> super::Result<()> {
-        let mut saved = self.saved_pins.write().expect("pins lock");
-        *saved = load_pins(&self.root.join(PINS_FILE));
+        let mut saved = load_pins(&self.root.join(PINS_FILE));
         for pin in pins {
             if !saved.contains(pin) {
                 saved.push(pin.clone());
@@ -256,7 +255,6 @@ impl Store {
     /// may have added some while this process serves).
     pub fn pins(&self) -> Vec<ImageRef> {
         let saved = load_pins(&self.root.join(PINS_FILE));
-        *self.saved_pins.write().expect("pins lock") = saved.clone();
         self.budget.pins.iter().chain(&saved).cloned().collect()
     }
 
@@ -299,7 +297,7 @@ impl Store {
 }
 
 /// Reads saved pins; a line that does not parse is skipped with a warning.
-pub(super) fn load_pins(path: &std::path::Path) -> Vec<ImageRef> {
+fn load_pins(path: &std::path::Path) -> Vec<ImageRef> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };

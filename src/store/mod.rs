@@ -73,8 +73,6 @@ pub struct Store {
     /// Every committed blob: size, last use, readers.
     index: Arc<index::Index>,
     budget: Budget,
-    /// Pins recorded in the cache itself (`import --pin`), besides the budget's.
-    saved_pins: std::sync::RwLock<Vec<crate::oci::ImageRef>>,
     /// Woken when free space runs short, or a write found the disk full.
     pressure: tokio::sync::Notify,
     /// Held from making room to the rename, so concurrent commits cannot overshoot the budget
@@ -123,9 +121,7 @@ impl Store {
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
         let index = Arc::new(index::Index::scan(&blobs)?);
-        let saved_pins = std::sync::RwLock::new(budget::load_pins(&root.join(budget::PINS_FILE)));
         Ok(Store {
-            saved_pins,
             root: root.to_owned(),
             index,
             budget: Budget::default(),
