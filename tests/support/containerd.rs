@@ -230,22 +230,9 @@ disabled_plugins = [
         ca_bundle: &Path,
         timeout: Duration,
     ) -> Result<Output> {
-        let mut cmd = Command::new(CTR_BIN);
-        cmd.arg("-a")
-            .arg(&self.socket)
-            .arg("-n")
-            .arg(NAMESPACE)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut cmd = ctr_command(&self.socket, args);
         set_proxy_env(&mut cmd, proxy, ca_bundle);
-        let what = format!("ctr {} (via proxy {proxy})", args.join(" "));
-        match tokio::time::timeout(timeout, cmd.output()).await {
-            Ok(out) => out.with_context(|| format!("running {what}")),
-            Err(_) => bail!("{what} timed out after {timeout:?} (killed)"),
-        }
+        output_within(cmd, &format!("ctr {} (via proxy {proxy})", args.join(" ")), timeout).await
     }
 
     /// True if the image exists and its rootfs is unpacked in the `native`
@@ -306,7 +293,19 @@ impl Drop for Containerd {
     }
 }
 
-async fn ctr_output(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+/// Proxy variables removed for direct (non-proxied) runs, so loopback pulls and copies
+/// never go through a proxy from the environment.
+pub const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// `ctr -a SOCKET -n NAMESPACE ARGS...`, output captured, killed when dropped.
+fn ctr_command(socket: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(CTR_BIN);
     cmd.arg("-a")
         .arg(socket)
@@ -317,22 +316,23 @@ async fn ctr_output(socket: &Path, args: &[&str], timeout: Duration) -> Result<O
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // Keep proxies out of loopback pulls.
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    let what = format!("ctr {}", args.join(" "));
+    cmd
+}
+
+/// Runs a command to completion, killing it after `timeout`; its output whatever the status.
+pub async fn output_within(mut cmd: Command, what: &str, timeout: Duration) -> Result<Output> {
     match tokio::time::timeout(timeout, cmd.output()).await {
         Ok(out) => out.with_context(|| format!("running {what}")),
         Err(_) => bail!("{what} timed out after {timeout:?} (killed)"),
     }
+}
+
+async fn ctr_output(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = ctr_command(socket, args);
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    output_within(cmd, &format!("ctr {}", args.join(" ")), timeout).await
 }
 
 /// Proxy environment for a Go client (ctr, skopeo) that must reach

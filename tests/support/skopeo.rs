@@ -21,25 +21,14 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::process::Command;
 
 use super::check_status;
-use super::containerd::set_proxy_env;
+use super::containerd::{PROXY_VARS, output_within, set_proxy_env};
 
 pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
 pub const COPY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Proxy variables removed for direct (non-proxied) runs, so loopback
-/// copies never go through a proxy from the environment.
-const PROXY_VARS: [&str; 6] = [
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
 
 /// `skopeo copy --insecure-policy EXTRA_ARGS... SRC DST` with proxies removed
 /// from the environment, e.g. `copy("docker://127.0.0.1:5000/a/b:v1",
@@ -91,9 +80,6 @@ fn copy_command(src: &str, dst: &str, extra_args: &[&str]) -> Command {
     cmd
 }
 
-async fn run(mut cmd: Command, what: &str) -> Result<Output> {
-    match tokio::time::timeout(COPY_TIMEOUT, cmd.output()).await {
-        Ok(out) => out.with_context(|| format!("running {what} (is skopeo installed?)")),
-        Err(_) => bail!("{what} timed out after {COPY_TIMEOUT:?} (killed)"),
-    }
+async fn run(cmd: Command, what: &str) -> Result<Output> {
+    output_within(cmd, &format!("{what} (is skopeo installed?)"), COPY_TIMEOUT).await
 }
