@@ -125,6 +125,68 @@ async fn ranges_on_stored_blobs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The value of an unlabelled counter in a `/metrics` text.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not in /metrics"))
+}
+
+/// Plain HTTP/1 responses send blob files with `sendfile`; h2c responses read them into
+/// memory. Both must carry exactly the blob's bytes, whole or by range, stored or downloading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_bodies_go_out_with_sendfile_on_http1_and_by_reads_on_h2c() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    // Several sendfile spans, and an odd length.
+    let blob = random_bytes(9 * 1024 * 1024 + 7);
+    let digest = push_blob(&upstream.url(), "team/app", blob.clone()).await?;
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
+    let client = support::http_client();
+    let url = format!("{}/v2/team/app/blobs/{digest}?ns={REGISTRY}", pullcache.url());
+    let sent = |metrics: &str| counter(metrics, "pullcache_sendfile_bytes_total");
+    assert_eq!(sent(&pullcache.metrics().await?), 0.0);
+
+    // A miss: the body follows the download's temp file.
+    let resp = client.get(&url).send().await?;
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert!(resp.bytes().await? == blob, "miss over HTTP/1 differs from the blob");
+    let after_miss = sent(&pullcache.metrics().await?);
+    assert_eq!(after_miss, blob.len() as f64);
+
+    // A hit, and a range of it.
+    assert!(client.get(&url).send().await?.bytes().await? == blob);
+    let resp = client.get(&url).header("range", "bytes=4194300-8388700").send().await?;
+    assert_eq!(resp.status(), 206);
+    assert!(resp.bytes().await? == blob[4_194_300..=8_388_700]);
+    let after_hits = sent(&pullcache.metrics().await?);
+    assert_eq!(after_hits - after_miss, (blob.len() + 8_388_700 - 4_194_300 + 1) as f64);
+
+    // h2c with prior knowledge: the same bytes, none of them through sendfile.
+    let out_dir = tempfile::tempdir()?;
+    let out = out_dir.path().join("blob");
+    let curl = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--noproxy",
+            "*",
+            "--http2-prior-knowledge",
+        ])
+        .args(["--write-out", "%{http_version}", "--output"])
+        .arg(&out)
+        .arg(&url)
+        .output()
+        .await?;
+    let curl = support::check_status("curl --http2-prior-knowledge", curl)?;
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "2");
+    assert!(std::fs::read(&out)? == blob, "h2c body differs from the blob");
+    assert_eq!(sent(&pullcache.metrics().await?), after_hits);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
     let upstream = FaultUpstream::start().await?;

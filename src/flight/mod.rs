@@ -39,7 +39,7 @@ use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, conten
 
 pub use coalesce::{Abandoned, Coalesce};
 use spill::Spill;
-pub use tail::Tail;
+pub use tail::{Chunk, FileSpan, Tail};
 
 /// Body chunks buffered between the network task and the writer thread.
 const WRITE_QUEUE: usize = 64;

@@ -1,11 +1,12 @@
-//! Reading a blob file by offset, in large chunks: a committed blob, or a temp file that a
-//! flight is still writing (past a failed cache write, from the flight's spill window). While
-//! the flight is unverified, a reader never hands out the last byte of its range, so no
-//! response can complete with bytes that fail their digest.
+//! Following a blob by offset, in large chunks: a committed blob, or a temp file that a
+//! flight is still writing (past a failed cache write, from the flight's spill window). A
+//! chunk on disk is handed out as a [`FileSpan`], which the response either sends from the
+//! file with `sendfile` or reads into memory. While the flight is unverified, a reader never
+//! hands out the last byte of its range, so no response can complete with bytes that fail
+//! their digest.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,8 +16,43 @@ use super::spill::Spill;
 use super::{FlightState, Progress};
 use crate::store::{Blob, InUse};
 
-/// Bytes per read from disk.
-pub const CHUNK: u64 = 1024 * 1024;
+/// A chunk of a blob: bytes already in memory, or a span of a file on disk.
+pub enum Chunk {
+    Memory(Bytes),
+    File(FileSpan),
+}
+
+/// `len` bytes of `file` from `offset`. The file is held open, so the span stays readable
+/// even if the blob is evicted or its temp file renamed meanwhile.
+pub struct FileSpan {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl FileSpan {
+    /// Reads the span into memory, off the async threads. The buffer is not zeroed first:
+    /// the read fills the vector's spare capacity.
+    pub async fn read(self) -> io::Result<Bytes> {
+        tokio::task::spawn_blocking(move || {
+            let len = self.len as usize;
+            let mut buf = Vec::with_capacity(len);
+            while buf.len() < len {
+                let at = self.offset + buf.len() as u64;
+                let read = rustix::io::pread(&*self.file, rustix::buffer::spare_capacity(&mut buf), at)?;
+                if read == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file ended before its span",
+                    ));
+                }
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+}
 
 pub struct Tail {
     /// `None` for a flight that could not create its temp file: everything comes from `spill`.
@@ -70,8 +106,9 @@ impl Tail {
         }
     }
 
-    /// The next chunk, `None` at the end, or an error that must abort the response.
-    pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+    /// The next chunk of at most `max` bytes, `None` at the end, or an error that must abort
+    /// the response.
+    pub async fn next_chunk(&mut self, max: u64) -> Option<io::Result<Chunk>> {
         let readable = match self.readable().await {
             Ok(readable) => readable,
             Err(e) => return Some(Err(e)),
@@ -79,40 +116,37 @@ impl Tail {
         if self.pos >= readable {
             return None;
         }
-        let mut len = (readable - self.pos).min(CHUNK);
+        let mut len = (readable - self.pos).min(max.max(1));
         let disk_len = self.spill.as_ref().and_then(|(spill, _)| spill.disk_len());
-        let read = match (disk_len, &self.file) {
+        let chunk = match (disk_len, &self.file) {
             (Some(disk_len), _) if self.pos >= disk_len => {
                 let (spill, _) = self.spill.as_ref().expect("a spilled tail has its spill");
-                spill
-                    .read(self.pos, len)
-                    .map_err(|_| io::Error::other("reader fell behind a pass-through download"))
+                match spill.read(self.pos, len) {
+                    Ok(bytes) if bytes.is_empty() => return Some(Err(io::Error::other("blob read made no progress"))),
+                    Ok(bytes) => {
+                        len = bytes.len() as u64;
+                        Chunk::Memory(bytes)
+                    }
+                    Err(_) => return Some(Err(io::Error::other("reader fell behind a pass-through download"))),
+                }
             }
             (_, Some(file)) => {
                 if let Some(disk_len) = disk_len {
                     len = len.min(disk_len - self.pos);
                 }
-                let (file, pos) = (file.clone(), self.pos);
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0; len as usize];
-                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                Chunk::File(FileSpan {
+                    file: file.clone(),
+                    offset: self.pos,
+                    len,
                 })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)))
             }
-            (_, None) => Err(io::Error::other("blob bytes are neither on disk nor in memory")),
+            (_, None) => return Some(Err(io::Error::other("blob bytes are neither on disk nor in memory"))),
         };
-        match &read {
-            Ok(chunk) if chunk.is_empty() => return Some(Err(io::Error::other("blob read made no progress"))),
-            Ok(chunk) => {
-                self.pos += chunk.len() as u64;
-                if let Some((spill, id)) = &self.spill {
-                    spill.advance(*id, self.pos);
-                }
-            }
-            Err(_) => {}
+        self.pos += len;
+        if let Some((spill, id)) = &self.spill {
+            spill.advance(*id, self.pos);
         }
-        Some(read)
+        Some(Ok(chunk))
     }
 
     /// How far this reader may read now, waiting for the flight if nothing new is readable.
@@ -157,6 +191,17 @@ mod tests {
 
     use super::*;
 
+    const CHUNK: u64 = 1024 * 1024;
+
+    /// The next chunk's bytes, read into memory.
+    async fn next_bytes(tail: &mut Tail) -> Option<io::Result<Bytes>> {
+        Some(match tail.next_chunk(CHUNK).await? {
+            Ok(Chunk::Memory(bytes)) => Ok(bytes),
+            Ok(Chunk::File(span)) => span.read().await,
+            Err(e) => Err(e),
+        })
+    }
+
     #[tokio::test]
     async fn holds_back_the_last_byte_until_verified() {
         let mut f = tempfile::tempfile().unwrap();
@@ -168,14 +213,14 @@ mod tests {
             state: FlightState::Streaming,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, Some(6), rx);
-        assert_eq!(&tail.next_chunk().await.unwrap().unwrap()[..], b"abcde");
-        let pending = tokio::spawn(async move { (tail.next_chunk().await, tail) });
+        assert_eq!(&next_bytes(&mut tail).await.unwrap().unwrap()[..], b"abcde");
+        let pending = tokio::spawn(async move { (next_bytes(&mut tail).await, tail) });
         tokio::task::yield_now().await;
         assert!(!pending.is_finished(), "final byte went out before verification");
         tx.send_modify(|p| p.state = FlightState::Done);
         let (chunk, mut tail) = pending.await.unwrap();
         assert_eq!(&chunk.unwrap().unwrap()[..], b"f");
-        assert!(tail.next_chunk().await.is_none());
+        assert!(next_bytes(&mut tail).await.is_none());
     }
 
     #[tokio::test]
@@ -187,7 +232,7 @@ mod tests {
             state: FlightState::Streaming,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
-        let pending = tokio::spawn(async move { tail.next_chunk().await });
+        let pending = tokio::spawn(async move { next_bytes(&mut tail).await });
         tx.send_modify(|p| {
             p.state = FlightState::Failed(Arc::new(crate::error::Error::Internal("digest mismatch".into())))
         });
@@ -198,18 +243,18 @@ mod tests {
     async fn stored_reads_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
-        let data = vec![7u8; (CHUNK as usize) * 2 + 5];
+        let data: Vec<u8> = (0..(CHUNK as usize) * 2 + 5).map(|i| (i % 251) as u8).collect();
         let digest = crate::oci::Digest::of(&data);
         let mut temp = store.temp_blob().unwrap();
         temp.write(&data).unwrap();
         store.commit(temp, &digest, None).unwrap();
         let mut tail = Tail::stored(store.open_blob(&digest).unwrap().unwrap(), 3, data.len() as u64);
-        let mut got = 0;
-        while let Some(chunk) = tail.next_chunk().await {
+        let mut got = Vec::new();
+        while let Some(chunk) = next_bytes(&mut tail).await {
             let chunk = chunk.unwrap();
             assert!(chunk.len() as u64 <= CHUNK);
-            got += chunk.len();
+            got.extend_from_slice(&chunk);
         }
-        assert_eq!(got, data.len() - 3);
+        assert_eq!(got, data[3..]);
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use http_body_util::BodyExt;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use super::response::Body;
 
@@ -13,6 +13,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     served_bytes: IntCounterVec,
+    /// Blob bytes handed to `sendfile`, which never pass through user space.
+    pub sendfile_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -39,13 +41,19 @@ impl Metrics {
             ),
             &["source", "route"],
         )?;
+        let sendfile_bytes = IntCounter::new(
+            "pullcache_sendfile_bytes_total",
+            "Blob bytes sent from the cache's files with sendfile (plain HTTP/1), without a copy through user space.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(sendfile_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(served_bytes.clone()))?;
         Ok(Metrics {
             requests,
             duration,
             served_bytes,
+            sendfile_bytes,
         })
     }
 }

@@ -6,6 +6,7 @@ use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::response::{self, Body};
 use super::routes::Target;
+use super::sendfile::Spans;
 use super::{App, Outcome};
 use crate::error::Result;
 use crate::flight::{BlobSource, Tail};
@@ -13,8 +14,16 @@ use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
 use crate::upstream::{Fetch, content_length};
 
-pub async fn serve(app: &App, head: bool, headers: &HeaderMap, target: &Target, digest: &Digest) -> Result<Outcome> {
+pub async fn serve(
+    app: &App,
+    head: bool,
+    headers: &HeaderMap,
+    target: &Target,
+    digest: &Digest,
+    spans: Option<&Spans>,
+) -> Result<Outcome> {
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    let sendfile = || spans.map(|spans| (spans.clone(), app.metrics.sendfile_bytes.clone()));
     let source = if head {
         match app.flights.lookup(digest)? {
             Some(source) => source,
@@ -31,7 +40,7 @@ pub async fn serve(app: &App, head: bool, headers: &HeaderMap, target: &Target, 
             let body = if head {
                 response::empty()
             } else {
-                response::tail(Tail::stored(blob, start, end))
+                response::tail(Tail::stored(blob, start, end), sendfile())
             };
             Ok(Outcome::new(respond(digest, Some(size), span, body), "hit"))
         }
@@ -49,7 +58,7 @@ pub async fn serve(app: &App, head: bool, headers: &HeaderMap, target: &Target, 
             let body = if head {
                 response::empty()
             } else {
-                response::tail(flight.tail(start, end))
+                response::tail(flight.tail(start, end), sendfile())
             };
             let cache = if joined { "coalesced" } else { "miss" };
             Ok(Outcome::new(respond(digest, size, span, body), cache))

@@ -7,6 +7,7 @@ mod manifests;
 pub mod range;
 pub mod response;
 pub mod routes;
+mod sendfile;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::CONTENT_TYPE;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,6 +31,7 @@ use crate::oci::Registry;
 use crate::upstream::Upstreams;
 use response::Body;
 use routes::Route;
+use sendfile::{SendfileStream, Spans};
 
 /// Bytes of request line and headers a connection may buffer; past it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -83,14 +85,20 @@ impl Outcome {
 }
 
 impl App {
-    /// Answers a request; `host` is the registry of an intercepted connection.
-    pub async fn handle(&self, req: Request<Incoming>, host: Option<&Registry>) -> Response<Body> {
+    /// Answers a request; `host` is the registry of an intercepted connection, and `spans`
+    /// the `sendfile` queue of a plain HTTP/1 connection.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        host: Option<&Registry>,
+        spans: Option<&Spans>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
         let route = routes::parse(req.method(), req.uri(), host);
         let outcome = match &route {
             Ok(route) => self
-                .dispatch(route, head, req.headers())
+                .dispatch(route, head, req.headers(), spans)
                 .await
                 .unwrap_or_else(|e| Outcome::new(response::error(&e, head), "none")),
             Err(e) => Outcome::new(response::error(e, head), "none"),
@@ -120,7 +128,13 @@ impl App {
         outcome.response.map(|body| access.wrap(body))
     }
 
-    async fn dispatch(&self, route: &Route, head: bool, headers: &http::HeaderMap) -> crate::error::Result<Outcome> {
+    async fn dispatch(
+        &self,
+        route: &Route,
+        head: bool,
+        headers: &http::HeaderMap,
+        spans: Option<&Spans>,
+    ) -> crate::error::Result<Outcome> {
         match route {
             Route::Ping => Ok(Outcome::new(
                 Response::builder()
@@ -131,23 +145,28 @@ impl App {
                 "none",
             )),
             Route::Manifest { target, reference } => manifests::serve(self, head, headers, target, reference).await,
-            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest).await,
+            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest, spans).await,
         }
     }
 }
 
 /// A request on the listener: a proxy request (CONNECT or absolute-form) goes to the intercept
-/// side, anything else is a mirror-mode registry request.
+/// side, anything else is a mirror-mode registry request. `spans` is the connection's
+/// `sendfile` queue, used only by HTTP/1 responses.
 async fn answer(
     req: Request<Incoming>,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
     limits: Limits,
+    spans: Spans,
 ) -> Response<Body> {
-    let proxy = req.method() == Method::CONNECT || req.uri().scheme().is_some();
+    let http1 = req.version() <= Version::HTTP_11;
+    let spans = http1.then_some(&spans);
+    // Every h2 request carries a scheme and authority; only HTTP/1's absolute form is a proxy's.
+    let proxy = req.method() == Method::CONNECT || (http1 && req.uri().scheme().is_some());
     if !proxy {
         return match app.get() {
-            Some(app) => app.handle(req, None).await,
+            Some(app) => app.handle(req, None, spans).await,
             None => response::not_ready(req.method() == Method::HEAD),
         };
     }
@@ -161,7 +180,7 @@ async fn answer(
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
     match intercept.decide(&authority) {
         crate::intercept::Decision::Intercept { registry, .. } => match app.get() {
-            Some(app) => app.handle(req, Some(&registry)).await,
+            Some(app) => app.handle(req, Some(&registry), spans).await,
             None => response::not_ready(req.method() == Method::HEAD),
         },
         crate::intercept::Decision::Tunnel | crate::intercept::Decision::Refuse(_) => {
@@ -183,7 +202,7 @@ where
                 Some(app) if !req.uri().path().starts_with("/v2") => {
                     crate::intercept::forward(&app.upstreams, &registry, req).await
                 }
-                Some(app) => app.handle(req, Some(&registry)).await,
+                Some(app) => app.handle(req, Some(&registry), None).await,
                 None => response::not_ready(req.method() == Method::HEAD),
             })
         }
@@ -200,6 +219,8 @@ fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // Queue body buffers as they are: the `sendfile` placeholders rely on it.
+        .writev(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     builder
@@ -239,11 +260,12 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let (stream, spans) = SendfileStream::new(stream);
         let service = {
             let (app, intercept) = (app.clone(), intercept.clone());
             service_fn(move |req| {
-                let (app, intercept) = (app.clone(), intercept.clone());
-                async move { Ok::<_, Infallible>(answer(req, app, intercept, limits).await) }
+                let (app, intercept, spans) = (app.clone(), intercept.clone(), spans.clone());
+                async move { Ok::<_, Infallible>(answer(req, app, intercept, limits, spans).await) }
             })
         };
         let conn = builder

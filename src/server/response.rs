@@ -9,9 +9,11 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
+use prometheus::IntCounter;
 
+use super::sendfile::{MAX_SPAN, Spans};
 use crate::error::{Error, Origin, RequestError};
-use crate::flight::Tail;
+use crate::flight::{Chunk, Tail};
 use crate::oci::{ErrorCode, NameError, error_body};
 use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
 
@@ -25,12 +27,28 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// A body that streams a [`Tail`]. An error aborts the response mid-body, which closes the
-/// connection, so the client sees a failure and never a short or wrong 200.
-pub fn tail(tail: Tail) -> Body {
-    let stream = futures_util::stream::unfold(tail, |mut tail| async move {
-        let chunk = tail.next_chunk().await?;
-        Some((chunk.map(Frame::data), tail))
+/// Bytes per read of a blob file into memory, when it cannot be sent with `sendfile`.
+const READ_CHUNK: u64 = 1024 * 1024;
+
+/// A body that streams a [`Tail`]. With `sendfile` (a plain HTTP/1 connection's span queue
+/// and the counter of bytes sent that way) the file's bytes go out with `sendfile`;
+/// otherwise they are read into memory. An error aborts the response mid-body, which closes
+/// the connection, so the client sees a failure and never a short or wrong 200.
+pub fn tail(tail: Tail, sendfile: Option<(Spans, IntCounter)>) -> Body {
+    let max = if sendfile.is_some() { MAX_SPAN } else { READ_CHUNK };
+    let stream = futures_util::stream::unfold((tail, sendfile), move |(mut tail, sendfile)| async move {
+        let chunk = match tail.next_chunk(max).await? {
+            Ok(Chunk::Memory(bytes)) => Ok(bytes),
+            Ok(Chunk::File(span)) => match &sendfile {
+                Some((spans, sent)) => {
+                    sent.inc_by(span.len);
+                    Ok(spans.defer(span))
+                }
+                None => span.read().await,
+            },
+            Err(e) => Err(e),
+        };
+        Some((chunk.map(Frame::data), (tail, sendfile)))
     });
     StreamBody::new(stream).boxed_unsync()
 }
