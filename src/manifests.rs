@@ -186,16 +186,21 @@ impl Manifests {
     }
 }
 
-/// A stored manifest, read off the blocking pool.
+/// A stored manifest: from memory, or read off the blocking pool.
 async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Result<Option<Manifest>> {
-    let (store, d) = (store.clone(), digest.clone());
-    let found = tokio::task::spawn_blocking(move || store.manifest(&d))
-        .await
-        .map_err(|e| Error::Internal(format!("manifest read: {e}")))??;
+    let found = match store.hot_manifest(digest) {
+        Some(found) => Some(found),
+        None => {
+            let (store, d) = (store.clone(), digest.clone());
+            tokio::task::spawn_blocking(move || store.manifest(&d))
+                .await
+                .map_err(|e| Error::Internal(format!("manifest read: {e}")))??
+        }
+    };
     Ok(found.map(|(bytes, media_type)| Manifest {
         digest: digest.clone(),
         media_type,
-        bytes: bytes.into(),
+        bytes,
         cache,
     }))
 }

@@ -225,6 +225,9 @@ async fn bad_requests_get_oci_errors() -> anyhow::Result<()> {
 
     let ping = client.get(format!("{base}/v2/")).send().await?;
     assert_eq!(ping.status(), 200);
+    // Sized, not chunked: the access log's body wrapper keeps the size.
+    assert_eq!(ping.headers()["content-length"], "2");
+    assert!(!ping.headers().contains_key("transfer-encoding"));
 
     let cases: &[(&str, &str, u16, &str)] = &[
         ("GET", "/v2/../../etc/passwd/manifests/v1", 400, "NAME_INVALID"),

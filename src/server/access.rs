@@ -2,7 +2,13 @@
 //! that counts the bytes actually sent; when the body ends (or the client goes away) the guard
 //! writes the one access line and records the request, its duration and the bytes served.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::{Frame, SizeHint};
 
 use http_body_util::BodyExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
@@ -74,20 +80,38 @@ pub struct Access {
 
 impl Access {
     /// Wraps a body so this guard sees every byte of it and outlives it.
-    pub fn wrap(mut self, body: Body) -> Body {
-        // A method call moves the whole guard into the closure; a field update would move
-        // only the field, and the guard would drop (and log) at once.
-        body.map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                self.count(data.len());
-            }
-            frame
-        })
-        .boxed_unsync()
+    pub fn wrap(self, body: Body) -> Body {
+        Counted { body, access: self }.boxed_unsync()
+    }
+}
+
+/// A body that counts its data into its [`Access`]. It keeps the inner body's size hint, so
+/// hyper still sends a `Content-Length` the handler did not set.
+struct Counted {
+    body: Body,
+    access: Access,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.access.bytes += data.len() as u64;
+        }
+        polled
     }
 
-    fn count(&mut self, bytes: usize) {
-        self.bytes += bytes as u64;
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -220,6 +220,7 @@ impl Store {
                 continue;
             }
             let _ = std::fs::remove_file(self.media_type_path(&digest));
+            self.forget(&digest);
             evicted.blobs += 1;
             evicted.bytes += size;
         }

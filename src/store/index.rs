@@ -168,6 +168,22 @@ impl Index {
         }
     }
 
+    /// Records a use of a blob read without opening a handle (a manifest from memory).
+    /// Returns the time to write as its modification time when that is more than
+    /// [`TOUCH_INTERVAL`] old.
+    pub fn record_use(&self, digest: &Digest) -> Option<SystemTime> {
+        let now = SystemTime::now();
+        let now_ms = millis(now);
+        let mut entries = self.lock();
+        let entry = entries.map.get_mut(digest)?;
+        entry.used = now_ms;
+        if now_ms.saturating_sub(entry.touched) > TOUCH_INTERVAL.as_millis() as u64 {
+            entry.touched = now_ms;
+            return Some(now);
+        }
+        None
+    }
+
     /// Removes a blob that nobody reads. Returns its size, or `None` if it is in use or gone.
     pub fn remove_unused(&self, digest: &Digest) -> Option<u64> {
         let mut entries = self.lock();

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use crate::oci::Digest;
@@ -63,6 +64,10 @@ pub enum CommitError {
     Io(#[from] StoreError),
 }
 
+/// Bytes of manifests (and their media types) kept in memory, so the hot ones are served
+/// without touching the disk.
+const HOT_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
 pub struct Store {
     root: PathBuf,
     blobs: PathBuf,
@@ -72,6 +77,8 @@ pub struct Store {
     next_temp: AtomicU64,
     /// Every committed blob: size, last use, readers.
     index: Arc<index::Index>,
+    /// Recently read manifests, by digest. Evicting or quarantining a blob drops it here too.
+    hot_manifests: moka::sync::Cache<Digest, (Bytes, String)>,
     budget: Budget,
     /// Woken when free space runs short, or a write found the disk full.
     pressure: tokio::sync::Notify,
@@ -121,9 +128,16 @@ impl Store {
         }
         let tags = TagIndex::load(tags_dir, tmp.clone())?;
         let index = Arc::new(index::Index::scan(&blobs)?);
+        let hot_manifests = moka::sync::Cache::builder()
+            .max_capacity(HOT_MANIFEST_BYTES)
+            .weigher(|_, (bytes, media_type): &(Bytes, String)| {
+                u32::try_from(bytes.len() + media_type.len()).unwrap_or(u32::MAX)
+            })
+            .build();
         Ok(Store {
             root: root.to_owned(),
             index,
+            hot_manifests,
             budget: Budget::default(),
             pressure: tokio::sync::Notify::new(),
             committing: std::sync::Mutex::default(),
@@ -251,8 +265,12 @@ impl Store {
         Ok(())
     }
 
-    /// A stored manifest: its bytes and media type.
-    pub fn manifest(&self, digest: &Digest) -> Result<Option<(Vec<u8>, String)>> {
+    /// A stored manifest, its bytes and media type: from memory, or read from disk (and kept
+    /// in memory).
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<(Bytes, String)>> {
+        if let Some(found) = self.hot_manifest(digest) {
+            return Ok(Some(found));
+        }
         let type_path = self.media_type_path(digest);
         let media_type = match fs::read_to_string(&type_path) {
             Ok(t) => t,
@@ -260,11 +278,38 @@ impl Store {
             Err(e) => return Err(StoreError::new("read", &type_path, e)),
         };
         let path = self.blob_path(digest);
-        match fs::read(&path) {
-            Ok(bytes) => Ok(Some((bytes, media_type))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::new("read", &path, e)),
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::new("read", &path, e)),
+        };
+        self.record_use(digest);
+        // An eviction racing this read may leave the manifest here after its file is gone.
+        // That is harmless: the bytes are still the digest's, and memory is bounded.
+        self.hot_manifests
+            .insert(digest.clone(), (bytes.clone(), media_type.clone()));
+        Ok(Some((bytes, media_type)))
+    }
+
+    /// A manifest if it is in memory; never touches the disk, except to move an hour-old
+    /// modification time forward.
+    pub fn hot_manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
+        let found = self.hot_manifests.get(digest)?;
+        self.record_use(digest);
+        Some(found)
+    }
+
+    /// Records a use of a blob read without a [`Blob`] handle, for the eviction order.
+    fn record_use(&self, digest: &Digest) {
+        if let Some(now) = self.index.record_use(digest) {
+            // Best effort: a failure only costs the order after a restart.
+            let _ = File::open(self.blob_path(digest)).and_then(|f| f.set_modified(now));
         }
+    }
+
+    /// Forgets a blob kept in memory, once its file is gone.
+    fn forget(&self, digest: &Digest) {
+        self.hot_manifests.invalidate(digest);
     }
 }
 
@@ -492,9 +537,33 @@ mod tests {
             .put_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", body)
             .unwrap();
         let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
-        assert_eq!(bytes, body);
+        assert_eq!(&bytes[..], body);
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
         let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
         assert!(matches!(err, CommitError::DigestMismatch { .. }));
+    }
+
+    #[test]
+    fn read_manifests_stay_in_memory_until_their_blob_goes() {
+        let (_dir, store) = store();
+        let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}"#;
+        let digest = Digest::of(body);
+        store
+            .put_manifest(&digest, "application/vnd.oci.image.index.v1+json", body)
+            .unwrap();
+        assert!(store.hot_manifest(&digest).is_none(), "nothing is read yet");
+        store.manifest(&digest).unwrap().unwrap();
+
+        // From memory now, even with the files gone behind the store's back...
+        fs::remove_file(store.blob_path(&digest)).unwrap();
+        fs::remove_file(store.media_type_path(&digest)).unwrap();
+        let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
+        assert_eq!(&bytes[..], body);
+        assert_eq!(media_type, "application/vnd.oci.image.index.v1+json");
+
+        // ...until the store itself drops the blob.
+        store.forget(&digest);
+        assert!(store.hot_manifest(&digest).is_none());
+        assert!(store.manifest(&digest).unwrap().is_none());
     }
 }

@@ -49,6 +49,7 @@ impl Store {
                 }
                 if let Some(expected) = &expected {
                     self.index.remove(expected);
+                    self.forget(expected);
                 }
                 tracing::warn!(file = %path.display(), actual = %actual, "blob does not match its name; quarantined");
                 report.quarantined.push((path, dest));
