@@ -30,7 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::error::Error;
 use crate::oci::{Digest, Registry, Repository};
@@ -41,8 +41,9 @@ pub use coalesce::{Abandoned, Coalesce};
 use spill::Spill;
 pub use tail::{Chunk, FileSpan, Tail};
 
-/// Body chunks buffered between the network task and the writer thread.
-const WRITE_QUEUE: usize = 64;
+/// Body bytes buffered between the network task and the writer thread. A loopback upstream
+/// outruns hashing and writing, so this bounds a download's memory whatever the frame sizes.
+const WRITE_QUEUE_BYTES: u32 = 4 * 1024 * 1024;
 /// An upstream body that sends nothing for this long has failed.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a digest stays refused after its upstream served bytes that failed it.
@@ -338,7 +339,11 @@ impl Download {
             p.state = FlightState::Streaming;
         });
 
-        let (chunks, mut queue) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (tx, mut queue) = mpsc::unbounded_channel();
+        let chunks = WriteQueue {
+            tx,
+            room: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES as usize)),
+        };
         let writer = {
             let mut sink = match temp {
                 Some(temp) => Sink::Disk(temp),
@@ -359,11 +364,12 @@ impl Download {
                     metrics.write_failures.inc();
                     store.report_full_disk();
                 };
-                while let Some(chunk) = queue.blocking_recv() {
+                // Each chunk's permit goes back to the queue's room once it is written.
+                while let Some((chunk, _room)) = queue.blocking_recv() {
                     sink = sink.write(chunk, &spill, &progress, &on_failure);
                     // Drain what is already queued before waking readers, so a fast upstream
                     // does not cost one wake-up per small frame.
-                    while let Ok(chunk) = queue.try_recv() {
+                    while let Ok((chunk, _room)) = queue.try_recv() {
                         sink = sink.write(chunk, &spill, &progress, &on_failure);
                     }
                     let written = sink.size();
@@ -440,6 +446,21 @@ impl Download {
     }
 }
 
+/// The network task's side of the writer's queue, bounded in bytes.
+struct WriteQueue {
+    tx: mpsc::UnboundedSender<(Bytes, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+}
+
+impl WriteQueue {
+    /// Queues `data` once there is room for it; an error means the writer has stopped.
+    async fn send(&self, data: Bytes) -> Result<(), ()> {
+        let want = u32::try_from(data.len()).unwrap_or(u32::MAX).min(WRITE_QUEUE_BYTES);
+        let room = self.room.clone().acquire_many_owned(want).await.map_err(|_| ())?;
+        self.tx.send((data, room)).map_err(|_| ())
+    }
+}
+
 /// Times an upstream body may break and be resumed with `Range` before the flight fails.
 const MAX_RESUMES: u32 = 3;
 
@@ -461,7 +482,7 @@ struct BodyStream {
 }
 
 impl BodyStream {
-    async fn pump(&mut self, chunks: &mpsc::Sender<Bytes>) -> Pumped {
+    async fn pump(&mut self, chunks: &WriteQueue) -> Pumped {
         loop {
             let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, self.body.frame()).await {
                 Err(_) => return Pumped::Broken(format!("no data for {BODY_IDLE_TIMEOUT:?}")),
@@ -552,5 +573,45 @@ impl Sink {
         progress.send_modify(|p| p.written = size);
         spill.wait_for_room();
         Sink::Memory { hasher, size }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_write_queue_holds_at_most_its_bytes() {
+        const MIB: usize = 1024 * 1024;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queue = WriteQueue {
+            tx,
+            room: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES as usize)),
+        };
+        queue.send(Bytes::from(vec![1; 3 * MIB])).await.unwrap();
+        let second = queue.send(Bytes::from(vec![2; 2 * MIB]));
+        tokio::pin!(second);
+        assert!(
+            (&mut second).now_or_never().is_none(),
+            "5 MiB queued past a 4 MiB bound"
+        );
+
+        // Writing the first chunk makes room for the second.
+        let (first, room) = rx.recv().await.unwrap();
+        assert_eq!(first.len(), 3 * MIB);
+        drop(room);
+        second.await.unwrap();
+
+        // A chunk larger than the whole bound still goes, alone.
+        let (_, room) = rx.recv().await.unwrap();
+        drop(room);
+        queue.send(Bytes::from(vec![3; 6 * MIB])).await.unwrap();
+        assert!(queue.send(Bytes::from_static(b"x")).now_or_never().is_none());
+
+        // Once the writer is gone, sending fails rather than waiting for room forever.
+        drop(rx);
+        assert!(queue.send(Bytes::from_static(b"x")).await.is_err());
     }
 }
