@@ -44,6 +44,8 @@ pub use tail::{Chunk, FileSpan, Tail};
 /// Body bytes buffered between the network task and the writer thread. A loopback upstream
 /// outruns hashing and writing, so this bounds a download's memory whatever the frame sizes.
 const WRITE_QUEUE_BYTES: u32 = 4 * 1024 * 1024;
+/// Bytes the writer thread writes at most between two wake-ups of the readers.
+const WAKE_EVERY: u64 = 256 * 1024;
 /// An upstream body that sends nothing for this long has failed.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a digest stays refused after its upstream served bytes that failed it.
@@ -366,10 +368,14 @@ impl Download {
                 };
                 // Each chunk's permit goes back to the queue's room once it is written.
                 while let Some((chunk, _room)) = queue.blocking_recv() {
+                    let since = sink.size();
                     sink = sink.write(chunk, &spill, &progress, &on_failure);
-                    // Drain what is already queued before waking readers, so a fast upstream
-                    // does not cost one wake-up per small frame.
-                    while let Ok((chunk, _room)) = queue.try_recv() {
+                    // Write more of what is already queued before waking readers, so a fast
+                    // upstream does not cost one wake-up per small frame; but not much more,
+                    // or the first bytes of a miss wait for it.
+                    while sink.size() - since < WAKE_EVERY
+                        && let Ok((chunk, _room)) = queue.try_recv()
+                    {
                         sink = sink.write(chunk, &spill, &progress, &on_failure);
                     }
                     let written = sink.size();
