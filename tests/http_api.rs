@@ -5,6 +5,8 @@ mod support;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{push_blob, push_oci_image, random_bytes, sha256_digest};
 use support::pullcache::Pullcache;
@@ -184,6 +186,58 @@ async fn blob_bodies_go_out_with_sendfile_on_http1_and_by_reads_on_h2c() -> anyh
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "2");
     assert!(std::fs::read(&out)? == blob, "h2c body differs from the blob");
     assert_eq!(sent(&pullcache.metrics().await?), after_hits);
+    Ok(())
+}
+
+/// An upstream that does not say the blob's size: pullcache's answer is chunked, and the
+/// chunks' framing goes out around the `sendfile` spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsized_blobs_go_out_chunked_around_sendfile_spans() -> anyhow::Result<()> {
+    let upstream = FaultUpstream::start().await?;
+    let blob = random_bytes(5 * 1024 * 1024 + 3);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    upstream.set(
+        &path,
+        Reply::ok(blob.clone(), &[])
+            .without_length()
+            .slowly(8, Duration::from_millis(20)),
+    );
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
+    let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
+
+    // Read the wire as it is, and undo the chunked framing here.
+    let mut stream = tokio::net::TcpStream::connect(pullcache.addr).await?;
+    let request = format!("GET {path}?ns={REGISTRY} HTTP/1.1\r\nHost: pullcache\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut wire = Vec::new();
+    stream.read_to_end(&mut wire).await?;
+    let head_end = wire.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let (mut rest, mut body) = (&wire[head_end..], Vec::new());
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end])?, 16)?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            break;
+        }
+        body.extend_from_slice(&rest[..size]);
+        assert_eq!(&rest[size..size + 2], b"\r\n", "chunk data is followed by CRLF");
+        rest = &rest[size + 2..];
+    }
+    assert!(body == blob, "the chunks' data differs from the blob");
+    let sent = counter(&pullcache.metrics().await?, "pullcache_sendfile_bytes_total");
+    assert!(sent > 0.0 && sent <= blob.len() as f64, "{sent}");
+
+    // Now stored, the blob goes out sized.
+    let resp = support::http_client().get(&url).send().await?;
+    assert_eq!(resp.headers()["content-length"], blob.len().to_string().as_str());
+    assert!(resp.bytes().await? == blob);
+    assert_eq!(upstream.hits(&path), 1);
     Ok(())
 }
 

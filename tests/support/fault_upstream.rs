@@ -32,6 +32,8 @@ pub struct Reply {
     /// Answer 400 to any request that carries `Authorization` (object storage with a signed
     /// URL does that).
     pub reject_authorization: bool,
+    /// Whether the answer says its `Content-Length` (otherwise it goes out chunked).
+    pub sized: bool,
 }
 
 impl Reply {
@@ -46,6 +48,7 @@ impl Reply {
             drop_after: None,
             honor_range: true,
             reject_authorization: false,
+            sized: true,
         }
     }
 
@@ -74,6 +77,12 @@ impl Reply {
 
     pub fn rejecting_authorization(mut self) -> Reply {
         self.reject_authorization = true;
+        self
+    }
+
+    /// Sends the body chunked, without a `Content-Length`.
+    pub fn without_length(mut self) -> Reply {
+        self.sized = false;
         self
     }
 
@@ -232,7 +241,9 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
             &reply.body[..]
         }
     };
-    resp = resp.header("content-length", body.len());
+    if reply.sized {
+        resp = resp.header("content-length", body.len());
+    }
     for (k, v) in &reply.headers {
         resp = resp.header(k, v);
     }
