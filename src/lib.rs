@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod oci;
 pub mod server;
 pub mod store;
+mod sync;
 pub mod upstream;
 
 use std::future::Future;

@@ -2,6 +2,7 @@
 //! runs in its own task, later callers with the same key wait for its result. The task does
 //! not depend on any caller staying around.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
@@ -34,10 +35,8 @@ struct Leave<K: Eq + Hash, V> {
 
 impl<K: Eq + Hash, V> Drop for Leave<K, V> {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take()
-            && let Ok(mut active) = self.active.lock()
-        {
-            active.remove(&key);
+        if let Some(key) = self.key.take() {
+            self.active.locked().remove(&key);
         }
     }
 }
@@ -54,7 +53,7 @@ where
         F: Future<Output = V> + Send + 'static,
     {
         let (mut rx, joined) = {
-            let mut active = self.active.lock().expect("coalesce lock");
+            let mut active = self.active.locked();
             match active.get(&key) {
                 Some(rx) => (rx.clone(), true),
                 None => {

@@ -17,6 +17,7 @@ mod coalesce;
 mod spill;
 mod tail;
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,7 +186,7 @@ impl Flights {
         if let Some(blob) = self.store.open_blob(digest)? {
             return Ok(Some(BlobSource::Stored(blob)));
         }
-        let active = self.active.lock().expect("flights lock");
+        let active = self.active.locked();
         Ok(active.get(digest).map(|flight| BlobSource::Flight {
             flight: flight.clone(),
             joined: true,
@@ -198,7 +199,7 @@ impl Flights {
         if let Some(blob) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored(blob));
         }
-        let mut active = self.active.lock().expect("flights lock");
+        let mut active = self.active.locked();
         // A pass-through flight that has dropped bytes from memory cannot serve a newcomer
         // from the start; the newcomer gets a flight of its own, outside `active`.
         let mut shared = true;
@@ -228,7 +229,7 @@ impl Flights {
             .into());
         }
         {
-            let mut refused = self.refused.lock().expect("refused lock");
+            let mut refused = self.refused.locked();
             refused.retain(|_, (until, _)| *until > Instant::now());
             if let Some((_, error)) = refused.get(digest) {
                 return Err(Error::Shared(error.clone()));
@@ -283,10 +284,7 @@ impl Flights {
                     if is_mismatch(&e) {
                         metrics.verify_failures.inc();
                         let until = Instant::now() + MISMATCH_MEMORY;
-                        refused
-                            .lock()
-                            .expect("refused lock")
-                            .insert(digest.clone(), (until, e.clone()));
+                        refused.locked().insert(digest.clone(), (until, e.clone()));
                     }
                     FlightState::Failed(e)
                 }
@@ -294,7 +292,7 @@ impl Flights {
             progress.send_modify(|p| p.state = state);
             // Leaving `active` under its lock: no one joins after the waiters are read.
             let waiters = {
-                let mut active = active.lock().expect("flights lock");
+                let mut active = active.locked();
                 if active.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &counted)) {
                     active.remove(&digest);
                 }
@@ -619,5 +617,38 @@ mod tests {
         // Once the writer is gone, sending fails rather than waiting for room forever.
         drop(rx);
         assert!(queue.send(Bytes::from_static(b"x")).await.is_err());
+    }
+
+    /// A panic under the flights lock (a bug in one request) must not make every later blob
+    /// request panic too.
+    #[tokio::test]
+    async fn a_panic_under_the_flights_lock_does_not_spread() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let upstreams = Upstreams::new(
+            crate::upstream::Settings {
+                offline: true,
+                ..Default::default()
+            },
+            crate::upstream::Metrics::register(&registry).unwrap(),
+        );
+        let flights = Flights::new(
+            Arc::new(Store::open(dir.path()).unwrap()),
+            Arc::new(upstreams),
+            Metrics::register(&registry).unwrap(),
+        );
+        let active = flights.active.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = active.lock().unwrap();
+            panic!("a bug while holding the flights lock");
+        })
+        .join();
+        assert!(panicked.is_err() && flights.active.is_poisoned());
+
+        let digest = Digest::of(b"not cached");
+        assert!(flights.lookup(&digest).unwrap().is_none());
+        let (registry, repository) = (Registry::docker_hub(), Repository::parse("library/x").unwrap());
+        let offline = flights.get(&registry, &repository, &digest).err().unwrap();
+        assert!(offline.to_string().contains("offline"), "{offline}");
     }
 }

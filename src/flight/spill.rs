@@ -4,6 +4,7 @@
 //! from the window, so memory stays bounded and every reader still gets the whole body. A
 //! reader slower than [`SLOW_READER_LIMIT`] is left behind and its response aborted.
 
+use crate::sync::MutexExt;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ pub(super) struct LeftBehind;
 
 impl Spill {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("spill lock")
+        self.state.locked()
     }
 
     pub fn register(&self, pos: u64) -> u64 {
@@ -132,11 +133,7 @@ impl Spill {
                 state.trim(WINDOW);
                 break;
             }
-            state = self
-                .room
-                .wait_timeout(state, Duration::from_secs(1))
-                .expect("spill lock")
-                .0;
+            state = crate::sync::wait_timeout(&self.room, state, Duration::from_secs(1));
             state.trim(u64::MAX);
         }
     }

@@ -13,6 +13,7 @@
 //! This needs hyper's vectored write queue (`writev`), which keeps body buffers as they are;
 //! its flattening strategy would copy the placeholder into its own buffer.
 
+use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -49,7 +50,7 @@ impl Spans {
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<FileSpan>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.locked()
     }
 }
 

@@ -3,6 +3,7 @@
 //! (file sizes and modification times, nothing re-hashed), and a blob's modification time is
 //! moved forward when it is used, at most once an hour, so the order survives restarts.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::Path;
@@ -66,7 +67,7 @@ impl Drop for InUse {
 
 impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
-        self.entries.lock().expect("blob index lock")
+        self.entries.locked()
     }
 
     /// Builds the index from `blobs/sha256/<2 hex>/<64 hex>`. Files whose names are not

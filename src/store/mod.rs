@@ -10,6 +10,7 @@ mod index;
 mod tags;
 mod verify;
 
+use crate::sync::MutexExt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -234,7 +235,7 @@ impl Store {
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
         {
-            let _committing = self.committing.lock().expect("commit lock");
+            let _committing = self.committing.locked();
             if !self.has_blob(expected) {
                 self.make_room(temp.size);
             }

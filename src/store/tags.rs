@@ -2,6 +2,7 @@
 //! fetched-at). It lives in memory and is written through to one small file per entry, so a
 //! restarted pullcache still answers tags with the upstream down.
 
+use crate::sync::RwLockExt;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
@@ -119,7 +120,7 @@ impl TagIndex {
     /// The record for `key`. One missing from memory is looked for on disk too, where
     /// `import` may have written it while this process was serving.
     pub fn get(&self, key: &TagKey) -> Option<TagRecord> {
-        if let Some(record) = self.entries.read().expect("tag index lock").get(key) {
+        if let Some(record) = self.entries.read_locked().get(key) {
             return Some(record.clone());
         }
         let bytes = fs::read(self.dir.join(key.file_name())).ok()?;
@@ -127,17 +128,14 @@ impl TagIndex {
         if &found != key {
             return None;
         }
-        self.entries
-            .write()
-            .expect("tag index lock")
-            .insert(found, record.clone());
+        self.entries.write_locked().insert(found, record.clone());
         Some(record)
     }
 
     /// Answers recorded for the same tag under other accept classes whose media type a client
     /// of `key.accept` takes, newest first. They stand in when the upstream cannot be asked.
     pub fn compatible(&self, key: &TagKey) -> Vec<TagRecord> {
-        let entries = self.entries.read().expect("tag index lock");
+        let entries = self.entries.read_locked();
         let mut found: Vec<TagRecord> = entries
             .iter()
             .filter(|(k, r)| {
@@ -169,19 +167,19 @@ impl TagIndex {
         };
         let bytes = serde_json::to_vec(&entry).expect("tag entries serialize");
         write_atomic(&self.tmp, &self.dir.join(key.file_name()), &bytes)?;
-        self.entries.write().expect("tag index lock").insert(key, record);
+        self.entries.write_locked().insert(key, record);
         Ok(())
     }
 
     /// The digests every cached tag points at.
     pub fn digests(&self) -> HashSet<Digest> {
-        let entries = self.entries.read().expect("tag index lock");
+        let entries = self.entries.read_locked();
         entries.values().map(|r| r.digest.clone()).collect()
     }
 
     /// What a tag points at, under every accept class it was asked with.
     pub fn matching(&self, registry: &Registry, repository: &Repository, tag: &Tag) -> Vec<Digest> {
-        let entries = self.entries.read().expect("tag index lock");
+        let entries = self.entries.read_locked();
         entries
             .iter()
             .filter(|(k, _)| &k.registry == registry && &k.repository == repository && &k.tag == tag)
@@ -190,7 +188,7 @@ impl TagIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.read().expect("tag index lock").len()
+        self.entries.read_locked().len()
     }
 
     pub fn is_empty(&self) -> bool {

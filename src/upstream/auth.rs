@@ -3,6 +3,7 @@
 //! cached per (origin, scope) until it expires; a `Basic` challenge gets the credentials.
 //! Tokens are secrets: they are never logged, and headers carrying them are marked sensitive.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -131,13 +132,13 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn get(&self, origin: &str, scope: &str) -> Option<HeaderValue> {
-        let tokens = self.tokens.lock().expect("token cache lock");
+        let tokens = self.tokens.locked();
         let (value, expires) = tokens.get(&(origin.to_owned(), scope.to_owned()))?;
         (Instant::now() + EXPIRY_MARGIN < *expires).then(|| value.clone())
     }
 
     pub fn put(&self, origin: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
-        let mut tokens = self.tokens.lock().expect("token cache lock");
+        let mut tokens = self.tokens.locked();
         tokens.retain(|_, (_, expires)| *expires > Instant::now());
         tokens.insert(
             (origin.to_owned(), scope.to_owned()),
@@ -146,10 +147,7 @@ impl TokenCache {
     }
 
     pub fn forget(&self, origin: &str, scope: &str) {
-        self.tokens
-            .lock()
-            .expect("token cache lock")
-            .remove(&(origin.to_owned(), scope.to_owned()));
+        self.tokens.locked().remove(&(origin.to_owned(), scope.to_owned()));
     }
 }
 
@@ -201,7 +199,7 @@ impl Upstreams {
                 .credentials
                 .and_then(Credentials::basic_header)
                 .ok_or_else(|| refused(false))?;
-            self.basic.lock().expect("basic lock").insert(origin.authority.clone());
+            self.basic.locked().insert(origin.authority.clone());
             return Ok(header);
         }
         Err(refused(origin.credentials.is_some()))

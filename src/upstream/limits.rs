@@ -2,6 +2,7 @@
 //! (no request goes out meanwhile; tag lookups serve stale answers), and Docker Hub's
 //! `ratelimit-limit` / `ratelimit-remaining` headers are kept for the metrics to expose.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -46,7 +47,7 @@ impl Limits {
         if limit.is_none() && remaining.is_none() {
             return None;
         }
-        let mut entries = self.entries.lock().expect("limits lock");
+        let mut entries = self.entries.locked();
         entries.entry(origin.to_owned()).or_default().rate_limit = RateLimit { limit, remaining };
         Some(RateLimit { limit, remaining })
     }
@@ -58,20 +59,20 @@ impl Limits {
             .and_then(parse_retry_after)
             .unwrap_or(DEFAULT_RETRY_AFTER)
             .min(MAX_RETRY_AFTER);
-        let mut entries = self.entries.lock().expect("limits lock");
+        let mut entries = self.entries.locked();
         entries.entry(origin.to_owned()).or_default().closed_until = Some(Instant::now() + wait);
         wait
     }
 
     /// How long an origin stays closed, if it is.
     pub fn closed_for(&self, origin: &str) -> Option<Duration> {
-        let entries = self.entries.lock().expect("limits lock");
+        let entries = self.entries.locked();
         let until = entries.get(origin)?.closed_until?;
         until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     pub fn rate_limit(&self, origin: &str) -> Option<RateLimit> {
-        let entries = self.entries.lock().expect("limits lock");
+        let entries = self.entries.locked();
         entries
             .get(origin)
             .map(|e| e.rate_limit)

@@ -12,6 +12,7 @@ mod metrics;
 mod resolve;
 mod tls;
 
+use crate::sync::MutexExt;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
@@ -414,7 +415,7 @@ impl Upstreams {
         let origin_authority = uri.authority().cloned();
         let scope = format!("repository:{}:pull", req.repository);
         let mut auth = self.tokens.get(&origin.authority, &scope).or_else(|| {
-            let basic = self.basic.lock().expect("basic lock").contains(&origin.authority);
+            let basic = self.basic.locked().contains(&origin.authority);
             basic
                 .then(|| origin.credentials.and_then(Credentials::basic_header))
                 .flatten()
