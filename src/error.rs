@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use crate::oci::{DigestError, NameError};
 use crate::store::StoreError;
-use crate::upstream::UpstreamError;
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Whose fault an error is. It picks 4xx, 502 or 500.
+/// Whose fault an error is. It picks 4xx, 502 or 500, and how loudly it is logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     Downstream,
@@ -56,6 +56,12 @@ impl Error {
     pub fn origin(&self) -> Origin {
         match self {
             Error::Request(_) => Origin::Downstream,
+            // An offline cache that lacks what a client asks for answers 404 as it should,
+            // like an unknown route: nothing upstream failed.
+            Error::Upstream(UpstreamError {
+                kind: UpstreamErrorKind::Offline { .. },
+                ..
+            }) => Origin::Downstream,
             Error::Upstream(_) => Origin::Upstream,
             Error::Store(_) | Error::Internal(_) => Origin::Internal,
             Error::Shared(inner) => inner.origin(),

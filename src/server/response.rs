@@ -195,4 +195,64 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[RETRY_AFTER], "7");
     }
+
+    /// An offline miss is an expected answer: a 404, logged at debug, not an upstream
+    /// failure at warn.
+    #[test]
+    fn offline_misses_are_not_upstream_failures() {
+        let offline = Error::Upstream(UpstreamError {
+            registry: Registry::docker_hub(),
+            kind: UpstreamErrorKind::Offline {
+                resource: Resource::Blob,
+                reference: "docker.io/library/x@sha256:00".into(),
+            },
+        });
+        assert_eq!(offline.origin(), Origin::Downstream);
+        assert_eq!(classify(&offline), (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown));
+
+        let logs = LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(logs.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(error(&offline, false).status(), StatusCode::NOT_FOUND);
+            error(&upstream(StatusCode::BAD_GATEWAY, Resource::Blob), false);
+        });
+        let logs = logs.text();
+        assert!(
+            !logs.contains("offline cache"),
+            "an offline miss logged at info or above: {logs}"
+        );
+        assert!(logs.contains("WARN") && logs.contains("upstream failed"), "{logs}");
+    }
+
+    /// Log lines written by a test's subscriber.
+    #[derive(Clone, Default)]
+    struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl LogBuffer {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    impl io::Write for LogBuffer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+        type Writer = LogBuffer;
+
+        fn make_writer(&'a self) -> LogBuffer {
+            self.clone()
+        }
+    }
 }
