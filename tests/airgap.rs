@@ -13,12 +13,15 @@ use std::time::Duration;
 use pullcache::oci::Registry as RegistryName;
 use support::binary::BIN;
 use support::containerd::{Containerd, write_hosts_toml};
-use support::images::{build_config, build_layer, host_arch, push_oci_image, push_oci_index, sha256_digest};
+use support::images::{
+    PushedImage, build_config, build_layer, host_arch, push_oci_image, push_oci_index, sha256_digest,
+};
 use support::pullcache::{Pullcache, blob_files};
 use support::registry::Registry;
 
 const REGISTRY: &str = "registry.test";
 const DEAD_SERVER: &str = "http://127.0.0.1:1";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// Runs the binary with `args`; its output, whatever the exit status.
 async fn pullcache(args: &[&str]) -> anyhow::Result<Output> {
@@ -53,6 +56,18 @@ async fn serve_offline(cache: &Path) -> anyhow::Result<Pullcache> {
     Pullcache::start_with(config).await
 }
 
+/// `pullcache export IMAGES... EXTRA... -o BUNDLE` with `REGISTRY` mapped to `upstream`,
+/// through a new cache beside the bundle; its summary line.
+async fn export(images: &[&str], extra: &[&str], upstream: &Registry, bundle: &Path) -> anyhow::Result<String> {
+    let cache = bundle.with_file_name("export-cache");
+    let mapping = format!("{REGISTRY}={}", upstream.url());
+    let mut args = vec!["export"];
+    args.extend(images);
+    args.extend(extra);
+    args.extend(["-o", path(bundle), "--cache-dir", path(&cache), "--upstream", &mapping]);
+    pullcache_ok(&args).await
+}
+
 /// Files under `dir`, relative, sorted.
 fn tree(dir: &Path) -> Vec<PathBuf> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
@@ -78,29 +93,20 @@ async fn export_import_and_pull_offline() -> anyhow::Result<()> {
     let multi = push_oci_index(&upstream.url(), "team/multi", "v2").await?;
     let work = tempfile::tempdir()?;
     let bundle = work.path().join("bundle.tar");
-    let export_cache = work.path().join("export-cache");
-    let mapping = format!("{REGISTRY}={}", upstream.url());
     let platform = format!("linux/{}", host_arch());
-    let summary = pullcache_ok(&[
-        "export",
-        &format!("{REGISTRY}/team/app:v1"),
-        &format!("{REGISTRY}/team/multi:v2"),
-        "--platform",
-        &platform,
-        "-o",
-        path(&bundle),
-        "--cache-dir",
-        path(&export_cache),
-        "--upstream",
-        &mapping,
-    ])
+    let summary = export(
+        &[&app.reference(REGISTRY), &multi.reference(REGISTRY)],
+        &["--platform", &platform],
+        &upstream,
+        &bundle,
+    )
     .await?;
     assert!(summary.contains("exported 2 images"), "{summary}");
 
     // A third-party reader takes it.
     let copied = work.path().join("skopeo-dir");
     support::skopeo::copy(
-        &format!("oci-archive:{}:v1", bundle.display()),
+        &format!("oci-archive:{}:{}", bundle.display(), app.reference(REGISTRY)),
         &format!("dir:{}", copied.display()),
         &[],
     )
@@ -259,17 +265,7 @@ async fn corrupt_bundles_are_refused_and_change_nothing() -> anyhow::Result<()> 
     let image = push_oci_image(&upstream.url(), "team/app", "v1", &[64 * 1024]).await?;
     let work = tempfile::tempdir()?;
     let bundle = work.path().join("bundle.tar");
-    pullcache_ok(&[
-        "export",
-        &format!("{REGISTRY}/team/app:v1"),
-        "-o",
-        path(&bundle),
-        "--cache-dir",
-        path(&work.path().join("export-cache")),
-        "--upstream",
-        &format!("{REGISTRY}={}", upstream.url()),
-    ])
-    .await?;
+    export(&[&image.reference(REGISTRY)], &[], &upstream, &bundle).await?;
     let layer = &image.layers()[0].digest;
     let layer_file = |dir: &Path| dir.join("blobs/sha256").join(&layer[7..]);
 
@@ -373,4 +369,120 @@ async fn prefetch_warms_a_server_and_shows_progress_only_on_a_terminal() -> anyh
         "the manifest and every blob are cached"
     );
     Ok(())
+}
+
+/// Images that share the tag `v1` in two repositories (an image and a multi-platform index),
+/// and a third named by digest alone, exported from a registry of their own into one bundle.
+/// Each is listed with the full name the bundle should give it.
+struct SharedTagBundle {
+    images: Vec<(String, PushedImage)>,
+    bundle: PathBuf,
+    work: tempfile::TempDir,
+}
+
+async fn shared_tag_bundle() -> anyhow::Result<SharedTagBundle> {
+    let upstream = Registry::start().await?;
+    let app = push_oci_image(&upstream.url(), "team/app", "v1", &[128 * 1024]).await?;
+    let multi = push_oci_index(&upstream.url(), "team/multi", "v1").await?;
+    let pinned = push_oci_image(&upstream.url(), "team/pinned", "old", &[64 * 1024]).await?;
+    let images = vec![
+        (app.reference(REGISTRY), app),
+        (multi.reference(REGISTRY), multi),
+        (pinned.digest_reference(REGISTRY), pinned),
+    ];
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle.tar");
+    let names: Vec<&str> = images.iter().map(|(name, _)| name.as_str()).collect();
+    let summary = export(&names, &[], &upstream, &bundle).await?;
+    assert!(summary.contains("exported 3 images"), "{summary}");
+    Ok(SharedTagBundle { images, bundle, work })
+}
+
+/// Imports `bundle` into a new cache, serves it offline and checks that every name answers
+/// with its image's manifest.
+async fn assert_import_serves(bundle: &Path, cache: &Path, images: &[(String, PushedImage)]) -> anyhow::Result<()> {
+    let summary = pullcache_ok(&["import", path(bundle), "--cache-dir", path(cache)]).await?;
+    let server = serve_offline(cache).await?;
+    for (name, image) in images {
+        assert!(summary.contains(name.as_str()), "import did not name {name}: {summary}");
+        let parsed = pullcache::oci::ImageRef::parse(name)?;
+        let resp = support::http_client()
+            .get(format!(
+                "{}/v2/{}/manifests/{}?ns={REGISTRY}",
+                server.url(),
+                parsed.repository,
+                parsed.reference
+            ))
+            .header("accept", &image.manifest_media_type)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(
+            resp.headers()["docker-content-digest"],
+            image.manifest_digest.as_str(),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_sharing_a_tag_are_told_apart_by_full_name() -> anyhow::Result<()> {
+    let SharedTagBundle {
+        images, bundle, work, ..
+    } = shared_tag_bundle().await?;
+
+    // skopeo picks each by the full name in ref.name, and gets its manifest unchanged.
+    for (n, (name, image)) in images.iter().enumerate() {
+        let copied = work.path().join(format!("skopeo-{n}"));
+        support::skopeo::copy(
+            &format!("oci-archive:{}:{name}", bundle.display()),
+            &format!("dir:{}", copied.display()),
+            &["--all"],
+        )
+        .await?;
+        let manifest = std::fs::read(copied.join("manifest.json"))?;
+        assert_eq!(sha256_digest(&manifest), image.manifest_digest, "skopeo copied {name}");
+    }
+
+    // containerd names every image, each with its own digest.
+    let reader = Containerd::start().await?;
+    reader.ctr(&["images", "import", path(&bundle)]).await?;
+    let listed = reader.ctr(&["images", "ls"]).await?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for (name, image) in &images {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name.as_str()) && l.contains(&image.manifest_digest)),
+            "ctr import did not name {name} as {}: {listed}",
+            image.manifest_digest
+        );
+    }
+
+    assert_import_serves(&bundle, &work.path().join("cache"), &images).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_naming_only_the_tag_in_ref_name_still_import() -> anyhow::Result<()> {
+    let SharedTagBundle {
+        images, bundle, work, ..
+    } = shared_tag_bundle().await?;
+    // Written the old way: the tag alone in ref.name, the full name in containerd's annotation.
+    let dir = work.path().join("old-bundle");
+    tar::Archive::new(std::fs::File::open(&bundle)?).unpack(&dir)?;
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    for entry in index["manifests"].as_array_mut().expect("index.json lists manifests") {
+        let annotations = &mut entry["annotations"];
+        let name = annotations["io.containerd.image.name"].clone();
+        let name = name.as_str().expect("every image is named");
+        assert_eq!(annotations[REF_NAME], name, "ref.name holds the full name");
+        if let Some((_, tag)) = name.rsplit_once(':').filter(|_| !name.contains('@')) {
+            annotations[REF_NAME] = tag.into();
+        }
+    }
+    std::fs::write(&index_path, serde_json::to_vec(&index)?)?;
+
+    assert_import_serves(&dir, &work.path().join("cache"), &images).await
 }

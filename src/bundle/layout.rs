@@ -1,12 +1,13 @@
 //! The OCI image layout: `oci-layout`, `index.json` and `blobs/sha256/<hex>`, with the name
-//! annotations containerd and skopeo read (`io.containerd.image.name` for the full name,
-//! `org.opencontainers.image.ref.name` for the tag), and `docker save`'s `manifest.json`.
+//! annotations containerd and skopeo read (`io.containerd.image.name` and
+//! `org.opencontainers.image.ref.name`, both holding the full name), and `docker save`'s
+//! `manifest.json`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::oci::{ImageRef, Reference};
+use crate::oci::ImageRef;
 
 pub const OCI_LAYOUT_FILE: &str = "oci-layout";
 pub const INDEX_FILE: &str = "index.json";
@@ -37,20 +38,20 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The annotations containerd's exporter writes: the full name, and the tag as the ref
-    /// name (the full name when the image is named by digest).
+    /// The full name, normalized as containerd names it (`docker.io/library/alpine:3.20`),
+    /// under both annotations. ref.name holds the full name as skopeo and buildah write it,
+    /// not the bare tag containerd's exporter writes: two images that share a tag in one
+    /// bundle stay apart (`skopeo copy oci-archive:bundle.tar:registry.example/app:v1`). An
+    /// image named by digest is `registry/repository@sha256:...` in both, which the
+    /// ref.name grammar allows and which names exactly one image.
     pub fn names(image: &ImageRef) -> BTreeMap<String, String> {
-        let ref_name = match &image.reference {
-            Reference::Tag(tag) => tag.to_string(),
-            Reference::Digest(_) => image.to_string(),
-        };
-        BTreeMap::from([
-            (IMAGE_NAME.to_owned(), image.to_string()),
-            (REF_NAME.to_owned(), ref_name),
-        ])
+        let name = image.to_string();
+        BTreeMap::from([(IMAGE_NAME.to_owned(), name.clone()), (REF_NAME.to_owned(), name)])
     }
 
-    /// The image this entry names, if its annotations give a full reference.
+    /// The image this entry names, if its annotations give a full reference: containerd's
+    /// annotation first, so bundles written with the bare tag in ref.name (older pullcache,
+    /// containerd) still read; else ref.name alone, as skopeo writes it.
     pub fn image(&self) -> Option<ImageRef> {
         let full = |key| {
             self.annotations
@@ -86,8 +87,23 @@ mod tests {
             size: 1,
             annotations: Entry::names(&tagged),
         };
-        assert_eq!(entry.annotations[REF_NAME], "v1");
-        assert_eq!(entry.image(), Some(tagged));
+        assert_eq!(entry.annotations[REF_NAME], "registry.test/team/app:v1");
+        assert_eq!(entry.image(), Some(tagged.clone()));
+
+        let pinned = ImageRef::parse(&format!("registry.test/team/app@sha256:{}", "a".repeat(64))).unwrap();
+        let names = Entry::names(&pinned);
+        assert_eq!(names[REF_NAME], names[IMAGE_NAME]);
+        assert_eq!(names[REF_NAME], pinned.to_string());
+
+        // As older pullcache and containerd wrote it: the bare tag in ref.name.
+        let old = Entry {
+            annotations: BTreeMap::from([
+                (IMAGE_NAME.to_owned(), "registry.test/team/app:v1".to_owned()),
+                (REF_NAME.to_owned(), "v1".to_owned()),
+            ]),
+            ..entry.clone()
+        };
+        assert_eq!(old.image(), Some(tagged));
 
         // skopeo's `oci-archive:FILE:NAME` puts a full name in ref.name alone.
         let skopeo = Entry {
