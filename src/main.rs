@@ -45,23 +45,12 @@ fn main() -> ExitCode {
     let config = match args.resolve() {
         Ok(config) => config,
         Err(e) => {
-            tracing::error!("{e}");
+            eprintln!("pullcache: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     if args.check_config {
-        let budget = match config.budget.max_size {
-            Some(max) => format!("at most {max} bytes"),
-            None => "no size budget".to_owned(),
-        };
-        println!(
-            "configuration ok: {} registries configured{}, cache in {} ({budget}, keeping {} free, {} pins)",
-            config.upstream.registries.len(),
-            if config.upstream.offline { " (offline)" } else { "" },
-            config.cache_dir.display(),
-            config.budget.min_free,
-            config.budget.pins.len(),
-        );
+        print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

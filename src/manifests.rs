@@ -328,7 +328,7 @@ impl Lookup {
                         limit: MAX_MANIFEST_SIZE,
                     })
                 } else {
-                    self.error(UpstreamErrorKind::Body(e.to_string()))
+                    self.error(UpstreamErrorKind::Body(e))
                 }
             })?
             .to_bytes();

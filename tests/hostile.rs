@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 const REGISTRY: &str = "registry.test";
 
-async fn start(limits: pullcache::server::Limits) -> anyhow::Result<(tempfile::TempDir, Pullcache)> {
+async fn start(limits: pullcache::server::ConnectionLimits) -> anyhow::Result<(tempfile::TempDir, Pullcache)> {
     let cache = tempfile::tempdir()?;
     let mut config = support::pullcache::config(cache.path().to_owned());
     config.limits = limits;
@@ -80,7 +80,7 @@ async fn oversize_uris_and_headers_are_refused() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_is_cut_off() -> anyhow::Result<()> {
-    let (_cache, pullcache) = start(pullcache::server::Limits {
+    let (_cache, pullcache) = start(pullcache::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(1),
         ..Default::default()
     })
@@ -111,7 +111,7 @@ async fn a_slowloris_is_cut_off() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_closed_at_once() -> anyhow::Result<()> {
-    let (_cache, pullcache) = start(pullcache::server::Limits {
+    let (_cache, pullcache) = start(pullcache::server::ConnectionLimits {
         max_connections: 4,
         ..Default::default()
     })

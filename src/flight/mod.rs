@@ -414,7 +414,7 @@ impl Download {
         self.upstreams.count_bytes(&self.registry, stream.received);
         let sink = writer.await.map_err(|e| Error::Internal(format!("blob writer: {e}")))?;
         if let Some(message) = body_error {
-            return Err(self.upstream_error(UpstreamErrorKind::Body(message)));
+            return Err(self.upstream_error(UpstreamErrorKind::Body(message.into())));
         }
         let temp = match sink {
             Sink::Disk(temp) => temp,

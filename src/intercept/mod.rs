@@ -127,6 +127,18 @@ fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// Checks a `--tunnel-allow` pattern: a host name, or `*.` and a name with a dot in it.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    let wildcard = name.len() != pattern.len();
+    if name.contains(':') || Registry::parse(name).is_err() || (wildcard && !name.contains('.')) {
+        return Err(format!(
+            "{pattern:?} is not a host name or *.suffix (port 443 is implied)"
+        ));
+    }
+    Ok(())
+}
+
 fn matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {

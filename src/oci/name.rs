@@ -32,6 +32,14 @@ pub enum NameError {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Registry(String);
 
+impl std::str::FromStr for Registry {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Registry, NameError> {
+        Registry::parse(s)
+    }
+}
+
 impl Registry {
     pub fn docker_hub() -> Self {
         Registry(DOCKER_HUB.to_owned())
@@ -243,6 +251,14 @@ pub struct ImageRef {
 pub struct ImageRefError {
     input: String,
     reason: String,
+}
+
+impl std::str::FromStr for ImageRef {
+    type Err = ImageRefError;
+
+    fn from_str(s: &str) -> Result<ImageRef, ImageRefError> {
+        ImageRef::parse(s)
+    }
 }
 
 impl ImageRef {

@@ -40,7 +40,7 @@ const MAX_HEADERS: usize = 64;
 
 /// Limits on what clients may hold of the server.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ConnectionLimits {
     /// Connections served at once; more are closed on accept, so containerd moves on to
     /// its next host at once.
     pub max_connections: usize,
@@ -48,9 +48,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
-impl Default for Limits {
+impl Default for ConnectionLimits {
     fn default() -> Self {
-        Limits {
+        ConnectionLimits {
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
         }
@@ -157,7 +157,7 @@ async fn answer(
     req: Request<Incoming>,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
-    limits: Limits,
+    limits: ConnectionLimits,
     spans: Spans,
 ) -> Response<Body> {
     let http1 = req.version() <= Version::HTTP_11;
@@ -190,7 +190,7 @@ async fn answer(
 }
 
 /// Serves the registry API on a decrypted intercepted connection, for `registry`.
-async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: Limits)
+async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: ConnectionLimits)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -213,7 +213,7 @@ where
 }
 
 /// The HTTP/1.1 + h2 connection builder, with the header limits and read timeout.
-fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
+fn builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -236,7 +236,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
-    limits: Limits,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = builder(limits);

@@ -94,6 +94,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             },
             UpstreamErrorKind::Request(_)
             | UpstreamErrorKind::Redirect(_)
+            | UpstreamErrorKind::TooManyRedirects(_)
             | UpstreamErrorKind::Token(_)
             | UpstreamErrorKind::Body(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         },

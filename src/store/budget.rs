@@ -46,6 +46,14 @@ impl Default for MinFree {
     }
 }
 
+impl std::str::FromStr for MinFree {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MinFree, String> {
+        MinFree::parse(s)
+    }
+}
+
 impl MinFree {
     /// `15%`, or a size as [`parse_size`] reads it.
     pub fn parse(s: &str) -> Result<MinFree, String> {

@@ -17,11 +17,28 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::credentials::Credentials;
-use super::resolve::check_target;
-use super::{
-    Fetch, HEADER_TIMEOUT, Origin, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams, error_chain,
-};
+use super::resolve::{TargetError, check_target};
+use super::{BoxError, Endpoint, Fetch, HEADER_TIMEOUT, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::oci::Repository;
+
+/// Why no token came from a realm (its refusals are `CredentialsRefused`/`Required`).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("realm {realm:?} is not a URL")]
+    Realm { realm: String },
+    #[error("realm refused")]
+    Target(#[source] TargetError),
+    #[error("token server sent no headers within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("token request failed")]
+    Request(#[source] BoxError),
+    #[error("token server answered {0}")]
+    Status(StatusCode),
+    #[error("reading the token response")]
+    Read(#[source] BoxError),
+    #[error("token response has no token")]
+    NoToken,
+}
 
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
@@ -131,23 +148,23 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    pub fn get(&self, origin: &str, scope: &str) -> Option<HeaderValue> {
+    pub fn get(&self, endpoint: &str, scope: &str) -> Option<HeaderValue> {
         let tokens = self.tokens.locked();
-        let (value, expires) = tokens.get(&(origin.to_owned(), scope.to_owned()))?;
+        let (value, expires) = tokens.get(&(endpoint.to_owned(), scope.to_owned()))?;
         (Instant::now() + EXPIRY_MARGIN < *expires).then(|| value.clone())
     }
 
-    pub fn put(&self, origin: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
+    pub fn put(&self, endpoint: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
         let mut tokens = self.tokens.locked();
         tokens.retain(|_, (_, expires)| *expires > Instant::now());
         tokens.insert(
-            (origin.to_owned(), scope.to_owned()),
+            (endpoint.to_owned(), scope.to_owned()),
             (value, Instant::now() + lifetime),
         );
     }
 
-    pub fn forget(&self, origin: &str, scope: &str) {
-        self.tokens.locked().remove(&(origin.to_owned(), scope.to_owned()));
+    pub fn forget(&self, endpoint: &str, scope: &str) {
+        self.tokens.locked().remove(&(endpoint.to_owned(), scope.to_owned()));
     }
 }
 
@@ -155,7 +172,7 @@ impl Upstreams {
     /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one.
     pub(super) async fn authorize(
         &self,
-        origin: &Origin<'_>,
+        endpoint: &Endpoint<'_>,
         req: &Fetch<'_>,
         scope: &str,
         headers: &http::HeaderMap,
@@ -166,8 +183,8 @@ impl Upstreams {
             .filter_map(|v| v.to_str().ok())
             .collect();
         if let Some(challenge) = challenges.iter().find_map(|c| Challenge::parse(c)) {
-            self.tokens.forget(&origin.authority, scope);
-            let token = self.token(origin, req, scope, &challenge).await;
+            self.tokens.forget(&endpoint.authority, scope);
+            let token = self.token(endpoint, req, scope, &challenge).await;
             let result = match &token {
                 Ok(_) => "ok",
                 Err(UpstreamError {
@@ -195,26 +212,26 @@ impl Upstreams {
             .iter()
             .any(|c| c.trim_start().to_ascii_lowercase().starts_with("basic"))
         {
-            let header = origin
+            let header = endpoint
                 .credentials
                 .and_then(Credentials::basic_header)
                 .ok_or_else(|| refused(false))?;
-            self.basic.locked().insert(origin.authority.clone());
+            self.basic.locked().insert(endpoint.authority.clone());
             return Ok(header);
         }
-        Err(refused(origin.credentials.is_some()))
+        Err(refused(endpoint.credentials.is_some()))
     }
 
     /// Gets a token for a challenge: anonymously, with Basic credentials, or by exchanging an
     /// identity token (OAuth2 `refresh_token` grant). Caches it per (origin, scope).
     async fn token(
         &self,
-        origin: &Origin<'_>,
+        endpoint: &Endpoint<'_>,
         req: &Fetch<'_>,
         cache_scope: &str,
         challenge: &Challenge,
     ) -> Result<HeaderValue, UpstreamError> {
-        let err = |m: String| UpstreamError::new(req.registry, UpstreamErrorKind::Token(m));
+        let err = |e: TokenError| UpstreamError::new(req.registry, UpstreamErrorKind::Token(e));
         let scope = challenge.scope_for(Some(req.repository));
         let realm = &challenge.realm;
         let request = {
@@ -225,7 +242,7 @@ impl Upstreams {
             if let Some(scope) = &scope {
                 params.append_pair("scope", scope);
             }
-            match origin.credentials {
+            match endpoint.credentials {
                 Some(Credentials::IdentityToken { token }) => {
                     params
                         .append_pair("grant_type", "refresh_token")
@@ -245,18 +262,21 @@ impl Upstreams {
                 }
             }
         };
-        let mut request = request.map_err(|_| err("realm is not a URL".into()))?;
+        let mut request = request.map_err(|_| err(TokenError::Realm { realm: realm.clone() }))?;
         request
             .headers_mut()
             .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        check_target(request.uri(), origin.allow_loopback).map_err(err)?;
-        let resp = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request))
+        check_target(request.uri(), endpoint.answers_reach).map_err(|e| err(TokenError::Target(e)))?;
+        let resp = tokio::time::timeout(HEADER_TIMEOUT, endpoint.answers.request(request))
             .await
-            .map_err(|_| err("token server timed out".into()))?
-            .map_err(|e| err(error_chain(&e)))?;
+            .map_err(|_| err(TokenError::Timeout(HEADER_TIMEOUT)))?
+            .map_err(|e| match super::Failure::from_client(e).kind {
+                UpstreamErrorKind::Request(e) => err(TokenError::Request(e)),
+                forbidden => UpstreamError::new(req.registry, forbidden),
+            })?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let kind = if origin.credentials.is_some() {
+            let kind = if endpoint.credentials.is_some() {
                 UpstreamErrorKind::CredentialsRefused { status }
             } else {
                 UpstreamErrorKind::CredentialsRequired { status }
@@ -264,18 +284,19 @@ impl Upstreams {
             return Err(UpstreamError::new(req.registry, kind));
         }
         if !status.is_success() {
-            return Err(err(format!("token server answered {status}")));
+            return Err(err(TokenError::Status(status)));
         }
         let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
             .collect()
             .await
-            .map_err(|e| err(format!("reading token response: {e}")))?
+            .map_err(|e| err(TokenError::Read(e)))?
             .to_bytes();
         let (value, lifetime) = serde_json::from_slice::<TokenResponse>(&body)
             .ok()
             .and_then(TokenResponse::into_header)
-            .ok_or_else(|| err("token response has no token".into()))?;
-        self.tokens.put(&origin.authority, cache_scope, value.clone(), lifetime);
+            .ok_or_else(|| err(TokenError::NoToken))?;
+        self.tokens
+            .put(&endpoint.authority, cache_scope, value.clone(), lifetime);
         Ok(value)
     }
 }

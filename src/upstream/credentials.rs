@@ -111,6 +111,11 @@ pub struct DockerConfig {
 }
 
 impl DockerConfig {
+    /// How many registries it has credentials for.
+    pub fn len(&self) -> usize {
+        self.by_host.len()
+    }
+
     pub fn load(path: &Path) -> Result<DockerConfig, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))

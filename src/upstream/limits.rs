@@ -27,13 +27,13 @@ struct Entry {
     rate_limit: RateLimit,
 }
 
-/// Limits per upstream origin (`host[:port]`).
+/// Rate limits per upstream endpoint (`host[:port]`).
 #[derive(Default)]
-pub struct Limits {
+pub struct RateLimits {
     entries: Mutex<HashMap<String, Entry>>,
 }
 
-impl Limits {
+impl RateLimits {
     /// Records the rate-limit headers of a response, if it has any, and returns them.
     pub fn observe(&self, origin: &str, headers: &HeaderMap) -> Option<RateLimit> {
         let number = |name: &str| {
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn docker_hub_headers_are_recorded() {
-        let limits = Limits::default();
+        let limits = RateLimits::default();
         let mut headers = HeaderMap::new();
         headers.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
         headers.insert("ratelimit-remaining", HeaderValue::from_static("76;w=21600"));
@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn retry_after_closes_for_a_bounded_time() {
-        let limits = Limits::default();
+        let limits = RateLimits::default();
         assert_eq!(limits.closed_for("r"), None);
         assert_eq!(
             limits.close("r", Some(&HeaderValue::from_static("30"))),

@@ -5,7 +5,7 @@
 //! errors and 5xx, and the 429 gate of [`limits`]. TLS is always verified.
 
 mod auth;
-pub use auth::Challenge;
+pub use auth::{Challenge, TokenError};
 mod credentials;
 pub mod limits;
 mod metrics;
@@ -32,8 +32,8 @@ use crate::oci::{Registry, Repository};
 use auth::TokenCache;
 pub use credentials::{Credentials, DockerConfig};
 pub use metrics::Metrics;
-pub use resolve::is_forbidden;
-use resolve::{GuardedResolver, host_ip, resolve_location};
+use resolve::{GuardedResolver, resolve_location};
+pub use resolve::{Reach, TargetError, is_forbidden};
 pub use tls::load_certificates;
 
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -62,13 +62,24 @@ impl fmt::Display for Resource {
     }
 }
 
-/// An upstream failure, with the registry it concerns.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream {registry}: {kind}")]
+/// An upstream failure, with the registry it concerns. Its message carries the whole chain of
+/// `kind` (logs and OCI error bodies print it); code that classifies walks `kind`'s sources.
+#[derive(Debug)]
 pub struct UpstreamError {
     pub registry: Registry,
     pub kind: UpstreamErrorKind,
 }
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "upstream {}: {}", self.registry, error_chain(&self.kind))
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// The source of errors from outside pullcache (hyper, I/O).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamError {
     pub fn new(registry: &Registry, kind: UpstreamErrorKind) -> Self {
@@ -81,10 +92,10 @@ impl UpstreamError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamErrorKind {
-    #[error("registry address is not allowed without an explicit --upstream mapping: {0}")]
-    Forbidden(String),
-    #[error("request failed: {0}")]
-    Request(String),
+    #[error("address not allowed without an explicit --upstream mapping")]
+    Forbidden(#[source] TargetError),
+    #[error("request failed")]
+    Request(#[source] BoxError),
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
     #[error("answered {status} for {resource}")]
@@ -99,12 +110,14 @@ pub enum UpstreamErrorKind {
     CredentialsRequired { status: StatusCode },
     #[error("rate limited: not asked again for {0} s (Retry-After)")]
     RateLimited(u64),
-    #[error("redirect: {0}")]
-    Redirect(String),
-    #[error("token: {0}")]
-    Token(String),
-    #[error("body: {0}")]
-    Body(String),
+    #[error("redirect refused")]
+    Redirect(#[source] TargetError),
+    #[error("more than {0} redirects")]
+    TooManyRedirects(u32),
+    #[error("token")]
+    Token(#[source] TokenError),
+    #[error("body")]
+    Body(#[source] BoxError),
     #[error("content does not match its digest: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
     #[error("manifest exceeds {limit} bytes")]
@@ -205,6 +218,24 @@ impl<'a> Fetch<'a> {
         Fetch { from, ..self }
     }
 
+    /// The request for `uri`, with `auth` when it goes to the endpoint itself.
+    fn request(&self, uri: &Uri, auth: Option<&HeaderValue>) -> Request<Full<Bytes>> {
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(uri.clone())
+            .header(USER_AGENT, USER_AGENT_VALUE);
+        if let Some(accept) = self.accept {
+            builder = builder.header(ACCEPT, accept.clone());
+        }
+        if let Some(from) = self.from {
+            builder = builder.header(RANGE, format!("bytes={from}-"));
+        }
+        if let Some(auth) = auth {
+            builder = builder.header(AUTHORIZATION, auth.clone());
+        }
+        builder.body(Full::default()).expect("request parts are valid")
+    }
+
     /// The `kind` label: what was asked for, and how.
     fn kind(&self) -> &'static str {
         match (self.resource, self.method == Method::HEAD) {
@@ -217,26 +248,56 @@ impl<'a> Fetch<'a> {
 }
 
 /// A place a registry's content can be fetched from: a mirror or the registry itself.
-struct Origin<'a> {
+struct Endpoint<'a> {
     base: String,
     /// `host[:port]`: the key for tokens, limits and credentials.
     authority: String,
     credentials: Option<&'a Credentials>,
+    /// The client for the endpoint itself, which connects only where its reach allows.
     client: &'a HttpClient,
-    /// Loopback redirect and token targets are fine when the origin itself is loopback
-    /// (explicitly configured); never otherwise.
-    allow_loopback: bool,
+    /// The client for what its answers point at: redirect targets and token realms.
+    answers: &'a HttpClient,
+    /// Where its answers may point: this node's loopback only when the endpoint itself was
+    /// mapped there, never because a remote registry says so.
+    answers_reach: Reach,
+}
+
+/// The pooled clients, one per trust set and [`Reach`].
+struct Clients {
+    /// Indexed by [`Clients::slot`].
+    default: [HttpClient; 2],
+    /// Mapped registries with CAs of their own.
+    with_roots: HashMap<Registry, [HttpClient; 2]>,
+}
+
+impl Clients {
+    fn pair(roots: &[CertificateDer<'static>]) -> [HttpClient; 2] {
+        [
+            tls::client(roots, Reach::Remote),
+            tls::client(roots, Reach::WithLoopback),
+        ]
+    }
+
+    fn slot(reach: Reach) -> usize {
+        match reach {
+            Reach::Remote => 0,
+            Reach::WithLoopback => 1,
+        }
+    }
+
+    fn get(&self, registry: &Registry, reach: Reach) -> &HttpClient {
+        let set = self.with_roots.get(registry).unwrap_or(&self.default);
+        &set[Self::slot(reach)]
+    }
 }
 
 pub struct Upstreams {
     settings: Settings,
-    client: HttpClient,
-    /// Registries with CAs of their own get a client that trusts them.
-    clients: HashMap<Registry, HttpClient>,
+    clients: Clients,
     tokens: TokenCache,
-    /// Origins that asked for Basic auth; later requests send it up front.
+    /// Endpoints that asked for Basic auth; later requests send it up front.
     basic: Mutex<HashSet<String>>,
-    pub limits: limits::Limits,
+    pub rate_limits: limits::RateLimits,
     metrics: Metrics,
 }
 
@@ -247,23 +308,25 @@ impl Upstreams {
     }
 
     pub fn new(settings: Settings, metrics: Metrics) -> Upstreams {
-        let client = tls::client(&settings.roots);
-        let clients = settings
+        let with_roots = settings
             .registries
             .iter()
             .filter(|(_, r)| !r.roots.is_empty())
             .map(|(name, r)| {
                 let roots: Vec<_> = settings.roots.iter().chain(&r.roots).cloned().collect();
-                (name.clone(), tls::client(&roots))
+                (name.clone(), Clients::pair(&roots))
             })
             .collect();
+        let clients = Clients {
+            default: Clients::pair(&settings.roots),
+            with_roots,
+        };
         Upstreams {
             settings,
-            client,
             clients,
             tokens: TokenCache::default(),
             basic: Mutex::default(),
-            limits: limits::Limits::default(),
+            rate_limits: limits::RateLimits::default(),
             metrics,
         }
     }
@@ -285,6 +348,15 @@ impl Upstreams {
             .inc_by(bytes);
     }
 
+    /// Loopback is in reach only of registries the operator mapped (flags or config file).
+    fn reach(&self, registry: &Registry) -> Reach {
+        if self.settings.registries.contains_key(registry) {
+            Reach::WithLoopback
+        } else {
+            Reach::Remote
+        }
+    }
+
     /// The registry's own base URL, without a trailing slash.
     fn base(&self, registry: &Registry) -> Result<String, UpstreamError> {
         if let Some(url) = self.settings.registries.get(registry).and_then(|r| r.url.as_ref()) {
@@ -293,50 +365,57 @@ impl Upstreams {
         if registry.is_docker_hub() {
             return Ok(DOCKER_HUB_URL.to_owned());
         }
-        // An unmapped name comes from the client (`ns=`). It may not aim at this node or at
-        // link-local space by IP; DNS names are checked when they resolve.
+        // A name from a client (`ns=`) that is an IP literal is refused here, before any
+        // request; DNS names are checked when they resolve.
         if let Some(ip) = registry.ip()
-            && (ip.is_loopback() || is_forbidden(ip))
+            && !self.reach(registry).allows(ip)
         {
-            return Err(UpstreamError::new(
-                registry,
-                UpstreamErrorKind::Forbidden(registry.to_string()),
-            ));
+            let refused = TargetError::Address {
+                uri: registry.to_string(),
+            };
+            return Err(UpstreamError::new(registry, UpstreamErrorKind::Forbidden(refused)));
         }
         Ok(format!("https://{registry}"))
     }
 
     /// The mirrors of a registry, then the registry itself.
-    fn origins(&self, registry: &Registry) -> Result<Vec<Origin<'_>>, UpstreamError> {
+    fn endpoints(&self, registry: &Registry) -> Result<Vec<Endpoint<'_>>, UpstreamError> {
         let settings = self.settings.registries.get(registry);
-        let mut origins = Vec::new();
+        let mut endpoints = Vec::new();
         for mirror in settings.map(|s| s.mirrors.as_slice()).unwrap_or_default() {
-            origins.push(self.origin(registry, mirror.to_string(), None)?);
+            endpoints.push(self.endpoint(registry, mirror.to_string(), None)?);
         }
         let own = settings
             .and_then(|s| s.credentials.as_ref())
             .or_else(|| self.settings.docker_config.lookup(registry, None));
-        origins.push(self.origin(registry, self.base(registry)?, own)?);
-        Ok(origins)
+        endpoints.push(self.endpoint(registry, self.base(registry)?, own)?);
+        Ok(endpoints)
     }
 
-    fn origin<'a>(
+    fn endpoint<'a>(
         &'a self,
         registry: &Registry,
         base: String,
         credentials: Option<&'a Credentials>,
-    ) -> Result<Origin<'a>, UpstreamError> {
+    ) -> Result<Endpoint<'a>, UpstreamError> {
         let base = base.trim_end_matches('/').to_owned();
-        let uri: Uri = base.parse().map_err(|e: http::uri::InvalidUri| {
-            UpstreamError::new(registry, UpstreamErrorKind::Request(format!("{base}: {e}")))
-        })?;
+        let uri: Uri = base
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::new(registry, UpstreamErrorKind::Request(e.into())))?;
         let authority = uri
             .authority()
             .map_or_else(String::new, |a| a.as_str().to_ascii_lowercase());
-        Ok(Origin {
+        let reach = self.reach(registry);
+        let answers_reach = if reach == Reach::WithLoopback && resolve::is_local(&uri) {
+            Reach::WithLoopback
+        } else {
+            Reach::Remote
+        };
+        Ok(Endpoint {
             credentials: credentials.or_else(|| self.settings.docker_config.lookup_host(&authority)),
-            allow_loopback: host_ip(&uri).is_some_and(|ip| ip.is_loopback()),
-            client: self.clients.get(registry).unwrap_or(&self.client),
+            client: self.clients.get(registry, reach),
+            answers: self.clients.get(registry, answers_reach),
+            answers_reach,
             base,
             authority,
         })
@@ -345,7 +424,7 @@ impl Upstreams {
     /// The rate-limit headers last seen from a registry's own URL.
     pub fn rate_limit(&self, registry: &Registry) -> Option<limits::RateLimit> {
         let base: Uri = self.base(registry).ok()?.parse().ok()?;
-        self.limits.rate_limit(base.authority()?.as_str())
+        self.rate_limits.rate_limit(base.authority()?.as_str())
     }
 
     /// Sends a GET or HEAD for a path outside the registry API to the registry's own URL,
@@ -358,25 +437,25 @@ impl Upstreams {
         path_and_query: &str,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(registry, kind);
-        let origin = self.origin(registry, self.base(registry)?, None)?;
-        let uri: Uri = format!("{}{path_and_query}", origin.base)
+        let endpoint = self.endpoint(registry, self.base(registry)?, None)?;
+        let uri: Uri = format!("{}{path_and_query}", endpoint.base)
             .parse()
-            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
         let request = Request::builder()
             .method(method)
             .uri(uri)
             .header(USER_AGENT, USER_AGENT_VALUE)
             .body(Full::default())
             .expect("request parts are valid");
-        match tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request)).await {
+        match tokio::time::timeout(HEADER_TIMEOUT, endpoint.client.request(request)).await {
             Err(_) => Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT))),
-            Ok(Err(e)) => Err(err(UpstreamErrorKind::Request(error_chain(&e)))),
+            Ok(Err(e)) => Err(err(Failure::from_client(e).kind)),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
 
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first
-    /// 2xx response. Anything else is an error, the registry's own when every origin failed.
+    /// 2xx response. Anything else is an error, the registry's own when every endpoint failed.
     pub async fn fetch(&self, req: Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
         if self.settings.offline {
             return Err(UpstreamError::new(
@@ -387,115 +466,70 @@ impl Upstreams {
                 },
             ));
         }
-        let origins = self.origins(req.registry)?;
-        let last = origins.len() - 1;
-        for (i, origin) in origins.iter().enumerate() {
-            match self.fetch_from(origin, &req).await {
+        let endpoints = self.endpoints(req.registry)?;
+        let last = endpoints.len() - 1;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match self.fetch_from(endpoint, &req).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if i == last => return Err(e),
                 Err(e) => {
-                    tracing::debug!(mirror = %origin.authority, error = %e, "mirror failed; trying the next origin")
+                    tracing::debug!(mirror = %endpoint.authority, error = %e, "mirror failed; trying the next endpoint")
                 }
             }
         }
-        unreachable!("a registry always has its own origin")
+        unreachable!("a registry always has its own endpoint")
     }
 
-    async fn fetch_from(&self, origin: &Origin<'_>, req: &Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
+    /// One request to one endpoint, following redirects, answering one auth challenge and
+    /// retrying connect errors, timeouts and 5xx a bounded number of times.
+    async fn fetch_from(&self, endpoint: &Endpoint<'_>, req: &Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(req.registry, kind);
-        if let Some(wait) = self.limits.closed_for(&origin.authority) {
+        if let Some(wait) = self.rate_limits.closed_for(&endpoint.authority) {
             return Err(err(UpstreamErrorKind::RateLimited(wait.as_secs().max(1))));
         }
         let mut uri: Uri = format!(
             "{}/v2/{}/{}/{}",
-            origin.base, req.repository, req.resource, req.reference
+            endpoint.base, req.repository, req.resource, req.reference
         )
         .parse()
-        .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.to_string())))?;
-        let origin_authority = uri.authority().cloned();
+        .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
+        let home = uri.authority().cloned();
         let scope = format!("repository:{}:pull", req.repository);
-        let mut auth = self.tokens.get(&origin.authority, &scope).or_else(|| {
-            let basic = self.basic.locked().contains(&origin.authority);
-            basic
-                .then(|| origin.credentials.and_then(Credentials::basic_header))
-                .flatten()
-        });
-        let mut auth_retried = false;
-        let mut attempt = 0;
-        let mut redirects = 0;
+        let mut auth = self.known_auth(endpoint, &scope);
+        let (mut auth_retried, mut attempt, mut redirects) = (false, 0, 0);
         loop {
-            let on_origin = uri.authority() == origin_authority.as_ref();
-            let mut builder = Request::builder()
-                .method(req.method.clone())
-                .uri(uri.clone())
-                .header(USER_AGENT, USER_AGENT_VALUE);
-            if let Some(accept) = req.accept {
-                builder = builder.header(ACCEPT, accept.clone());
-            }
-            if let Some(from) = req.from {
-                builder = builder.header(RANGE, format!("bytes={from}-"));
-            }
-            // Credentials go only to the registry itself, never to a redirect target.
-            if on_origin && let Some(auth) = &auth {
-                builder = builder.header(AUTHORIZATION, auth.clone());
-            }
-            let request = builder.body(Full::default()).expect("request parts are valid");
-            let sent = std::time::Instant::now();
-            let result = tokio::time::timeout(HEADER_TIMEOUT, origin.client.request(request)).await;
-            let registry_label = self.label(req.registry);
-            self.metrics
-                .duration
-                .with_label_values(&[registry_label, req.kind()])
-                .observe(sent.elapsed().as_secs_f64());
-            let status_class = match &result {
-                Ok(Ok(resp)) => crate::metrics::status_class(resp.status()),
-                _ => "error",
-            };
-            self.metrics
-                .requests
-                .with_label_values(&[registry_label, req.kind(), status_class])
-                .inc();
-            let resp = match result {
-                Err(_) if attempt + 1 < MAX_ATTEMPTS => {
+            // Credentials go only to the endpoint itself, never to a redirect target.
+            let on_endpoint = uri.authority() == home.as_ref();
+            let request = req.request(&uri, auth.as_ref().filter(|_| on_endpoint));
+            let client = if on_endpoint { endpoint.client } else { endpoint.answers };
+            let resp = match self.send(client, req, request).await {
+                Ok(resp) => resp,
+                Err(failure) if failure.retry && attempt + 1 < MAX_ATTEMPTS => {
                     attempt += 1;
+                    tracing::debug!(error = %error_chain(&failure.kind), attempt, "upstream request failed; retrying");
                     backoff(attempt).await;
                     continue;
                 }
-                Err(_) => return Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT))),
-                Ok(Err(e)) if e.is_connect() && attempt + 1 < MAX_ATTEMPTS => {
-                    attempt += 1;
-                    tracing::debug!(error = %error_chain(&e), attempt, "upstream connect failed; retrying");
-                    backoff(attempt).await;
-                    continue;
-                }
-                Ok(Err(e)) => return Err(err(UpstreamErrorKind::Request(error_chain(&e)))),
-                Ok(Ok(resp)) => resp,
+                Err(failure) => return Err(err(failure.kind)),
             };
+            if on_endpoint {
+                self.observe_rate_limit(endpoint, req.registry, resp.headers());
+            }
             let status = resp.status();
-            if on_origin && let Some(limit) = self.limits.observe(&origin.authority, resp.headers()) {
-                if let Some(remaining) = limit.remaining {
-                    let gauge = self.metrics.ratelimit_remaining.with_label_values(&[registry_label]);
-                    gauge.set(i64::try_from(remaining).unwrap_or(i64::MAX));
-                }
-                if let Some(max) = limit.limit {
-                    let gauge = self.metrics.ratelimit_limit.with_label_values(&[registry_label]);
-                    gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
-                }
-            }
             if status.is_redirection()
                 && let Some(location) = resp.headers().get(LOCATION)
             {
                 redirects += 1;
                 if redirects > MAX_REDIRECTS {
-                    return Err(err(UpstreamErrorKind::Redirect(format!("more than {MAX_REDIRECTS}"))));
+                    return Err(err(UpstreamErrorKind::TooManyRedirects(MAX_REDIRECTS)));
                 }
-                uri = resolve_location(&uri, location, origin.allow_loopback)
-                    .map_err(|m| err(UpstreamErrorKind::Redirect(m)))?;
+                uri = resolve_location(&uri, location, endpoint.answers_reach)
+                    .map_err(|e| err(UpstreamErrorKind::Redirect(e)))?;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && on_origin && !auth_retried {
+            if status == StatusCode::UNAUTHORIZED && on_endpoint && !auth_retried {
                 auth_retried = true;
-                auth = Some(self.authorize(origin, req, &scope, resp.headers()).await?);
+                auth = Some(self.authorize(endpoint, req, &scope, resp.headers()).await?);
                 continue;
             }
             if status.is_server_error() && attempt + 1 < MAX_ATTEMPTS {
@@ -506,28 +540,113 @@ impl Upstreams {
             if status.is_success() {
                 return Ok(resp);
             }
-            let kind = match status {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if origin.credentials.is_some() => {
-                    UpstreamErrorKind::CredentialsRefused { status }
-                }
-                StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired { status },
-                StatusCode::TOO_MANY_REQUESTS => {
-                    let retry_after = resp.headers().get(RETRY_AFTER);
-                    let wait = self.limits.close(&origin.authority, retry_after);
-                    tracing::warn!(origin = %origin.authority, wait_s = wait.as_secs(), "rate limited upstream");
-                    UpstreamErrorKind::Status {
-                        status,
-                        resource: req.resource,
-                        retry_after: retry_after.cloned(),
-                    }
-                }
-                _ => UpstreamErrorKind::Status {
+            return Err(err(self.refusal(endpoint, req, &resp)));
+        }
+    }
+
+    /// A token cached for the scope, or Basic credentials for an endpoint known to want them.
+    fn known_auth(&self, endpoint: &Endpoint<'_>, scope: &str) -> Option<HeaderValue> {
+        self.tokens.get(&endpoint.authority, scope).or_else(|| {
+            let basic = self.basic.locked().contains(&endpoint.authority);
+            basic
+                .then(|| endpoint.credentials.and_then(Credentials::basic_header))
+                .flatten()
+        })
+    }
+
+    /// Sends one request within the header timeout and counts it.
+    async fn send(
+        &self,
+        client: &HttpClient,
+        req: &Fetch<'_>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let sent = std::time::Instant::now();
+        let result = tokio::time::timeout(HEADER_TIMEOUT, client.request(request)).await;
+        let registry_label = self.label(req.registry);
+        self.metrics
+            .duration
+            .with_label_values(&[registry_label, req.kind()])
+            .observe(sent.elapsed().as_secs_f64());
+        let status_class = match &result {
+            Ok(Ok(resp)) => crate::metrics::status_class(resp.status()),
+            _ => "error",
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[registry_label, req.kind(), status_class])
+            .inc();
+        match result {
+            Err(_) => Err(Failure {
+                kind: UpstreamErrorKind::Timeout(HEADER_TIMEOUT),
+                retry: true,
+            }),
+            Ok(Err(e)) => Err(Failure::from_client(e)),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// Keeps Docker Hub's rate-limit headers for the gauges.
+    fn observe_rate_limit(&self, endpoint: &Endpoint<'_>, registry: &Registry, headers: &http::HeaderMap) {
+        let Some(limit) = self.rate_limits.observe(&endpoint.authority, headers) else {
+            return;
+        };
+        let label = self.label(registry);
+        if let Some(remaining) = limit.remaining {
+            let gauge = self.metrics.ratelimit_remaining.with_label_values(&[label]);
+            gauge.set(i64::try_from(remaining).unwrap_or(i64::MAX));
+        }
+        if let Some(max) = limit.limit {
+            let gauge = self.metrics.ratelimit_limit.with_label_values(&[label]);
+            gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// What a final non-2xx answer means; a 429 also closes the endpoint for its Retry-After.
+    fn refusal(&self, endpoint: &Endpoint<'_>, req: &Fetch<'_>, resp: &Response<Incoming>) -> UpstreamErrorKind {
+        let status = resp.status();
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if endpoint.credentials.is_some() => {
+                UpstreamErrorKind::CredentialsRefused { status }
+            }
+            StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired { status },
+            StatusCode::TOO_MANY_REQUESTS => {
+                let retry_after = resp.headers().get(RETRY_AFTER);
+                let wait = self.rate_limits.close(&endpoint.authority, retry_after);
+                tracing::warn!(endpoint = %endpoint.authority, wait_s = wait.as_secs(), "rate limited upstream");
+                UpstreamErrorKind::Status {
                     status,
                     resource: req.resource,
-                    retry_after: None,
-                },
+                    retry_after: retry_after.cloned(),
+                }
+            }
+            _ => UpstreamErrorKind::Status {
+                status,
+                resource: req.resource,
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// A request that got no response, and whether trying again may help.
+struct Failure {
+    kind: UpstreamErrorKind,
+    retry: bool,
+}
+
+impl Failure {
+    /// A connection refused by the address policy is final; other connect errors may pass.
+    fn from_client(e: hyper_util::client::legacy::Error) -> Failure {
+        if let Some(refused) = resolve::refusal(&e) {
+            return Failure {
+                kind: UpstreamErrorKind::Forbidden(refused.clone()),
+                retry: false,
             };
-            return Err(err(kind));
+        }
+        Failure {
+            retry: e.is_connect(),
+            kind: UpstreamErrorKind::Request(e.into()),
         }
     }
 }
@@ -575,5 +694,34 @@ mod tests {
         for forbidden in ["127.0.0.1:5000", "169.254.169.254", "0.0.0.0"] {
             assert!(up.base(&Registry::parse(forbidden).unwrap()).is_err(), "{forbidden}");
         }
+    }
+
+    /// Loopback is in reach of mapped registries; what their answers point at (redirects,
+    /// realms) only when the mapping itself is on this node, never for a remote registry.
+    #[test]
+    fn reach_follows_the_mapping() {
+        let mut settings = Settings::default();
+        for (name, url) in [
+            ("local.test", "http://localhost:5000"),
+            ("remote.test", "https://10.0.0.5"),
+        ] {
+            settings.registries.insert(
+                Registry::parse(name).unwrap(),
+                RegistrySettings {
+                    url: Some(url.parse().unwrap()),
+                    ..RegistrySettings::default()
+                },
+            );
+        }
+        let up = Upstreams::new(settings, Metrics::register(&prometheus::Registry::new()).unwrap());
+        let reach = |name: &str| {
+            let registry = Registry::parse(name).unwrap();
+            let endpoint = up.endpoint(&registry, up.base(&registry).unwrap(), None).unwrap();
+            (up.reach(&registry), endpoint.answers_reach)
+        };
+        assert_eq!(reach("local.test"), (Reach::WithLoopback, Reach::WithLoopback));
+        assert_eq!(reach("remote.test"), (Reach::WithLoopback, Reach::Remote));
+        assert_eq!(reach("ghcr.io"), (Reach::Remote, Reach::Remote));
+        assert_eq!(reach("docker.io"), (Reach::Remote, Reach::Remote));
     }
 }

@@ -13,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::HttpClient;
-use super::resolve::GuardedResolver;
+use super::resolve::{GuardedResolver, Reach};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -30,8 +30,8 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     Ok(certs)
 }
 
-/// A client trusting the public roots plus `extra`.
-pub(super) fn client(extra: &[CertificateDer<'static>]) -> HttpClient {
+/// A client trusting the public roots plus `extra`, connecting only where `reach` allows.
+pub(super) fn client(extra: &[CertificateDer<'static>], reach: Reach) -> HttpClient {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -44,7 +44,7 @@ pub(super) fn client(extra: &[CertificateDer<'static>]) -> HttpClient {
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver);
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver(reach));
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);

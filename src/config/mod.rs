@@ -1,0 +1,319 @@
+//! Configuration: the command line with its subcommands, and what `serve` runs with. Each of
+//! `serve`'s settings is defined once, in [`serve`]: a flag, a `PULLCACHE_*` variable and a key
+//! in the TOML file, validated together before anything starts, so a bad setting fails the
+//! start (exit 64) rather than a pull.
+
+mod serve;
+
+pub use serve::{RegistryEntry, ServeArgs, Size, Upstream};
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::oci::{ImageRef, Registry};
+use crate::store::{self, MinFree};
+use crate::upstream::{self, RegistrySettings};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
+const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+/// kubelet evicts pods when the node filesystem's free space drops under 10%.
+const DEFAULT_MIN_FREE: MinFree = MinFree::Percent(10.0);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pullcache",
+    version,
+    about = "A node-level pull-through cache for container images"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format: human-readable text or one JSON object per line. Filter with RUST_LOG.
+    #[arg(long, env = "PULLCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the registry API as a pull-through cache (containerd mirror, or HTTPS proxy with
+    /// --ca-dir).
+    Serve(Box<ServeArgs>),
+    /// Manage the CA that intercept mode signs registry certificates with.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Re-hash every blob in a cache and quarantine those that do not match their digest
+    /// (for suspected disk corruption). Exit 0 when all match, 1 when some were quarantined.
+    Verify {
+        /// The cache directory (default as for `serve`). Best run while pullcache is stopped.
+        #[arg(long, env = "PULLCACHE_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Fetch images into a cache ahead of time: into a running pullcache (--server), or into
+    /// a cache directory, fetched with serve's upstream flags. Shows a progress bar on a
+    /// terminal.
+    Prefetch(Box<PrefetchArgs>),
+    /// Write images as an OCI image layout tarball (skopeo, crane and containerd read it),
+    /// from a cache directory; what it lacks is fetched with serve's upstream flags first.
+    Export(Box<ExportArgs>),
+    /// Read an OCI image layout (tarball or directory) or a `docker save` tarball into a
+    /// cache. Every blob is verified first; a bad bundle changes nothing. Safe while
+    /// pullcache serves the same cache.
+    Import(ImportArgs),
+    /// Wire the node's containerd to pullcache through certs.d hosts.toml files, or undo it.
+    #[command(subcommand, name = "containerd-config")]
+    ContainerdConfig(ContainerdCommand),
+}
+
+/// Which images, for `prefetch` and `export`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Images by tag or digest: `alpine:3.20`, `ghcr.io/org/app@sha256:...`.
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<String>,
+    /// A file with one image per line (blank lines and `#` comments are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+    /// Only these platforms of a multi-platform image (`linux/amd64`, `linux/arm64/v8`).
+    /// Repeatable; default: every platform.
+    #[arg(long = "platform", value_name = "OS/ARCH", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PrefetchArgs {
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// A running pullcache's registry API to warm, e.g. http://127.0.0.1:5000. Without it,
+    /// the cache directory is filled directly.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// The tarball to write.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// Bundles: OCI image layout tarballs or directories, or `docker save` tarballs.
+    #[arg(value_name = "BUNDLE", required = true)]
+    pub bundles: Vec<PathBuf>,
+    /// The cache directory (default as for `serve`).
+    #[arg(long, env = "PULLCACHE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// A name for a bundle's single image when the bundle names none (skopeo writes no name
+    /// unless given one).
+    #[arg(long, value_name = "IMAGE", value_parser = parse_image)]
+    pub name: Option<ImageRef>,
+    /// Pin what is imported: eviction never removes it.
+    #[arg(long)]
+    pub pin: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerdCommand {
+    /// Put pullcache first in hosts.toml for each registry (default: `_default`, every
+    /// registry), keeping the registry as the fallback. Existing files are backed up and
+    /// merged; running it again changes nothing.
+    Install {
+        /// containerd's certs.d directory (its CRI registry `config_path`).
+        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
+        certs_dir: PathBuf,
+        /// pullcache's address as containerd reaches it.
+        #[arg(long, env = "PULLCACHE_MIRROR", default_value = "http://127.0.0.1:5000")]
+        mirror: String,
+        /// A registry to send through pullcache, as containerd names it. Repeatable.
+        #[arg(long = "registry", env = "PULLCACHE_REGISTRIES", value_delimiter = ',', value_parser = parse_registry)]
+        registries: Vec<Registry>,
+        /// containerd's config file, checked for `config_path`.
+        #[arg(
+            long,
+            env = "PULLCACHE_CONTAINERD_CONFIG",
+            default_value = "/etc/containerd/config.toml"
+        )]
+        containerd_config: PathBuf,
+        /// Fail (exit 1) when containerd's config_path does not include the certs dir.
+        #[arg(long, env = "PULLCACHE_STRICT")]
+        strict: bool,
+    },
+    /// Restore every hosts.toml install changed, exactly, and remove what it created.
+    Uninstall {
+        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
+        certs_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (ECDSA P-256; the key file is mode 0600) in a directory, or in a
+    /// Kubernetes Secret if that Secret does not exist yet. Never replaces one.
+    Init {
+        /// Directory for ca.key and ca.crt.
+        #[arg(
+            long,
+            env = "PULLCACHE_CA_DIR",
+            required_unless_present = "k8s_secret",
+            conflicts_with = "k8s_secret"
+        )]
+        dir: Option<PathBuf>,
+        /// A Secret to create (keys ca.key and ca.crt), with the in-cluster service account or
+        /// $KUBECONFIG.
+        #[arg(long, env = "PULLCACHE_CA_SECRET", value_name = "NAME")]
+        k8s_secret: Option<String>,
+        /// The Secret's namespace; default: the pod's own (or the kubeconfig's).
+        #[arg(long, env = "PULLCACHE_NAMESPACE", requires = "k8s_secret")]
+        namespace: Option<String>,
+    },
+    /// Print the CA certificate (PEM) to install in node trust stores.
+    Cert {
+        #[arg(long, env = "PULLCACHE_CA_DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// What [`crate::run`] needs, resolved from the flags and files.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    pub tag_ttl: Duration,
+    /// Registries whose tags live longer or shorter than `tag_ttl`.
+    pub tag_ttls: HashMap<Registry, Duration>,
+    pub upstream: upstream::Settings,
+    /// HTTPS intercept mode, when on.
+    pub intercept: Option<InterceptSettings>,
+    /// Disk budget and pins.
+    pub budget: store::Budget,
+    pub limits: crate::server::ConnectionLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct InterceptSettings {
+    pub ca_dir: PathBuf,
+    pub tunnel_allow: Vec<String>,
+    /// Intercepted besides Docker Hub and the configured registries.
+    pub registries: Vec<Registry>,
+}
+
+impl Config {
+    /// Defaults, with the cache in `cache_dir`.
+    pub fn new(cache_dir: PathBuf) -> Config {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("default address is valid"),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().expect("default address is valid"),
+            cache_dir,
+            tag_ttl: DEFAULT_TAG_TTL,
+            tag_ttls: HashMap::new(),
+            upstream: upstream::Settings::default(),
+            intercept: None,
+            budget: store::Budget {
+                min_free: DEFAULT_MIN_FREE,
+                ..store::Budget::default()
+            },
+            limits: crate::server::ConnectionLimits::default(),
+        }
+    }
+
+    /// The settings of one registry, created empty on first use.
+    pub fn registry(&mut self, registry: Registry) -> &mut RegistrySettings {
+        self.upstream.registries.entry(registry).or_default()
+    }
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// What `serve --check-config` prints: every setting as it will be used. Credentials are
+    /// counted, never shown.
+    pub fn summary(&self) -> String {
+        let mut registries: Vec<_> = self.upstream.registries.keys().map(Registry::as_str).collect();
+        registries.sort_unstable();
+        let intercept = match &self.intercept {
+            None => "off".to_owned(),
+            Some(i) => format!(
+                "CA in {}; tunnel {}; also intercept {}",
+                i.ca_dir.display(),
+                i.tunnel_allow.join(", "),
+                i.registries.iter().map(Registry::as_str).collect::<Vec<_>>().join(", "),
+            ),
+        };
+        let pins: Vec<String> = self.budget.pins.iter().map(ToString::to_string).collect();
+        let lines = [
+            ("listen", self.listen.to_string()),
+            ("metrics_listen", self.metrics_listen.to_string()),
+            ("cache_dir", self.cache_dir.display().to_string()),
+            (
+                "cache_max_size",
+                self.budget.max_size.map_or("none".to_owned(), |b| format!("{b} bytes")),
+            ),
+            ("cache_min_free", self.budget.min_free.to_string()),
+            ("pins", pins.join(", ")),
+            ("tag_ttl", humantime::format_duration(self.tag_ttl).to_string()),
+            ("registries", registries.join(", ")),
+            ("upstream_ca", format!("{} certificates", self.upstream.roots.len())),
+            (
+                "docker_config",
+                format!("{} registries with credentials", self.upstream.docker_config.len()),
+            ),
+            ("offline", self.upstream.offline.to_string()),
+            ("max_connections", self.limits.max_connections.to_string()),
+            ("intercept", intercept),
+        ];
+        let mut out = String::from("configuration ok\n");
+        for (key, value) in lines {
+            out.push_str(&format!("  {key:<16} {value}\n"));
+        }
+        out
+    }
+}
+
+fn parse_image(s: &str) -> Result<ImageRef, String> {
+    ImageRef::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_registry(s: &str) -> Result<Registry, String> {
+    Registry::parse(s).map_err(|e| e.to_string())
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/pullcache");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("pullcache")
+}
+
+/// The effective uid is the owner of `/proc/self`.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
