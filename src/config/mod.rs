@@ -1,7 +1,7 @@
 //! Configuration: the command line with its subcommands, and what `serve` runs with. Each of
-//! `serve`'s settings is defined once, in `config::serve` ([`ServeArgs`]): a flag, a `PULLCACHE_*` variable and a key
-//! in the TOML file, validated together before anything starts, so a bad setting fails the
-//! start (exit 64) rather than a pull.
+//! `serve`'s settings is defined once, in [`ServeArgs`]: a flag, a `PULLCACHE_*` variable and a
+//! key in the TOML file, validated together before anything starts, so a bad setting fails
+//! the start (exit 64) rather than a pull.
 
 mod serve;
 
