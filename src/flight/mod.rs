@@ -13,7 +13,6 @@
 //! itself) instead of retrying a download that cannot verify. A failure mid-body gives
 //! containerd no such chance.
 
-mod coalesce;
 mod spill;
 mod tail;
 
@@ -38,7 +37,6 @@ use crate::oci::{Digest, Registry, Repository};
 use crate::store::{Blob, CommitError, Store, TempBlob};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
-pub use coalesce::{Abandoned, Coalesce};
 use spill::Spill;
 pub use tail::{Chunk, FileSpan, Tail};
 
