@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::coalesce::Abandoned;
 use crate::oci::{DigestError, NameError};
 use crate::store::StoreError;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
@@ -77,8 +78,8 @@ impl Error {
     }
 }
 
-impl From<crate::flight::Abandoned> for Error {
-    fn from(e: crate::flight::Abandoned) -> Self {
+impl From<Abandoned> for Error {
+    fn from(e: Abandoned) -> Self {
         Error::Internal(e.to_string())
     }
 }

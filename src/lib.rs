@@ -1,7 +1,8 @@
 //! pullcache: a node-level pull-through cache for container images.
 //!
 //! The request path, in module order: [`server`] accepts and routes a request; [`manifests`]
-//! answers manifests from the [`store`] (tags through the tag index); blobs come from the
+//! answers manifests from the [`store`] (tags through the tag index), concurrent misses for one
+//! tag or digest sharing a single upstream lookup through [`coalesce`]; blobs come from the
 //! [`store`] or a [`flight`], the one download per digest that every client tails; misses go
 //! through the [`upstream`] client. [`intercept`] makes the same listener an HTTPS proxy that
 //! terminates TLS for registry hosts. [`oci`] holds the grammar everything is validated
@@ -9,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod coalesce;
 pub mod config;
 pub mod containerd;
 pub mod error;

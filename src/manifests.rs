@@ -11,8 +11,8 @@ use http::header::CONTENT_TYPE;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
+use crate::coalesce::Coalesce;
 use crate::error::{Error, Result};
-use crate::flight::Coalesce;
 use crate::oci::MAX_MANIFEST_SIZE;
 use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
 use crate::store::{CommitError, Store, TagKey, TagRecord};

@@ -13,7 +13,6 @@
 //! itself) instead of retrying a download that cannot verify. A failure mid-body gives
 //! containerd no such chance.
 
-mod coalesce;
 mod spill;
 mod tail;
 
@@ -38,7 +37,6 @@ use crate::oci::{Digest, Registry, Repository};
 use crate::store::{Blob, CommitError, Store, TempBlob};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
-pub use coalesce::{Abandoned, Coalesce};
 use spill::Spill;
 pub use tail::{Chunk, FileSpan, Tail};
 
@@ -202,22 +200,28 @@ impl Flights {
         let mut active = self.active.locked();
         // A pass-through flight that has dropped bytes from memory cannot serve a newcomer
         // from the start; the newcomer gets a flight of its own, outside `active`.
-        let mut shared = true;
-        if let Some(flight) = active.get(digest) {
-            if !flight.spill.lost_bytes() {
-                flight.waiters.fetch_add(1, Ordering::Relaxed);
-                return Ok(BlobSource::Flight {
-                    flight: flight.clone(),
-                    joined: true,
-                });
-            }
-            shared = false;
-        }
+        let shared = match active.get(digest) {
+            Some(flight) if !flight.spill.lost_bytes() => return Ok(join(flight)),
+            Some(_) => false,
+            None => true,
+        };
         // A flight commits before it leaves `active`, so under the lock a second look at the
         // store closes the gap between the first look and here.
         if let Some(blob) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored(blob));
         }
+        self.check_fetchable(registry, repository, digest)?;
+        let (flight, download, temp) = self.prepare(registry, repository, digest)?;
+        if shared {
+            active.insert(digest.clone(), flight.clone());
+        }
+        self.launch(download, temp, flight.clone());
+        Ok(BlobSource::Flight { flight, joined: false })
+    }
+
+    /// Fails before any header when no download may start: the cache is offline, or the
+    /// upstream lately served bytes that failed `digest`.
+    fn check_fetchable(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<(), Error> {
         if self.upstreams.is_offline() {
             return Err(UpstreamError::new(
                 registry,
@@ -228,13 +232,22 @@ impl Flights {
             )
             .into());
         }
-        {
-            let mut refused = self.refused.locked();
-            refused.retain(|_, (until, _)| *until > Instant::now());
-            if let Some((_, error)) = refused.get(digest) {
-                return Err(Error::Shared(error.clone()));
-            }
+        let mut refused = self.refused.locked();
+        refused.retain(|_, (until, _)| *until > Instant::now());
+        match refused.get(digest) {
+            Some((_, error)) => Err(Error::Shared(error.clone())),
+            None => Ok(()),
         }
+    }
+
+    /// A new flight and the download that feeds it: into a temp file, or, when none can be
+    /// created, passed through from memory from the first byte.
+    fn prepare(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<(Arc<Flight>, Download, Option<TempBlob>), Error> {
         let spill = Arc::new(Spill::default());
         let temp = match self.store.temp_blob() {
             Ok(temp) => Some(temp),
@@ -257,9 +270,6 @@ impl Flights {
             spill: spill.clone(),
             progress: rx,
         });
-        if shared {
-            active.insert(digest.clone(), flight.clone());
-        }
         let download = Download {
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
@@ -270,39 +280,59 @@ impl Flights {
             spill,
             metrics: self.metrics.clone(),
         };
+        Ok((flight, download, temp))
+    }
+
+    /// Runs `download` in a task of its own, so no client's disconnect cancels it; when it
+    /// ends, publishes how, and takes `flight` out of `active`.
+    fn launch(&self, download: Download, temp: Option<TempBlob>, flight: Arc<Flight>) {
         let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
-        let counted = flight.clone();
         metrics.inflight.inc();
         tokio::spawn(async move {
             let digest = download.digest.clone();
             let progress = download.progress.clone();
             let state = match download.run(temp).await {
                 Ok(()) => FlightState::Done,
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
-                    let e = Arc::new(e);
-                    if is_mismatch(&e) {
-                        metrics.verify_failures.inc();
-                        let until = Instant::now() + MISMATCH_MEMORY;
-                        refused.locked().insert(digest.clone(), (until, e.clone()));
-                    }
-                    FlightState::Failed(e)
-                }
+                Err(e) => FlightState::Failed(failed(&digest, e, &refused, &metrics)),
             };
             progress.send_modify(|p| p.state = state);
-            // Leaving `active` under its lock: no one joins after the waiters are read.
-            let waiters = {
-                let mut active = active.locked();
-                if active.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &counted)) {
-                    active.remove(&digest);
-                }
-                counted.waiters.load(Ordering::Relaxed)
-            };
+            let waiters = land(&active, &digest, &flight);
             metrics.inflight.dec();
             metrics.waiters.observe(waiters as f64);
         });
-        Ok(BlobSource::Flight { flight, joined: false })
     }
+}
+
+/// Joins a running flight as one more waiter.
+fn join(flight: &Arc<Flight>) -> BlobSource {
+    flight.waiters.fetch_add(1, Ordering::Relaxed);
+    BlobSource::Flight {
+        flight: flight.clone(),
+        joined: true,
+    }
+}
+
+/// Logs a download's failure; bytes that failed the digest get the digest refused for a while.
+fn failed(digest: &Digest, e: Error, refused: &Refused, metrics: &Metrics) -> Arc<Error> {
+    tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
+    let e = Arc::new(e);
+    if is_mismatch(&e) {
+        metrics.verify_failures.inc();
+        let until = Instant::now() + MISMATCH_MEMORY;
+        refused.locked().insert(digest.clone(), (until, e.clone()));
+    }
+    e
+}
+
+/// Takes an ended flight out of `active` (unless another has taken its place there) and
+/// returns how many clients it served.
+fn land(active: &Active, digest: &Digest, flight: &Arc<Flight>) -> u64 {
+    // Leaving `active` under its lock: no one joins after the waiters are read.
+    let mut active = active.locked();
+    if active.get(digest).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+        active.remove(digest);
+    }
+    flight.waiters.load(Ordering::Relaxed)
 }
 
 fn is_mismatch(e: &Error) -> bool {
@@ -330,106 +360,129 @@ struct Download {
 impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
     async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
-        let digest = self.digest.to_string();
-        let request = |from| Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
-        let resp = self.upstreams.fetch(request(None)).await?;
+        let resp = self.fetch_from(None).await?;
         let size = content_length(&resp);
         self.progress.send_modify(|p| {
             p.size = size;
             p.state = FlightState::Streaming;
         });
-
-        let (tx, mut queue) = mpsc::unbounded_channel();
-        let chunks = WriteQueue {
-            tx,
-            room: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES as usize)),
-        };
-        let writer = {
-            let mut sink = match temp {
-                Some(temp) => Sink::Disk(temp),
-                None => Sink::Memory {
-                    hasher: Sha256::new(),
-                    size: 0,
-                },
-            };
-            let (progress, spill, metrics, store) = (
-                self.progress.clone(),
-                self.spill.clone(),
-                self.metrics.clone(),
-                self.store.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                let on_failure = |e: &crate::store::StoreError| {
-                    tracing::warn!(error = %e, "cache write failed; passing the blob through, storing nothing");
-                    metrics.write_failures.inc();
-                    store.report_full_disk();
-                };
-                // Each chunk's permit goes back to the queue's room once it is written.
-                while let Some((chunk, _room)) = queue.blocking_recv() {
-                    let since = sink.size();
-                    sink = sink.write(chunk, &spill, &progress, &on_failure);
-                    // Write more of what is already queued before waking readers, so a fast
-                    // upstream does not cost one wake-up per small frame; but not much more,
-                    // or the first bytes of a miss wait for it.
-                    while sink.size() - since < WAKE_EVERY
-                        && let Ok((chunk, _room)) = queue.try_recv()
-                    {
-                        sink = sink.write(chunk, &spill, &progress, &on_failure);
-                    }
-                    let written = sink.size();
-                    progress.send_modify(|p| p.written = written);
-                }
-                sink
-            })
-        };
+        let (chunks, writer) = self.spawn_writer(temp);
         let mut stream = BodyStream {
             body: resp.into_body(),
             size,
             received: 0,
             skip: 0,
         };
-        let mut resumes = 0;
-        // A body that breaks is resumed from where it broke; readers see one body.
-        let body_error = loop {
-            let message = match stream.pump(&chunks).await {
-                Pumped::End | Pumped::WriterGone => break None,
-                Pumped::Broken(message) => message,
-            };
-            if resumes == MAX_RESUMES {
-                break Some(format!("{message} (after {resumes} resumes)"));
-            }
-            resumes += 1;
-            let from = stream.received;
-            tracing::warn!(from, resumes, error = %message, "upstream body broke; resuming");
-            match self.upstreams.fetch(request(Some(from))).await {
-                Ok(resp) => {
-                    if let Err(message) = stream.resume(resp) {
-                        break Some(message);
-                    }
-                }
-                Err(e) => break Some(format!("{message}; resuming failed: {e}")),
-            }
-        };
+        let body_error = self.pump_resuming(&mut stream, &chunks).await;
         drop(chunks);
         self.upstreams.count_bytes(&self.registry, stream.received);
         let sink = writer.await.map_err(|e| Error::Internal(format!("blob writer: {e}")))?;
         if let Some(message) = body_error {
             return Err(self.upstream_error(UpstreamErrorKind::Body(message.into())));
         }
-        let temp = match sink {
-            Sink::Disk(temp) => temp,
-            Sink::Memory { hasher, size: actual } => {
-                let digest = Digest::from_hasher(hasher);
-                if digest != self.digest || size.is_some_and(|size| size != actual) {
-                    return Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
-                        expected: self.digest.to_string(),
-                        actual: format!("{digest} ({actual} bytes)"),
-                    }));
-                }
-                tracing::info!(bytes = actual, "passed through and verified; not cached");
-                return Ok(());
-            }
+        match sink {
+            Sink::Disk(temp) => self.commit(temp, size).await,
+            Sink::Memory { hasher, size: actual } => self.verify_passed_through(hasher, actual, size),
+        }
+    }
+
+    /// The upstream's response to a GET of the blob, from offset `from` on.
+    async fn fetch_from(&self, from: Option<u64>) -> Result<Response<Incoming>, UpstreamError> {
+        let digest = self.digest.to_string();
+        let request = Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
+        self.upstreams.fetch(request).await
+    }
+
+    /// Starts the blocking thread that writes (and hashes) what the network task queues,
+    /// into `temp` or, without one or once a write fails, into the spill window. It returns
+    /// the sink when the queue closes.
+    fn spawn_writer(&self, temp: Option<TempBlob>) -> (WriteQueue, tokio::task::JoinHandle<Sink>) {
+        let (tx, mut queue) = mpsc::unbounded_channel();
+        let chunks = WriteQueue {
+            tx,
+            room: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES as usize)),
         };
+        let mut sink = match temp {
+            Some(temp) => Sink::Disk(temp),
+            None => Sink::Memory {
+                hasher: Sha256::new(),
+                size: 0,
+            },
+        };
+        let (progress, spill, metrics, store) = (
+            self.progress.clone(),
+            self.spill.clone(),
+            self.metrics.clone(),
+            self.store.clone(),
+        );
+        let writer = tokio::task::spawn_blocking(move || {
+            let on_failure = |e: &crate::store::StoreError| {
+                tracing::warn!(error = %e, "cache write failed; passing the blob through, storing nothing");
+                metrics.write_failures.inc();
+                store.report_full_disk();
+            };
+            // Each chunk's permit goes back to the queue's room once it is written.
+            while let Some((chunk, _room)) = queue.blocking_recv() {
+                let since = sink.size();
+                sink = sink.write(chunk, &spill, &progress, &on_failure);
+                // Write more of what is already queued before waking readers, so a fast
+                // upstream does not cost one wake-up per small frame; but not much more,
+                // or the first bytes of a miss wait for it.
+                while sink.size() - since < WAKE_EVERY
+                    && let Ok((chunk, _room)) = queue.try_recv()
+                {
+                    sink = sink.write(chunk, &spill, &progress, &on_failure);
+                }
+                let written = sink.size();
+                progress.send_modify(|p| p.written = written);
+            }
+            sink
+        });
+        (chunks, writer)
+    }
+
+    /// Pumps the body into the writer to its end. A body that breaks is resumed from where it
+    /// broke, so readers see one body; what is returned is why it could not be.
+    async fn pump_resuming(&self, stream: &mut BodyStream, chunks: &WriteQueue) -> Option<String> {
+        let mut resumes = 0;
+        loop {
+            let message = match stream.pump(chunks).await {
+                Pumped::End | Pumped::WriterGone => return None,
+                Pumped::Broken(message) => message,
+            };
+            if resumes == MAX_RESUMES {
+                return Some(format!("{message} (after {resumes} resumes)"));
+            }
+            resumes += 1;
+            let from = stream.received;
+            tracing::warn!(from, resumes, error = %message, "upstream body broke; resuming");
+            match self.fetch_from(Some(from)).await {
+                Ok(resp) => {
+                    if let Err(message) = stream.resume(resp) {
+                        return Some(message);
+                    }
+                }
+                Err(e) => return Some(format!("{message}; resuming failed: {e}")),
+            }
+        }
+    }
+
+    /// Checks a passed-through blob against its digest and the size the upstream announced;
+    /// nothing is committed either way.
+    fn verify_passed_through(&self, hasher: Sha256, actual: u64, size: Option<u64>) -> Result<(), Error> {
+        let digest = Digest::from_hasher(hasher);
+        if digest != self.digest || size.is_some_and(|size| size != actual) {
+            return Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
+                expected: self.digest.to_string(),
+                actual: format!("{digest} ({actual} bytes)"),
+            }));
+        }
+        tracing::info!(bytes = actual, "passed through and verified; not cached");
+        Ok(())
+    }
+
+    /// Commits the temp file to the store, which checks it against the digest and `size`.
+    async fn commit(&self, temp: TempBlob, size: Option<u64>) -> Result<(), Error> {
         let store = self.store.clone();
         let digest = self.digest.clone();
         let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size))

@@ -1,6 +1,6 @@
 //! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, plus hosts.toml writing.
 //!
-//! Verified with containerd 1.6.20 (see tests/support_smoke.rs):
+//! Verified with containerd 1.6.20 (see tests/harness/containerd.rs):
 //! * Every request to a host that is not the ref's own registry host (mirror
 //!   AND `server`) carries `?ns=<ref registry host>`, e.g.
 //!   `HEAD /v2/foo/bar/manifests/v1?ns=testreg.local`. A ref `127.0.0.1:PORT/..`

@@ -1,6 +1,6 @@
 //! htpasswd files with bcrypt entries, as distribution's `auth.htpasswd` reads them.
 //!
-//! Verified against distribution 2.8.2 (tests/auth_smoke.rs): `$2y$` (what
+//! Verified against distribution 2.8.2 (tests/harness/auth.rs): `$2y$` (what
 //! `htpasswd -B` writes), `$2b$` and `$2a$` hashes are all accepted.
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! A Docker token service (`auth.token` issuer) whose ES256 JWTs the real distribution registry accepts.
 //!
-//! Verified against distribution 2.8.2 (tests/auth_smoke.rs, plus skopeo as a
+//! Verified against distribution 2.8.2 (tests/harness/auth.rs, plus skopeo as a
 //! third-party client):
 //! * The registry verifies the JWS header's `x5c` chain (standard base64 DER,
 //!   leaf first) against `rootcertbundle`; a self-signed leaf that is itself

@@ -1,16 +1,18 @@
-//! Smoke tests for the upstream TLS / basic auth / token auth helpers, against the real distribution registry, curl and skopeo.
-
-mod support;
+//! The upstream TLS, basic auth and token auth helpers (`support::tls`, `support::htpasswd`,
+//! `support::token_service`, `support::registry`'s options) against the real distribution
+//! registry, curl and skopeo: what distribution accepts is what pullcache's tests can rely on.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::Value;
-use support::htpasswd;
-use support::images::{self, PushedImage, sha256_digest};
-use support::registry::{BASIC_REALM, Registry, RegistryOptions};
-use support::tls::TestCa;
-use support::token_service::{self, TokenService};
+
+use crate::support;
+use crate::support::htpasswd;
+use crate::support::images::{self, PushedImage, sha256_digest};
+use crate::support::registry::{BASIC_REALM, Registry, RegistryOptions};
+use crate::support::tls::TestCa;
+use crate::support::token_service::{self, TokenService};
 
 const REPO: &str = "team/app";
 const TAG: &str = "v1";
