@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the real components the end-to-end tests drive (Debian packages): the CNCF
-# distribution registry as upstream, containerd + ctr and skopeo as clients, and curl as a
-# TLS client for intercept and TLS-registry checks.
+# distribution registry as upstream, containerd + ctr, skopeo and podman (pulling through
+# registries.conf mirrors, as CRI-O does) as clients, and curl as a TLS client for intercept
+# and TLS-registry checks. A podman pull runs no container: it needs the package's own
+# dependencies only, none of its recommends.
 set -euo pipefail
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
 command -v skopeo >/dev/null || need+=(skopeo)
+command -v podman >/dev/null || need+=(podman)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 # libFuzzer, built by the fuzz targets, is C++.
 command -v g++ >/dev/null || need+=(g++)

@@ -1,4 +1,4 @@
-//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd, a recording HTTP spy, TLS/basic/token auth for the upstream.
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream.
 #![allow(dead_code)]
 
 pub mod binary;
@@ -7,6 +7,7 @@ pub mod fault_upstream;
 pub mod htpasswd;
 pub mod images;
 pub mod kube_api;
+pub mod podman;
 pub mod pullcache;
 pub mod registry;
 pub mod skopeo;

@@ -366,6 +366,14 @@ impl Registry {
         self.access_log_count(method, path_contains)
     }
 
+    /// The access-log entries after the first `before` (a count taken earlier from
+    /// [`Registry::access_log`]), read after a short settle, since a line is written only once
+    /// its handler returned: empty when nothing reached the registry in between.
+    pub async fn requests_since(&self, before: usize) -> Vec<AccessLogEntry> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.access_log().into_iter().skip(before).collect()
+    }
+
     /// Kill the registry and wait for it to exit; the port is closed afterwards.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
