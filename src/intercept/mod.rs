@@ -6,28 +6,24 @@
 //! - a host on the tunnel allow-list (token and CDN hosts) is tunnelled byte for byte;
 //! - everything else is refused with 403: this is no open proxy. Link-local, metadata and
 //!   loopback targets are always refused unless they are an explicitly configured registry.
+//!
+//! This module owns the decisions, the CA, the TLS handshake and the [`tunnel`]s;
+//! `server::proxy` answers the proxy requests with them.
 
 mod ca;
 mod secret;
+pub mod tunnel;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus::IntCounterVec;
+use tokio_rustls::server::TlsStream;
 
 pub use ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
 pub use secret::{SecretOutcome, init_secret};
 
 use crate::oci::Registry;
-use crate::server::response::{self, Body};
-use crate::upstream::Upstreams;
 
 /// Token and CDN hosts of the default registries, tunnelled unless configured otherwise.
 pub const DEFAULT_TUNNEL_ALLOW: &[&str] = &[
@@ -37,7 +33,6 @@ pub const DEFAULT_TUNNEL_ALLOW: &[&str] = &[
 ];
 /// Docker Hub's API hosts, all cached as `docker.io`.
 const DOCKER_HUB_HOSTS: &[&str] = &["docker.io", "registry-1.docker.io", "index.docker.io"];
-const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to do with a proxy request for a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,101 +173,19 @@ impl Intercept {
         decision
     }
 
-    /// Answers a CONNECT: 200 and then intercept or tunnel on the upgraded connection, or 403.
-    /// `serve` serves an intercepted, decrypted connection.
-    pub fn connect<F, Fut>(self: &Arc<Self>, req: Request<Incoming>, serve: F) -> Response<Body>
-    where
-        F: FnOnce(tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>, Registry) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
-            return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
-        };
-        let decision = self.decide(&authority);
-        let on_upgrade = hyper::upgrade::on(req);
-        match decision {
-            Decision::Refuse(reason) => refuse(StatusCode::FORBIDDEN, &reason),
-            Decision::Tunnel => {
-                tokio::spawn(async move {
-                    if let Err(e) = tunnel(on_upgrade, &authority).await {
-                        tracing::debug!(target = authority, error = %e, "tunnel ended");
-                    }
-                });
-                established()
-            }
-            Decision::Intercept { registry, host } => {
-                let leaf = match self.ca.leaf(&host) {
-                    Ok(leaf) => leaf,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot make a certificate");
-                        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a certificate");
-                    }
-                };
-                tokio::spawn(async move {
-                    let upgraded = match on_upgrade.await {
-                        Ok(upgraded) => upgraded,
-                        Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-                    };
-                    match tls_acceptor(leaf).accept(TokioIo::new(upgraded)).await {
-                        Ok(tls) => serve(tls, registry).await,
-                        // A client that does not trust the CA ends here: nothing is served.
-                        Err(e) => {
-                            tracing::warn!(host, error = %e, "intercepted TLS handshake failed")
-                        }
-                    }
-                });
-                established()
-            }
-        }
+    /// The certificate presented for an intercepted `host`.
+    pub fn leaf(&self, host: &str) -> Result<Arc<rustls::sign::CertifiedKey>, CaError> {
+        self.ca.leaf(host)
     }
 }
 
-fn established() -> Response<Body> {
-    Response::new(response::empty())
-}
-
-fn refuse(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut resp = Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(response::full(Bytes::from(format!("pullcache: {reason}\n"))))
-        .expect("refusal parts are valid");
-    // Go clients (containerd, skopeo) print a refused CONNECT's reason phrase and not its
-    // body, so the reason goes in the status line too.
-    let phrase: String = format!("pullcache: {reason}")
-        .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
-        .take(200)
-        .collect();
-    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase.into_bytes()) {
-        resp.extensions_mut().insert(phrase);
-    }
-    resp
-}
-
-/// The answer to an absolute-form request for a host that is not intercepted.
-pub fn refused(reason: &str) -> Response<Body> {
-    refuse(StatusCode::FORBIDDEN, reason)
-}
-
-/// A request outside the registry API on an intercepted host (`/`, `/v1/_ping`, a token
-/// endpoint): passed to the registry untouched and not cached. Only GET and HEAD.
-pub async fn forward(upstreams: &Upstreams, registry: &Registry, req: Request<Incoming>) -> Response<Body> {
-    let head = req.method() == Method::HEAD;
-    if req.method() != Method::GET && !head {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are forwarded");
-    }
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    match upstreams.forward(registry, req.method().clone(), path).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {
-                parts.headers.remove(hop);
-            }
-            Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
-        }
-        Err(e) => response::error(&e.into(), head),
-    }
+/// Terminates TLS on an intercepted connection with `leaf`, offering h2 and http/1.1. A client
+/// that does not trust the CA fails here, and is served nothing.
+pub async fn accept<IO>(leaf: Arc<rustls::sign::CertifiedKey>, io: IO) -> std::io::Result<TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tls_acceptor(leaf).accept(io).await
 }
 
 /// A TLS acceptor presenting `leaf`, offering h2 and http/1.1.
@@ -293,27 +206,6 @@ fn tls_acceptor(leaf: Arc<rustls::sign::CertifiedKey>) -> tokio_rustls::TlsAccep
         .with_cert_resolver(Arc::new(Fixed(leaf)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
-}
-
-/// Copies bytes between the client and `authority`, connecting only to addresses an upstream
-/// may have.
-async fn tunnel(on_upgrade: hyper::upgrade::OnUpgrade, authority: &str) -> std::io::Result<()> {
-    let addrs: Vec<_> = tokio::net::lookup_host(authority)
-        .await?
-        .filter(|a| !a.ip().is_loopback() && !crate::upstream::is_forbidden(a.ip()))
-        .collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::other(format!(
-            "{authority} has no address a tunnel may reach"
-        )));
-    }
-    let mut server = tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addrs[..]))
-        .await
-        .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))??;
-    let upgraded = on_upgrade.await.map_err(std::io::Error::other)?;
-    let mut client = TokioIo::new(upgraded);
-    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
-    Ok(())
 }
 
 #[cfg(test)]

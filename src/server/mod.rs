@@ -4,6 +4,7 @@
 pub mod access;
 mod blobs;
 mod manifests;
+mod proxy;
 pub mod range;
 pub mod response;
 pub mod routes;
@@ -22,13 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::flight::Flights;
 use crate::intercept::Intercept;
 use crate::manifests::Manifests;
 use crate::oci::Registry;
 use crate::upstream::Upstreams;
+use proxy::Slot;
 use response::Body;
 use routes::Route;
 use sendfile::{SendfileStream, Spans};
@@ -150,13 +152,15 @@ impl App {
     }
 }
 
-/// A request on the listener: a proxy request (CONNECT or absolute-form) goes to the intercept
-/// side, anything else is a mirror-mode registry request. `spans` is the connection's
-/// `sendfile` queue, used only by HTTP/1 responses.
+/// A request on the listener: a proxy request (CONNECT or absolute-form) goes to [`proxy`],
+/// anything else is a mirror-mode registry request. `spans` is the connection's `sendfile`
+/// queue, used only by HTTP/1 responses; `slot` is the connection's, for what a CONNECT
+/// upgrades it to.
 async fn answer(
     req: Request<Incoming>,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
+    slot: Option<&Arc<Slot>>,
     limits: ConnectionLimits,
     spans: Spans,
 ) -> Response<Body> {
@@ -164,51 +168,12 @@ async fn answer(
     let spans = http1.then_some(&spans);
     // Every h2 request carries a scheme and authority; only HTTP/1's absolute form is a proxy's.
     let proxy = req.method() == Method::CONNECT || (http1 && req.uri().scheme().is_some());
-    if !proxy {
-        return match app.get() {
-            Some(app) => app.handle(req, None, spans).await,
-            None => response::not_ready(req.method() == Method::HEAD),
-        };
+    if proxy {
+        return proxy::answer(req, app, intercept, slot, limits, spans).await;
     }
-    let Some(intercept) = intercept else {
-        return crate::intercept::refused("proxy requests need intercept mode (--ca-dir)");
-    };
-    if req.method() == Method::CONNECT {
-        return intercept.connect(req, move |tls, registry| serve_intercepted(tls, registry, app, limits));
-    }
-    // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
-    let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
-    match intercept.decide(&authority) {
-        crate::intercept::Decision::Intercept { registry, .. } => match app.get() {
-            Some(app) => app.handle(req, Some(&registry), spans).await,
-            None => response::not_ready(req.method() == Method::HEAD),
-        },
-        crate::intercept::Decision::Tunnel | crate::intercept::Decision::Refuse(_) => {
-            crate::intercept::refused(&format!("{authority} is not an intercepted registry"))
-        }
-    }
-}
-
-/// Serves the registry API on a decrypted intercepted connection, for `registry`.
-async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: ConnectionLimits)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let registry = Arc::new(registry);
-    let service = service_fn(move |req| {
-        let (app, registry) = (app.clone(), registry.clone());
-        async move {
-            Ok::<_, Infallible>(match app.get() {
-                Some(app) if !req.uri().path().starts_with("/v2") => {
-                    crate::intercept::forward(&app.upstreams, &registry, req).await
-                }
-                Some(app) => app.handle(req, Some(&registry), None).await,
-                None => response::not_ready(req.method() == Method::HEAD),
-            })
-        }
-    });
-    if let Err(e) = builder(limits).serve_connection(TokioIo::new(io), service).await {
-        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    match app.get() {
+        Some(app) => app.handle(req, None, spans).await,
+        None => response::not_ready(req.method() == Method::HEAD),
     }
 }
 
@@ -242,6 +207,8 @@ pub async fn serve(
     let builder = builder(limits);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Tunnels, which are no HTTP connections, close once idle when this turns true.
+    let (stopping_tx, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -259,13 +226,18 @@ pub async fn serve(
             tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; closing");
             continue;
         };
+        // An upgraded (intercepted or tunnelled) connection keeps the permit after this one ends.
+        let permit = Arc::new(permit);
+        let slot = intercept
+            .is_some()
+            .then(|| Arc::new(Slot::new(permit.clone(), graceful.watcher(), stopping.clone())));
         let _ = stream.set_nodelay(true);
         let (stream, spans) = SendfileStream::new(stream);
         let service = {
             let (app, intercept) = (app.clone(), intercept.clone());
             service_fn(move |req| {
-                let (app, intercept, spans) = (app.clone(), intercept.clone(), spans.clone());
-                async move { Ok::<_, Infallible>(answer(req, app, intercept, limits, spans).await) }
+                let (app, intercept, slot, spans) = (app.clone(), intercept.clone(), slot.clone(), spans.clone());
+                async move { Ok::<_, Infallible>(answer(req, app, intercept, slot.as_ref(), limits, spans).await) }
             })
         };
         let conn = builder
@@ -279,6 +251,7 @@ pub async fn serve(
             drop(permit);
         });
     }
+    let _ = stopping_tx.send(true);
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}

@@ -1,0 +1,215 @@
+//! The proxy side of the listener, in intercept mode: CONNECT and absolute-form requests,
+//! answered with [`Intercept`]'s decisions. A CONNECT hands its connection's [`Slot`] on to the
+//! upgraded connection, so intercepted and tunnelled connections count against
+//! `--max-connections` and drain on shutdown like any other.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::Watcher;
+use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use super::response::{self, Body};
+use super::sendfile::Spans;
+use super::{AppSlot, ConnectionLimits, builder};
+use crate::intercept::{self, Decision, Intercept, tunnel};
+use crate::oci::Registry;
+use crate::sync::MutexExt;
+use crate::upstream::Upstreams;
+
+/// A client connection's place in the server: its permit under `--max-connections`, and its
+/// watch in the graceful shutdown, for the connection it may turn into with CONNECT.
+pub(super) struct Slot {
+    permit: Arc<OwnedSemaphorePermit>,
+    watcher: Mutex<Option<Watcher>>,
+    stopping: watch::Receiver<bool>,
+}
+
+/// What an upgraded connection holds until it ends.
+struct Held {
+    _permit: Arc<OwnedSemaphorePermit>,
+    /// Held, the shutdown waits for this connection; watching a connection with it also tells
+    /// that connection to finish.
+    watcher: Watcher,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Slot {
+    pub(super) fn new(permit: Arc<OwnedSemaphorePermit>, watcher: Watcher, stopping: watch::Receiver<bool>) -> Slot {
+        Slot {
+            permit,
+            watcher: Mutex::new(Some(watcher)),
+            stopping,
+        }
+    }
+
+    /// The slot for the connection a CONNECT upgrades to; a connection upgrades once.
+    fn take(&self) -> Option<Held> {
+        Some(Held {
+            _permit: self.permit.clone(),
+            watcher: self.watcher.locked().take()?,
+            stopping: self.stopping.clone(),
+        })
+    }
+}
+
+/// Answers a proxy request: a CONNECT, or an absolute-form request for an intercepted host.
+pub(super) async fn answer(
+    req: Request<Incoming>,
+    app: Arc<AppSlot>,
+    intercept: Option<Arc<Intercept>>,
+    slot: Option<&Arc<Slot>>,
+    limits: ConnectionLimits,
+    spans: Option<&Spans>,
+) -> Response<Body> {
+    let (Some(intercept), Some(slot)) = (intercept, slot) else {
+        return refused("proxy requests need intercept mode (--ca-dir)");
+    };
+    if req.method() == Method::CONNECT {
+        return connect(req, &intercept, slot, app, limits);
+    }
+    // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
+    let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+    match intercept.decide(&authority) {
+        Decision::Intercept { registry, .. } => match app.get() {
+            Some(app) => app.handle(req, Some(&registry), spans).await,
+            None => response::not_ready(req.method() == Method::HEAD),
+        },
+        Decision::Tunnel | Decision::Refuse(_) => refused(&format!("{authority} is not an intercepted registry")),
+    }
+}
+
+/// Answers a CONNECT: 200 and then intercept or tunnel on the upgraded connection, or 403.
+fn connect(
+    req: Request<Incoming>,
+    intercept: &Intercept,
+    slot: &Slot,
+    app: Arc<AppSlot>,
+    limits: ConnectionLimits,
+) -> Response<Body> {
+    let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
+        return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let decision = intercept.decide(&authority);
+    let Some(held) = slot.take() else {
+        return refuse(StatusCode::BAD_REQUEST, "a connection upgrades once");
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    match decision {
+        Decision::Refuse(reason) => refuse(StatusCode::FORBIDDEN, &reason),
+        Decision::Tunnel => {
+            tokio::spawn(async move {
+                let ended = async {
+                    let server = tunnel::connect(&authority).await?;
+                    let client = TokioIo::new(on_upgrade.await.map_err(std::io::Error::other)?);
+                    tunnel::splice(client, server, held.stopping.clone()).await
+                };
+                match ended.await {
+                    Ok(ended) => tracing::debug!(target = authority, ?ended, "tunnel ended"),
+                    Err(e) => tracing::debug!(target = authority, error = %e, "tunnel failed"),
+                }
+                drop(held);
+            });
+            established()
+        }
+        Decision::Intercept { registry, host } => {
+            let leaf = match intercept.leaf(&host) {
+                Ok(leaf) => leaf,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make a certificate");
+                    return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a certificate");
+                }
+            };
+            tokio::spawn(async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(upgraded) => upgraded,
+                    Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                };
+                match intercept::accept(leaf, TokioIo::new(upgraded)).await {
+                    Ok(tls) => serve_intercepted(tls, registry, app, limits, held).await,
+                    Err(e) => tracing::warn!(host, error = %e, "intercepted TLS handshake failed"),
+                }
+            });
+            established()
+        }
+    }
+}
+
+/// Serves the registry API on a decrypted intercepted connection, for `registry`, watched by
+/// the graceful shutdown like the connection it came from.
+async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: ConnectionLimits, held: Held)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let registry = Arc::new(registry);
+    let service = service_fn(move |req| {
+        let (app, registry) = (app.clone(), registry.clone());
+        async move {
+            Ok::<_, Infallible>(match app.get() {
+                Some(app) if !req.uri().path().starts_with("/v2") => forward(&app.upstreams, &registry, req).await,
+                Some(app) => app.handle(req, Some(&registry), None).await,
+                None => response::not_ready(req.method() == Method::HEAD),
+            })
+        }
+    });
+    let Held { _permit, watcher, .. } = held;
+    let conn = watcher.watch(builder(limits).serve_connection(TokioIo::new(io), service).into_owned());
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    }
+}
+
+/// A request outside the registry API on an intercepted host (`/`, `/v1/_ping`, a token
+/// endpoint): passed to the registry untouched and not cached. Only GET and HEAD.
+async fn forward(upstreams: &Upstreams, registry: &Registry, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !head {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are forwarded");
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match upstreams.forward(registry, req.method().clone(), path).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {
+                parts.headers.remove(hop);
+            }
+            Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
+        }
+        Err(e) => response::error(&e.into(), head),
+    }
+}
+
+fn established() -> Response<Body> {
+    Response::new(response::empty())
+}
+
+fn refuse(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(response::full(Bytes::from(format!("pullcache: {reason}\n"))))
+        .expect("refusal parts are valid");
+    // Go clients (containerd, skopeo) print a refused CONNECT's reason phrase and not its
+    // body, so the reason goes in the status line too.
+    let phrase: String = format!("pullcache: {reason}")
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(200)
+        .collect();
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(phrase.into_bytes()) {
+        resp.extensions_mut().insert(phrase);
+    }
+    resp
+}
+
+/// The answer to a proxy request that is not allowed.
+fn refused(reason: &str) -> Response<Body> {
+    refuse(StatusCode::FORBIDDEN, reason)
+}
