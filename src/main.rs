@@ -174,7 +174,10 @@ fn ca(command: CaCommand) -> ExitCode {
             k8s_secret: Some(name),
             namespace,
             ..
-        } => ca_secret(&name, namespace),
+        } => {
+            let created = pullcache::intercept::init_secret_command(&name, namespace);
+            return one_shot(async { Ok(created.await?) });
+        }
         CaCommand::Init { .. } => unreachable!("clap requires exactly one of --dir and --k8s-secret"),
         CaCommand::Cert { dir } => pullcache::intercept::cert_pem(&dir).map(|pem| print!("{pem}")),
     };
@@ -212,26 +215,6 @@ fn report(result: anyhow::Result<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `pullcache ca init --k8s-secret`: creates the Secret unless it exists.
-fn ca_secret(name: &str, namespace: Option<String>) -> Result<(), pullcache::intercept::CaError> {
-    use pullcache::intercept::{CaError, SecretOutcome, init_secret};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CaError::Kube(e.to_string()))?;
-    runtime.block_on(async {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| CaError::Kube(format!("no Kubernetes client configuration: {e}")))?;
-        let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
-        match init_secret(client, &namespace, name).await? {
-            SecretOutcome::Created => println!("created secret {namespace}/{name}"),
-            SecretOutcome::Exists => println!("secret {namespace}/{name} exists; left as it is"),
-        }
-        Ok(())
-    })
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.

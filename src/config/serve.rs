@@ -325,7 +325,7 @@ impl ServeArgs {
         let mut config = Config::new(cache_dir);
         config.listen = self.listen.unwrap_or(config.listen);
         config.metrics_listen = self.metrics_listen.unwrap_or(config.metrics_listen);
-        if config.listen == config.metrics_listen {
+        if config.listen == config.metrics_listen && config.listen.port() != 0 {
             return Err(invalid("metrics_listen", &format!("{} is also listen", config.listen)));
         }
         config.tag_ttl = self.tag_ttl.map_or(config.tag_ttl, Into::into);

@@ -21,7 +21,7 @@ use prometheus::IntCounterVec;
 use tokio_rustls::server::TlsStream;
 
 pub use ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
-pub use secret::{SecretOutcome, init_secret};
+pub use secret::{SecretOutcome, init_secret, init_secret_command};
 
 use crate::oci::Registry;
 

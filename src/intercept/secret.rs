@@ -17,6 +17,20 @@ pub enum SecretOutcome {
     Exists,
 }
 
+/// `pullcache ca init --k8s-secret NAME`: with the in-cluster service account or
+/// `$KUBECONFIG`, creates the Secret in `namespace` (default: the client's own) unless it
+/// exists, and says which happened.
+pub async fn init_secret_command(name: &str, namespace: Option<String>) -> Result<String, CaError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CaError::Kube(format!("no Kubernetes client configuration: {e}")))?;
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+    Ok(match init_secret(client, &namespace, name).await? {
+        SecretOutcome::Created => format!("created secret {namespace}/{name}"),
+        SecretOutcome::Exists => format!("secret {namespace}/{name} exists; left as it is"),
+    })
+}
+
 /// Creates Secret `name` in `namespace` holding a new CA, unless it exists.
 pub async fn init_secret(client: kube::Client, namespace: &str, name: &str) -> Result<SecretOutcome, CaError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
