@@ -61,34 +61,8 @@ pub async fn run(
     ));
     let flight_metrics = flight::Metrics::register(&registry)?;
     let server_metrics = Arc::new(server::access::Metrics::register(&registry)?);
-    let intercept = match &config.intercept {
-        Some(settings) => {
-            let dir = settings.ca_dir.clone();
-            let ca = tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
-            let registries: Vec<_> = config
-                .upstream
-                .registries
-                .keys()
-                .chain(&settings.registries)
-                .cloned()
-                .collect();
-            let policy = intercept::Policy::new(&registries, settings.tunnel_allow.clone());
-            Some(Arc::new(intercept::Intercept::new(policy, ca, &registry)?))
-        }
-        None => None,
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let intercept = intercept_mode(&config, &registry).await?;
+    let stopped = stop_signal(shutdown);
 
     let slot: Arc<server::AppSlot> = Arc::default();
     let store_slot: Arc<std::sync::OnceLock<Arc<store::Store>>> = Arc::default();
@@ -97,14 +71,7 @@ pub async fn run(
         None => "none".to_owned(),
     };
     let admin = listeners.admin.map(|listener| {
-        let refresh: metrics::Refresh = {
-            let (store_slot, store_metrics) = (store_slot.clone(), store_metrics.clone());
-            Box::new(move || {
-                if let Some(store) = store_slot.get() {
-                    store_metrics.refresh(store);
-                }
-            })
-        };
+        let refresh = refresh_store_metrics(store_slot.clone(), store_metrics.clone());
         tokio::spawn(metrics::serve(
             listener,
             registry,
@@ -128,25 +95,11 @@ pub async fn run(
         stopped(),
     ));
 
-    let mut delay = STORE_RETRY;
     let opening = std::time::Instant::now();
-    let store = loop {
-        let (dir, budget) = (config.cache_dir.clone(), config.budget.clone());
-        match tokio::task::spawn_blocking(move || store::Store::open(&dir).map(|s| s.with_budget(budget))).await? {
-            Ok(store) => break Arc::new(store),
-            Err(e) => {
-                tracing::error!(error = %e, retry_in = ?delay, "cannot open the cache; not ready");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stopped() => return join(api, admin).await,
-                }
-                delay = (delay * 2).min(STORE_RETRY_MAX);
-            }
-        }
+    let Some(store) = open_store(&config, stopped()).await? else {
+        return join(api, admin).await;
     };
-    let opened_in = opening.elapsed();
     let _ = store_slot.set(store.clone());
-    let (bytes, blobs) = store.usage();
     store_metrics.set_budget(store.budget());
     tokio::spawn({
         let (store, stop) = (store.clone(), stopped());
@@ -164,6 +117,7 @@ pub async fn run(
         metrics: server_metrics,
     });
     readiness.set_ready();
+    let (bytes, blobs) = store.usage();
     tracing::info!(
         blobs,
         bytes,
@@ -171,11 +125,81 @@ pub async fn run(
         max_size = ?config.budget.max_size,
         min_free = %config.budget.min_free,
         pins = config.budget.pins.len(),
-        ?opened_in,
+        opened_in = ?opening.elapsed(),
         "cache open; ready"
     );
 
     join(api, admin).await
+}
+
+/// Brings the store's gauges up to date for a scrape, once the store is open.
+fn refresh_store_metrics(
+    store: Arc<std::sync::OnceLock<Arc<store::Store>>>,
+    metrics: Arc<store::Metrics>,
+) -> metrics::Refresh {
+    Box::new(move || {
+        if let Some(store) = store.get() {
+            metrics.refresh(store);
+        }
+    })
+}
+
+/// The intercept side, when configured: its CA (created on first start) and policy.
+async fn intercept_mode(
+    config: &Config,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<intercept::Intercept>>> {
+    let Some(settings) = &config.intercept else {
+        return Ok(None);
+    };
+    let dir = settings.ca_dir.clone();
+    let ca = tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
+    let registries: Vec<_> = config
+        .upstream
+        .registries
+        .keys()
+        .chain(&settings.registries)
+        .cloned()
+        .collect();
+    let policy = intercept::Policy::new(&registries, settings.tunnel_allow.clone());
+    Ok(Some(Arc::new(intercept::Intercept::new(policy, ca, registry)?)))
+}
+
+/// A maker of futures that all resolve once `shutdown` has.
+fn stop_signal(shutdown: impl Future<Output = ()> + Send + 'static) -> impl Fn() -> StopFuture {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    move || {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })
+    }
+}
+
+type StopFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Opens the cache, retrying with backoff while it cannot be; `None` when `stop` came first.
+async fn open_store(config: &Config, stop: StopFuture) -> anyhow::Result<Option<Arc<store::Store>>> {
+    tokio::pin!(stop);
+    let mut delay = STORE_RETRY;
+    loop {
+        let (dir, budget) = (config.cache_dir.clone(), config.budget.clone());
+        match tokio::task::spawn_blocking(move || store::Store::open(&dir).map(|s| s.with_budget(budget))).await? {
+            Ok(store) => return Ok(Some(Arc::new(store))),
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?delay, "cannot open the cache; not ready");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut stop => return Ok(None),
+                }
+                delay = (delay * 2).min(STORE_RETRY_MAX);
+            }
+        }
+    }
 }
 
 async fn join(api: tokio::task::JoinHandle<()>, admin: Option<tokio::task::JoinHandle<()>>) -> anyhow::Result<()> {
