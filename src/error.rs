@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::coalesce::Abandoned;
 use crate::oci::{DigestError, NameError};
+use crate::peers::PeerError;
 use crate::store::StoreError;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
@@ -46,6 +47,9 @@ pub enum Error {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A peer's failure that reached a client (cluster mode).
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     /// One failure seen by many waiters, e.g. of a flight.
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -63,7 +67,7 @@ impl Error {
                 kind: UpstreamErrorKind::Offline { .. },
                 ..
             }) => Origin::Downstream,
-            Error::Upstream(_) => Origin::Upstream,
+            Error::Upstream(_) | Error::Peer(_) => Origin::Upstream,
             Error::Store(_) | Error::Internal(_) => Origin::Internal,
             Error::Shared(inner) => inner.origin(),
         }

@@ -4,12 +4,14 @@
 //! answers manifests from the [`store`] (tags through the tag index), concurrent misses for one
 //! tag or digest sharing a single upstream lookup through [`coalesce`]; blobs come from the
 //! [`store`] or a [`flight`], the one download per digest that every client tails; misses go
-//! through the [`upstream`] client. [`intercept`] makes the same listener an HTTPS proxy that
-//! terminates TLS for registry hosts. [`oci`] holds the grammar everything is validated
+//! to the [`peers`] (cluster mode: the digest's owner node first), then through the
+//! [`upstream`] client. [`intercept`] makes the same listener an HTTPS proxy that
+//! terminates TLS for registry hosts; [`ca`] signs its certificates and the peers'. [`oci`] holds the grammar everything is validated
 //! against, and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod ca;
 pub mod coalesce;
 pub mod config;
 pub mod containerd;
@@ -19,6 +21,7 @@ pub mod intercept;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;
+pub mod peers;
 pub mod server;
 pub mod store;
 mod sync;
@@ -43,6 +46,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// `/metrics`, `/healthz` and `/readyz`; none to go without.
     pub admin: Option<TcpListener>,
+    /// The peer port, in cluster mode (bound on `config.peers.listen`).
+    pub peer: Option<TcpListener>,
 }
 
 /// Serves until `shutdown` resolves. The API answers 503 (and `/readyz` too) until the cache
@@ -63,8 +68,9 @@ pub async fn run(
     let server_metrics = Arc::new(server::access::Metrics::register(&registry)?);
     let intercept = intercept_mode(&config, &registry).await?;
     let stopped = stop_signal(shutdown);
-
     let slot: Arc<server::AppSlot> = Arc::default();
+    let peers = cluster_mode(&config, listeners.peer, &registry, &slot, stopped())?;
+
     let store_slot: Arc<std::sync::OnceLock<Arc<store::Store>>> = Arc::default();
     let admin_addr = match &listeners.admin {
         Some(admin) => admin.local_addr()?.to_string(),
@@ -111,8 +117,8 @@ pub async fn run(
         }
     });
     let _ = slot.set(server::App {
-        flights: flight::Flights::new(store.clone(), upstreams.clone(), flight_metrics),
-        manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), config.tag_ttl, config.tag_ttls),
+        flights: flight::Flights::new(store.clone(), upstreams.clone(), peers.clone(), flight_metrics),
+        manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), peers, config.tag_ttl, config.tag_ttls),
         upstreams,
         metrics: server_metrics,
     });
@@ -163,6 +169,42 @@ async fn intercept_mode(
         .collect();
     let policy = intercept::Policy::new(&registries, settings.tunnel_allow.clone());
     Ok(Some(Arc::new(intercept::Intercept::new(policy, ca, registry)?)))
+}
+
+/// Cluster mode, when configured: this node's peer certificate, the peers, and the peer port
+/// serving `app` on `listener`.
+fn cluster_mode(
+    config: &Config,
+    listener: Option<TcpListener>,
+    registry: &prometheus::Registry,
+    app: &Arc<server::AppSlot>,
+    stop: StopFuture,
+) -> anyhow::Result<Option<Arc<peers::Peers>>> {
+    let Some(settings) = &config.peers else {
+        return Ok(None);
+    };
+    let listener = listener.ok_or_else(|| anyhow::anyhow!("cluster mode needs a peer listener"))?;
+    let settings = peers::Settings {
+        // Port 0 (tests) becomes the port bound.
+        listen: listener.local_addr()?,
+        ..settings.clone()
+    };
+    let identity = peers::tls::Identity::issue(&settings.ca_dir, settings.listen.ip())?;
+    let peers = Arc::new(peers::Peers::new(
+        &settings,
+        &identity,
+        peers::Metrics::register(registry)?,
+    ));
+    tracing::info!(peer_addr = %settings.listen, targets = ?settings.targets, "cluster mode");
+    tokio::spawn(server::peer::serve(
+        listener,
+        app.clone(),
+        peers.clone(),
+        Arc::new(identity.server_config()?),
+        config.limits,
+        stop,
+    ));
+    Ok(Some(peers))
 }
 
 /// A maker of futures that all resolve once `shutdown` has.

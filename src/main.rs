@@ -66,9 +66,14 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))
         };
+        let peer = match &config.peers {
+            Some(peers) => Some(bind(peers.listen).await?),
+            None => None,
+        };
         let listeners = pullcache::Listeners {
             api: bind(config.listen).await?,
             admin: Some(bind(config.metrics_listen).await?),
+            peer,
         };
         pullcache::run(listeners, config, shutdown_signal()).await
     });

@@ -15,6 +15,7 @@ use crate::coalesce::Coalesce;
 use crate::error::{Error, Result};
 use crate::oci::MAX_MANIFEST_SIZE;
 use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
+use crate::peers::{Asker, PeerError, Peers, Want};
 use crate::store::{CommitError, Store, TagKey, TagRecord};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams};
 
@@ -65,10 +66,13 @@ type Shared<T> = std::result::Result<T, Arc<Error>>;
 pub struct Manifests {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
+    /// Cluster mode: manifests by digest come through the peers first.
+    peers: Option<Arc<Peers>>,
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
     by_tag: Coalesce<TagKey, Shared<Manifest>>,
-    by_digest: Coalesce<Digest, Shared<Manifest>>,
+    /// A peer's request never joins a client's lookup, which may be asking that very peer.
+    by_digest: Coalesce<(Digest, Asker), Shared<Manifest>>,
 }
 
 impl Manifests {
@@ -76,12 +80,14 @@ impl Manifests {
     pub fn new(
         store: Arc<Store>,
         upstreams: Arc<Upstreams>,
+        peers: Option<Arc<Peers>>,
         tag_ttl: Duration,
         tag_ttls: HashMap<Registry, Duration>,
     ) -> Manifests {
         Manifests {
             store,
             upstreams,
+            peers,
             tag_ttl,
             tag_ttls,
             by_tag: Coalesce::default(),
@@ -96,31 +102,39 @@ impl Manifests {
         repository: &Repository,
         reference: &Reference,
         accept: AcceptClass,
+        asker: Asker,
     ) -> Result<Manifest> {
         match reference {
-            Reference::Digest(digest) => self.by_digest(registry, repository, digest).await,
+            Reference::Digest(digest) => self.by_digest(registry, repository, digest, asker).await,
             Reference::Tag(tag) => self.by_tag(registry, repository, tag, accept).await,
         }
     }
 
-    fn lookup(&self, registry: &Registry, repository: &Repository) -> Lookup {
+    fn lookup(&self, registry: &Registry, repository: &Repository, asker: Asker) -> Lookup {
         Lookup {
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
+            peers: self.peers.clone().filter(|_| asker == Asker::Client),
             registry: registry.clone(),
             repository: repository.clone(),
         }
     }
 
-    async fn by_digest(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<Manifest> {
+    async fn by_digest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+        asker: Asker,
+    ) -> Result<Manifest> {
         if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
             return Ok(m);
         }
-        let lookup = self.lookup(registry, repository);
+        let lookup = self.lookup(registry, repository, asker);
         let digest_owned = digest.clone();
         let (result, joined) = self
             .by_digest
-            .run(digest.clone(), async move {
+            .run((digest.clone(), asker), async move {
                 lookup
                     .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
                     .await
@@ -158,7 +172,7 @@ impl Manifests {
         {
             return Ok(cached.clone());
         }
-        let lookup = self.lookup(registry, repository);
+        let lookup = self.lookup(registry, repository, Asker::Client);
         let revalidation = self.by_tag.run(key.clone(), {
             let cached = cached.clone();
             async move { lookup.revalidate(key, cached).await.map_err(Arc::new) }
@@ -209,6 +223,8 @@ async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Resu
 struct Lookup {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
+    /// Asked first for a manifest by digest; `None` outside cluster mode and for peers.
+    peers: Option<Arc<Peers>>,
     registry: Registry,
     repository: Repository,
 }
@@ -224,10 +240,10 @@ impl Lookup {
         });
         let tag = key.tag.as_str();
         let fresh = match &cached {
-            None => self.get(tag, key.accept, None).await,
+            None => self.fetch_tag(tag, key.accept, None).await,
             Some(cached) => match self.head_digest(tag, key.accept).await {
                 Ok(Some(digest)) if digest == cached.digest => Ok(cached.clone()),
-                Ok(_) => self.get(tag, key.accept, None).await,
+                Ok(moved) => self.fetch_tag(tag, key.accept, moved).await,
                 Err(e) => Err(e),
             },
         };
@@ -295,9 +311,31 @@ impl Lookup {
             .and_then(|v| v.parse().ok()))
     }
 
+    /// A tag's manifest. In cluster mode the tag is resolved here with a HEAD (`known`, when
+    /// a revalidation already did), and the body comes by digest through the peers, so a
+    /// rollout costs the cluster one manifest GET upstream, by its owner.
+    async fn fetch_tag(&self, tag: &str, accept: AcceptClass, known: Option<Digest>) -> Result<Manifest> {
+        if self.peers.is_some() {
+            let digest = match known {
+                Some(digest) => Some(digest),
+                None => self.head_digest(tag, accept).await?,
+            };
+            if let Some(digest) = digest {
+                return self.get(&digest.to_string(), accept, Some(&digest)).await;
+            }
+        }
+        self.get(tag, accept, None).await
+    }
+
     /// GETs a manifest, verifies it (against `expected`, else against the upstream's
-    /// `Docker-Content-Digest` when given) and stores it.
+    /// `Docker-Content-Digest` when given) and stores it. By digest in cluster mode, the peers
+    /// are asked first.
     async fn get(&self, reference: &str, accept: AcceptClass, expected: Option<&Digest>) -> Result<Manifest> {
+        if let Some(digest) = expected
+            && let Some(manifest) = self.ask_peers(digest).await
+        {
+            return Ok(manifest);
+        }
         let accept = accept.header_value();
         let resp = self
             .upstreams
@@ -309,6 +347,50 @@ impl Lookup {
                 &accept,
             ))
             .await?;
+        self.keep(resp, expected, None).await
+    }
+
+    /// The manifest from the first peer in `digest`'s route that serves it whole and verified.
+    async fn ask_peers(&self, digest: &Digest) -> Option<Manifest> {
+        let peers = self.peers.as_ref()?;
+        let route = peers.route(digest);
+        if route.is_empty() {
+            return None;
+        }
+        let accept = AcceptClass::all().header_value();
+        let want = Want {
+            registry: &self.registry,
+            repository: &self.repository,
+            kind: "manifests",
+            digest,
+            accept: Some(&accept),
+            from: None,
+        };
+        for peer in route {
+            match peers.fetch(peer, &want).await {
+                Ok((served_by, resp)) => match self.keep(resp, Some(digest), Some(peers)).await {
+                    Ok(manifest) => return Some(manifest),
+                    Err(e) => {
+                        tracing::warn!(peer = %served_by, error = %e, "peer manifest refused");
+                        peers.trip(served_by, is_mismatch(&e));
+                    }
+                },
+                Err(PeerError::Unavailable { .. }) => peers.trip(peer, false),
+                Err(_) => break,
+            }
+        }
+        peers.metrics.fallbacks.inc();
+        None
+    }
+
+    /// Reads a manifest response (from the upstream, or from `peers`), verifies it and
+    /// stores it.
+    async fn keep(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+        expected: Option<&Digest>,
+        peers: Option<&Arc<Peers>>,
+    ) -> Result<Manifest> {
         let header_digest: Option<Digest> = resp
             .headers()
             .get(DOCKER_CONTENT_DIGEST)
@@ -332,7 +414,14 @@ impl Lookup {
                 }
             })?
             .to_bytes();
-        self.upstreams.count_bytes(&self.registry, bytes.len() as u64);
+        match peers {
+            Some(peers) => peers
+                .metrics
+                .bytes
+                .with_label_values(&["in"])
+                .inc_by(bytes.len() as u64),
+            None => self.upstreams.count_bytes(&self.registry, bytes.len() as u64),
+        }
         let digest = Digest::of(&bytes);
         if let Some(want) = expected.or(header_digest.as_ref())
             && want != &digest
@@ -378,6 +467,16 @@ fn media_type_field(bytes: &[u8]) -> Option<String> {
         .ok()?
         .media_type
         .filter(|t| crate::oci::is_manifest_media_type(t))
+}
+
+fn is_mismatch(e: &Error) -> bool {
+    matches!(
+        e.root(),
+        Error::Upstream(UpstreamError {
+            kind: UpstreamErrorKind::DigestMismatch { .. },
+            ..
+        })
+    )
 }
 
 fn is_not_found(e: &Error) -> bool {

@@ -30,12 +30,18 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
-    /// Starts serving `config` (its listen addresses are ignored) and waits until ready.
-    pub async fn start(config: crate::Config) -> anyhow::Result<LocalServer> {
+    /// Starts serving `config` (its listen addresses are ignored, and it is no cluster member)
+    /// and waits until ready.
+    pub async fn start(mut config: crate::Config) -> anyhow::Result<LocalServer> {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", api.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = crate::Listeners { api, admin: None };
+        config.peers = None;
+        let listeners = crate::Listeners {
+            api,
+            admin: None,
+            peer: None,
+        };
         let task = tokio::spawn(crate::run(listeners, config, async {
             let _ = stopped.await;
         }));

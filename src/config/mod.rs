@@ -207,6 +207,8 @@ pub struct Config {
     /// Disk budget and pins.
     pub budget: store::Budget,
     pub limits: crate::server::ConnectionLimits,
+    /// Cluster mode, when on.
+    pub peers: Option<crate::peers::Settings>,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +235,7 @@ impl Config {
                 ..store::Budget::default()
             },
             limits: crate::server::ConnectionLimits::default(),
+            peers: None,
         }
     }
 
@@ -283,6 +286,19 @@ impl Config {
             ("offline", self.upstream.offline.to_string()),
             ("max_connections", self.limits.max_connections.to_string()),
             ("intercept", intercept),
+            (
+                "cluster",
+                match &self.peers {
+                    None => "off".to_owned(),
+                    Some(p) => format!(
+                        "peer port {}; peers {}; CA in {}; at most {} uploads of a blob",
+                        p.listen,
+                        p.targets.join(", "),
+                        p.ca_dir.display(),
+                        p.max_uploads
+                    ),
+                },
+            ),
         ];
         let mut out = String::from("configuration ok\n");
         for (key, value) in lines {

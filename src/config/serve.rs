@@ -20,6 +20,9 @@ use crate::oci::{ImageRef, Registry};
 use crate::store::{self, MinFree};
 use crate::upstream::{self, Credentials, DockerConfig};
 
+const DEFAULT_PEER_MAX_UPLOADS: usize = 4;
+const DEFAULT_PEER_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeArgs {
@@ -133,6 +136,42 @@ pub struct ServeArgs {
     #[arg(long, env = "PULLCACHE_MAX_CONNECTIONS", value_name = "N")]
     #[serde(default)]
     pub max_connections: Option<u32>,
+
+    /// Cluster mode: serve peers on ADDR, this node's address and a port (in the chart, the
+    /// node IP and a fixed port), with mutual TLS from --peer-ca-dir. Misses of blobs and
+    /// manifests by digest then go to the digest's owner among the peers first.
+    #[arg(long, env = "PULLCACHE_PEER_LISTEN", value_name = "ADDR")]
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+
+    /// A peer: HOST:PORT, an address or a name resolved again every --peer-refresh (a
+    /// headless Service's name gives every ready pod). Repeatable; comma-separated in the
+    /// environment; `peers = [...]` in the file. It may include this node.
+    #[arg(
+        long = "peer",
+        env = "PULLCACHE_PEER",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub peers: Option<Vec<String>>,
+
+    /// The cluster CA (ca.crt, ca.key; `pullcache ca init --dir`, or the chart's Secret) that
+    /// peers authenticate each other with. Every node needs the same one.
+    #[arg(long, env = "PULLCACHE_PEER_CA_DIR", value_name = "DIR")]
+    #[serde(default)]
+    pub peer_ca_dir: Option<PathBuf>,
+
+    /// Uploads of one blob to peers at once, at least 1 (default 4); more askers are sent on
+    /// to peers that have it or are receiving it.
+    #[arg(long, env = "PULLCACHE_PEER_MAX_UPLOADS", value_name = "N")]
+    #[serde(default)]
+    pub peer_max_uploads: Option<u32>,
+
+    /// How often the --peer names are resolved again (default 10s).
+    #[arg(long, env = "PULLCACHE_PEER_REFRESH", value_name = "DURATION")]
+    #[serde(default, deserialize_with = "from_text")]
+    pub peer_refresh: Option<humantime::Duration>,
 
     /// Read and check the configuration (files included) exactly as `serve` would, print the
     /// settings it would run with and exit: 0 when it can run, 64 when not.
@@ -276,6 +315,11 @@ layered!(
     pins,
     offline,
     max_connections,
+    peer_listen,
+    peers,
+    peer_ca_dir,
+    peer_max_uploads,
+    peer_refresh,
 );
 
 impl ServeArgs {
@@ -308,6 +352,7 @@ impl ServeArgs {
         self.cache_dir.iter_mut().for_each(join);
         self.docker_config.iter_mut().for_each(join);
         self.ca_dir.iter_mut().for_each(join);
+        self.peer_ca_dir.iter_mut().for_each(join);
         self.upstream_ca.iter_mut().flatten().for_each(join);
         self.registries
             .values_mut()
@@ -351,6 +396,13 @@ impl ServeArgs {
         for Upstream { registry, url } in self.upstreams.unwrap_or_default() {
             config.registry(registry).url = Some(url);
         }
+        config.peers = cluster(
+            self.peer_listen,
+            self.peers,
+            self.peer_ca_dir,
+            self.peer_max_uploads,
+            self.peer_refresh,
+        )?;
         if let Some(ca_dir) = self.ca_dir {
             if ca_dir.exists() && !ca_dir.is_dir() {
                 return Err(invalid("ca_dir", &format!("{} is not a directory", ca_dir.display())));
@@ -372,6 +424,47 @@ impl ServeArgs {
         }
         Ok(config)
     }
+}
+
+/// Cluster mode's settings, when `peer_listen` turns it on.
+fn cluster(
+    listen: Option<SocketAddr>,
+    targets: Option<Vec<String>>,
+    ca_dir: Option<PathBuf>,
+    max_uploads: Option<u32>,
+    refresh: Option<humantime::Duration>,
+) -> Result<Option<crate::peers::Settings>, ConfigError> {
+    let invalid = |setting: &str, e: &dyn Display| ConfigError(format!("{setting}: {e}"));
+    let Some(listen) = listen else {
+        if targets.is_some() || ca_dir.is_some() {
+            return Err(invalid("peer_listen", &"cluster mode needs --peer-listen ADDR"));
+        }
+        return Ok(None);
+    };
+    if listen.ip().is_unspecified() {
+        return Err(invalid("peer_listen", &"must be this node's own address, not 0.0.0.0"));
+    }
+    let ca_dir = ca_dir.ok_or_else(|| invalid("peer_ca_dir", &"cluster mode needs the cluster CA"))?;
+    crate::ca::Ca::load(&ca_dir).map_err(|e| invalid("peer_ca_dir", &e))?;
+    let targets = targets.unwrap_or_default();
+    for target in &targets {
+        let port = target.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok());
+        if port.is_none_or(|p| p == 0) {
+            return Err(invalid("peer", &format!("{target:?} is not HOST:PORT")));
+        }
+    }
+    let max_uploads = match max_uploads {
+        Some(0) => return Err(invalid("peer_max_uploads", &"must be at least 1, got 0")),
+        Some(n) => n as usize,
+        None => DEFAULT_PEER_MAX_UPLOADS,
+    };
+    Ok(Some(crate::peers::Settings {
+        listen,
+        targets,
+        ca_dir,
+        max_uploads,
+        refresh: refresh.map_or(DEFAULT_PEER_REFRESH, Into::into),
+    }))
 }
 
 /// Adds one `[registries."NAME"]` table.

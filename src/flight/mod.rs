@@ -13,6 +13,7 @@
 //! itself) instead of retrying a download that cannot verify. A failure mid-body gives
 //! containerd no such chance.
 
+mod sources;
 mod spill;
 mod tail;
 
@@ -34,9 +35,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::error::Error;
 use crate::oci::{Digest, Registry, Repository};
+use crate::peers::{Asker, PeerAddr, Peers, Want};
 use crate::store::{Blob, CommitError, Store, TempBlob};
 use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
 
+use sources::Sources;
 use spill::Spill;
 pub use tail::{Chunk, FileSpan, Tail};
 
@@ -47,6 +50,8 @@ const WRITE_QUEUE_BYTES: u32 = 4 * 1024 * 1024;
 const WAKE_EVERY: u64 = 256 * 1024;
 /// An upstream body that sends nothing for this long has failed.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A peer's body, sooner: the next source may have the bytes.
+const PEER_BODY_IDLE_TIMEOUT: Duration = crate::peers::BODY_IDLE_TIMEOUT;
 /// How long a digest stays refused after its upstream served bytes that failed it.
 const MISMATCH_MEMORY: Duration = Duration::from_secs(30);
 
@@ -58,6 +63,8 @@ pub struct Progress {
     /// Bytes in the temp file so far.
     pub written: u64,
     pub state: FlightState,
+    /// The peer the bytes are coming from, in cluster mode.
+    pub peer: Option<PeerAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,20 +170,29 @@ type Refused = Arc<Mutex<HashMap<Digest, (Instant, Arc<Error>)>>>;
 pub struct Flights {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
+    /// Cluster mode: asked before the upstream.
+    peers: Option<Arc<Peers>>,
     active: Active,
     refused: Refused,
     metrics: Arc<Metrics>,
 }
 
 impl Flights {
-    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, metrics: Metrics) -> Flights {
+    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, peers: Option<Arc<Peers>>, metrics: Metrics) -> Flights {
         Flights {
             store,
             upstreams,
+            peers,
             active: Arc::default(),
             refused: Arc::default(),
             metrics: Arc::new(metrics),
         }
+    }
+
+    /// The peer a running flight of `digest` gets its bytes from, if any: a peer asking for
+    /// the digest must not be served its own bytes back.
+    pub fn fed_by(&self, digest: &Digest) -> Option<PeerAddr> {
+        self.active.locked().get(digest)?.progress.borrow().peer
     }
 
     /// The stored blob or a running flight, without starting one.
@@ -192,8 +208,14 @@ impl Flights {
     }
 
     /// The stored blob, a running flight to join, or a new flight fetching it from
-    /// `registry`/`repository`.
-    pub fn get(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<BlobSource, Error> {
+    /// `registry`/`repository`: for a client in cluster mode through the peers first.
+    pub fn get(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+        asker: Asker,
+    ) -> Result<BlobSource, Error> {
         if let Some(blob) = self.store.open_blob(digest)? {
             return Ok(BlobSource::Stored(blob));
         }
@@ -211,7 +233,7 @@ impl Flights {
             return Ok(BlobSource::Stored(blob));
         }
         self.check_fetchable(registry, repository, digest)?;
-        let (flight, download, temp) = self.prepare(registry, repository, digest)?;
+        let (flight, download, temp) = self.prepare(registry, repository, digest, asker)?;
         if shared {
             active.insert(digest.clone(), flight.clone());
         }
@@ -247,6 +269,7 @@ impl Flights {
         registry: &Registry,
         repository: &Repository,
         digest: &Digest,
+        asker: Asker,
     ) -> Result<(Arc<Flight>, Download, Option<TempBlob>), Error> {
         let spill = Arc::new(Spill::default());
         let temp = match self.store.temp_blob() {
@@ -263,6 +286,7 @@ impl Flights {
             size: None,
             written: 0,
             state: FlightState::Connecting,
+            peer: None,
         });
         let flight = Arc::new(Flight {
             waiters: AtomicU64::new(1),
@@ -273,6 +297,7 @@ impl Flights {
         let download = Download {
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
+            sources: Sources::new(self.peers.clone(), asker, digest),
             registry: registry.clone(),
             repository: repository.clone(),
             digest: digest.clone(),
@@ -349,6 +374,7 @@ fn is_mismatch(e: &Error) -> bool {
 struct Download {
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
+    sources: Sources,
     registry: Registry,
     repository: Repository,
     digest: Digest,
@@ -359,7 +385,7 @@ struct Download {
 
 impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
-    async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
+    async fn run(mut self, temp: Option<TempBlob>) -> Result<(), Error> {
         let resp = self.fetch_from(None).await?;
         let size = content_length(&resp);
         self.progress.send_modify(|p| {
@@ -372,25 +398,47 @@ impl Download {
             size,
             received: 0,
             skip: 0,
+            idle: self.sources.idle_timeout(),
         };
         let body_error = self.pump_resuming(&mut stream, &chunks).await;
         drop(chunks);
-        self.upstreams.count_bytes(&self.registry, stream.received);
+        self.sources.account(stream.received, &self.upstreams, &self.registry);
         let sink = writer.await.map_err(|e| Error::Internal(format!("blob writer: {e}")))?;
         if let Some(message) = body_error {
             return Err(self.upstream_error(UpstreamErrorKind::Body(message.into())));
         }
-        match sink {
+        let verified = match sink {
             Sink::Disk(temp) => self.commit(temp, size).await,
             Sink::Memory { hasher, size: actual } => self.verify_passed_through(hasher, actual, size),
+        };
+        match verified {
+            // Wrong bytes from a peer are the peer's fault, not the digest's upstream's: the
+            // peer is skipped, and the digest is not refused.
+            Err(e) if is_mismatch(&e) => Err(self.sources.blame_peers().map_or(e, Error::from)),
+            verified => verified,
         }
     }
 
-    /// The upstream's response to a GET of the blob, from offset `from` on.
-    async fn fetch_from(&self, from: Option<u64>) -> Result<Response<Incoming>, UpstreamError> {
+    /// The response to a GET of the blob from offset `from` on: from the next peer that can
+    /// serve it, else from the upstream.
+    async fn fetch_from(&mut self, from: Option<u64>) -> Result<Response<Incoming>, Error> {
+        let want = Want {
+            registry: &self.registry,
+            repository: &self.repository,
+            kind: "blobs",
+            digest: &self.digest,
+            accept: None,
+            from,
+        };
+        let from_peer = self.sources.ask_peers(&want).await;
+        let peer = self.sources.peer();
+        self.progress.send_modify(|p| p.peer = peer);
+        if let Some(resp) = from_peer {
+            return Ok(resp);
+        }
         let digest = self.digest.to_string();
         let request = Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
-        self.upstreams.fetch(request).await
+        Ok(self.upstreams.fetch(request).await?)
     }
 
     /// Starts the blocking thread that writes (and hashes) what the network task queues,
@@ -442,22 +490,27 @@ impl Download {
     }
 
     /// Pumps the body into the writer to its end. A body that breaks is resumed from where it
-    /// broke, so readers see one body; what is returned is why it could not be.
-    async fn pump_resuming(&self, stream: &mut BodyStream, chunks: &WriteQueue) -> Option<String> {
+    /// broke (from the next source when a peer broke it), so readers see one body; what is
+    /// returned is why it could not be.
+    async fn pump_resuming(&mut self, stream: &mut BodyStream, chunks: &WriteQueue) -> Option<String> {
         let mut resumes = 0;
         loop {
             let message = match stream.pump(chunks).await {
                 Pumped::End | Pumped::WriterGone => return None,
                 Pumped::Broken(message) => message,
             };
-            if resumes == MAX_RESUMES {
-                return Some(format!("{message} (after {resumes} resumes)"));
-            }
-            resumes += 1;
             let from = stream.received;
-            tracing::warn!(from, resumes, error = %message, "upstream body broke; resuming");
+            // A peer that broke off is skipped; resuming from the next source is no retry.
+            if !self.sources.broke(from, &self.upstreams, &self.registry) {
+                if resumes == MAX_RESUMES {
+                    return Some(format!("{message} (after {resumes} resumes)"));
+                }
+                resumes += 1;
+            }
+            tracing::warn!(from, resumes, error = %message, "body broke; resuming");
             match self.fetch_from(Some(from)).await {
                 Ok(resp) => {
+                    stream.idle = self.sources.idle_timeout();
                     if let Err(message) = stream.resume(resp) {
                         return Some(message);
                     }
@@ -536,13 +589,15 @@ struct BodyStream {
     received: u64,
     /// Bytes to drop from the front of the body: a resume answered 200 from the start.
     skip: u64,
+    /// A body that sends nothing for this long has failed.
+    idle: Duration,
 }
 
 impl BodyStream {
     async fn pump(&mut self, chunks: &WriteQueue) -> Pumped {
         loop {
-            let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, self.body.frame()).await {
-                Err(_) => return Pumped::Broken(format!("no data for {BODY_IDLE_TIMEOUT:?}")),
+            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
+                Err(_) => return Pumped::Broken(format!("no data for {:?}", self.idle)),
                 Ok(None) if self.size.is_some_and(|size| self.received < size) => {
                     return Pumped::Broken(format!("body ended at {} bytes", self.received));
                 }
@@ -688,6 +743,7 @@ mod tests {
         let flights = Flights::new(
             Arc::new(Store::open(dir.path()).unwrap()),
             Arc::new(upstreams),
+            None,
             Metrics::register(&registry).unwrap(),
         );
         let active = flights.active.clone();
@@ -701,7 +757,10 @@ mod tests {
         let digest = Digest::of(b"not cached");
         assert!(flights.lookup(&digest).unwrap().is_none());
         let (registry, repository) = (Registry::docker_hub(), Repository::parse("library/x").unwrap());
-        let offline = flights.get(&registry, &repository, &digest).err().unwrap();
+        let offline = flights
+            .get(&registry, &repository, &digest, Asker::Client)
+            .err()
+            .unwrap();
         assert!(offline.to_string().contains("offline"), "{offline}");
     }
 }

@@ -211,6 +211,7 @@ mod tests {
             size: Some(6),
             written: 6,
             state: FlightState::Streaming,
+            peer: None,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, Some(6), rx);
         assert_eq!(&next_bytes(&mut tail).await.unwrap().unwrap()[..], b"abcde");
@@ -230,6 +231,7 @@ mod tests {
             size: None,
             written: 0,
             state: FlightState::Streaming,
+            peer: None,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
         let pending = tokio::spawn(async move { next_bytes(&mut tail).await });

@@ -10,7 +10,6 @@
 //! This module owns the decisions, the CA, the TLS handshake and the [`tunnel`]s;
 //! `server::proxy` answers the proxy requests with them.
 
-mod ca;
 mod secret;
 pub mod tunnel;
 
@@ -20,7 +19,7 @@ use std::sync::Arc;
 use prometheus::IntCounterVec;
 use tokio_rustls::server::TlsStream;
 
-pub use ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
+pub use crate::ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
 pub use secret::{SecretOutcome, init_secret, init_secret_command};
 
 use crate::oci::Registry;

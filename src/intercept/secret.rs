@@ -8,7 +8,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
-use super::ca::{CERT_FILE, CaError, KEY_FILE, generate};
+use crate::ca::{CERT_FILE, CaError, KEY_FILE, generate};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretOutcome {

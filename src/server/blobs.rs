@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::flight::{BlobSource, Tail};
 use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
+use crate::peers::Asker;
 use crate::upstream::{Fetch, content_length};
 
 pub async fn serve(
@@ -21,6 +22,7 @@ pub async fn serve(
     target: &Target,
     digest: &Digest,
     spans: Option<&Spans>,
+    asker: Asker,
 ) -> Result<Outcome> {
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
     let sendfile = || spans.map(|spans| (spans.clone(), app.metrics.sendfile_bytes.clone()));
@@ -30,7 +32,7 @@ pub async fn serve(
             None => return head_upstream(app, target, digest).await,
         }
     } else {
-        app.flights.get(&target.registry, &target.repository, digest)?
+        app.flights.get(&target.registry, &target.repository, digest, asker)?
     };
     match source {
         BlobSource::Stored(blob) => {

@@ -10,6 +10,7 @@ use super::{App, Outcome};
 use crate::error::Result;
 use crate::manifests::{CacheResult, DOCKER_CONTENT_DIGEST};
 use crate::oci::{AcceptClass, Reference};
+use crate::peers::Asker;
 
 pub async fn serve(
     app: &App,
@@ -17,11 +18,12 @@ pub async fn serve(
     headers: &HeaderMap,
     target: &Target,
     reference: &Reference,
+    asker: Asker,
 ) -> Result<Outcome> {
     let accept = AcceptClass::from_headers(headers.get_all(ACCEPT).iter());
     let manifest = app
         .manifests
-        .get(&target.registry, &target.repository, reference, accept)
+        .get(&target.registry, &target.repository, reference, accept, asker)
         .await?;
     let mut resp = Response::builder()
         .header(CONTENT_TYPE, &manifest.media_type)

@@ -4,6 +4,7 @@
 pub mod access;
 mod blobs;
 mod manifests;
+pub mod peer;
 mod proxy;
 pub mod range;
 pub mod response;
@@ -29,6 +30,7 @@ use crate::flight::Flights;
 use crate::intercept::Intercept;
 use crate::manifests::Manifests;
 use crate::oci::Registry;
+use crate::peers::Asker;
 use crate::upstream::Upstreams;
 use proxy::Slot;
 use response::Body;
@@ -59,8 +61,8 @@ impl Default for ConnectionLimits {
     }
 }
 /// How long in-flight requests get to finish after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Everything a request handler needs.
 pub struct App {
@@ -87,20 +89,33 @@ impl Outcome {
 }
 
 impl App {
-    /// Answers a request; `host` is the registry of an intercepted connection, and `spans`
-    /// the `sendfile` queue of a plain HTTP/1 connection.
+    /// Answers a request; `host` is the registry of an intercepted connection, `spans` the
+    /// `sendfile` queue of a plain HTTP/1 connection, and `asker` whether a client or a peer
+    /// asks.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         host: Option<&Registry>,
         spans: Option<&Spans>,
+        asker: Asker,
     ) -> Response<Body> {
+        self.answer(req, host, spans, asker).await.0
+    }
+
+    /// [`App::handle`], also saying how the cache answered (`hit`, `miss`, ...).
+    pub(crate) async fn answer(
+        &self,
+        req: Request<Incoming>,
+        host: Option<&Registry>,
+        spans: Option<&Spans>,
+        asker: Asker,
+    ) -> (Response<Body>, &'static str) {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
         let route = routes::parse(req.method(), req.uri(), host);
         let outcome = match &route {
             Ok(route) => self
-                .dispatch(route, head, req.headers(), spans)
+                .dispatch(route, head, req.headers(), spans, asker)
                 .await
                 .unwrap_or_else(|e| Outcome::new(response::error(&e, head), "none")),
             Err(e) => Outcome::new(response::error(e, head), "none"),
@@ -127,7 +142,7 @@ impl App {
             started,
             bytes: 0,
         };
-        outcome.response.map(|body| access.wrap(body))
+        (outcome.response.map(|body| access.wrap(body)), outcome.cache)
     }
 
     async fn dispatch(
@@ -136,6 +151,7 @@ impl App {
         head: bool,
         headers: &http::HeaderMap,
         spans: Option<&Spans>,
+        asker: Asker,
     ) -> crate::error::Result<Outcome> {
         match route {
             Route::Ping => Ok(Outcome::new(
@@ -146,8 +162,10 @@ impl App {
                     .expect("ping response parts are valid"),
                 "none",
             )),
-            Route::Manifest { target, reference } => manifests::serve(self, head, headers, target, reference).await,
-            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest, spans).await,
+            Route::Manifest { target, reference } => {
+                manifests::serve(self, head, headers, target, reference, asker).await
+            }
+            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest, spans, asker).await,
         }
     }
 }
@@ -172,7 +190,7 @@ async fn answer(
         return proxy::answer(req, app, intercept, slot, limits, spans).await;
     }
     match app.get() {
-        Some(app) => app.handle(req, None, spans).await,
+        Some(app) => app.handle(req, None, spans, Asker::Client).await,
         None => response::not_ready(req.method() == Method::HEAD),
     }
 }

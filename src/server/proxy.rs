@@ -21,6 +21,7 @@ use super::sendfile::Spans;
 use super::{AppSlot, ConnectionLimits, builder};
 use crate::intercept::{self, Decision, Intercept, tunnel};
 use crate::oci::Registry;
+use crate::peers::Asker;
 use crate::sync::MutexExt;
 use crate::upstream::Upstreams;
 
@@ -79,7 +80,7 @@ pub(super) async fn answer(
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
     match intercept.decide(&authority) {
         Decision::Intercept { registry, .. } => match app.get() {
-            Some(app) => app.handle(req, Some(&registry), spans).await,
+            Some(app) => app.handle(req, Some(&registry), spans, Asker::Client).await,
             None => response::not_ready(req.method() == Method::HEAD),
         },
         Decision::Tunnel | Decision::Refuse(_) => refused(&format!("{authority} is not an intercepted registry")),
@@ -154,7 +155,7 @@ where
         async move {
             Ok::<_, Infallible>(match app.get() {
                 Some(app) if !req.uri().path().starts_with("/v2") => forward(&app.upstreams, &registry, req).await,
-                Some(app) => app.handle(req, Some(&registry), None).await,
+                Some(app) => app.handle(req, Some(&registry), None, Asker::Client).await,
                 None => response::not_ready(req.method() == Method::HEAD),
             })
         }

@@ -15,6 +15,7 @@ use super::sendfile::{MAX_SPAN, Spans};
 use crate::error::{Error, Origin, RequestError};
 use crate::flight::{Chunk, Tail};
 use crate::oci::{ErrorCode, NameError, error_body};
+use crate::peers::PeerError;
 use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -98,6 +99,8 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             | UpstreamErrorKind::Token(_)
             | UpstreamErrorKind::Body(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         },
+        Error::Peer(PeerError::Forged { .. }) => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
+        Error::Peer(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         Error::Store(_) | Error::Internal(_) | Error::Shared(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
         }

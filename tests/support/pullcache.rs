@@ -55,6 +55,21 @@ impl Pullcache {
 
     /// Starts pullcache without waiting for its cache to open.
     pub async fn spawn(config: pullcache::Config) -> anyhow::Result<Pullcache> {
+        Self::spawn_with_peer(config, None).await
+    }
+
+    /// Starts a cluster member whose peer port is `peer` (bound already, so every member's
+    /// address is known before any starts), and waits until it is ready.
+    pub async fn start_member(config: pullcache::Config, peer: tokio::net::TcpListener) -> anyhow::Result<Pullcache> {
+        let pullcache = Self::spawn_with_peer(config, Some(peer)).await?;
+        pullcache.wait_ready(Duration::from_secs(20)).await?;
+        Ok(pullcache)
+    }
+
+    async fn spawn_with_peer(
+        config: pullcache::Config,
+        peer: Option<tokio::net::TcpListener>,
+    ) -> anyhow::Result<Pullcache> {
         init_tracing();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -63,6 +78,7 @@ impl Pullcache {
         let listeners = pullcache::Listeners {
             api: listener,
             admin: Some(admin),
+            peer,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(pullcache::run(listeners, config, async {

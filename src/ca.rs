@@ -1,6 +1,8 @@
-//! The intercept CA: an ECDSA P-256 key (file mode 0600) and a self-signed certificate that
-//! nodes trust, and the leaf certificates it signs for intercepted hosts. Leaves are made
-//! once per host, cached, and made again long before they expire.
+//! The CAs pullcache signs with: an ECDSA P-256 key (file mode 0600) and a self-signed
+//! certificate. The intercept CA (`--ca-dir`), which nodes trust, signs leaf certificates for
+//! intercepted hosts, made once per host, cached, and made again long before they expire. The
+//! cluster CA (`--peer-ca-dir`) signs each node's peer certificate, for mutual TLS between
+//! peers.
 
 use std::fs;
 use std::io::Write;
@@ -18,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub const KEY_FILE: &str = "ca.key";
 pub const CERT_FILE: &str = "ca.crt";
-const CA_NAME: &str = "pullcache intercept CA";
+const CA_NAME: &str = "pullcache CA";
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Leaves are valid this long...
 const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -27,6 +29,8 @@ const LEAF_RENEW_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Leaves may start slightly in the past, for clients whose clocks run behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 const MAX_CACHED_LEAVES: u64 = 10_000;
+/// A node's peer certificate is made when it starts; pods restart long before a year is out.
+const PEER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -108,6 +112,11 @@ impl Ca {
             init(dir)?;
             tracing::info!(dir = %dir.display(), "created a new intercept CA; distribute {CERT_FILE} to node trust stores");
         }
+        Ca::load(dir)
+    }
+
+    /// Loads the CA in `dir`; its key must be readable by the owner only.
+    pub fn load(dir: &Path) -> Result<Ca, CaError> {
         let key_path = dir.join(KEY_FILE);
         let mode = fs::metadata(&key_path).map_err(|e| files(dir, format!("{KEY_FILE}: {e}")))?;
         if std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077 != 0 {
@@ -137,6 +146,31 @@ impl Ca {
         let leaf = Arc::new(self.issue(host)?);
         self.leaves.insert(host.to_owned(), leaf.clone());
         Ok(leaf)
+    }
+
+    /// The CA's own certificate.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// A certificate for a node's peer port at `ip`, good as server and as client, with the CA
+    /// behind it, and its key.
+    pub fn peer_certificate(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let err = |e: rcgen::Error| CaError::Certificate(format!("peer certificate for {ip}: {e}"));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let mut params = CertificateParams::new(vec![ip.to_string()]).map_err(err)?;
+        params.distinguished_name.push(DnType::CommonName, ip.to_string());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + PEER_LIFETIME;
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
 
     fn issue(&self, host: &str) -> Result<CertifiedKey, CaError> {

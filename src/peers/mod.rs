@@ -1,0 +1,297 @@
+//! Cluster mode: the nodes' caches as one. Each digest has an owner among the ready peers
+//! ([`ring`]), found through [`membership`]. A node that misses a blob or a manifest by digest
+//! asks the peers in rank order (the owner first) before the upstream; the owner fetches
+//! upstream once, through its own flight, and streams to every node that asks while it
+//! downloads. A request from a peer is never passed on to another owner, so nodes whose views
+//! disagree cannot loop. Peers authenticate each other with mutual TLS from the cluster CA
+//! ([`tls`]). A peer that fails is skipped for a while, and a node with no peer left is a
+//! single node again.
+
+pub mod membership;
+pub mod ring;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, LOCATION, RANGE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prometheus::{IntCounter, IntCounterVec, Opts};
+use tokio::sync::watch;
+
+use crate::oci::{Digest, Registry, Repository};
+use crate::sync::MutexExt;
+use membership::View;
+
+/// A peer: the address of its peer port.
+pub type PeerAddr = SocketAddr;
+
+/// Who asks for content: a client on this node, or another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Asker {
+    Client,
+    /// A peer. It is answered from the store, the local flight or the upstream, never by
+    /// asking another peer.
+    Peer,
+}
+
+/// The header a peer request names its sender in (its peer address), so an owner knows who
+/// receives a blob from it.
+pub const PEER_HEADER: &str = "pullcache-peer";
+/// Connecting to a peer gives up after this long: a dead owner must not hold a pull.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// A peer's response headers must come within this long; it may be waiting for its upstream.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer body that sends nothing for this long has failed (the asker then resumes elsewhere).
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that could not be reached is skipped for this long.
+const BREAKER_OPEN: Duration = Duration::from_secs(30);
+/// A peer that served bytes which failed their digest is skipped for this long.
+const BREAKER_OPEN_FORGED: Duration = Duration::from_secs(300);
+/// Hops of hot-blob redirects a request follows.
+const MAX_REDIRECTS: u32 = 3;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Cluster mode's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's peer port, on its node address.
+    pub listen: SocketAddr,
+    /// `--peer` targets: addresses or names with a port.
+    pub targets: Vec<String>,
+    /// The cluster CA (`ca.crt`, `ca.key`).
+    pub ca_dir: std::path::PathBuf,
+    /// Concurrent uploads of one blob to peers; more askers are sent to peers that have it.
+    pub max_uploads: usize,
+    /// How often the targets are resolved again.
+    pub refresh: Duration,
+}
+
+/// Why a peer could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No connection, no headers in time, or a broken body: ask the next peer.
+    #[error("peer {peer} unavailable")]
+    Unavailable {
+        peer: PeerAddr,
+        #[source]
+        source: crate::upstream::BoxError,
+    },
+    /// The peer answered, but not with the content (its upstream refused, say): asking other
+    /// peers would only repeat that, so the node asks its upstream itself.
+    #[error("peer {peer} answered {status}")]
+    Answered { peer: PeerAddr, status: StatusCode },
+    /// The peer's bytes failed their digest. Nothing was stored; the peer is skipped.
+    #[error("bytes from peer {peer} failed their digest; nothing stored")]
+    Forged { peer: PeerAddr },
+}
+
+/// The peers, their health and the client to reach them.
+pub struct Peers {
+    me: PeerAddr,
+    view: watch::Receiver<View>,
+    /// Peers skipped until the instant.
+    open: Mutex<HashMap<PeerAddr, Instant>>,
+    client: HttpClient,
+    pub max_uploads: usize,
+    pub metrics: Metrics,
+}
+
+impl Peers {
+    pub fn new(settings: &Settings, identity: &tls::Identity, metrics: Metrics) -> Peers {
+        let view = membership::discover(settings.listen, settings.targets.clone(), settings.refresh);
+        Peers::with_view(settings.listen, view, identity, settings.max_uploads, metrics)
+    }
+
+    fn with_view(
+        me: PeerAddr,
+        view: watch::Receiver<View>,
+        identity: &tls::Identity,
+        max_uploads: usize,
+        metrics: Metrics,
+    ) -> Peers {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(identity.client_config())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        Peers {
+            me,
+            view,
+            open: Mutex::default(),
+            client: Client::builder(TokioExecutor::new()).build(https),
+            max_uploads,
+            metrics,
+        }
+    }
+
+    pub fn me(&self) -> PeerAddr {
+        self.me
+    }
+
+    /// The peers a client's miss of `digest` goes to, in order: those ranked above this node,
+    /// the owner first, less the ones being skipped. Empty when this node owns the digest.
+    pub fn route(&self, digest: &Digest) -> Vec<PeerAddr> {
+        let view = self.view.borrow().clone();
+        let open = self.open.locked();
+        let now = Instant::now();
+        ring::rank(view.iter(), digest)
+            .into_iter()
+            .take_while(|peer| *peer != self.me)
+            .filter(|peer| open.get(peer).is_none_or(|until| *until <= now))
+            .collect()
+    }
+
+    /// Whether `peer` is a member of the current view.
+    pub fn knows(&self, peer: &PeerAddr) -> bool {
+        self.view.borrow().contains(peer)
+    }
+
+    /// Skips `peer` for a while: it could not be reached, or (`forged`) served wrong bytes.
+    pub fn trip(&self, peer: PeerAddr, forged: bool) {
+        let wait = if forged { BREAKER_OPEN_FORGED } else { BREAKER_OPEN };
+        tracing::warn!(%peer, skipped_for = ?wait, forged, "peer failed; skipping it");
+        self.open.locked().insert(peer, Instant::now() + wait);
+        if forged {
+            self.metrics.forged.inc();
+        }
+    }
+
+    /// GETs a blob (from offset `from`) or a manifest by digest from `peer`, following a busy
+    /// owner's redirects to peers that have it. The response is 200 or 206.
+    pub async fn fetch(&self, peer: PeerAddr, want: &Want<'_>) -> Result<(PeerAddr, Response<Incoming>), PeerError> {
+        let mut at = peer;
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self.send(at, want).await?;
+            let status = resp.status();
+            if status == StatusCode::TEMPORARY_REDIRECT
+                && let Some(next) = redirect_target(&resp)
+                && next != self.me
+                && self.knows(&next)
+            {
+                self.metrics.requests.with_label_values(&["redirected"]).inc();
+                at = next;
+                continue;
+            }
+            if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
+                return Ok((at, resp));
+            }
+            self.metrics.requests.with_label_values(&["failed"]).inc();
+            return Err(PeerError::Answered { peer: at, status });
+        }
+        Err(PeerError::Answered {
+            peer: at,
+            status: StatusCode::LOOP_DETECTED,
+        })
+    }
+
+    async fn send(&self, peer: PeerAddr, want: &Want<'_>) -> Result<Response<Incoming>, PeerError> {
+        let unavailable = |source: crate::upstream::BoxError| {
+            self.metrics.requests.with_label_values(&["failed"]).inc();
+            PeerError::Unavailable { peer, source }
+        };
+        let uri: Uri = format!(
+            "https://{peer}/v2/{}/{}/{}?ns={}",
+            want.repository, want.kind, want.digest, want.registry
+        )
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| unavailable(e.into()))?;
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(PEER_HEADER, self.me.to_string());
+        if let Some(accept) = want.accept {
+            request = request.header(ACCEPT, accept.clone());
+        }
+        if let Some(from) = want.from {
+            request = request.header(RANGE, format!("bytes={from}-"));
+        }
+        let request = request.body(Full::default()).expect("peer request parts are valid");
+        match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
+            Err(elapsed) => Err(unavailable(elapsed.into())),
+            Ok(Err(e)) => Err(unavailable(e.into())),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+}
+
+/// The peer a busy owner sends an asker to.
+fn redirect_target(resp: &Response<Incoming>) -> Option<PeerAddr> {
+    let location: Uri = resp.headers().get(LOCATION)?.to_str().ok()?.parse().ok()?;
+    location.authority()?.as_str().parse().ok()
+}
+
+/// What to fetch from a peer.
+pub struct Want<'a> {
+    pub registry: &'a Registry,
+    pub repository: &'a Repository,
+    /// `blobs` or `manifests`.
+    pub kind: &'static str,
+    pub digest: &'a Digest,
+    pub accept: Option<&'a HeaderValue>,
+    /// Resume from this offset.
+    pub from: Option<u64>,
+}
+
+/// Cluster mode's counters.
+pub struct Metrics {
+    /// Peer requests this node made, by result: served, streamed, redirected, failed.
+    pub requests: IntCounterVec,
+    /// Body bytes, by direction: `in` from peers, `out` to peers.
+    pub bytes: IntCounterVec,
+    /// Misses that went upstream after the peers could not serve.
+    pub fallbacks: IntCounter,
+    /// Peers skipped for serving bytes that failed their digest.
+    pub forged: IntCounter,
+}
+
+impl Metrics {
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Metrics> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "pullcache_peer_requests_total",
+                "Requests to peers, by result: served (from the peer's store), streamed (while the peer downloads), redirected (a busy owner sent the request on) or failed.",
+            ),
+            &["result"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "pullcache_peer_bytes_total",
+                "Body bytes between this node and its peers, by direction: in (received) or out (sent).",
+            ),
+            &["direction"],
+        )?;
+        let fallbacks = IntCounter::new(
+            "pullcache_peer_fallbacks_total",
+            "Misses fetched from upstream because no peer could serve them.",
+        )?;
+        let forged = IntCounter::new(
+            "pullcache_peer_forged_total",
+            "Peer transfers whose bytes failed their digest; the peer was skipped and nothing stored.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(fallbacks.clone()))?;
+        registry.register(Box::new(forged.clone()))?;
+        Ok(Metrics {
+            requests,
+            bytes,
+            fallbacks,
+            forged,
+        })
+    }
+}
