@@ -42,15 +42,14 @@ impl Identity {
     }
 
     /// For dialing peers: verifies their certificate against the CA, presents this node's.
+    /// (The connector sets ALPN.)
     pub fn client_config(&self) -> rustls::ClientConfig {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .expect("a certificate this node just issued is usable");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        config
+            .expect("a certificate this node just issued is usable")
     }
 
     /// For the peer port: requires a client certificate from the CA.

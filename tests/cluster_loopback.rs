@@ -1,0 +1,174 @@
+//! Cluster mode on one loopback: several pullcache members in this process, each with its own
+//! cache and peer port, the real registry upstream. Quick checks of ownership, streaming,
+//! failover and the peer port's mutual TLS; the tests in network namespaces with real
+//! containerd are in `tests/cluster.rs`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use pullcache::oci::{Digest, Registry as RegistryName};
+use pullcache::peers::ring;
+use support::images::{PushedImage, push_oci_image};
+use support::pullcache::Pullcache;
+use support::registry::Registry;
+
+const REGISTRY: &str = "registry.test";
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    upstream: Registry,
+    image: PushedImage,
+    members: Vec<Option<Pullcache>>,
+    peer_addrs: Vec<std::net::SocketAddr>,
+}
+
+async fn cluster(n: usize, layers: &[usize]) -> anyhow::Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/app", "v1", layers).await?;
+    let ca = dir.path().join("cluster-ca");
+    pullcache::ca::init(&ca)?;
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let peer_addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut members = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let mut config = support::pullcache::config(dir.path().join(format!("cache-{i}")));
+        config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+        config.peers = Some(pullcache::peers::Settings {
+            listen: peer_addrs[i],
+            targets: peer_addrs.iter().map(ToString::to_string).collect(),
+            ca_dir: ca.clone(),
+            max_uploads: 4,
+            refresh: Duration::from_secs(1),
+        });
+        members.push(Some(Pullcache::start_member(config, listener).await?));
+    }
+    Ok(Cluster {
+        _dir: dir,
+        upstream,
+        image,
+        members,
+        peer_addrs,
+    })
+}
+
+impl Cluster {
+    fn member(&self, i: usize) -> &Pullcache {
+        self.members[i].as_ref().expect("member running")
+    }
+
+    /// The member that owns `digest`.
+    fn owner(&self, digest: &str) -> usize {
+        let digest: Digest = digest.parse().unwrap();
+        let owner = ring::rank(&self.peer_addrs, &digest)[0];
+        self.peer_addrs.iter().position(|a| *a == owner).unwrap()
+    }
+
+    async fn get_blob(&self, i: usize, digest: &str) -> anyhow::Result<(u16, bytes::Bytes)> {
+        let url = format!("{}/v2/team/app/blobs/{digest}?ns={REGISTRY}", self.member(i).url());
+        let resp = support::http_client().get(url).send().await?;
+        Ok((resp.status().as_u16(), resp.bytes().await?))
+    }
+}
+
+/// Every member asks for every blob at once: one upstream GET per blob for the cluster, and
+/// each member keeps its own verified copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upstream_get_per_blob_for_the_cluster() -> anyhow::Result<()> {
+    let c = cluster(4, &[3 << 20, 1 << 20]).await?;
+    let blobs: Vec<_> = c.image.layers().iter().map(|b| (b.digest.clone(), b.size)).collect();
+    let mut pulls = Vec::new();
+    for (digest, _) in &blobs {
+        for i in 0..4 {
+            pulls.push(c.get_blob(i, digest));
+        }
+    }
+    for ((status, body), (digest, size)) in futures_util::future::join_all(pulls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .zip(blobs.iter().flat_map(|b| std::iter::repeat_n(b, 4)))
+    {
+        assert_eq!(status, 200, "{digest}");
+        assert_eq!(body.len() as u64, *size);
+        assert_eq!(support::images::sha256_digest(&body), *digest);
+    }
+    for (digest, _) in &blobs {
+        let gets = c.upstream.wait_access_log_count("GET", digest, 1, Duration::from_secs(5)).await;
+        assert_eq!(gets, 1, "upstream GETs of {digest} (owner: member {})", c.owner(digest));
+        for i in 0..4 {
+            assert!(c.member(i).stored_blobs().contains(digest), "member {i} kept no copy of {digest}");
+        }
+    }
+    Ok(())
+}
+
+/// With the owner gone, the others fall back (to the next peer, then upstream) within a pull;
+/// a stopped owner's port is refused at once, so nothing waits for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owner_is_skipped() -> anyhow::Result<()> {
+    let mut c = cluster(3, &[1 << 20]).await?;
+    let digest = c.image.layers()[0].digest.clone();
+    let owner = c.owner(&digest);
+    c.members[owner].take().unwrap().stop().await?;
+    let asker = (owner + 1) % 3;
+    let started = std::time::Instant::now();
+    let (status, body) = c.get_blob(asker, &digest).await?;
+    assert_eq!(status, 200);
+    assert_eq!(support::images::sha256_digest(&body), digest);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    Ok(())
+}
+
+/// The peer port is for cluster members only: a client without a certificate from the cluster
+/// CA reads nothing, over TLS or plain HTTP, and tags are never served there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_port_wants_a_cluster_certificate() -> anyhow::Result<()> {
+    let c = cluster(2, &[64 << 10]).await?;
+    let digest = c.image.layers()[0].digest.clone();
+    // Warm member 0, so the blob is there to steal.
+    assert_eq!(c.get_blob(0, &digest).await?.0, 200);
+    let peer = c.peer_addrs[0];
+    let path = format!("/v2/team/app/blobs/{digest}?ns={REGISTRY}");
+
+    // Plain HTTP: the TLS listener reads no request.
+    let plain = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let answer = support::raw_exchange(peer, plain.as_bytes()).await;
+    assert!(
+        answer.as_ref().map_or(true, |(status, _, _)| *status != 200),
+        "{answer:?}"
+    );
+
+    // TLS without a client certificate, even trusting the right CA: the handshake fails and
+    // no byte of an answer comes back.
+    let ca = c._dir.path().join("cluster-ca").join(pullcache::ca::CERT_FILE);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca)?)?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(peer).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(peer.ip().into());
+    let read = async {
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await?;
+        stream.write_all(plain.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), read).await? {
+        Err(e) => assert!(e.to_string().contains("CertificateRequired"), "{e:#}"),
+        Ok(answer) => assert!(answer.is_empty(), "answered: {}", String::from_utf8_lossy(&answer)),
+    }
+    Ok(())
+}
