@@ -103,10 +103,16 @@ async fn one_upstream_get_per_blob_for_the_cluster() -> anyhow::Result<()> {
         assert_eq!(support::images::sha256_digest(&body), *digest);
     }
     for (digest, _) in &blobs {
-        let gets = c.upstream.wait_access_log_count("GET", digest, 1, Duration::from_secs(5)).await;
+        let gets = c
+            .upstream
+            .wait_access_log_count("GET", digest, 1, Duration::from_secs(5))
+            .await;
         assert_eq!(gets, 1, "upstream GETs of {digest} (owner: member {})", c.owner(digest));
         for i in 0..4 {
-            assert!(c.member(i).stored_blobs().contains(digest), "member {i} kept no copy of {digest}");
+            assert!(
+                c.member(i).stored_blobs().contains(digest),
+                "member {i} kept no copy of {digest}"
+            );
         }
     }
     Ok(())
@@ -160,7 +166,9 @@ async fn the_peer_port_wants_a_cluster_certificate() -> anyhow::Result<()> {
     let tcp = tokio::net::TcpStream::connect(peer).await?;
     let name = rustls_pki_types::ServerName::IpAddress(peer.ip().into());
     let read = async {
-        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await?;
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await?;
         stream.write_all(plain.as_bytes()).await?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await?;
