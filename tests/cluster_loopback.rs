@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use pullcache::oci::{Digest, Registry as RegistryName};
 use pullcache::peers::ring;
+use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{PushedImage, push_oci_image};
 use support::pullcache::Pullcache;
 use support::registry::Registry;
@@ -29,9 +30,26 @@ struct Cluster {
 }
 
 async fn cluster(n: usize, layers: &[usize]) -> anyhow::Result<Cluster> {
-    let dir = tempfile::tempdir()?;
     let upstream = Registry::start().await?;
     let image = push_oci_image(&upstream.url(), "team/app", "v1", layers).await?;
+    let url = upstream.url();
+    let (dir, members, peer_addrs) = members(n, &url, 4).await?;
+    Ok(Cluster {
+        _dir: dir,
+        upstream,
+        image,
+        members,
+        peer_addrs,
+    })
+}
+
+/// `n` members fetching `registry.test` from `upstream`, with `max_uploads` per blob.
+async fn members(
+    n: usize,
+    upstream: &str,
+    max_uploads: usize,
+) -> anyhow::Result<(tempfile::TempDir, Vec<Option<Pullcache>>, Vec<std::net::SocketAddr>)> {
+    let dir = tempfile::tempdir()?;
     let ca = dir.path().join("cluster-ca");
     pullcache::ca::init(&ca)?;
     let mut listeners = Vec::new();
@@ -42,23 +60,17 @@ async fn cluster(n: usize, layers: &[usize]) -> anyhow::Result<Cluster> {
     let mut members = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let mut config = support::pullcache::config(dir.path().join(format!("cache-{i}")));
-        config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+        config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.parse()?);
         config.peers = Some(pullcache::peers::Settings {
             listen: peer_addrs[i],
             targets: peer_addrs.iter().map(ToString::to_string).collect(),
             ca_dir: ca.clone(),
-            max_uploads: 4,
+            max_uploads,
             refresh: Duration::from_secs(1),
         });
         members.push(Some(Pullcache::start_member(config, listener).await?));
     }
-    Ok(Cluster {
-        _dir: dir,
-        upstream,
-        image,
-        members,
-        peer_addrs,
-    })
+    Ok((dir, members, peer_addrs))
 }
 
 impl Cluster {
@@ -178,5 +190,63 @@ async fn the_peer_port_wants_a_cluster_certificate() -> anyhow::Result<()> {
         Err(e) => assert!(e.to_string().contains("CertificateRequired"), "{e:#}"),
         Ok(answer) => assert!(answer.is_empty(), "answered: {}", String::from_utf8_lossy(&answer)),
     }
+    Ok(())
+}
+
+/// A blob wanted by every member at once, from an owner that may upload it to one peer at a
+/// time: the others are sent to peers receiving it, which stream it on. Every member gets it
+/// whole, the owner sends it at most twice, and the upstream is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_blob_spreads_as_a_tree() -> anyhow::Result<()> {
+    let upstream = FaultUpstream::start().await?;
+    let blob = support::images::random_bytes(2 << 20);
+    let digest = support::images::sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    // Slow enough that every member asks while the owner is still downloading.
+    upstream.set(
+        &path,
+        Reply::ok(blob.clone(), &[]).slowly(20, Duration::from_millis(50)),
+    );
+    let n = 6;
+    let (_dir, members, peer_addrs) = members(n, &upstream.url(), 1).await?;
+    let owner_addr = ring::rank(&peer_addrs, &digest.parse()?)[0];
+    let owner = peer_addrs.iter().position(|a| *a == owner_addr).unwrap();
+    let client = support::http_client();
+    let pulls = (0..n).filter(|i| *i != owner).map(|i| {
+        let url = format!("{}{path}?ns={REGISTRY}", members[i].as_ref().unwrap().url());
+        let client = client.clone();
+        async move {
+            let resp = client.get(url).send().await?;
+            anyhow::ensure!(resp.status() == 200, "member {i}: {}", resp.status());
+            anyhow::Ok(resp.bytes().await?)
+        }
+    });
+    for body in futures_util::future::join_all(pulls).await {
+        assert!(body? == blob, "a member got other bytes");
+    }
+    assert_eq!(upstream.hits(&path), 1, "upstream GETs");
+    let member = |i: usize| members[i].as_ref().unwrap();
+    let sent = member(owner)
+        .sample("pullcache_peer_bytes_total{direction=\"out\"}")
+        .await?;
+    assert!(
+        sent <= 2.0 * blob.len() as f64,
+        "the owner sent {sent} bytes of a {}-byte blob with --peer-max-uploads 1",
+        blob.len()
+    );
+    let mut redirected = 0.0;
+    let mut most = 0.0f64;
+    for i in 0..n {
+        redirected += member(i)
+            .sample("pullcache_peer_requests_total{result=\"redirected\"}")
+            .await?;
+        most = most.max(
+            member(i)
+                .sample("pullcache_peer_bytes_total{direction=\"out\"}")
+                .await?,
+        );
+    }
+    assert!(redirected > 0.0, "no asker was sent on to another peer");
+    assert!(most <= 2.0 * blob.len() as f64, "a member sent {most} bytes");
     Ok(())
 }

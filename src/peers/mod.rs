@@ -57,8 +57,11 @@ pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const BREAKER_OPEN: Duration = Duration::from_secs(30);
 /// A peer that served bytes which failed their digest is skipped for this long.
 const BREAKER_OPEN_FORGED: Duration = Duration::from_secs(300);
-/// Hops of hot-blob redirects a request follows.
-const MAX_REDIRECTS: u32 = 3;
+/// Hops of hot-blob redirects a request follows; the peer at the last hop serves it whatever
+/// its load, so a redirect never sends a node upstream.
+pub const MAX_REDIRECTS: u32 = 8;
+/// The header saying how many redirects a peer request has followed.
+pub const REDIRECTS_HEADER: &str = "pullcache-redirects";
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -175,8 +178,8 @@ impl Peers {
     /// owner's redirects to peers that have it. The response is 200 or 206.
     pub async fn fetch(&self, peer: PeerAddr, want: &Want<'_>) -> Result<(PeerAddr, Response<Incoming>), PeerError> {
         let mut at = peer;
-        for _ in 0..=MAX_REDIRECTS {
-            let resp = self.send(at, want).await?;
+        for hops in 0..=MAX_REDIRECTS {
+            let resp = self.send(at, want, hops).await?;
             let status = resp.status();
             if status == StatusCode::TEMPORARY_REDIRECT
                 && let Some(next) = redirect_target(&resp)
@@ -199,7 +202,7 @@ impl Peers {
         })
     }
 
-    async fn send(&self, peer: PeerAddr, want: &Want<'_>) -> Result<Response<Incoming>, PeerError> {
+    async fn send(&self, peer: PeerAddr, want: &Want<'_>, hops: u32) -> Result<Response<Incoming>, PeerError> {
         let unavailable = |source: crate::upstream::BoxError| {
             self.metrics.requests.with_label_values(&["failed"]).inc();
             PeerError::Unavailable { peer, source }
@@ -213,7 +216,8 @@ impl Peers {
         let mut request = Request::builder()
             .method(Method::GET)
             .uri(uri)
-            .header(PEER_HEADER, self.me.to_string());
+            .header(PEER_HEADER, self.me.to_string())
+            .header(REDIRECTS_HEADER, hops);
         if let Some(accept) = want.accept {
             request = request.header(ACCEPT, accept.clone());
         }

@@ -22,7 +22,7 @@ use super::response::{self, Body};
 use super::routes::{self, Route};
 use super::{AppSlot, ConnectionLimits, builder};
 use crate::oci::{Digest, Reference, error_body};
-use crate::peers::{Asker, PEER_HEADER, PeerAddr, Peers};
+use crate::peers::{Asker, MAX_REDIRECTS, PEER_HEADER, PeerAddr, Peers, REDIRECTS_HEADER};
 use crate::sync::MutexExt;
 
 /// Who is receiving each blob from this node, and who has received it.
@@ -187,8 +187,20 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
             "this node is receiving that blob from the asker",
         );
     }
+    let hops: u32 = req
+        .headers()
+        .get(REDIRECTS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // At the last hop the asker is served, busy or not.
+    let max_uploads = if hops >= MAX_REDIRECTS {
+        usize::MAX
+    } else {
+        peers.max_uploads
+    };
     let upload = match (&digest, asker) {
-        (Some(digest), Some(asker)) if !head => match uploads.admit(digest, asker, peers.max_uploads) {
+        (Some(digest), Some(asker)) if !head => match uploads.admit(digest, asker, max_uploads) {
             Ok(upload) => Some(upload),
             Err(elsewhere) => {
                 peers.metrics.requests.with_label_values(&["redirected"]).inc();

@@ -107,6 +107,16 @@ impl Pullcache {
         Ok(resp.text().await?)
     }
 
+    /// The value of one series (`name` or `name{labels}`, as written in `/metrics`); 0 when
+    /// it is absent, as Prometheus counters start.
+    pub async fn sample(&self, series: &str) -> anyhow::Result<f64> {
+        let metrics = self.metrics().await?;
+        Ok(metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
