@@ -250,3 +250,98 @@ async fn a_hot_blob_spreads_as_a_tree() -> anyhow::Result<()> {
     assert!(most <= 2.0 * blob.len() as f64, "a member sent {most} bytes");
     Ok(())
 }
+
+/// A cluster member (it holds a certificate from the cluster CA) that answers every blob
+/// request with the right length of the wrong bytes.
+async fn forger(ca: &std::path::Path) -> anyhow::Result<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let identity = pullcache::peers::tls::Identity::issue(ca, listener.local_addr()?.ip())?;
+    Ok((listener, Arc::new(identity.server_config()?)))
+}
+
+fn serve_forgeries(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, size: usize) {
+    use hyper::service::service_fn;
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = service_fn(move |_req| async move {
+                    let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'X'; size]));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A peer that serves forged bytes is a bad upstream: the transfer fails before its last
+/// byte, nothing is stored, the peer is skipped and counted, and the next request is served
+/// from the upstream (the digest itself is not refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forging_peer_is_skipped_and_nothing_forged_is_stored() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("cluster-ca");
+    pullcache::ca::init(&ca)?;
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/app", "v1", &[256 << 10]).await?;
+    let layer = image.layers()[0].clone();
+    let (forger_listener, tls) = forger(&ca).await?;
+    let forger_addr = forger_listener.local_addr()?;
+    serve_forgeries(forger_listener, tls, layer.size as usize);
+    // A member whose peer port makes the forger the layer's owner.
+    let digest: Digest = layer.digest.parse()?;
+    let (listener, me) = loop {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let me = listener.local_addr()?;
+        if ring::rank(&[forger_addr, me], &digest)[0] == forger_addr {
+            break (listener, me);
+        }
+    };
+    let mut config = support::pullcache::config(dir.path().join("cache"));
+    config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+    config.peers = Some(pullcache::peers::Settings {
+        listen: me,
+        targets: vec![forger_addr.to_string()],
+        ca_dir: ca,
+        max_uploads: 4,
+        refresh: Duration::from_secs(60),
+    });
+    let member = Pullcache::start_member(config, listener).await?;
+    // Discovery runs at start; give it its first round.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let url = format!("{}/v2/team/app/blobs/{}?ns={REGISTRY}", member.url(), layer.digest);
+
+    let first = support::http_client().get(&url).send().await?;
+    let forged = match first.status().as_u16() {
+        200 => first.bytes().await.map(|b| b.to_vec()),
+        status => anyhow::bail!("the first answer was {status}, not a stream from the forger"),
+    };
+    assert!(
+        forged.as_ref().map_or(true, |b| b.len() < layer.size as usize),
+        "a forged body was delivered whole"
+    );
+    assert_eq!(
+        upstream.access_log_count("GET", &layer.digest),
+        0,
+        "the forger was not asked first"
+    );
+    assert!(member.stored_blobs().is_empty(), "forged bytes were stored");
+    assert_eq!(member.sample("pullcache_peer_forged_total").await?, 1.0);
+
+    let second = support::http_client().get(&url).send().await?;
+    assert_eq!(second.status(), 200);
+    assert_eq!(support::images::sha256_digest(&second.bytes().await?), layer.digest);
+    assert_eq!(
+        upstream
+            .wait_access_log_count("GET", &layer.digest, 1, Duration::from_secs(5))
+            .await,
+        1
+    );
+    assert_eq!(member.stored_blobs(), vec![layer.digest.clone()]);
+    Ok(())
+}
