@@ -186,14 +186,15 @@ impl Peers {
                 && next != self.me
                 && self.knows(&next)
             {
-                self.metrics.requests.with_label_values(&["redirected"]).inc();
+                self.metrics.fetches.with_label_values(&["redirected"]).inc();
                 at = next;
                 continue;
             }
             if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
+                self.metrics.fetches.with_label_values(&["ok"]).inc();
                 return Ok((at, resp));
             }
-            self.metrics.requests.with_label_values(&["failed"]).inc();
+            self.metrics.fetches.with_label_values(&["refused"]).inc();
             return Err(PeerError::Answered { peer: at, status });
         }
         Err(PeerError::Answered {
@@ -204,7 +205,7 @@ impl Peers {
 
     async fn send(&self, peer: PeerAddr, want: &Want<'_>, hops: u32) -> Result<Response<Incoming>, PeerError> {
         let unavailable = |source: crate::upstream::BoxError| {
-            self.metrics.requests.with_label_values(&["failed"]).inc();
+            self.metrics.fetches.with_label_values(&["unavailable"]).inc();
             PeerError::Unavailable { peer, source }
         };
         let uri: Uri = format!(
@@ -253,8 +254,10 @@ pub struct Want<'a> {
 
 /// Cluster mode's counters.
 pub struct Metrics {
-    /// Peer requests this node made, by result: served, streamed, redirected, failed.
+    /// Peer requests this node answered, by result: served, streamed, redirected, failed.
     pub requests: IntCounterVec,
+    /// Peer requests this node made, by result: ok, redirected, unavailable, refused.
+    pub fetches: IntCounterVec,
     /// Body bytes, by direction: `in` from peers, `out` to peers.
     pub bytes: IntCounterVec,
     /// Misses that went upstream after the peers could not serve.
@@ -268,7 +271,14 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "pullcache_peer_requests_total",
-                "Requests to peers, by result: served (from the peer's store), streamed (while the peer downloads), redirected (a busy owner sent the request on) or failed.",
+                "Peer requests this node answered, by result: served (from its store), streamed (while it downloads), redirected (sent on to a peer receiving the blob) or failed.",
+            ),
+            &["result"],
+        )?;
+        let fetches = IntCounterVec::new(
+            Opts::new(
+                "pullcache_peer_fetches_total",
+                "Requests this node made to peers, by result: ok, redirected (to another peer), unavailable (no connection or answer in time) or refused (answered without the content).",
             ),
             &["result"],
         )?;
@@ -288,11 +298,13 @@ impl Metrics {
             "Peer transfers whose bytes failed their digest; the peer was skipped and nothing stored.",
         )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(fetches.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(forged.clone()))?;
         Ok(Metrics {
             requests,
+            fetches,
             bytes,
             fallbacks,
             forged,
