@@ -135,6 +135,44 @@ const SETTINGS: &[Setting] = &[
     setting("max_connections", ("77", "77"), ("max_connections", "77"), ("0", "0")),
 ];
 
+/// Cluster mode's settings; each case adds `peer_listen` and `peer_ca_dir` from the same source.
+const CLUSTER_SETTINGS: &[Setting] = &[
+    setting(
+        "peer_listen",
+        ("127.0.0.1:7443", r#""127.0.0.1:7443""#),
+        ("cluster", "peer port 127.0.0.1:7443"),
+        ("0.0.0.0:7443", r#""0.0.0.0:7443""#),
+    ),
+    setting(
+        "peer_ca_dir",
+        ("{dir}/cluster-ca", r#""{dir}/cluster-ca""#),
+        ("cluster", "CA in {dir}/cluster-ca"),
+        ("{dir}/no-ca", r#""{dir}/no-ca""#),
+    ),
+    Setting {
+        flag: Some("--peer"),
+        env: Some("PULLCACHE_PEER"),
+        ..setting(
+            "peers",
+            ("10.0.0.2:7443", r#"["10.0.0.2:7443"]"#),
+            ("cluster", "peers 10.0.0.2:7443;"),
+            ("no-port", r#"["no-port"]"#),
+        )
+    },
+    setting(
+        "peer_max_uploads",
+        ("2", "2"),
+        ("cluster", "at most 2 uploads"),
+        ("0", "0"),
+    ),
+    setting(
+        "peer_refresh",
+        ("30s", r#""30s""#),
+        ("cluster", "refreshed every 30s"),
+        ("soon", r#""soon""#),
+    ),
+];
+
 /// Settings that only matter with `ca_dir`; each case adds `ca_dir` from the same source.
 const INTERCEPT_SETTINGS: &[Setting] = &[
     setting(
@@ -202,6 +240,7 @@ fn check_config(dir: &Path, source: Source, settings: &[(&Setting, &str, &str)])
 }
 
 fn fixtures(dir: &Path) {
+    pullcache::ca::init(&dir.join("cluster-ca")).unwrap();
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
     std::fs::write(dir.join("docker.json"), r#"{"auths":{"ghcr.io":{"auth":"dTpw"}}}"#).unwrap();
@@ -221,17 +260,26 @@ fn describe(output: &Output) -> String {
 fn every_setting_from_every_source() {
     let dir = tempfile::tempdir().unwrap();
     fixtures(dir.path());
-    let ca_dir = &SETTINGS.iter().find(|s| s.name == "ca_dir").unwrap();
+    let named = |name: &str| {
+        SETTINGS
+            .iter()
+            .chain(CLUSTER_SETTINGS)
+            .find(|s| s.name == name)
+            .unwrap()
+    };
+    let intercept = [named("ca_dir")];
+    let cluster = [named("peer_listen"), named("peer_ca_dir")];
     let cases = SETTINGS
         .iter()
-        .map(|s| (s, None))
-        .chain(INTERCEPT_SETTINGS.iter().map(|s| (s, Some(ca_dir))));
+        .map(|s| (s, &[][..]))
+        .chain(INTERCEPT_SETTINGS.iter().map(|s| (s, &intercept[..])))
+        .chain(CLUSTER_SETTINGS.iter().map(|s| (s, &cluster[..])));
     for (setting, needs) in cases {
         for source in [Source::Flag, Source::Env, Source::File] {
             let with = |text, toml| {
                 let mut all = vec![(setting, text, toml)];
-                if let Some(ca_dir) = needs {
-                    all.push((ca_dir, ca_dir.valid, ca_dir.valid_toml));
+                for needed in needs.iter().filter(|n| n.name != setting.name) {
+                    all.push((needed, needed.valid, needed.valid_toml));
                 }
                 check_config(dir.path(), source, &all)
             };

@@ -291,9 +291,10 @@ impl Config {
                 match &self.peers {
                     None => "off".to_owned(),
                     Some(p) => format!(
-                        "peer port {}; peers {}; CA in {}; at most {} uploads of a blob",
+                        "peer port {}; peers {}; refreshed every {}; CA in {}; at most {} uploads of a blob",
                         p.listen,
                         p.targets.join(", "),
+                        humantime::format_duration(p.refresh),
                         p.ca_dir.display(),
                         p.max_uploads
                     ),

@@ -450,7 +450,7 @@ fn cluster(
     for target in &targets {
         let port = target.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok());
         if port.is_none_or(|p| p == 0) {
-            return Err(invalid("peer", &format!("{target:?} is not HOST:PORT")));
+            return Err(invalid("peers", &format!("{target:?} is not HOST:PORT")));
         }
     }
     let max_uploads = match max_uploads {
