@@ -1,7 +1,8 @@
-//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and network namespaces with links between them.
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and a cluster of nodes in network namespaces.
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod cluster;
 pub mod containerd;
 pub mod fault_upstream;
 pub mod htpasswd;
