@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real components the end-to-end tests drive (Debian packages): the CNCF
 # distribution registry as upstream, containerd + ctr, skopeo and podman (pulling through
-# registries.conf mirrors, as CRI-O does) as clients, and curl as a TLS client for intercept
-# and TLS-registry checks. A podman pull runs no container: it needs the package's own
+# registries.conf mirrors, as CRI-O does) as clients, curl as a TLS client for intercept
+# and TLS-registry checks and as the client inside network namespaces, and iproute2 for
+# those namespaces. A podman pull runs no container: it needs the package's own
 # dependencies only, none of its recommends.
 set -euo pipefail
 need=()
@@ -11,6 +12,9 @@ command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containe
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v podman >/dev/null || need+=(podman)
 command -v curl >/dev/null || need+=(curl ca-certificates)
+# Several nodes on one machine (tests/support/cluster.rs): network namespaces, veth, a
+# bridge and tc tbf.
+command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
 # libFuzzer, built by the fuzz targets, is C++.
 command -v g++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then

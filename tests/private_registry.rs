@@ -113,7 +113,7 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() -> anyhow::Result<(
         RegistryOptions {
             tls: Some((cert, key)),
             htpasswd: Some(write_htpasswd(dir.path(), &[("robot", "hunter2")])?),
-            token: None,
+            ..RegistryOptions::default()
         },
         Some(storage),
     )

@@ -130,7 +130,7 @@ async fn tls_basic_registry_serves_shared_storage() {
     let opts = RegistryOptions {
         tls: Some((cert, key)),
         htpasswd: Some(htpasswd_path),
-        token: None,
+        ..RegistryOptions::default()
     };
     let mut reg = Registry::start_with(opts, Some(storage.clone()))
         .await

@@ -1,5 +1,6 @@
-//! The real `pullcache` binary as a server: `serve` on port 0 with JSON logs, its addresses
-//! read from its "serving" log line, ready once `/readyz` says so.
+//! The real `pullcache` binary as a server: `serve` on port 0 (or a given address, in a network
+//! namespace) with JSON logs, its addresses read from its "serving" log line, ready once
+//! `/readyz` says so.
 
 use std::ffi::OsStr;
 use std::process::Stdio;
@@ -7,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStdout};
+
+use super::netns::{Netns, command_in};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pullcache");
 
@@ -21,6 +24,8 @@ pub struct Served {
     pub stdout: Lines<BufReader<ChildStdout>>,
     /// Everything logged up to and including the "serving" line.
     pub logs: String,
+    /// The namespace it runs in, where its addresses are.
+    pub netns: Option<Netns>,
 }
 
 /// Runs `pullcache serve` on port 0 with `args` added, `RUST_LOG=rust_log`, and waits for it
@@ -30,11 +35,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut child = Command::new(BIN)
+    serve_in(None, "127.0.0.1:0", args, rust_log).await
+}
+
+/// [`serve`] inside `netns` (if any), the registry API on `listen`, `/metrics` on port 0.
+pub async fn serve_in<I, S>(netns: Option<&Netns>, listen: &str, args: I, rust_log: &str) -> Result<Served>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = command_in(netns, BIN)
         .args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--metrics-listen",
             "127.0.0.1:0",
             "--log-format",
@@ -69,18 +83,26 @@ where
         metrics_addr,
         stdout,
         logs,
+        netns: netns.cloned(),
     })
 }
 
 impl Served {
-    /// Polls `/readyz` until it answers 200.
+    /// Polls `/readyz` (from inside its namespace, if it has one) until it answers 200.
     pub async fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let readyz = format!("http://{}/readyz", self.metrics_addr);
-        while super::http_client().get(&readyz).send().await?.status() != 200 {
+        while self.status(&readyz).await? != Some(200) {
             ensure!(Instant::now() < deadline, "never became ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
+    }
+
+    async fn status(&self, url: &str) -> Result<Option<u16>> {
+        Ok(match &self.netns {
+            Some(netns) => netns.http_status(url).await,
+            None => Some(super::http_client().get(url).send().await?.status().as_u16()),
+        })
     }
 }

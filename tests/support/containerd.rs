@@ -46,7 +46,8 @@ use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use super::{check_status, log_tail};
+use super::netns::{Netns, command_in};
+use super::{check_status, kill_and_reap, log_tail};
 
 pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
 pub const CTR_BIN: &str = "/usr/bin/ctr";
@@ -64,14 +65,23 @@ pub struct Containerd {
     child: Option<Child>,
     dir: TempDir,
     socket: PathBuf,
+    /// Where containerd and every `ctr` run: in 1.6 a pull is fetched by `ctr` itself.
+    netns: Option<Netns>,
 }
 
 impl Containerd {
     pub async fn start() -> Result<Containerd> {
-        // tempdir_in("/tmp") keeps the socket path far below the 107-byte limit.
+        // /tmp keeps the socket path far below the 107-byte limit.
+        Self::start_in(None, Path::new("/tmp")).await
+    }
+
+    /// Starts containerd inside `netns` (if any), its temp dir in `parent` (keep that path
+    /// short: the sockets are in it). `ctr` runs inside too, so the registry traffic of a
+    /// pull leaves from that namespace.
+    pub async fn start_in(netns: Option<Netns>, parent: &Path) -> Result<Containerd> {
         let dir = tempfile::Builder::new()
             .prefix("pc-ctd")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .context("creating containerd tempdir")?;
         let d = dir.path();
         let socket = d.join("c.sock");
@@ -113,7 +123,7 @@ disabled_plugins = [
         let log_path = d.join("containerd.log");
         let log = std::fs::File::create(&log_path).context("creating containerd log")?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut child = Command::new(CONTAINERD_BIN)
+        let mut child = command_in(netns.as_ref(), CONTAINERD_BIN)
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -131,12 +141,13 @@ disabled_plugins = [
                 );
             }
             if socket.exists() {
-                let out = ctr_output(&socket, &["version"], Duration::from_secs(3)).await;
+                let out = ctr_output(netns.as_ref(), &socket, &["version"], Duration::from_secs(3)).await;
                 if matches!(&out, Ok(o) if o.status.success()) {
                     break Containerd {
                         child: Some(child),
                         dir,
                         socket,
+                        netns,
                     };
                 }
             }
@@ -169,12 +180,12 @@ disabled_plugins = [
     /// Run `ctr -a SOCK -n default ARGS...` (bounded by `timeout`); returns the
     /// output whatever the exit status.
     pub async fn ctr_raw(&self, args: &[&str], timeout: Duration) -> Result<Output> {
-        ctr_output(&self.socket, args, timeout).await
+        ctr_output(self.netns.as_ref(), &self.socket, args, timeout).await
     }
 
     /// Like [`Containerd::ctr_raw`] with a 30 s bound, but a non-zero exit is an error.
     pub async fn ctr(&self, args: &[&str]) -> Result<Output> {
-        let out = ctr_output(&self.socket, args, Duration::from_secs(30)).await?;
+        let out = ctr_output(self.netns.as_ref(), &self.socket, args, Duration::from_secs(30)).await?;
         check_status(&format!("ctr {}", args.join(" ")), out)
     }
 
@@ -190,7 +201,7 @@ disabled_plugins = [
         let mut args = vec!["images", "pull", "--hosts-dir", hosts, "--snapshotter", SNAPSHOTTER];
         args.extend_from_slice(extra);
         args.push(image_ref);
-        let out = ctr_output(&self.socket, &args, PULL_TIMEOUT).await?;
+        let out = ctr_output(self.netns.as_ref(), &self.socket, &args, PULL_TIMEOUT).await?;
         check_status(&format!("ctr images pull {image_ref}"), out)
     }
 
@@ -230,7 +241,7 @@ disabled_plugins = [
         ca_bundle: &Path,
         timeout: Duration,
     ) -> Result<Output> {
-        let mut cmd = ctr_command(&self.socket, args);
+        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, args);
         set_proxy_env(&mut cmd, proxy, ca_bundle);
         output_within(cmd, &format!("ctr {} (via proxy {proxy})", args.join(" ")), timeout).await
     }
@@ -269,6 +280,11 @@ disabled_plugins = [
         Ok(())
     }
 
+    /// The containerd process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
@@ -280,15 +296,8 @@ disabled_plugins = [
 impl Drop for Containerd {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            // Reap briefly so the tempdir is not removed under a live process.
             // The native snapshotter leaves no mounts to clean up.
-            for _ in 0..200 {
-                match child.try_wait() {
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                    _ => break,
-                }
-            }
+            kill_and_reap(&mut child, Duration::from_secs(2));
         }
     }
 }
@@ -305,17 +314,26 @@ pub const PROXY_VARS: [&str; 6] = [
 ];
 
 /// `ctr -a SOCKET -n NAMESPACE ARGS...`, output captured, killed when dropped.
-fn ctr_command(socket: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(CTR_BIN);
-    cmd.arg("-a")
-        .arg(socket)
-        .arg("-n")
-        .arg(NAMESPACE)
-        .args(args)
-        .stdin(Stdio::null())
+fn ctr_command(netns: Option<&Netns>, socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = command_in(netns, CTR_BIN);
+    cmd.arg("-a").arg(socket).arg("-n").arg(NAMESPACE).args(args);
+    captured(&mut cmd);
+    cmd
+}
+
+/// Sets `cmd` up for [`output_within`]: no stdin, both streams captured, killed when dropped.
+pub fn captured(cmd: &mut Command) -> &mut Command {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+}
+
+/// Removes [`PROXY_VARS`] from `cmd`'s environment.
+pub fn without_proxy(cmd: &mut Command) -> &mut Command {
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
     cmd
 }
 
@@ -327,11 +345,9 @@ pub async fn output_within(mut cmd: Command, what: &str, timeout: Duration) -> R
     }
 }
 
-async fn ctr_output(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
-    let mut cmd = ctr_command(socket, args);
-    for var in PROXY_VARS {
-        cmd.env_remove(var);
-    }
+async fn ctr_output(netns: Option<&Netns>, socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = ctr_command(netns, socket, args);
+    without_proxy(&mut cmd);
     output_within(cmd, &format!("ctr {}", args.join(" ")), timeout).await
 }
 

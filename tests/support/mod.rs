@@ -1,12 +1,14 @@
-//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream.
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and a cluster of nodes in network namespaces.
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod cluster;
 pub mod containerd;
 pub mod fault_upstream;
 pub mod htpasswd;
 pub mod images;
 pub mod kube_api;
+pub mod netns;
 pub mod podman;
 pub mod pullcache;
 pub mod registry;
@@ -17,6 +19,7 @@ pub mod tmpfs;
 pub mod token_service;
 
 use std::path::Path;
+use std::time::Duration;
 
 /// Last `max_lines` lines of a log file (for error messages); never fails.
 pub fn log_tail(path: &Path, max_lines: usize) -> String {
@@ -72,4 +75,14 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> anyhow:
         .ok_or_else(|| anyhow::anyhow!("no header end: {text}"))?;
     let status = head.split_whitespace().nth(1).unwrap_or_default().parse()?;
     Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// Kills a child (SIGKILL) and reaps it for up to `within`, so nothing it used (a temp dir, a
+/// port, a namespace) is taken away under a live process. For `Drop`: never fails.
+pub fn kill_and_reap(child: &mut tokio::process::Child, within: Duration) {
+    let _ = child.start_kill();
+    let deadline = std::time::Instant::now() + within;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

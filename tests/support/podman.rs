@@ -18,7 +18,7 @@
 //! primary `location` is tried ("Mirrors also failed" in the error when both fail).
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -26,7 +26,7 @@ use tempfile::TempDir;
 use tokio::process::Command;
 
 use super::check_status;
-use super::containerd::{PROXY_VARS, output_within};
+use super::containerd::{captured, output_within, without_proxy};
 
 pub const PODMAN_BIN: &str = "/usr/bin/podman";
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -124,14 +124,8 @@ impl Podman {
             .env("CONTAINERS_CONF", self.file("containers.conf"))
             .env("CONTAINERS_STORAGE_CONF", self.file("storage.conf"))
             .env("REGISTRY_AUTH_FILE", self.file("auth.json"))
-            .env("HOME", d.join("home"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for var in PROXY_VARS {
-            cmd.env_remove(var);
-        }
+            .env("HOME", d.join("home"));
+        without_proxy(captured(&mut cmd));
         cmd
     }
 

@@ -1,4 +1,5 @@
-//! The real upstream: CNCF distribution (`/usr/bin/docker-registry`) on an ephemeral loopback port.
+//! The real upstream: CNCF distribution (`/usr/bin/docker-registry`) on an ephemeral loopback port,
+//! or on a given address inside a network namespace ([`RegistryOptions::netns`]).
 //!
 //! Facts verified against distribution 2.8.2 (Debian):
 //! * `http.addr: 127.0.0.1:0` works; the app log (stderr) then contains
@@ -25,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use super::{http_client, log_tail};
+use super::netns::{Netns, command_in};
+use super::{http_client, kill_and_reap, log_tail};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -35,6 +37,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// One parsed access-log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLogEntry {
+    /// The client's address, as the registry saw it.
+    pub remote: String,
     pub method: String,
     /// Request target as sent: path plus `?query` if any.
     pub uri: String,
@@ -56,6 +60,7 @@ impl AccessLogEntry {
 
     /// Parse one combined-format line; `None` for anything else.
     pub fn parse(line: &str) -> Option<AccessLogEntry> {
+        let remote = line.split(' ').next()?.to_string();
         let (_, rest) = line.split_once("] \"")?;
         let (request, rest) = rest.split_once('"')?;
         let mut req = request.split(' ');
@@ -74,6 +79,7 @@ impl AccessLogEntry {
             .map(|(_, ua)| ua.trim_end().trim_end_matches('"').to_string())
             .unwrap_or_default();
         Some(AccessLogEntry {
+            remote,
             method,
             uri,
             status,
@@ -102,6 +108,12 @@ pub struct RegistryOptions {
     /// htpasswd file (bcrypt entries) for `auth.htpasswd`.
     pub htpasswd: Option<PathBuf>,
     pub token: Option<TokenAuth>,
+    /// Where to listen instead of `127.0.0.1:0`.
+    pub listen: Option<SocketAddr>,
+    /// The network namespace to run in, and to probe readiness from.
+    pub netns: Option<Netns>,
+    /// Where to make its temp dir (config, logs) instead of the system's temp dir.
+    pub dir_in: Option<PathBuf>,
 }
 
 impl RegistryOptions {
@@ -136,14 +148,15 @@ impl Registry {
         if opts.htpasswd.is_some() && opts.token.is_some() {
             bail!("distribution supports only one auth method: set htpasswd or token, not both");
         }
+        let parent = opts.dir_in.clone().unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix("pc-registry")
-            .tempdir()
+            .tempdir_in(parent)
             .context("creating registry tempdir")?;
         let storage = storage.unwrap_or_else(|| dir.path().join("data"));
         let mut reg = Registry {
             child: None,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: opts.listen.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             dir,
             storage,
             opts,
@@ -217,7 +230,7 @@ impl Registry {
         let stdout = open_append(&self.access_log_path())?;
         let stderr = open_append(&app_log)?;
 
-        let mut cmd = Command::new(REGISTRY_BIN);
+        let mut cmd = command_in(self.opts.netns.as_ref(), REGISTRY_BIN);
         cmd.arg("serve")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -234,7 +247,6 @@ impl Registry {
             .with_context(|| format!("spawning {REGISTRY_BIN} (is docker-registry installed?)"))?;
 
         let deadline = Instant::now() + START_TIMEOUT;
-        let client = http_client();
         let mut bound: Option<SocketAddr> = None;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -255,35 +267,36 @@ impl Registry {
                 bound = find_listen_addr(&app_log, app_offset);
             }
             if let Some(addr) = bound {
-                let ok = if self.opts.tls.is_some() {
-                    // reqwest here has no TLS: the bound socket accepting is
-                    // enough (Serve starts right after the log line).
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                        .await
-                        .map(|r| r.is_ok())
-                        .unwrap_or(false)
-                } else {
-                    let expected = if self.opts.has_auth() {
-                        reqwest::StatusCode::UNAUTHORIZED
-                    } else {
-                        reqwest::StatusCode::OK
-                    };
-                    client
-                        .get(format!("http://{addr}/v2/"))
-                        .timeout(Duration::from_secs(2))
-                        .send()
-                        .await
-                        .map(|r| r.status() == expected)
-                        .unwrap_or(false)
-                };
-                if ok {
-                    self.addr = addr;
+                self.addr = addr;
+                if self.answers().await {
                     self.child = Some(child);
                     return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the registry serves: `GET /v2/` answers 200, or 401 with auth. Probed from
+    /// inside its namespace when it has one. Outside, reqwest here has no TLS: the bound socket
+    /// accepting is enough (Serve starts right after the "listening on" log line).
+    async fn answers(&self) -> bool {
+        let expected = if self.opts.has_auth() { 401 } else { 200 };
+        let url = format!("{}/v2/", self.url());
+        if let Some(netns) = &self.opts.netns {
+            return netns.http_status(&url).await == Some(expected);
+        }
+        if self.is_tls() {
+            return tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(self.addr))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        http_client()
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == expected)
     }
 
     /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` with TLS.
@@ -385,19 +398,17 @@ impl Registry {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The registry process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            // Reap briefly so the tempdir is not removed under a live process.
-            for _ in 0..100 {
-                match child.try_wait() {
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                    _ => break,
-                }
-            }
+            kill_and_reap(&mut child, Duration::from_secs(1));
         }
     }
 }

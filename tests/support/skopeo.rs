@@ -18,14 +18,14 @@
 //! phrase verbatim), `...: x509: certificate signed by unknown authority`.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::process::Command;
 
 use super::check_status;
-use super::containerd::{PROXY_VARS, output_within, set_proxy_env};
+use super::containerd::{captured, output_within, set_proxy_env, without_proxy};
 
 pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
 pub const COPY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,9 +36,7 @@ pub const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 /// non-zero exit or after 120 s.
 pub async fn copy(src: &str, dst: &str, extra_args: &[&str]) -> Result<Output> {
     let mut cmd = copy_command(src, dst, extra_args);
-    for var in PROXY_VARS {
-        cmd.env_remove(var);
-    }
+    without_proxy(&mut cmd);
     let out = run(cmd, &format!("skopeo copy {src} {dst}")).await?;
     check_status(&format!("skopeo copy {src} {dst}"), out)
 }
@@ -72,11 +70,8 @@ fn copy_command(src: &str, dst: &str, extra_args: &[&str]) -> Command {
         .arg("--insecure-policy")
         .args(extra_args)
         .arg(src)
-        .arg(dst)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .arg(dst);
+    captured(&mut cmd);
     cmd
 }
 
