@@ -1,0 +1,227 @@
+//! Cluster mode with real nodes: each node a network namespace with its own pullcache and its
+//! own containerd, the real registry behind a 100 Mbit/s link (`support::cluster`). A
+//! rollout fetches each blob upstream once for the whole cluster, and an owner killed or cut
+//! off mid-transfer costs at most one more fetch while every other node still unpacks.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures_util::future::try_join_all;
+use pullcache::oci::Digest;
+use pullcache::peers::ring;
+use support::cluster::{Cluster, ClusterOptions, MBIT, Node, REGISTRY_NAME};
+use support::images::{PushedImage, push_oci_image};
+
+const PEER_PORT: u16 = 7443;
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn within<T>(test: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .with_context(|| format!("not done within {TEST_TIMEOUT:?}"))?
+}
+
+fn peer_addr(node: &Node) -> SocketAddr {
+    SocketAddr::new(node.addr().into(), PEER_PORT)
+}
+
+/// A cluster of `n` nodes, each running pullcache in cluster mode with every node as a peer.
+async fn start(n: usize) -> Result<(Cluster, tempfile::TempDir)> {
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: n,
+        upstream_rate: Some(100 * MBIT),
+    })
+    .await?;
+    let ca = tempfile::tempdir()?;
+    pullcache::ca::init(&ca.path().join("ca"))?;
+    let peers: Vec<String> = cluster.nodes().iter().map(|n| peer_addr(n).to_string()).collect();
+    try_join_all(cluster.nodes().iter().map(|node| {
+        let mut args = vec![
+            "--peer-listen".to_owned(),
+            peer_addr(node).to_string(),
+            "--peer-ca-dir".to_owned(),
+            ca.path().join("ca").display().to_string(),
+        ];
+        for peer in &peers {
+            args.extend(["--peer".to_owned(), peer.clone()]);
+        }
+        node.start_pullcache(args)
+    }))
+    .await?;
+    Ok((cluster, ca))
+}
+
+/// The node that owns `digest`.
+fn owner<'a>(cluster: &'a Cluster, digest: &str) -> (usize, &'a Node) {
+    let addrs: Vec<SocketAddr> = cluster.nodes().iter().map(peer_addr).collect();
+    let digest: Digest = digest.parse().expect("a digest");
+    let owner = ring::rank(&addrs, &digest)[0];
+    let index = addrs.iter().position(|a| *a == owner).expect("a member");
+    (index, &cluster.nodes()[index])
+}
+
+/// Pulls `image` on every node in `nodes` at once; each must unpack.
+async fn pull_all(nodes: &[&Node], image: &PushedImage) -> Result<()> {
+    let reference = image.reference(REGISTRY_NAME);
+    try_join_all(nodes.iter().map(|node| node.pull(&reference))).await?;
+    for node in nodes {
+        ensure!(
+            node.containerd().is_unpacked(&reference).await?,
+            "not unpacked in {}:\n{}",
+            node.netns().name(),
+            support::log_tail(&node.dir().join("pullcache.log"), 40)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of the largest download in progress in a node's cache (its temp files).
+fn downloading(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("cache").join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every blob file in a node's cache hashes to its name.
+fn verify_store(dir: &Path) -> Result<usize> {
+    let files: Vec<PathBuf> = support::pullcache::blob_files(&dir.join("cache"));
+    for file in &files {
+        let bytes = std::fs::read(file)?;
+        let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        ensure!(
+            support::images::sha256_digest(&bytes) == format!("sha256:{name}"),
+            "{} does not hash to its name",
+            file.display()
+        );
+    }
+    Ok(files.len())
+}
+
+/// GETs of `path_part` that pullcache sent the upstream (containerd falling through to the
+/// registry is not counted: the tests make sure it does not happen).
+fn pullcache_gets(cluster: &Cluster, path_part: &str) -> usize {
+    cluster
+        .registry()
+        .access_log()
+        .iter()
+        .filter(|e| e.method == "GET" && e.path().contains(path_part) && e.user_agent.starts_with("pullcache/"))
+        .count()
+}
+
+fn direct_pulls(cluster: &Cluster) -> usize {
+    cluster
+        .registry()
+        .access_log()
+        .iter()
+        .filter(|e| e.user_agent.starts_with("containerd/"))
+        .count()
+}
+
+/// Six nodes roll out a new image at once: one upstream GET per blob and one manifest GET
+/// for the whole cluster, and every node unpacks from its own verified copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_fetches_each_blob_once_for_the_cluster() -> Result<()> {
+    within(async {
+        let (cluster, _ca) = start(6).await?;
+        let image = push_oci_image(&cluster.push_url(), "team/app", "v1", &[6 << 20, 3 << 20]).await?;
+        let nodes: Vec<&Node> = cluster.nodes().iter().collect();
+        pull_all(&nodes, &image).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for blob in &image.blobs {
+            let gets = pullcache_gets(&cluster, &blob.digest);
+            ensure!(gets == 1, "blob {} fetched upstream {gets} times", blob.digest);
+        }
+        let manifest_gets = pullcache_gets(&cluster, "/manifests/");
+        ensure!(manifest_gets == 1, "{manifest_gets} manifest GETs for the cluster");
+        ensure!(direct_pulls(&cluster) == 0, "containerd fell through to the registry");
+        for node in &nodes {
+            let stored = verify_store(node.dir())?;
+            ensure!(
+                stored >= image.blobs.len(),
+                "{} holds {stored} blobs",
+                node.netns().name()
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// How an owner is lost mid-transfer.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    Killed,
+    CutOff,
+}
+
+/// The owner of the big layer is lost while it streams it to the others: they resume from
+/// the next peer or the upstream, every one of them unpacks, every stored blob verifies, and
+/// the layer is fetched upstream at most twice.
+async fn owner_lost(loss: Loss) -> Result<()> {
+    let (cluster, _ca) = start(4).await?;
+    // 24 MiB behind 100 Mbit/s: about two seconds of transfer to cut into.
+    let image = push_oci_image(&cluster.push_url(), "team/big", "v1", &[24 << 20, 256 << 10]).await?;
+    let layer = image.largest_blob().digest.clone();
+    let (owner_index, owner) = owner(&cluster, &layer);
+    let others: Vec<&Node> = cluster
+        .nodes()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner_index)
+        .map(|(_, n)| n)
+        .collect();
+    let pulls = pull_all(&others, &image);
+    let lose = async {
+        // Until the owner's download of the layer is well under way (4 of 24 MiB).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while downloading(owner.dir()) < 4 << 20 {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the owner never started the layer"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match loss {
+            Loss::Killed => owner.kill_pullcache().await?,
+            Loss::CutOff => owner.link().down()?,
+        }
+        anyhow::Ok(())
+    };
+    let (pulled, lost) = tokio::join!(pulls, lose);
+    lost?;
+    pulled?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gets = pullcache_gets(&cluster, &layer);
+    // The loss must have come mid-transfer, or this test proves nothing.
+    let resumed = others
+        .iter()
+        .filter(|n| n.pullcache_log().contains("body broke; resuming"))
+        .count();
+    ensure!(resumed > 0, "no node had to resume: the owner was lost too late");
+    ensure!((1..=2).contains(&gets), "the layer was fetched upstream {gets} times");
+    ensure!(direct_pulls(&cluster) == 0, "containerd fell through to the registry");
+    for node in &others {
+        verify_store(node.dir())?;
+    }
+    verify_store(owner.dir())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_killed_mid_transfer_costs_one_more_fetch_at_most() -> Result<()> {
+    within(owner_lost(Loss::Killed)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_mid_transfer_costs_one_more_fetch_at_most() -> Result<()> {
+    within(owner_lost(Loss::CutOff)).await
+}
