@@ -83,6 +83,31 @@ The Secret holding the intercept CA (ca.key, ca.crt).
 {{- end }}
 
 {{/*
+The Secret holding the cluster CA (ca.key, ca.crt) that peers authenticate each other with.
+*/}}
+{{- define "pullcache.clusterCaSecretName" -}}
+{{- default (printf "%s-cluster-ca" (include "pullcache.fullname" .)) .Values.cluster.caSecretName }}
+{{- end }}
+
+{{/*
+The headless Service whose DNS name answers with every ready cache pod's IP (the node's, with
+hostNetwork): cluster mode's peer discovery.
+*/}}
+{{- define "pullcache.peerServiceName" -}}
+{{- printf "%s-peers" (include "pullcache.fullname" .) }}
+{{- end }}
+
+{{/*
+The --peer target: the peer Service's fully qualified name, with a trailing dot so that the
+resolver asks for it as is. Without the dot, a name with fewer dots than ndots (5 in a pod's
+resolv.conf) is first tried under every search domain, several NXDOMAIN queries per pod and
+refresh.
+*/}}
+{{- define "pullcache.peerTarget" -}}
+{{- printf "%s.%s.svc.%s.:%d" (include "pullcache.peerServiceName" .) .Release.Namespace .Values.clusterDomain (int .Values.cluster.port) }}
+{{- end }}
+
+{{/*
 Where containerd reaches pullcache: the node's loopback, which only processes on the node
 (containerd among them) can connect to.
 */}}
