@@ -22,6 +22,8 @@ use crate::upstream::{self, Credentials, DockerConfig};
 
 const DEFAULT_PEER_MAX_UPLOADS: usize = 4;
 const DEFAULT_PEER_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+/// Discovery may not turn into a loop of DNS lookups.
+const MIN_PEER_REFRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -458,12 +460,19 @@ fn cluster(
         Some(n) => n as usize,
         None => DEFAULT_PEER_MAX_UPLOADS,
     };
+    let refresh = refresh.map_or(DEFAULT_PEER_REFRESH, Into::into);
+    if refresh < MIN_PEER_REFRESH {
+        return Err(invalid(
+            "peer_refresh",
+            &format!("must be at least {MIN_PEER_REFRESH:?}"),
+        ));
+    }
     Ok(Some(crate::peers::Settings {
         listen,
         targets,
         ca_dir,
         max_uploads,
-        refresh: refresh.map_or(DEFAULT_PEER_REFRESH, Into::into),
+        refresh,
     }))
 }
 
@@ -683,6 +692,20 @@ mirrors = ["https://mirror.example.com"]
                 .upstream
                 .offline
         );
+    }
+
+    #[test]
+    fn a_zero_peer_refresh_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::ca::init(&dir.path().join("ca")).unwrap();
+        let ca = dir.path().join("ca");
+        let ca = ca.to_str().unwrap();
+        let ok = ["--peer-listen", "127.0.0.1:7443", "--peer-ca-dir", ca];
+        assert!(serve(&ok).resolve().is_ok());
+        let e = serve(&[&ok[..], &["--peer-refresh", "0s"]].concat())
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("peer_refresh"), "{e}");
     }
 
     #[test]
