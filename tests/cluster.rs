@@ -225,3 +225,115 @@ async fn an_owner_killed_mid_transfer_costs_one_more_fetch_at_most() -> Result<(
 async fn an_owner_cut_off_mid_transfer_costs_one_more_fetch_at_most() -> Result<()> {
     within(owner_lost(Loss::CutOff)).await
 }
+
+const PEERS_NAME: &str = "peers.cluster.test";
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Which of `members` (indices into the cluster's nodes) owns `digest`.
+fn owner_among(cluster: &Cluster, members: &[usize], digest: &str) -> usize {
+    let addrs: Vec<SocketAddr> = members.iter().map(|i| peer_addr(cluster.node(*i))).collect();
+    let owner = ring::rank(&addrs, &digest.parse().expect("a digest"))[0];
+    members[addrs.iter().position(|a| *a == owner).expect("a member")]
+}
+
+/// Fetches a blob through node `via`'s pullcache and returns the address the upstream saw
+/// fetching it.
+async fn fetched_by(cluster: &Cluster, via: usize, digest: &str) -> Result<String> {
+    let node = cluster.node(via);
+    let url = format!(
+        "{}/v2/team/many/blobs/{digest}?ns={REGISTRY_NAME}",
+        node.pullcache_url()
+    );
+    let got = node.netns().get(&url, Duration::from_secs(20)).await?;
+    ensure!(got.status == 200, "{digest} via node {via}: {}", got.status);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let remotes: Vec<String> = cluster
+        .registry()
+        .access_log()
+        .into_iter()
+        .filter(|e| e.method == "GET" && e.path().contains(digest))
+        .map(|e| e.remote)
+        .collect();
+    ensure!(remotes.len() == 1, "{digest} fetched upstream by {remotes:?}");
+    Ok(remotes[0].clone())
+}
+
+/// A counter from a node's `/metrics`, read from inside the node.
+async fn node_sample(node: &Node, series: &str) -> Result<f64> {
+    let url = node.pullcache_metrics_url().context("pullcache not running")?;
+    let out = node
+        .netns()
+        .output(&["curl", "-s", &url], Duration::from_secs(5))
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Discovery through a real DNS server: the peers are one name, like a headless Service's.
+/// A node joining takes over the digests it now owns, and a node leaving hands its own on,
+/// each within the discovery interval, with no request sent to the node that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_follows_dns() -> Result<()> {
+    within(async {
+        let cluster = Cluster::start(ClusterOptions {
+            nodes: 4,
+            upstream_rate: None,
+        })
+        .await?;
+        let dns = cluster.start_dns().await?;
+        let addrs: Vec<_> = cluster.nodes().iter().map(|n| n.addr()).collect();
+        dns.set(PEERS_NAME, &addrs[..3])?;
+        let ca = tempfile::tempdir()?;
+        pullcache::ca::init(&ca.path().join("ca"))?;
+        let args = |node: &Node| {
+            vec![
+                "--peer-listen".to_owned(),
+                peer_addr(node).to_string(),
+                "--peer-ca-dir".to_owned(),
+                ca.path().join("ca").display().to_string(),
+                "--peer".to_owned(),
+                format!("{PEERS_NAME}:{PEER_PORT}"),
+                "--peer-refresh".to_owned(),
+                format!("{}ms", REFRESH.as_millis()),
+            ]
+        };
+        try_join_all(cluster.nodes()[..3].iter().map(|node| node.start_pullcache(args(node)))).await?;
+        let mut blobs = Vec::new();
+        for _ in 0..40 {
+            let bytes = support::images::random_bytes(16 << 10);
+            blobs.push(support::images::push_blob(&cluster.push_url(), "team/many", bytes).await?);
+        }
+        let mut unused = blobs.into_iter();
+        let mut pick = |wanted: &dyn Fn(&str) -> bool| unused.find(|d| wanted(d)).context("no such blob");
+        let addr = |i: usize| cluster.node(i).addr().to_string();
+
+        // Three members: node 0 goes to the owner among them.
+        let b = pick(&|d| owner_among(&cluster, &[0, 1, 2], d) == 2)?;
+        ensure!(fetched_by(&cluster, 0, &b).await? == addr(2), "before the join");
+
+        // Node 3 joins: within the interval, node 0 sends what node 3 now owns to node 3.
+        cluster.node(3).start_pullcache(args(cluster.node(3))).await?;
+        dns.set(PEERS_NAME, &addrs)?;
+        tokio::time::sleep(REFRESH * 2 + Duration::from_millis(500)).await;
+        let b = pick(&|d| owner_among(&cluster, &[0, 1, 2, 3], d) == 3)?;
+        ensure!(fetched_by(&cluster, 0, &b).await? == addr(3), "after the join");
+
+        // Node 1 leaves the answer, then stops: what it owned goes to the next in rank, and
+        // node 0 never tries node 1.
+        dns.set(PEERS_NAME, &[addrs[0], addrs[2], addrs[3]])?;
+        tokio::time::sleep(REFRESH * 2 + Duration::from_millis(500)).await;
+        cluster.node(1).kill_pullcache().await?;
+        let b = pick(&|d| owner_among(&cluster, &[0, 1, 2, 3], d) == 1 && owner_among(&cluster, &[0, 2, 3], d) != 0)?;
+        let heir = owner_among(&cluster, &[0, 2, 3], &b);
+        ensure!(fetched_by(&cluster, 0, &b).await? == addr(heir), "after the leave");
+        let unavailable = node_sample(cluster.node(0), "pullcache_peer_fetches_total{result=\"unavailable\"}").await?;
+        ensure!(
+            unavailable == 0.0,
+            "node 0 tried a peer that was gone {unavailable} times"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -12,6 +12,8 @@ command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containe
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v podman >/dev/null || need+=(podman)
 command -v curl >/dev/null || need+=(curl ca-certificates)
+# A real DNS server for the cluster discovery test.
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 # Several nodes on one machine (tests/support/cluster.rs): network namespaces, veth, a
 # bridge and tc tbf.
 command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)

@@ -82,6 +82,8 @@ struct Upstream {
     registry: Registry,
     staging: Registry,
     link: Link,
+    netns: Netns,
+    addr: Ipv4Addr,
 }
 
 impl Cluster {
@@ -137,6 +139,7 @@ impl Cluster {
             dir_in: Some(self.dir.path().to_owned()),
             ..RegistryOptions::default()
         };
+        let opts_netns = netns.clone();
         let opts = RegistryOptions {
             listen: Some(SocketAddr::from((addr, REGISTRY_PORT))),
             netns: Some(netns),
@@ -149,6 +152,8 @@ impl Cluster {
             registry,
             staging,
             link,
+            netns: opts_netns,
+            addr,
         })
     }
 
@@ -191,6 +196,58 @@ impl Cluster {
         &self.upstream().link
     }
 
+    /// Starts a real DNS server (dnsmasq) beside the upstream, answering from a hosts file
+    /// only, with TTL 0, and points every node's resolver at it. Call it before starting
+    /// pullcache on the nodes.
+    pub async fn start_dns(&self) -> Result<Dns> {
+        let upstream = self.upstream();
+        let hosts = self.dir.path().join("dns-hosts");
+        // Answered from the start (a SIGHUP before dnsmasq handles it would kill it).
+        std::fs::write(&hosts, format!("{} ready.cluster.test\n", upstream.addr))?;
+        let mut cmd = upstream.netns.command("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .arg(format!("--listen-address={}", upstream.addr))
+        .args([
+            "--bind-interfaces",
+            "--port=53",
+            "--local-ttl=0",
+            "--neg-ttl=0",
+            "--user=root",
+        ])
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .arg(format!("--pid-file={}", self.dir.path().join("dnsmasq.pid").display()))
+        .arg(format!(
+            "--log-facility={}",
+            self.dir.path().join("dnsmasq.log").display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+        let child = cmd.spawn().context("starting dnsmasq (Debian dnsmasq-base)")?;
+        for node in &self.nodes {
+            node.netns.set_resolver(upstream.addr)?;
+        }
+        let dns = Dns { child, hosts };
+        // Ready once it answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let probe = self.nodes.first().context("no node")?;
+        loop {
+            let out = probe
+                .netns
+                .output(&["getent", "hosts", "ready.cluster.test"], Duration::from_secs(5))
+                .await?;
+            if out.status.success() {
+                return Ok(dns);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "dnsmasq never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn node(&self, index: usize) -> &Node {
         &self.nodes[index]
     }
@@ -227,6 +284,34 @@ impl Drop for Cluster {
         for netns in self.namespaces.iter().rev() {
             netns.delete();
         }
+    }
+}
+
+/// dnsmasq beside the upstream: the names it answers are set with [`Dns::set`].
+pub struct Dns {
+    child: Child,
+    hosts: PathBuf,
+}
+
+impl Dns {
+    /// Makes `name` resolve to `addrs` (and nothing when empty), at once: dnsmasq reads its
+    /// hosts file again on SIGHUP.
+    pub fn set(&self, name: &str, addrs: &[Ipv4Addr]) -> Result<()> {
+        let mut text = std::fs::read_to_string(&self.hosts)?
+            .lines()
+            .filter(|line| line.split_whitespace().nth(1) != Some(name))
+            .map(|line| format!("{line}\n"))
+            .collect::<String>();
+        for addr in addrs {
+            text.push_str(&format!("{addr} {name}\n"));
+        }
+        std::fs::write(&self.hosts, text)?;
+        let pid = self.child.id().context("dnsmasq exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -HUP dnsmasq");
+        Ok(())
     }
 }
 

@@ -126,13 +126,31 @@ impl Netns {
             .unwrap_or_default()
     }
 
+    /// Gives processes started inside from now on `nameserver` as their DNS server:
+    /// `ip netns exec` mounts `/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`.
+    pub fn set_resolver(&self, nameserver: Ipv4Addr) -> Result<()> {
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\noptions timeout:1 attempts:1\n"),
+        )?;
+        Ok(())
+    }
+
+    /// `/etc/netns/NAME`, what `ip netns exec` mounts over `/etc` files.
+    fn etc_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name)
+    }
+
     /// Kills every process inside (SIGKILL), waits up to 5 s for them to go, and deletes the
-    /// namespace. Never fails: it is called from `Drop`.
+    /// namespace and its `/etc/netns` files. Never fails: it is called from `Drop`.
     pub fn delete(&self) {
         kill_all(&self.pids());
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("{e:#}");
         }
+        let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }
 
