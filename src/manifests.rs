@@ -71,8 +71,7 @@ pub struct Manifests {
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
     by_tag: Coalesce<TagKey, Shared<Manifest>>,
-    /// A peer's request never joins a client's lookup, which may be asking that very peer.
-    by_digest: Coalesce<(Digest, Asker), Shared<Manifest>>,
+    by_digest: Arc<ByDigest>,
 }
 
 impl Manifests {
@@ -91,7 +90,7 @@ impl Manifests {
             tag_ttl,
             tag_ttls,
             by_tag: Coalesce::default(),
-            by_digest: Coalesce::default(),
+            by_digest: Arc::default(),
         }
     }
 
@@ -112,6 +111,7 @@ impl Manifests {
 
     fn lookup(&self, registry: &Registry, repository: &Repository, asker: Asker) -> Lookup {
         Lookup {
+            by_digest: self.by_digest.clone(),
             store: self.store.clone(),
             upstreams: self.upstreams.clone(),
             peers: self.peers.clone().filter(|_| asker == Asker::Client),
@@ -130,22 +130,7 @@ impl Manifests {
         if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
             return Ok(m);
         }
-        let lookup = self.lookup(registry, repository, asker);
-        let digest_owned = digest.clone();
-        let (result, joined) = self
-            .by_digest
-            .run((digest.clone(), asker), async move {
-                lookup
-                    .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
-                    .await
-                    .map_err(Arc::new)
-            })
-            .await?;
-        let mut manifest = result.map_err(Error::Shared)?;
-        if joined {
-            manifest.cache = CacheResult::Coalesced;
-        }
-        Ok(manifest)
+        self.lookup(registry, repository, asker).coalesced(digest).await
     }
 
     async fn by_tag(
@@ -219,8 +204,15 @@ async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Resu
     }))
 }
 
+/// Concurrent lookups of one digest share one fetch, keyed also by whether the fetch asks
+/// peers: a lookup that may not (a peer's, or this node's for a digest it owns) never joins
+/// one that does, which could be waiting for the very peer asking.
+type ByDigest = Coalesce<(Digest, bool), Shared<Manifest>>;
+
 /// The upstream side of a manifest lookup, owned so it can run in a coalesced task.
+#[derive(Clone)]
 struct Lookup {
+    by_digest: Arc<ByDigest>,
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
     /// Asked first for a manifest by digest; `None` outside cluster mode and for peers.
@@ -321,10 +313,33 @@ impl Lookup {
                 None => self.head_digest(tag, accept).await?,
             };
             if let Some(digest) = digest {
-                return self.get(&digest.to_string(), accept, Some(&digest)).await;
+                return match stored(&self.store, &digest, CacheResult::Hit).await? {
+                    Some(manifest) => Ok(manifest),
+                    None => self.coalesced(&digest).await,
+                };
             }
         }
         self.get(tag, accept, None).await
+    }
+
+    /// The manifest `digest`, fetched once however many lookups want it at the same time.
+    async fn coalesced(&self, digest: &Digest) -> Result<Manifest> {
+        let asks_peers = self.peers.as_ref().is_some_and(|p| !p.route(digest).is_empty());
+        let (lookup, digest_owned) = (self.clone(), digest.clone());
+        let (result, joined) = self
+            .by_digest
+            .run((digest.clone(), asks_peers), async move {
+                lookup
+                    .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await?;
+        let mut manifest = result.map_err(Error::Shared)?;
+        if joined {
+            manifest.cache = CacheResult::Coalesced;
+        }
+        Ok(manifest)
     }
 
     /// GETs a manifest, verifies it (against `expected`, else against the upstream's
