@@ -69,7 +69,8 @@ pub async fn run(
     let intercept = intercept_mode(&config, &registry).await?;
     let stopped = stop_signal(shutdown);
     let slot: Arc<server::AppSlot> = Arc::default();
-    let peers = cluster_mode(&config, listeners.peer, &registry, &slot, stopped())?;
+    let peer_metrics = peers::Metrics::register(&registry)?;
+    let peers = cluster_mode(&config, listeners.peer, peer_metrics, &slot, stopped())?;
 
     let store_slot: Arc<std::sync::OnceLock<Arc<store::Store>>> = Arc::default();
     let admin_addr = match &listeners.admin {
@@ -176,7 +177,7 @@ async fn intercept_mode(
 fn cluster_mode(
     config: &Config,
     listener: Option<TcpListener>,
-    registry: &prometheus::Registry,
+    metrics: peers::Metrics,
     app: &Arc<server::AppSlot>,
     stop: StopFuture,
 ) -> anyhow::Result<Option<Arc<peers::Peers>>> {
@@ -190,11 +191,7 @@ fn cluster_mode(
         ..settings.clone()
     };
     let identity = peers::tls::Identity::issue(&settings.ca_dir, settings.listen.ip())?;
-    let peers = Arc::new(peers::Peers::new(
-        &settings,
-        &identity,
-        peers::Metrics::register(registry)?,
-    ));
+    let peers = Arc::new(peers::Peers::new(&settings, &identity, metrics));
     tracing::info!(peer_addr = %settings.listen, targets = ?settings.targets, "cluster mode");
     tokio::spawn(server::peer::serve(
         listener,

@@ -258,19 +258,6 @@ async fn fetched_by(cluster: &Cluster, via: usize, digest: &str) -> Result<Strin
     Ok(remotes[0].clone())
 }
 
-/// A counter from a node's `/metrics`, read from inside the node.
-async fn node_sample(node: &Node, series: &str) -> Result<f64> {
-    let url = node.pullcache_metrics_url().context("pullcache not running")?;
-    let out = node
-        .netns()
-        .output(&["curl", "-s", &url], Duration::from_secs(5))
-        .await?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0))
-}
-
 /// Discovery through a real DNS server: the peers are one name, like a headless Service's.
 /// A node joining takes over the digests it now owns, and a node leaving hands its own on,
 /// each within the discovery interval, with no request sent to the node that left.
@@ -328,7 +315,10 @@ async fn membership_follows_dns() -> Result<()> {
         let b = pick(&|d| owner_among(&cluster, &[0, 1, 2, 3], d) == 1 && owner_among(&cluster, &[0, 2, 3], d) != 0)?;
         let heir = owner_among(&cluster, &[0, 2, 3], &b);
         ensure!(fetched_by(&cluster, 0, &b).await? == addr(heir), "after the leave");
-        let unavailable = node_sample(cluster.node(0), "pullcache_peer_fetches_total{result=\"unavailable\"}").await?;
+        let unavailable = cluster
+            .node(0)
+            .metric("pullcache_peer_fetches_total{result=\"unavailable\"}")
+            .await?;
         ensure!(
             unavailable == 0.0,
             "node 0 tried a peer that was gone {unavailable} times"

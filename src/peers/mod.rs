@@ -297,6 +297,16 @@ impl Metrics {
             "pullcache_peer_forged_total",
             "Peer transfers whose bytes failed their digest; the peer was skipped and nothing stored.",
         )?;
+        // Every series exists from the start, at 0, also on a node outside cluster mode.
+        for result in ["served", "streamed", "redirected", "failed"] {
+            requests.with_label_values(&[result]);
+        }
+        for result in ["ok", "redirected", "unavailable", "refused"] {
+            fetches.with_label_values(&[result]);
+        }
+        for direction in ["in", "out"] {
+            bytes.with_label_values(&[direction]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(fetches.clone()))?;
         registry.register(Box::new(bytes.clone()))?;

@@ -400,6 +400,17 @@ impl Node {
         Ok(())
     }
 
+    /// One series (`name` or `name{labels}`) of pullcache's `/metrics`, read from inside the
+    /// node; 0 when absent, as counters start.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let url = self.pullcache_metrics_url().context("pullcache does not run")?;
+        let out = self.netns.output(&["curl", "-s", &url], Duration::from_secs(5)).await?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// Everything pullcache logged so far, across restarts.
     pub fn pullcache_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pullcache.log")).unwrap_or_default()
