@@ -159,38 +159,37 @@ impl Ca {
         &self,
         ip: std::net::IpAddr,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
-        let err = |e: rcgen::Error| CaError::Certificate(format!("peer certificate for {ip}: {e}"));
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let (chain, key) = self.sign(&ip.to_string(), usages, PEER_LIFETIME)?;
+        Ok((chain, key))
+    }
+
+    /// A new key and a certificate for `name`, signed by the CA, with the CA behind it.
+    fn sign(
+        &self,
+        name: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let err = |e: rcgen::Error| CaError::Certificate(format!("certificate for {name}: {e}"));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let mut params = CertificateParams::new(vec![ip.to_string()]).map_err(err)?;
-        params.distinguished_name.push(DnType::CommonName, ip.to_string());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(err)?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = usages;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + PEER_LIFETIME;
+        params.not_after = now + lifetime;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
 
     fn issue(&self, host: &str) -> Result<CertifiedKey, CaError> {
-        let err = |e: rcgen::Error| CaError::Certificate(format!("leaf for {host}: {e}"));
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(err)?;
-        params.distinguished_name.push(DnType::CommonName, host);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + LEAF_LIFETIME;
-        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let (chain, key_der) = self.sign(host, vec![ExtendedKeyUsagePurpose::ServerAuth], LEAF_LIFETIME)?;
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der)
             .map_err(|e| CaError::Certificate(format!("leaf key for {host}: {e}")))?;
-        Ok(CertifiedKey::new(
-            vec![cert.der().clone(), self.cert_der.clone()],
-            signing_key,
-        ))
+        Ok(CertifiedKey::new(chain, signing_key))
     }
 }
 

@@ -8,8 +8,6 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use pullcache::oci::{Digest, Registry as RegistryName};
@@ -169,18 +167,11 @@ async fn the_peer_port_wants_a_cluster_certificate() -> anyhow::Result<()> {
     // TLS without a client certificate, even trusting the right CA: the handshake fails and
     // no byte of an answer comes back.
     let ca = c._dir.path().join("cluster-ca").join(pullcache::ca::CERT_FILE);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca)?)?;
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let connector = support::tls::connector_trusting(&ca)?;
     let tcp = tokio::net::TcpStream::connect(peer).await?;
     let name = rustls_pki_types::ServerName::IpAddress(peer.ip().into());
     let read = async {
-        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await?;
+        let mut stream = connector.connect(name, tcp).await?;
         stream.write_all(plain.as_bytes()).await?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await?;

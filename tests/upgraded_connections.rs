@@ -5,13 +5,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pullcache::config::InterceptSettings;
 use pullcache::oci::Registry;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{random_bytes, sha256_digest};
 use support::pullcache::Pullcache;
@@ -58,13 +55,7 @@ impl Setup {
         let head = read_head(&mut stream).await?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "CONNECT answered {head}");
         let ca = self.dir.path().join("ca").join(pullcache::intercept::CERT_FILE);
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(ca)?)?;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let connector = support::tls::connector_trusting(&ca)?;
         Ok(connector.connect(REGISTRY.try_into()?, stream).await?)
     }
 }

@@ -92,3 +92,17 @@ impl TestCa {
         (cert_path, key_path)
     }
 }
+
+/// A TLS client that trusts the CA certificate in `ca_pem` only and presents no certificate.
+pub fn connector_trusting(ca_pem: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca_pem)?)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)))
+}
