@@ -31,6 +31,11 @@ fn peer_addr(node: &Node) -> SocketAddr {
 
 /// A cluster of `n` nodes, each running pullcache in cluster mode with every node as a peer.
 async fn start(n: usize) -> Result<(Cluster, tempfile::TempDir)> {
+    start_with(n, &[]).await
+}
+
+/// [`start`], with `extra` arguments for every pullcache.
+async fn start_with(n: usize, extra: &[&str]) -> Result<(Cluster, tempfile::TempDir)> {
     let cluster = Cluster::start(ClusterOptions {
         nodes: n,
         upstream_rate: Some(100 * MBIT),
@@ -49,6 +54,7 @@ async fn start(n: usize) -> Result<(Cluster, tempfile::TempDir)> {
         for peer in &peers {
             args.extend(["--peer".to_owned(), peer.clone()]);
         }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         node.start_pullcache(args)
     }))
     .await?;
@@ -151,6 +157,39 @@ async fn a_rollout_fetches_each_blob_once_for_the_cluster() -> Result<()> {
                 node.netns().name()
             );
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Seven nodes want one big layer at once from an owner that uploads to one peer at a time:
+/// the others are sent on to peers receiving it, every node unpacks, the upstream serves the
+/// layer once, and no node sends it more than twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_layer_spreads_as_a_tree() -> Result<()> {
+    within(async {
+        let (cluster, _ca) = start_with(7, &["--peer-max-uploads=1"]).await?;
+        let image = push_oci_image(&cluster.push_url(), "team/hot", "v1", &[8 << 20]).await?;
+        let layer = image.largest_blob().clone();
+        let nodes: Vec<&Node> = cluster.nodes().iter().collect();
+        pull_all(&nodes, &image).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let gets = pullcache_gets(&cluster, &layer.digest);
+        ensure!(gets == 1, "the layer was fetched upstream {gets} times");
+        let mut redirected = 0.0;
+        for node in &nodes {
+            let sent = node.metric("pullcache_peer_bytes_total{direction=\"out\"}").await?;
+            ensure!(
+                sent <= 2.0 * layer.size as f64 + (1 << 20) as f64,
+                "{} sent its peers {sent} bytes of an {}-byte layer",
+                node.netns().name(),
+                layer.size
+            );
+            redirected += node
+                .metric("pullcache_peer_requests_total{result=\"redirected\"}")
+                .await?;
+        }
+        ensure!(redirected > 0.0, "no asker was sent on: the test proves nothing");
         Ok(())
     })
     .await
