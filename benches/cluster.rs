@@ -52,6 +52,70 @@ struct Rollout {
     upstream_bytes: u64,
     /// The most blob bytes any node sent its peers.
     most_sent: f64,
+    /// Cluster mode: a warm layer from a node's peer port over mutual TLS, and the same from
+    /// its registry API in plain HTTP, in bytes/s (median of interleaved rounds).
+    tls_vs_plain: Option<(f64, f64)>,
+}
+
+const TRANSFER_ROUNDS: usize = 5;
+
+/// Serves a warm layer from node 0 to a client inside node 0, from the peer port (mutual
+/// TLS, with a certificate from the cluster CA) and from the registry API (plain HTTP,
+/// `sendfile`), in turns; returns the median rates.
+async fn tls_vs_plain(node: &Node, ca_dir: &std::path::Path, digest: &str) -> Result<(f64, f64)> {
+    use base64::Engine as _;
+    let ca = pullcache::ca::Ca::load(ca_dir)?;
+    let (chain, key) = ca.peer_certificate(node.addr().into())?;
+    let pem = |label: &str, der: &[u8]| {
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    };
+    let cert_file = ca_dir.join("client.crt");
+    let key_file = ca_dir.join("client.key");
+    std::fs::write(
+        &cert_file,
+        chain.iter().map(|c| pem("CERTIFICATE", c)).collect::<String>(),
+    )?;
+    std::fs::write(&key_file, pem("PRIVATE KEY", key.secret_der()))?;
+    let path = format!("/v2/bench/app/blobs/{digest}?ns={REGISTRY_NAME}");
+    let plain = format!("{}{path}", node.pullcache_url());
+    let tls = format!("https://{}{path}", peer_addr(node));
+    let files = [
+        ca_dir.join(pullcache::ca::CERT_FILE).display().to_string(),
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    ];
+    let (mut tls_rates, mut plain_rates) = (Vec::new(), Vec::new());
+    for _ in 0..TRANSFER_ROUNDS {
+        tls_rates.push(curl_rate(node, &tls, Some(&files)).await?);
+        plain_rates.push(curl_rate(node, &plain, None).await?);
+    }
+    Ok((median(tls_rates), median(plain_rates)))
+}
+
+/// The rate of one GET of `url` with curl inside `node`, with `[CA, certificate, key]` files
+/// for mutual TLS.
+async fn curl_rate(node: &Node, url: &str, mtls: Option<&[String; 3]>) -> Result<f64> {
+    let mut args = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}"];
+    if let Some([ca, cert, key]) = mtls {
+        args.extend(["--cacert", ca, "--cert", cert, "--key", key]);
+    }
+    args.push(url);
+    let out = node.netns().output(&args, Duration::from_secs(60)).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, speed) = text.split_once(' ').context("curl's output")?;
+    ensure!(code == "200", "{url}: {code} {}", String::from_utf8_lossy(&out.stderr));
+    Ok(speed.trim().parse::<f64>()?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn peer_addr(node: &Node) -> SocketAddr {
@@ -101,10 +165,15 @@ async fn rollout(opts: &Options, nodes: usize, cluster_mode: bool) -> Result<Rol
     for node in cluster.nodes() {
         most_sent = most_sent.max(node.metric("pullcache_peer_bytes_total{direction=\"out\"}").await?);
     }
+    let tls_vs_plain = match cluster_mode {
+        true => Some(tls_vs_plain(cluster.node(0), &ca.path().join("ca"), &image.largest_blob().digest).await?),
+        false => None,
+    };
     Ok(Rollout {
         last_done,
         upstream_bytes,
         most_sent,
+        tls_vs_plain,
     })
 }
 
@@ -163,5 +232,14 @@ async fn main() -> Result<()> {
         image(on.most_sent),
         MAX_UPLOADS + 1
     );
+    if let Some((tls, plain)) = on.tls_vs_plain {
+        println!(
+            "| a warm {} MiB layer from a node's peer port (mutual TLS) vs its API (plain HTTP, sendfile), one stream | | {:.0} vs {:.0} MB/s ({:.2}×) | reported |",
+            opts.image_mib / 2,
+            tls / 1e6,
+            plain / 1e6,
+            tls / plain
+        );
+    }
     Ok(())
 }

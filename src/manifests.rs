@@ -329,10 +329,18 @@ impl Lookup {
         let (result, joined) = self
             .by_digest
             .run((digest.clone(), asks_peers), async move {
-                lookup
-                    .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
-                    .await
-                    .map_err(Arc::new)
+                // A fetch that ended between this caller's look at the store and here has
+                // stored it: look again rather than fetch it twice.
+                let fetched = match stored(&lookup.store, &digest_owned, CacheResult::Hit).await {
+                    Ok(Some(manifest)) => Ok(manifest),
+                    Ok(None) => {
+                        lookup
+                            .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                fetched.map_err(Arc::new)
             })
             .await?;
         let mut manifest = result.map_err(Error::Shared)?;

@@ -147,7 +147,25 @@ async fn a_rollout_fetches_each_blob_once_for_the_cluster() -> Result<()> {
             ensure!(gets == 1, "blob {} fetched upstream {gets} times", blob.digest);
         }
         let manifest_gets = pullcache_gets(&cluster, "/manifests/");
-        ensure!(manifest_gets == 1, "{manifest_gets} manifest GETs for the cluster");
+        if manifest_gets != 1 {
+            let log: Vec<_> = cluster
+                .registry()
+                .access_log()
+                .into_iter()
+                .filter(|e| e.path().contains("/manifests/"))
+                .collect();
+            let mut logs = String::new();
+            for node in &nodes {
+                for line in node
+                    .pullcache_log()
+                    .lines()
+                    .filter(|l| l.contains("manifest") && !l.contains("\"kind\":\"blob\""))
+                {
+                    logs.push_str(&format!("{}: {line}\n", node.addr()));
+                }
+            }
+            anyhow::bail!("{manifest_gets} manifest GETs for the cluster: {log:#?}\n{logs}");
+        }
         ensure!(direct_pulls(&cluster) == 0, "containerd fell through to the registry");
         for node in &nodes {
             let stored = verify_store(node.dir())?;
