@@ -49,8 +49,9 @@ pub enum Asker {
 pub const PEER_HEADER: &str = "pullcache-peer";
 /// Connecting to a peer gives up after this long: a dead owner must not hold a pull.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
-/// A peer's response headers must come within this long; it may be waiting for its upstream.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer's response headers must come within this long. It may be waiting for its upstream's,
+/// but a hung peer must not hold a pull for long: the next source takes over.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer body that sends nothing for this long has failed (the asker then resumes elsewhere).
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that could not be reached is skipped for this long.
