@@ -23,6 +23,8 @@ struct Options {
     nodes: usize,
     image_mib: usize,
     rate_mbit: u64,
+    /// Also measure TLS serving with 8 clients against nginx over TLS (`--tls`).
+    tls: bool,
 }
 
 fn options() -> Result<Options> {
@@ -30,6 +32,7 @@ fn options() -> Result<Options> {
         nodes: 8,
         image_mib: 100,
         rate_mbit: 100,
+        tls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -38,6 +41,7 @@ fn options() -> Result<Options> {
             "--nodes" => opts.nodes = value()? as usize,
             "--image-mib" => opts.image_mib = value()? as usize,
             "--rate-mbit" => opts.rate_mbit = value()?,
+            "--tls" => opts.tls = true,
             _ => {} // cargo's own `--bench`
         }
     }
@@ -197,6 +201,9 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let opts = options()?;
+    if opts.tls {
+        return tls_serving::run().await;
+    }
     let image_bytes = (opts.image_mib as u64) << 20;
     eprintln!(
         "cluster bench: {} nodes, a {} MiB image, upstream {} Mbit/s",
@@ -242,4 +249,182 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// TLS serving on loopback, 8 keep-alive clients: a pullcache node's peer port (mutual TLS)
+/// against nginx serving the same file over TLS. Neither can use `sendfile` under TLS here
+/// (no kTLS), so this compares the user-space TLS paths.
+mod tls_serving {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use anyhow::{Context, Result, ensure};
+    use http_body_util::BodyExt;
+    use tokio::time::{Duration, Instant};
+
+    use super::support;
+
+    const CLIENTS: usize = 8;
+    const SECONDS: u64 = 5;
+    const ROUNDS: usize = 3;
+    const BLOB_MIB: usize = 64;
+
+    /// Bytes/s that `CLIENTS` keep-alive connections made with `connect` pull from `path`.
+    async fn load<F, Fut>(connect: F, path: &str) -> Result<f64>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(SECONDS);
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let tls = connect().await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            let (bytes, path) = (bytes.clone(), path.to_owned());
+            clients.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let req = hyper::Request::get(&path)
+                        .header("host", "127.0.0.1")
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+                    let resp = sender.send_request(req).await?;
+                    ensure!(resp.status() == 200, "{path}: {}", resp.status());
+                    let mut body = resp.into_body();
+                    while let Some(frame) = body.frame().await {
+                        if let Some(data) = frame?.data_ref() {
+                            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for client in clients {
+            client.await??;
+        }
+        Ok(bytes.load(Ordering::Relaxed) as f64 / SECONDS as f64)
+    }
+
+    pub async fn run() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let registry = support::registry::Registry::start().await?;
+        let blob = support::images::random_bytes(BLOB_MIB << 20);
+        let digest = support::images::push_blob(&registry.url(), "bench/tls", blob).await?;
+        let ca = dir.path().join("cluster-ca");
+        pullcache::ca::init(&ca)?;
+        let cache = dir.path().join("cache");
+        let served = support::binary::serve(
+            [
+                "--cache-dir".to_owned(),
+                cache.display().to_string(),
+                "--upstream".to_owned(),
+                format!("registry.test={}", registry.url()),
+                "--peer-listen=127.0.0.1:0".to_owned(),
+                format!("--peer-ca-dir={}", ca.display()),
+            ],
+            "warn,pullcache=info",
+        )
+        .await?;
+        let support::binary::Served {
+            child: _pullcache,
+            addr,
+            mut stdout,
+            logs,
+            ..
+        } = served;
+        // Keep its logs drained, or it blocks writing them.
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        let peer: std::net::SocketAddr = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|j| j["fields"]["message"] == "cluster mode")
+            .and_then(|j| j["fields"]["peer_addr"].as_str().map(str::to_owned))
+            .context("no peer address logged")?
+            .parse()?;
+        let path = format!("/v2/bench/tls/blobs/{digest}?ns=registry.test");
+        let warm = support::http_client()
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await?;
+        ensure!(
+            warm.status() == 200 && warm.bytes().await?.len() == BLOB_MIB << 20,
+            "warming"
+        );
+        let file = support::pullcache::blob_files(&cache)
+            .into_iter()
+            .find(|f| digest.ends_with(&*f.file_name().unwrap_or_default().to_string_lossy()))
+            .context("the warm blob's file")?;
+
+        // nginx over TLS, serving the same file.
+        let test_ca = support::tls::TestCa::new();
+        let ca_pem = test_ca.write_ca(dir.path());
+        let (cert, key) = test_ca.issue_server(dir.path(), &["127.0.0.1"]);
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(&root)?;
+        std::fs::hard_link(&file, root.join("blob"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = dir.path().join("nginx.conf");
+        let work = dir.path().display();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; worker_processes 2; pid {work}/nginx.pid; error_log {work}/nginx.err;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{ access_log off; sendfile on; keepalive_requests 100000;\n\
+                 client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work}; uwsgi_temp_path {work}; scgi_temp_path {work};\n\
+                 server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; root {}; }} }}\n",
+                cert.display(),
+                key.display(),
+                root.display()
+            ),
+        )?;
+        let nginx_bin = which("nginx").context("nginx (Debian nginx-light; bench/run installs it)")?;
+        let mut nginx = tokio::process::Command::new(nginx_bin)
+            .args(["-c", &conf.display().to_string(), "-p", &work.to_string()])
+            .kill_on_drop(true)
+            .spawn()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let identity = pullcache::peers::tls::Identity::issue(&ca, peer.ip())?;
+        let peer_tls = tokio_rustls::TlsConnector::from(Arc::new(identity.client_config()));
+        let nginx_tls = support::tls::connector_trusting(&ca_pem)?;
+        let name = rustls_pki_types::ServerName::IpAddress(peer.ip().into());
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let connect = |connector: tokio_rustls::TlsConnector, port: u16| {
+                let name = name.clone();
+                move || {
+                    let (connector, name) = (connector.clone(), name.clone());
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                        tcp.set_nodelay(true)?;
+                        Ok(connector.connect(name, tcp).await?)
+                    }
+                }
+            };
+            ours.push(load(connect(peer_tls.clone(), peer.port()), &path).await?);
+            theirs.push(load(connect(nginx_tls.clone(), port), "/blob").await?);
+        }
+        let _ = nginx.start_kill();
+        let (ours, theirs) = (super::median(ours), super::median(theirs));
+        println!(
+            "| TLS serving, {CLIENTS} keep-alive clients, a warm {BLOB_MIB} MiB blob | pullcache peer port (mutual TLS) | nginx over TLS | ratio | goal |"
+        );
+        println!("| --- | --- | --- | --- | --- |");
+        println!(
+            "| median of {ROUNDS} interleaved {SECONDS} s rounds | {:.0} MB/s | {:.0} MB/s | {:.2}× | ≥ 0.9× |",
+            ours / 1e6,
+            theirs / 1e6,
+            ours / theirs
+        );
+        Ok(())
+    }
+
+    fn which(program: &str) -> Option<std::path::PathBuf> {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|dir| std::path::Path::new(dir).join(program))
+            .find(|p| p.exists())
+    }
 }
