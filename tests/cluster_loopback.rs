@@ -142,6 +142,18 @@ async fn a_dead_owner_is_skipped() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert_eq!(support::images::sha256_digest(&body), digest);
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // It did ask the dead owner first (so this is a failover, not a node ignoring its peers),
+    // and one upstream GET served it.
+    let tried = c
+        .member(asker)
+        .sample("pullcache_peer_fetches_total{result=\"unavailable\"}")
+        .await?;
+    assert!(tried >= 1.0, "the asker never tried the owner");
+    let gets = c
+        .upstream
+        .wait_access_log_count("GET", &digest, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(gets, 1);
     Ok(())
 }
 
@@ -181,6 +193,37 @@ async fn the_peer_port_wants_a_cluster_certificate() -> anyhow::Result<()> {
         Err(e) => assert!(e.to_string().contains("CertificateRequired"), "{e:#}"),
         Ok(answer) => assert!(answer.is_empty(), "answered: {}", String::from_utf8_lossy(&answer)),
     }
+
+    // A client with a certificate from the cluster CA is served the same request: the
+    // refusals above are about the certificate, not a port that serves nobody.
+    let ca_dir = c._dir.path().join("cluster-ca");
+    let identity = pullcache::peers::tls::Identity::issue(&ca_dir, peer.ip())?;
+    let member = tokio_rustls::TlsConnector::from(Arc::new(identity.client_config()));
+    let tcp = tokio::net::TcpStream::connect(peer).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(peer.ip().into());
+    let mut stream = member.connect(name, tcp).await?;
+    stream.write_all(plain.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "a member was refused: {}",
+        String::from_utf8_lossy(&answer[..answer.len().min(300)])
+    );
+    // Tags are not served there, even to members.
+    let tag = format!("GET /v2/team/app/manifests/v1?ns={REGISTRY} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let tcp = tokio::net::TcpStream::connect(peer).await?;
+    let mut stream = member
+        .connect(rustls_pki_types::ServerName::IpAddress(peer.ip().into()), tcp)
+        .await?;
+    stream.write_all(tag.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     Ok(())
 }
 
