@@ -41,7 +41,7 @@ use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, conten
 
 use sources::Sources;
 use spill::Spill;
-pub use tail::{Chunk, FileSpan, Tail};
+pub use tail::{Chunk, FileSpan, ReadBuffers, Tail};
 
 /// Body bytes buffered between the network task and the writer thread. A loopback upstream
 /// outruns hashing and writing, so this bounds a download's memory whatever the frame sizes.

@@ -5,11 +5,13 @@
 //! hands out the last byte of its range, so no response can complete with bytes that fail
 //! their digest.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use rustix::io::{Errno, ReadWriteFlags};
 use tokio::sync::watch;
 
 use super::spill::Spill;
@@ -31,26 +33,98 @@ pub struct FileSpan {
 }
 
 impl FileSpan {
-    /// Reads the span into memory, off the async threads. The buffer is not zeroed first:
-    /// the read fills the vector's spare capacity.
-    pub async fn read(self) -> io::Result<Bytes> {
-        tokio::task::spawn_blocking(move || {
-            let len = self.len as usize;
-            let mut buf = Vec::with_capacity(len);
-            while buf.len() < len {
-                let at = self.offset + buf.len() as u64;
-                let read = rustix::io::pread(&*self.file, rustix::buffer::spare_capacity(&mut buf), at)?;
-                if read == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "blob file ended before its span",
-                    ));
-                }
+    /// Reads the span into memory from `buffers`. What the page cache holds is read on this
+    /// thread (`preadv2` with `RWF_NOWAIT` returns rather than wait for the disk), so a warm
+    /// blob's bytes are encrypted by the core that just copied them; the rest is read off the
+    /// async threads.
+    pub async fn read(self, buffers: &mut ReadBuffers) -> io::Result<Bytes> {
+        let len = usize::try_from(self.len).map_err(io::Error::other)?;
+        let mut buf = buffers.take(len);
+        let mut filled = 0;
+        while buffers.nowait && filled < len {
+            let at = self.offset + filled as u64;
+            match rustix::io::preadv2(
+                &*self.file,
+                &mut [IoSliceMut::new(&mut buf[filled..])],
+                at,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => return Err(ended()),
+                Ok(read) => filled += read,
+                // Not in the page cache: the blocking read below waits for the disk.
+                Err(Errno::AGAIN) => break,
+                // No RWF_NOWAIT here (an old kernel or a filesystem without it).
+                Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => buffers.nowait = false,
+                // Anything else is for the blocking read to retry and report.
+                Err(_) => break,
             }
-            Ok(Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        }
+        if filled < len {
+            buf = tokio::task::spawn_blocking(move || {
+                while filled < len {
+                    let at = self.offset + filled as u64;
+                    match rustix::io::pread(&*self.file, &mut buf[filled..], at)? {
+                        0 => return Err(ended()),
+                        read => filled += read,
+                    }
+                }
+                Ok(buf)
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+        }
+        let bytes = buf.freeze();
+        buffers.keep(bytes.clone());
+        Ok(bytes)
+    }
+}
+
+fn ended() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "blob file ended before its span")
+}
+
+/// The memory one response reads spans into. It keeps a handle on the chunks it handed out
+/// lately, and takes one back once the connection has sent it and let go: a response reuses
+/// a couple of buffers rather than faulting in fresh pages for every chunk.
+pub struct ReadBuffers {
+    recent: VecDeque<Bytes>,
+    /// Whether `RWF_NOWAIT` reads work here; off after the first refusal.
+    nowait: bool,
+}
+
+impl Default for ReadBuffers {
+    fn default() -> ReadBuffers {
+        ReadBuffers {
+            recent: VecDeque::with_capacity(KEPT_BUFFERS + 1),
+            nowait: true,
+        }
+    }
+}
+
+/// Chunks a response keeps to reuse: one the connection is still sending, one it has sent.
+const KEPT_BUFFERS: usize = 2;
+
+impl ReadBuffers {
+    /// A buffer of `len` initialized bytes: a chunk nobody else holds any more, or a new one.
+    fn take(&mut self, len: usize) -> BytesMut {
+        for _ in 0..self.recent.len() {
+            let Some(chunk) = self.recent.pop_front() else { break };
+            match chunk.try_into_mut() {
+                Ok(mut buf) => {
+                    buf.resize(len, 0);
+                    return buf;
+                }
+                Err(chunk) => self.recent.push_back(chunk),
+            }
+        }
+        BytesMut::zeroed(len)
+    }
+
+    fn keep(&mut self, chunk: Bytes) {
+        self.recent.push_back(chunk);
+        if self.recent.len() > KEPT_BUFFERS {
+            self.recent.pop_front();
+        }
     }
 }
 
@@ -197,7 +271,7 @@ mod tests {
     async fn next_bytes(tail: &mut Tail) -> Option<io::Result<Bytes>> {
         Some(match tail.next_chunk(CHUNK).await? {
             Ok(Chunk::Memory(bytes)) => Ok(bytes),
-            Ok(Chunk::File(span)) => span.read().await,
+            Ok(Chunk::File(span)) => span.read(&mut ReadBuffers::default()).await,
             Err(e) => Err(e),
         })
     }
@@ -258,5 +332,48 @@ mod tests {
             got.extend_from_slice(&chunk);
         }
         assert_eq!(got, data[3..]);
+    }
+
+    fn span(file: &Arc<File>, offset: u64, len: u64) -> FileSpan {
+        FileSpan {
+            file: file.clone(),
+            offset,
+            len,
+        }
+    }
+
+    #[tokio::test]
+    async fn read_buffers_are_reused_only_once_let_go() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let file = Arc::new(f);
+        let mut buffers = ReadBuffers::default();
+
+        let first = span(&file, 0, 32 * 1024).read(&mut buffers).await.unwrap();
+        assert_eq!(first, data[..32 * 1024]);
+        // Held by the connection: the next read must not write into it.
+        let second = span(&file, 1000, 16 * 1024).read(&mut buffers).await.unwrap();
+        assert_eq!(second, data[1000..1000 + 16 * 1024]);
+        assert_ne!(first.as_ptr(), second.as_ptr());
+        assert_eq!(first, data[..32 * 1024], "a chunk still held was overwritten");
+
+        // Once the first is let go, its memory is read into again, and no stale byte
+        // past the new length shows.
+        let reused = first.as_ptr();
+        drop(first);
+        let third = span(&file, 40 * 1024, 8 * 1024).read(&mut buffers).await.unwrap();
+        assert_eq!(third.as_ptr(), reused);
+        assert_eq!(third, data[40 * 1024..48 * 1024]);
+        assert_eq!(second, data[1000..1000 + 16 * 1024]);
+    }
+
+    #[tokio::test]
+    async fn a_span_past_the_end_of_its_file_is_an_error() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"short").unwrap();
+        let file = Arc::new(f);
+        let err = span(&file, 2, 10).read(&mut ReadBuffers::default()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

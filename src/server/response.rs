@@ -13,7 +13,7 @@ use prometheus::IntCounter;
 
 use super::sendfile::{MAX_SPAN, Spans};
 use crate::error::{Error, Origin, RequestError};
-use crate::flight::{Chunk, Tail};
+use crate::flight::{Chunk, ReadBuffers, Tail};
 use crate::oci::{ErrorCode, NameError, error_body};
 use crate::peers::PeerError;
 use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
@@ -28,8 +28,9 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// Bytes per read of a blob file into memory, when it cannot be sent with `sendfile`.
-const READ_CHUNK: u64 = 1024 * 1024;
+/// Bytes per read of a blob file into memory, when it cannot be sent with `sendfile`: small
+/// enough to still be in the core's cache when TLS encrypts them.
+const READ_CHUNK: u64 = 256 * 1024;
 
 /// A body that streams a [`Tail`]. With `sendfile` (a plain HTTP/1 connection's span queue
 /// and the counter of bytes sent that way) the file's bytes go out with `sendfile`;
@@ -37,7 +38,8 @@ const READ_CHUNK: u64 = 1024 * 1024;
 /// the connection, so the client sees a failure and never a short or wrong 200.
 pub fn tail(tail: Tail, sendfile: Option<(Spans, IntCounter)>) -> Body {
     let max = if sendfile.is_some() { MAX_SPAN } else { READ_CHUNK };
-    let stream = futures_util::stream::unfold((tail, sendfile), move |(mut tail, sendfile)| async move {
+    let state = (tail, sendfile, ReadBuffers::default());
+    let stream = futures_util::stream::unfold(state, move |(mut tail, sendfile, mut buffers)| async move {
         let chunk = match tail.next_chunk(max).await? {
             Ok(Chunk::Memory(bytes)) => Ok(bytes),
             Ok(Chunk::File(span)) => match &sendfile {
@@ -45,11 +47,11 @@ pub fn tail(tail: Tail, sendfile: Option<(Spans, IntCounter)>) -> Body {
                     sent.inc_by(span.len);
                     Ok(spans.defer(span))
                 }
-                None => span.read().await,
+                None => span.read(&mut buffers).await,
             },
             Err(e) => Err(e),
         };
-        Some((chunk.map(Frame::data), (tail, sendfile)))
+        Some((chunk.map(Frame::data), (tail, sendfile, buffers)))
     });
     StreamBody::new(stream).boxed_unsync()
 }
