@@ -1,4 +1,4 @@
-//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, plus hosts.toml writing.
+//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, or with its CRI plugin on and driven through `super::cri` as the kubelet does, plus hosts.toml writing.
 //!
 //! Verified with containerd 1.6.20 (see tests/harness/containerd.rs):
 //! * Every request to a host that is not the ref's own registry host (mirror
@@ -613,7 +613,10 @@ pub fn write_hosts_toml(hosts_dir: &Path, registry_host: &str, server: &str, mir
     write_hosts_file(hosts_dir, registry_host, &body);
 }
 
-/// Write a hosts.toml with only `server = "<server>"` (no mirror).
+/// Write a hosts.toml with only `server = "<server>"` (no mirror). containerd 1.6.20 (`ctr` and
+/// CRI alike) ignores such a file for a named registry: with no `[host]` table, a
+/// `registry.test/..` pull goes to `https://registry.test`, not to `server`. It is useful as an
+/// operator's file for `pullcache containerd-config install` to merge, which adds a host.
 pub fn write_hosts_toml_server_only(hosts_dir: &Path, registry_host: &str, server: &str) {
     write_hosts_file(hosts_dir, registry_host, &format!("server = \"{server}\"\n"));
 }
