@@ -1,13 +1,17 @@
 //! containerd pulls through pullcache as a hosts.toml mirror, with the real distribution
 //! registry upstream. The `server` fallback in hosts.toml is a dead port, so a pull can only
-//! succeed through pullcache.
+//! succeed through pullcache. The main case runs twice: with `ctr --hosts-dir`, and with the
+//! kubelet's CRI `PullImage` on a containerd whose `config_path` is a certs.d that
+//! `pullcache containerd-config install` wired.
 
 mod support;
 
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
-use support::containerd::{Containerd, write_hosts_toml};
+use support::containerd::{
+    Containerd, Puller, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
+};
 use support::images::{PushedImage, push_docker_image, push_oci_image, push_oci_index};
 use support::pullcache::Pullcache;
 use support::registry::Registry;
@@ -16,17 +20,45 @@ use support::registry::Registry;
 const REGISTRY: &str = "registry.test";
 const DEAD_SERVER: &str = "http://127.0.0.1:1";
 
-async fn pull_all(ctr: &Containerd, images: &[&PushedImage], hosts: &std::path::Path) -> anyhow::Result<()> {
+async fn pull_all(
+    ctr: &Containerd,
+    puller: Puller,
+    images: &[&PushedImage],
+    hosts: &std::path::Path,
+) -> anyhow::Result<()> {
     for image in images {
-        let reference = image.reference(REGISTRY);
-        ctr.pull(&reference, hosts).await?;
-        assert!(ctr.is_unpacked(&reference).await?, "{reference} did not unpack");
+        ctr.pull_as(puller, &image.reference(REGISTRY), hosts).await?;
+    }
+    Ok(())
+}
+
+/// Points `hosts` at `mirror` with a dead `server`. For `ctr`, a hosts.toml of the test's own.
+/// For CRI, the operator's file (server only) that `pullcache containerd-config install`
+/// merges, checked against `containerd`'s config_path.
+fn wire(puller: Puller, hosts: &std::path::Path, mirror: &str, containerd: &Containerd) -> anyhow::Result<()> {
+    match puller {
+        Puller::Ctr => write_hosts_toml(hosts, REGISTRY, DEAD_SERVER, mirror),
+        Puller::Cri => {
+            if !hosts.join(REGISTRY).join("hosts.toml").exists() {
+                write_hosts_toml_server_only(hosts, REGISTRY, DEAD_SERVER);
+            }
+            containerd_config_install(hosts, mirror, REGISTRY, Some(containerd))?;
+        }
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
+    pulls_through_the_cache_and_then_without_upstream(Puller::Ctr).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
+    pulls_through_the_cache_and_then_without_upstream(Puller::Cri).await
+}
+
+async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> anyhow::Result<()> {
     let mut upstream = Registry::start().await?;
     let oci = push_oci_image(&upstream.url(), "team/oci", "v1", &[2 * 1024 * 1024, 100 * 1024]).await?;
     let index = push_oci_index(&upstream.url(), "team/multi", "v1").await?;
@@ -38,11 +70,11 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
     let upstream_url = upstream.url();
     let mappings = [(REGISTRY, upstream_url.as_str())];
     let mut pullcache = Pullcache::start(cache.path(), &mappings, Duration::from_secs(3600)).await?;
-    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
 
     // Cold: every blob comes from upstream exactly once.
-    let first = Containerd::start().await?;
-    pull_all(&first, &images, hosts.path()).await?;
+    let first = puller.start(hosts.path()).await?;
+    wire(puller, hosts.path(), &pullcache.url(), &first)?;
+    pull_all(&first, puller, &images, hosts.path()).await?;
     let stored = pullcache.stored_blobs();
     for image in images {
         assert!(
@@ -81,8 +113,8 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
 
     // Warm, inside the TTL: a fresh containerd pulls everything without any upstream request.
     let before = upstream.access_log().len();
-    let second = Containerd::start().await?;
-    pull_all(&second, &images, hosts.path()).await?;
+    let second = puller.start(hosts.path()).await?;
+    pull_all(&second, puller, &images, hosts.path()).await?;
     let late = upstream.requests_since(before).await;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
 
@@ -91,9 +123,9 @@ async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyho
     pullcache.stop().await?;
     upstream.stop().await;
     let pullcache = Pullcache::start(cache.path(), &mappings, Duration::ZERO).await?;
-    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &pullcache.url());
-    let third = Containerd::start().await?;
-    pull_all(&third, &images, hosts.path()).await?;
+    let third = puller.start(hosts.path()).await?;
+    wire(puller, hosts.path(), &pullcache.url(), &third)?;
+    pull_all(&third, puller, &images, hosts.path()).await?;
 
     let resp = support::http_client()
         .get(format!("{}/v2/team/oci/manifests/v1?ns={REGISTRY}", pullcache.url()))

@@ -1,13 +1,17 @@
 //! pullcache must never be the reason a pod cannot start. With the real containerd and a
 //! hosts.toml whose `server` is the real registry, pulls succeed when pullcache's upstream
-//! fails, when pullcache is down, and when pullcache's upstream serves a forged layer.
+//! fails, when pullcache is down, and when pullcache's upstream serves a forged layer. The
+//! first case also runs through the kubelet's CRI `PullImage`, on the certs.d that
+//! `pullcache containerd-config install` merges into the operator's own hosts.toml.
 
 mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::containerd::{Containerd, write_hosts_toml};
+use support::containerd::{
+    Containerd, Puller, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
+};
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{
     OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, build_config, build_layer, host_arch, push_blob, push_manifest,
@@ -20,6 +24,15 @@ const REGISTRY: &str = "registry.test";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry() -> anyhow::Result<()> {
+    falls_back_to_the_registry(Puller::Ctr).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry_for_cri() -> anyhow::Result<()> {
+    falls_back_to_the_registry(Puller::Cri).await
+}
+
+async fn falls_back_to_the_registry(puller: Puller) -> anyhow::Result<()> {
     let registry = Registry::start().await?;
     let image = push_oci_image(&registry.url(), "team/app", "v1", &[256 * 1024]).await?;
     // pullcache's own upstream answers 503 to everything.
@@ -27,22 +40,36 @@ async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry() -> anyhow::
     let cache = tempfile::tempdir()?;
     let hosts = tempfile::tempdir()?;
     let mut pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &broken.url())], Duration::from_secs(60)).await?;
-    write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url());
 
-    let ctr = Containerd::start().await?;
+    let ctr = puller.start(hosts.path()).await?;
+    match puller {
+        Puller::Ctr => write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url()),
+        Puller::Cri => {
+            // The operator's hosts.toml names the registry; install puts pullcache before it.
+            write_hosts_toml_server_only(hosts.path(), REGISTRY, &registry.url());
+            containerd_config_install(hosts.path(), &pullcache.url(), REGISTRY, Some(&ctr))?;
+        }
+    }
     let reference = image.reference(REGISTRY);
-    ctr.pull(&reference, hosts.path()).await?;
-    assert!(ctr.is_unpacked(&reference).await?);
+    ctr.pull_as(puller, &reference, hosts.path()).await?;
     assert!(
         broken.hits("/v2/team/app/manifests/v1") > 0,
         "containerd never went through pullcache, so this proves nothing"
     );
     assert!(pullcache.stored_blobs().is_empty());
+    let layer = &image.layers()[0].digest;
+    let gets = registry
+        .wait_access_log_count("GET", layer, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(gets, 1, "the layer came from the registry {gets} times");
 
     pullcache.stop().await?;
-    let ctr = Containerd::start().await?;
-    ctr.pull(&reference, hosts.path()).await?;
-    assert!(ctr.is_unpacked(&reference).await?);
+    let ctr = puller.start(hosts.path()).await?;
+    ctr.pull_as(puller, &reference, hosts.path()).await?;
+    let gets = registry
+        .wait_access_log_count("GET", layer, 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(gets, 2, "with pullcache down, the layer did not come from the registry");
     Ok(())
 }
 

@@ -17,6 +17,8 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 # Several nodes on one machine (tests/support/cluster.rs): network namespaces, veth, a
 # bridge and tc tbf.
 command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
+# protoc: the CRI client's bindings (dev-dependency k8s-cri) are generated at build time.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 # libFuzzer, built by the fuzz targets, is C++.
 command -v g++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then

@@ -11,4 +11,5 @@ mod support;
 
 mod auth;
 mod containerd;
+mod cri;
 mod registry;

@@ -1,4 +1,4 @@
-//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, plus hosts.toml writing.
+//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, or with its CRI plugin on and driven through `super::cri` as the kubelet does, plus hosts.toml writing.
 //!
 //! Verified with containerd 1.6.20 (see tests/harness/containerd.rs):
 //! * Every request to a host that is not the ref's own registry host (mirror
@@ -46,6 +46,7 @@ use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+use super::cri::Cri;
 use super::netns::{Netns, command_in};
 use super::{check_status, kill_and_reap, log_tail};
 
@@ -55,75 +56,146 @@ pub const CTR_BIN: &str = "/usr/bin/ctr";
 /// nothing to clean up). `overlayfs` also works on this machine but leaves
 /// mounts behind if containerd is killed mid-unpack.
 pub const SNAPSHOTTER: &str = "native";
+/// The namespace of `ctr` pulls; CRI pulls land in [`CRI_NAMESPACE`](super::cri::CRI_NAMESPACE).
 pub const NAMESPACE: &str = "default";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How a test pulls: `ctr images pull --hosts-dir` (the fetch runs in `ctr`), or the CRI
+/// `PullImage` the kubelet sends (the fetch runs in the daemon, hosts from its `config_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Puller {
+    Ctr,
+    Cri,
+}
+
+impl Puller {
+    /// A containerd this puller can pull with: with CRI, its `config_path` is `hosts`.
+    pub async fn start(self, hosts: &Path) -> Result<Containerd> {
+        match self {
+            Puller::Ctr => Containerd::start().await,
+            Puller::Cri => Containerd::start_cri(hosts).await,
+        }
+    }
+}
+
+/// Runs `pullcache containerd-config install --certs-dir CERTS_D --mirror MIRROR --registry
+/// REGISTRY`, the real binary, as an operator wires a node. With `containerd`, also
+/// `--containerd-config <its config> --strict`: it fails unless that containerd's CRI
+/// `config_path` is `certs_d`.
+pub fn containerd_config_install(
+    certs_d: &Path,
+    mirror: &str,
+    registry: &str,
+    containerd: Option<&Containerd>,
+) -> Result<()> {
+    let mut cmd = std::process::Command::new(super::binary::BIN);
+    cmd.args(["containerd-config", "install", "--certs-dir"])
+        .arg(certs_d)
+        .args(["--mirror", mirror, "--registry", registry]);
+    match containerd {
+        Some(containerd) => cmd
+            .arg("--strict")
+            .arg("--containerd-config")
+            .arg(containerd.config_path()),
+        None => cmd.args(["--containerd-config", "/nonexistent/config.toml"]),
+    };
+    let out = cmd.output().context("running pullcache containerd-config install")?;
+    check_status("pullcache containerd-config install", out)?;
+    Ok(())
+}
+
+/// How to start a [`Containerd`]. The default is the `ctr` setup: no CRI plugin, under /tmp,
+/// in the current network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// Where containerd and every `ctr` run (in 1.6 a `ctr` pull is fetched by `ctr` itself).
+    pub netns: Option<Netns>,
+    /// The parent of its temp dir; keep that path short, the sockets are in it. Default /tmp.
+    pub parent: Option<PathBuf>,
+    /// Enables the CRI plugin, with its registry `config_path` here (a certs.d directory, as
+    /// `pullcache containerd-config install` writes). A CRI pull runs inside the daemon.
+    pub cri_config_path: Option<PathBuf>,
+    /// The daemon's own environment on top of a proxy-free one (see [`Containerd::start_with`]):
+    /// what a CRI pull sees, e.g. [`proxy_env`] for intercept mode.
+    pub env: Vec<(String, String)>,
+}
+
+impl ContainerdOptions {
+    /// The CRI plugin on, its registry `config_path` = `certs_d`.
+    pub fn cri(certs_d: &Path) -> ContainerdOptions {
+        ContainerdOptions {
+            cri_config_path: Some(certs_d.to_owned()),
+            ..ContainerdOptions::default()
+        }
+    }
+}
+
 /// A private containerd with its own root, state and sockets in a tempdir
-/// under /tmp (short socket paths); CRI and unused snapshotters disabled.
+/// under /tmp (short socket paths); unused snapshotters disabled, CRI only when asked.
 pub struct Containerd {
     child: Option<Child>,
     dir: TempDir,
     socket: PathBuf,
     /// Where containerd and every `ctr` run: in 1.6 a pull is fetched by `ctr` itself.
     netns: Option<Netns>,
+    cri: bool,
 }
 
 impl Containerd {
     pub async fn start() -> Result<Containerd> {
-        // /tmp keeps the socket path far below the 107-byte limit.
-        Self::start_in(None, Path::new("/tmp")).await
+        Self::start_with(ContainerdOptions::default()).await
     }
 
     /// Starts containerd inside `netns` (if any), its temp dir in `parent` (keep that path
     /// short: the sockets are in it). `ctr` runs inside too, so the registry traffic of a
     /// pull leaves from that namespace.
     pub async fn start_in(netns: Option<Netns>, parent: &Path) -> Result<Containerd> {
+        Self::start_with(ContainerdOptions {
+            netns,
+            parent: Some(parent.to_owned()),
+            ..ContainerdOptions::default()
+        })
+        .await
+    }
+
+    /// Starts containerd with the CRI plugin on, its registry `config_path` = `certs_d`.
+    pub async fn start_cri(certs_d: &Path) -> Result<Containerd> {
+        Self::start_with(ContainerdOptions::cri(certs_d)).await
+    }
+
+    /// Starts containerd as `options` say. The daemon's environment has no proxy variables
+    /// ([`PROXY_VARS`], `NO_PROXY`, `no_proxy`) and no `SSL_CERT_DIR` from the test's own, then
+    /// `options.env` on top. With CRI, ready means the CRI image service answers (it refuses
+    /// calls until it has recovered its state, a moment after the socket serves).
+    pub async fn start_with(options: ContainerdOptions) -> Result<Containerd> {
+        let ContainerdOptions {
+            netns,
+            parent,
+            cri_config_path,
+            env,
+        } = options;
+        // /tmp keeps the socket path far below the 107-byte limit.
+        let parent = parent.unwrap_or_else(|| PathBuf::from("/tmp"));
         let dir = tempfile::Builder::new()
             .prefix("pc-ctd")
-            .tempdir_in(parent)
+            .tempdir_in(&parent)
             .context("creating containerd tempdir")?;
         let d = dir.path();
         let socket = d.join("c.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{grpc}"
-
-[ttrpc]
-  address = "{ttrpc}"
-
-[debug]
-  address = ""
-  level = "debug"
-
-[metrics]
-  address = ""
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            grpc = socket.display(),
-            ttrpc = d.join("t.sock").display(),
-        );
+        let config = daemon_config(d, &socket, cri_config_path.as_deref());
         let config_path = d.join("config.toml");
         std::fs::write(&config_path, config).context("writing containerd config")?;
         let log_path = d.join("containerd.log");
         let log = std::fs::File::create(&log_path).context("creating containerd log")?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut child = command_in(netns.as_ref(), CONTAINERD_BIN)
+        let mut cmd = command_in(netns.as_ref(), CONTAINERD_BIN);
+        without_proxy(&mut cmd);
+        for var in ["NO_PROXY", "no_proxy", "SSL_CERT_DIR"] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env);
+        let mut child = cmd
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -140,16 +212,14 @@ disabled_plugins = [
                     log_tail(&log_path, 40)
                 );
             }
-            if socket.exists() {
-                let out = ctr_output(netns.as_ref(), &socket, &["version"], Duration::from_secs(3)).await;
-                if matches!(&out, Ok(o) if o.status.success()) {
-                    break Containerd {
-                        child: Some(child),
-                        dir,
-                        socket,
-                        netns,
-                    };
-                }
+            if socket.exists() && ready(netns.as_ref(), &socket, cri_config_path.is_some()).await {
+                break Containerd {
+                    child: Some(child),
+                    dir,
+                    socket,
+                    netns,
+                    cri: cri_config_path.is_some(),
+                };
             }
             if Instant::now() > deadline {
                 let _ = child.start_kill();
@@ -162,6 +232,45 @@ disabled_plugins = [
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         Ok(ctd)
+    }
+
+    /// A CRI client on this containerd's socket (started with the CRI plugin on).
+    pub async fn cri(&self) -> Result<Cri> {
+        anyhow::ensure!(self.cri, "this containerd was started without the CRI plugin");
+        Cri::connect(&self.socket).await
+    }
+
+    /// Its config.toml (what `pullcache containerd-config install --containerd-config` reads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Pulls `image_ref` as `puller` does, anonymously, and checks it is unpacked in the
+    /// namespace that puller uses. `hosts` is `ctr --hosts-dir`; a CRI pull reads its hosts
+    /// from the `config_path` this containerd started with instead.
+    pub async fn pull_as(&self, puller: Puller, image_ref: &str, hosts: &Path) -> Result<()> {
+        let namespace = match puller {
+            Puller::Ctr => {
+                self.pull(image_ref, hosts).await?;
+                NAMESPACE
+            }
+            Puller::Cri => {
+                let cri = self.cri().await?;
+                cri.pull_image(image_ref, None).await?;
+                let status = cri.image_status(image_ref).await?;
+                let tags = status.map(|s| s.repo_tags).unwrap_or_default();
+                anyhow::ensure!(
+                    tags.iter().any(|t| t == image_ref),
+                    "ImageStatus after PullImage of {image_ref}: tags {tags:?}"
+                );
+                super::cri::CRI_NAMESPACE
+            }
+        };
+        anyhow::ensure!(
+            self.is_unpacked_in(namespace, image_ref).await?,
+            "{image_ref} did not unpack"
+        );
+        Ok(())
     }
 
     /// The gRPC socket (`ctr -a`).
@@ -241,7 +350,7 @@ disabled_plugins = [
         ca_bundle: &Path,
         timeout: Duration,
     ) -> Result<Output> {
-        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, args);
+        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, NAMESPACE, args);
         set_proxy_env(&mut cmd, proxy, ca_bundle);
         output_within(cmd, &format!("ctr {} (via proxy {proxy})", args.join(" ")), timeout).await
     }
@@ -249,9 +358,16 @@ disabled_plugins = [
     /// True if the image exists and its rootfs is unpacked in the `native`
     /// snapshotter (containerd's own `Image.IsUnpacked`, via `ctr images check`:
     /// it computes the chain ID from the config's diff_ids and stats the
-    /// committed snapshot). Err if the image is unknown.
+    /// committed snapshot). Err if the image is unknown. For `ctr` pulls (namespace `default`).
     pub async fn is_unpacked(&self, image_ref: &str) -> Result<bool> {
-        let out = self.ctr(&["images", "check", "--snapshotter", SNAPSHOTTER]).await?;
+        self.is_unpacked_in(NAMESPACE, image_ref).await
+    }
+
+    /// [`Containerd::is_unpacked`] in `namespace`: [`super::cri::CRI_NAMESPACE`] for CRI pulls.
+    pub async fn is_unpacked_in(&self, namespace: &str, image_ref: &str) -> Result<bool> {
+        let out = self
+            .ctr_in(namespace, &["images", "check", "--snapshotter", SNAPSHOTTER])
+            .await?;
         let text = String::from_utf8_lossy(&out.stdout);
         // REF TYPE DIGEST STATUS... SIZE UNPACKED (STATUS may contain spaces).
         for line in text.lines().skip(1) {
@@ -264,12 +380,18 @@ disabled_plugins = [
                 };
             }
         }
-        bail!("image {image_ref} not found in `ctr images check`:\n{text}")
+        bail!("image {image_ref} not found in `ctr -n {namespace} images check`:\n{text}")
     }
 
-    /// Whether the content store holds a blob with this digest.
+    /// Whether the content store holds a blob with this digest (namespace `default`).
     pub async fn has_content(&self, digest: &str) -> Result<bool> {
-        let out = self.ctr(&["content", "ls", "-q"]).await?;
+        self.has_content_in(NAMESPACE, digest).await
+    }
+
+    /// Whether `namespace`'s view of the content store holds a blob with this digest
+    /// ([`super::cri::CRI_NAMESPACE`] for CRI pulls; content is shared, but labelled per namespace).
+    pub async fn has_content_in(&self, namespace: &str, digest: &str) -> Result<bool> {
+        let out = self.ctr_in(namespace, &["content", "ls", "-q"]).await?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == digest))
     }
 
@@ -278,6 +400,14 @@ disabled_plugins = [
     pub async fn remove_image(&self, image_ref: &str) -> Result<()> {
         self.ctr(&["images", "rm", "--sync", image_ref]).await?;
         Ok(())
+    }
+
+    /// Like [`Containerd::ctr`], in `namespace` (`ctr -n NAMESPACE`).
+    pub async fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, namespace, args);
+        without_proxy(&mut cmd);
+        let what = format!("ctr -n {namespace} {}", args.join(" "));
+        check_status(&what, output_within(cmd, &what, Duration::from_secs(30)).await?)
     }
 
     /// The containerd process's id, while it runs.
@@ -302,6 +432,96 @@ impl Drop for Containerd {
     }
 }
 
+/// The daemon's config.toml for a temp dir `d`. With `cri_config_path`, the CRI plugin is on:
+/// images unpack with the `native` snapshotter, its registry hosts come from that certs.d,
+/// and CNI points at empty dirs inside `d` (the plugin loads without any CNI config: it
+/// logs "failed to load cni during init" and its image service works).
+fn daemon_config(d: &Path, socket: &Path, cri_config_path: Option<&Path>) -> String {
+    let cri_disabled = if cri_config_path.is_some() {
+        ""
+    } else {
+        "\n  \"io.containerd.grpc.v1.cri\","
+    };
+    let mut config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{cri_disabled}
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.internal.v1.opt",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{grpc}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[debug]
+  address = ""
+  level = "debug"
+
+[metrics]
+  address = ""
+"#,
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        grpc = socket.display(),
+        ttrpc = d.join("t.sock").display(),
+    );
+    if let Some(certs_d) = cri_config_path {
+        config.push_str(&format!(
+            r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs_d}"
+"#,
+            cni_bin = d.join("cni-bin").display(),
+            cni_conf = d.join("cni-conf").display(),
+            certs_d = certs_d.display(),
+        ));
+    }
+    config
+}
+
+/// Whether a starting containerd serves: `ctr version` answers and, with CRI, so does the CRI
+/// image service.
+async fn ready(netns: Option<&Netns>, socket: &Path, cri: bool) -> bool {
+    let out = ctr_output(netns, socket, &["version"], Duration::from_secs(3)).await;
+    if !matches!(&out, Ok(o) if o.status.success()) {
+        return false;
+    }
+    if !cri {
+        return true;
+    }
+    match Cri::connect(socket).await {
+        Ok(cri) => cri.image_fs_info().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// The daemon environment for intercept mode ([`ContainerdOptions::env`]): `HTTPS_PROXY` and
+/// `https_proxy` = `proxy` (`http://127.0.0.1:PORT`), `SSL_CERT_FILE` = `ca_bundle` (PEM,
+/// trusted besides the system's). A CRI pull then goes through the proxy, as `ctr` does with
+/// [`set_proxy_env`].
+pub fn proxy_env(proxy: &str, ca_bundle: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HTTPS_PROXY".to_owned(), proxy.to_owned()),
+        ("https_proxy".to_owned(), proxy.to_owned()),
+        ("SSL_CERT_FILE".to_owned(), ca_bundle.display().to_string()),
+    ]
+}
+
 /// Proxy variables removed for direct (non-proxied) runs, so loopback pulls and copies
 /// never go through a proxy from the environment.
 pub const PROXY_VARS: [&str; 6] = [
@@ -314,9 +534,9 @@ pub const PROXY_VARS: [&str; 6] = [
 ];
 
 /// `ctr -a SOCKET -n NAMESPACE ARGS...`, output captured, killed when dropped.
-fn ctr_command(netns: Option<&Netns>, socket: &Path, args: &[&str]) -> Command {
+fn ctr_command(netns: Option<&Netns>, socket: &Path, namespace: &str, args: &[&str]) -> Command {
     let mut cmd = command_in(netns, CTR_BIN);
-    cmd.arg("-a").arg(socket).arg("-n").arg(NAMESPACE).args(args);
+    cmd.arg("-a").arg(socket).arg("-n").arg(namespace).args(args);
     captured(&mut cmd);
     cmd
 }
@@ -346,7 +566,7 @@ pub async fn output_within(mut cmd: Command, what: &str, timeout: Duration) -> R
 }
 
 async fn ctr_output(netns: Option<&Netns>, socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
-    let mut cmd = ctr_command(netns, socket, args);
+    let mut cmd = ctr_command(netns, socket, NAMESPACE, args);
     without_proxy(&mut cmd);
     output_within(cmd, &format!("ctr {}", args.join(" ")), timeout).await
 }
@@ -393,7 +613,10 @@ pub fn write_hosts_toml(hosts_dir: &Path, registry_host: &str, server: &str, mir
     write_hosts_file(hosts_dir, registry_host, &body);
 }
 
-/// Write a hosts.toml with only `server = "<server>"` (no mirror).
+/// Write a hosts.toml with only `server = "<server>"` (no mirror). containerd 1.6.20 (`ctr` and
+/// CRI alike) ignores such a file for a named registry: with no `[host]` table, a
+/// `registry.test/..` pull goes to `https://registry.test`, not to `server`. It is useful as an
+/// operator's file for `pullcache containerd-config install` to merge, which adds a host.
 pub fn write_hosts_toml_server_only(hosts_dir: &Path, registry_host: &str, server: &str) {
     write_hosts_file(hosts_dir, registry_host, &format!("server = \"{server}\"\n"));
 }

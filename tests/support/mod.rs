@@ -1,9 +1,10 @@
-//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and a cluster of nodes in network namespaces.
+//! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd (driven with `ctr` or through its CRI API, as the kubelet does) and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and a cluster of nodes in network namespaces.
 #![allow(dead_code)]
 
 pub mod binary;
 pub mod cluster;
 pub mod containerd;
+pub mod cri;
 pub mod fault_upstream;
 pub mod htpasswd;
 pub mod images;

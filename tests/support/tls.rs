@@ -93,6 +93,26 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A TLS server config for `name` (a DNS name), its certificate issued by this CA in
+    /// memory (HTTP/1.1 only: no ALPN).
+    pub fn acceptor_for(&self, name: &str) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)?;
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)))
+    }
+}
+
 /// A TLS client that trusts the CA certificate in `ca_pem` only and presents no certificate.
 pub fn connector_trusting(ca_pem: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     use rustls_pki_types::CertificateDer;
