@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::authorize::AccessError;
 use crate::coalesce::Abandoned;
 use crate::oci::{DigestError, NameError};
 use crate::peers::PeerError;
@@ -47,6 +48,9 @@ pub enum Error {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A client may not read what it asked for (a private repository).
+    #[error(transparent)]
+    Access(#[from] AccessError),
     /// A peer's failure that reached a client (cluster mode).
     #[error(transparent)]
     Peer(#[from] PeerError),
@@ -60,7 +64,7 @@ pub enum Error {
 impl Error {
     pub fn origin(&self) -> Origin {
         match self {
-            Error::Request(_) => Origin::Downstream,
+            Error::Request(_) | Error::Access(_) => Origin::Downstream,
             // An offline cache that lacks what a client asks for answers 404 as it should,
             // like an unknown route: nothing upstream failed.
             Error::Upstream(UpstreamError {

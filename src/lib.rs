@@ -10,6 +10,7 @@
 //! against, and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
 #![forbid(unsafe_code)]
 
+pub mod authorize;
 pub mod bundle;
 pub mod ca;
 pub mod coalesce;
@@ -65,6 +66,7 @@ pub async fn run(
         upstream::Metrics::register(&registry)?,
     ));
     let flight_metrics = flight::Metrics::register(&registry)?;
+    let authorize_metrics = authorize::Metrics::register(&registry)?;
     let server_metrics = Arc::new(server::access::Metrics::register(&registry)?);
     let intercept = intercept_mode(&config, &registry).await?;
     let stopped = stop_signal(shutdown);
@@ -118,6 +120,7 @@ pub async fn run(
         }
     });
     let _ = slot.set(server::App {
+        authorize: authorize::Authorizer::new(upstreams.clone(), config.authorize.clone(), authorize_metrics),
         flights: flight::Flights::new(store.clone(), upstreams.clone(), peers.clone(), flight_metrics),
         manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), peers, config.tag_ttl, config.tag_ttls),
         upstreams,

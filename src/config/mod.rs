@@ -209,6 +209,8 @@ pub struct Config {
     pub limits: crate::server::ConnectionLimits,
     /// Cluster mode, when on.
     pub peers: Option<crate::peers::Settings>,
+    /// Who may read private repositories.
+    pub authorize: crate::authorize::Settings,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +238,7 @@ impl Config {
             },
             limits: crate::server::ConnectionLimits::default(),
             peers: None,
+            authorize: crate::authorize::Settings::default(),
         }
     }
 
@@ -286,6 +289,20 @@ impl Config {
             ("offline", self.upstream.offline.to_string()),
             ("max_connections", self.limits.max_connections.to_string()),
             ("intercept", intercept),
+            ("private_images", {
+                let mut overrides: Vec<String> = self
+                    .authorize
+                    .registries
+                    .iter()
+                    .map(|(registry, policy)| format!("{registry}: {policy}"))
+                    .collect();
+                overrides.sort_unstable();
+                match overrides.is_empty() {
+                    true => self.authorize.private_images.to_string(),
+                    false => format!("{} ({})", self.authorize.private_images, overrides.join(", ")),
+                }
+            }),
+            ("auth_ttl", humantime::format_duration(self.authorize.ttl).to_string()),
             (
                 "cluster",
                 match &self.peers {

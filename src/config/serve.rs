@@ -9,6 +9,7 @@ use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Args;
 use clap::builder::BoolishValueParser;
@@ -16,6 +17,7 @@ use http::Uri;
 use serde::{Deserialize, Deserializer};
 
 use super::{Config, ConfigError, InterceptSettings, default_cache_dir};
+use crate::authorize::PrivateImages;
 use crate::oci::{ImageRef, Registry};
 use crate::store::{self, MinFree};
 use crate::upstream::{self, Credentials, DockerConfig};
@@ -133,6 +135,23 @@ pub struct ServeArgs {
     #[serde(default)]
     pub offline: Option<bool>,
 
+    /// Mirror mode's answer for a repository the registry does not serve anonymously
+    /// (containerd sends no credentials to a mirror): `bypass` (default) answers 404 before
+    /// any byte, so containerd pulls it from the registry itself with the pod's secret;
+    /// `share` serves it, with pullcache's credentials, to every workload on the node.
+    /// `private` in a `[registries."NAME"]` table overrides it for that registry. Intercept
+    /// mode checks each client's own credentials instead.
+    #[arg(long, env = "PULLCACHE_PRIVATE_IMAGES", value_name = "POLICY")]
+    #[serde(default, deserialize_with = "from_text")]
+    pub private_images: Option<PrivateImages>,
+
+    /// The longest an authorization answer is remembered (default 5m): whether a repository
+    /// is private, and whether a client's credential may read it (never past a token's
+    /// expiry). A refusal is remembered 10 s at most.
+    #[arg(long, env = "PULLCACHE_AUTH_TTL", value_name = "DURATION")]
+    #[serde(default, deserialize_with = "from_text")]
+    pub auth_ttl: Option<humantime::Duration>,
+
     /// Client connections served at once, at least 1 (default 4096); more are closed at once,
     /// so containerd goes on to its next host.
     #[arg(long, env = "PULLCACHE_MAX_CONNECTIONS", value_name = "N")]
@@ -210,6 +229,9 @@ pub struct RegistryEntry {
     identity_token: Option<String>,
     #[serde(default, deserialize_with = "from_text")]
     tag_ttl: Option<humantime::Duration>,
+    /// Mirror mode's policy for its private repositories: `bypass` or `share`.
+    #[serde(default, deserialize_with = "from_text")]
+    private: Option<PrivateImages>,
 }
 
 /// `NAME=URL`: where a registry is fetched from.
@@ -272,7 +294,7 @@ macro_rules! from_text_one {
         }
     )*};
 }
-from_text_one!(humantime::Duration, Size, MinFree);
+from_text_one!(humantime::Duration, Size, MinFree, PrivateImages);
 
 impl<T: FromStr<Err: Display>> FromText for Vec<T> {
     fn from_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -316,6 +338,8 @@ layered!(
     cache_min_free,
     pins,
     offline,
+    private_images,
+    auth_ttl,
     max_connections,
     peer_listen,
     peers,
@@ -377,6 +401,12 @@ impl ServeArgs {
         }
         config.tag_ttl = self.tag_ttl.map_or(config.tag_ttl, Into::into);
         config.upstream.offline = self.offline.unwrap_or(false);
+        config.authorize.private_images = self.private_images.unwrap_or_default();
+        match self.auth_ttl.map(Duration::from) {
+            Some(ttl) if ttl.is_zero() => return Err(invalid("auth_ttl", &"must be longer than 0")),
+            Some(ttl) => config.authorize.ttl = ttl,
+            None => {}
+        }
         match self.max_connections {
             Some(0) => return Err(invalid("max_connections", &"must be at least 1, got 0")),
             Some(n) => config.limits.max_connections = n as usize,
@@ -482,6 +512,9 @@ fn add_registry(config: &mut Config, name: &str, entry: RegistryEntry) -> Result
     let registry = Registry::parse(name).map_err(|e| at("name", &e))?;
     if let Some(ttl) = entry.tag_ttl {
         config.tag_ttls.insert(registry.clone(), ttl.into());
+    }
+    if let Some(policy) = entry.private {
+        config.authorize.registries.insert(registry.clone(), policy);
     }
     let settings = config.registry(registry);
     if let Some(url) = &entry.url {

@@ -25,6 +25,9 @@ pub async fn serve(
         .manifests
         .get(&target.registry, &target.repository, reference, accept, asker)
         .await?;
+    // What it refers to is in this repository, for the access checks of the blobs that follow.
+    app.authorize
+        .learn(&target.registry, &target.repository, &manifest.digest, &manifest.bytes);
     let mut resp = Response::builder()
         .header(CONTENT_TYPE, &manifest.media_type)
         .header(DOCKER_CONTENT_DIGEST, manifest.digest.to_string())

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::CONTENT_TYPE;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -26,12 +26,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::authorize::{Authorizer, Object, Via};
 use crate::flight::Flights;
 use crate::intercept::Intercept;
 use crate::manifests::Manifests;
-use crate::oci::Registry;
+use crate::oci::{Reference, Registry};
 use crate::peers::Asker;
-use crate::upstream::Upstreams;
+use crate::upstream::{Resource, Upstreams};
 use proxy::Slot;
 use response::Body;
 use routes::Route;
@@ -66,6 +67,7 @@ pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Everything a request handler needs.
 pub struct App {
+    pub authorize: Authorizer,
     pub flights: Flights,
     pub manifests: Manifests,
     pub upstreams: Arc<Upstreams>,
@@ -115,7 +117,7 @@ impl App {
         let route = routes::parse(req.method(), req.uri(), host);
         let outcome = match &route {
             Ok(route) => self
-                .dispatch(route, head, req.headers(), spans, asker)
+                .dispatch(route, head, req.headers(), host.is_some(), spans, asker)
                 .await
                 .unwrap_or_else(|e| Outcome::new(response::error(&e, head), "none")),
             Err(e) => Outcome::new(response::error(e, head), "none"),
@@ -150,9 +152,31 @@ impl App {
         route: &Route,
         head: bool,
         headers: &http::HeaderMap,
+        intercepted: bool,
         spans: Option<&Spans>,
         asker: Asker,
     ) -> crate::error::Result<Outcome> {
+        // A client may read it, before any byte (peers check their own clients).
+        if asker == Asker::Client {
+            let object = match route {
+                Route::Manifest {
+                    target,
+                    reference: Reference::Tag(tag),
+                } => Some((target, Object::Tag(tag.as_str()))),
+                Route::Manifest {
+                    target,
+                    reference: Reference::Digest(digest),
+                } => Some((target, Object::Digest(Resource::Manifest, digest))),
+                Route::Blob { target, digest } => Some((target, Object::Digest(Resource::Blob, digest))),
+                Route::Ping => None,
+            };
+            if let Some((target, object)) = object {
+                let via = if intercepted { Via::Intercept } else { Via::Mirror };
+                self.authorize
+                    .check(&target.registry, &target.repository, object, via, headers.get(AUTHORIZATION))
+                    .await?;
+            }
+        }
         match route {
             Route::Ping => Ok(Outcome::new(
                 Response::builder()

@@ -4,7 +4,7 @@
 use std::io;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -12,6 +12,7 @@ use hyper::body::Frame;
 use prometheus::IntCounter;
 
 use super::sendfile::{MAX_SPAN, Spans};
+use crate::authorize::AccessError;
 use crate::error::{Error, Origin, RequestError};
 use crate::flight::{Chunk, ReadBuffers, Tail};
 use crate::oci::{ErrorCode, NameError, error_body};
@@ -101,6 +102,16 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             | UpstreamErrorKind::Token(_)
             | UpstreamErrorKind::Body(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         },
+        Error::Access(e) => match e {
+            AccessError::Bypassed { resource, .. } | AccessError::NotInRepository { resource, .. } => match resource {
+                Resource::Manifest => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+                Resource::Blob => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            },
+            AccessError::Unauthorized { status, .. } if *status == StatusCode::FORBIDDEN => {
+                (StatusCode::FORBIDDEN, ErrorCode::Denied)
+            }
+            AccessError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+        },
         Error::Peer(PeerError::Forged { .. }) => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
         Error::Peer(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         Error::Store(_) | Error::Internal(_) | Error::Shared(_) => {
@@ -152,6 +163,11 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
         Error::Request(RequestError::Range { size, .. }) => {
             resp = resp.header(CONTENT_RANGE, format!("bytes */{size}"));
         }
+        // The registry's own challenge, so the client fetches a token from the real realm.
+        Error::Access(AccessError::Unauthorized {
+            challenge: Some(challenge),
+            ..
+        }) => resp = resp.header(WWW_AUTHENTICATE, challenge.clone()),
         Error::Request(RequestError::Method { .. }) => {
             resp = resp.header(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }

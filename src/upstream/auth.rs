@@ -224,7 +224,7 @@ impl Upstreams {
 
     /// Gets a token for a challenge: anonymously, with Basic credentials, or by exchanging an
     /// identity token (OAuth2 `refresh_token` grant). Caches it per (origin, scope).
-    async fn token(
+    pub(super) async fn token(
         &self,
         endpoint: &Endpoint<'_>,
         req: &Fetch<'_>,

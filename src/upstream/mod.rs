@@ -10,6 +10,7 @@ mod credentials;
 pub mod limits;
 mod metrics;
 mod resolve;
+mod probe;
 mod tls;
 
 use crate::sync::MutexExt;
@@ -30,6 +31,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::oci::{Registry, Repository};
 use auth::TokenCache;
+pub use probe::Answer;
 pub use credentials::{Credentials, DockerConfig};
 pub use metrics::Metrics;
 use resolve::{GuardedResolver, resolve_location};

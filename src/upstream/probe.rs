@@ -1,0 +1,120 @@
+//! Asking a registry what one client may read: a `HEAD` of one object with the client's own
+//! `Authorization`, or with none at all (as an anonymous client, taking an anonymous token
+//! if challenged). pullcache's configured credentials are never used here, and nothing a
+//! client sent is kept. [`crate::authorize`] decides with the answers.
+
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, StatusCode, Uri};
+
+use super::auth::Challenge;
+use super::{Fetch, Resource, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::oci::{AcceptClass, Registry, Repository};
+
+/// What the registry answered about one object, for one client.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// 2xx, or a redirect to where the bytes are: the client may read it.
+    Readable,
+    /// 404: the client was let in, but the object is not in this repository.
+    Missing,
+    /// 401 or 403. `challenge` is the registry's first `WWW-Authenticate`, to relay as is.
+    Refused {
+        status: StatusCode,
+        challenge: Option<HeaderValue>,
+    },
+}
+
+/// The token cache key of anonymous tokens, apart from those of pullcache's credentials.
+fn anonymous(scope: &str) -> String {
+    format!("anonymous {scope}")
+}
+
+impl Upstreams {
+    /// `HEAD` of `reference` in `repository` at the registry's own URL (never a mirror), as
+    /// `client` (the `Authorization` a client sent, as is) or anonymously (`None`).
+    pub async fn ask(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        resource: Resource,
+        reference: &str,
+        client: Option<&HeaderValue>,
+    ) -> Result<Answer, UpstreamError> {
+        let err = |kind| UpstreamError::new(registry, kind);
+        if self.settings.offline {
+            return Err(err(UpstreamErrorKind::Offline {
+                resource,
+                reference: format!("{registry}/{repository}@{reference}"),
+            }));
+        }
+        let mut endpoint = self.endpoint(registry, self.base(registry)?, None)?;
+        endpoint.credentials = None;
+        let accept = AcceptClass::all().header_value();
+        let req = Fetch {
+            method: Method::HEAD,
+            registry,
+            repository,
+            resource,
+            reference,
+            accept: (resource == Resource::Manifest).then_some(&accept),
+            from: None,
+        };
+        let uri: Uri = format!("{}/v2/{repository}/{resource}/{reference}", endpoint.base)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
+        let scope = format!("repository:{repository}:pull");
+        let mut auth = match client {
+            Some(header) => Some(header.clone()),
+            None => self.tokens.get(&endpoint.authority, &anonymous(&scope)),
+        };
+        let mut first_challenge = None;
+        loop {
+            let mut request = req.request(&uri, None);
+            if let Some(auth) = &auth {
+                request.headers_mut().insert(AUTHORIZATION, auth.clone());
+            }
+            let resp = self
+                .send(endpoint.client, &req, request)
+                .await
+                .map_err(|failure| err(failure.kind))?;
+            let status = resp.status();
+            if status.is_success() || status.is_redirection() {
+                return Ok(Answer::Readable);
+            }
+            if status == StatusCode::NOT_FOUND {
+                return Ok(Answer::Missing);
+            }
+            if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+                return Err(err(self.refusal(&endpoint, &req, &resp)));
+            }
+            let challenge = resp.headers().get(WWW_AUTHENTICATE).cloned();
+            // An anonymous client first takes an anonymous token, as containerd does.
+            let bearer = challenge
+                .as_ref()
+                .and_then(|c| c.to_str().ok())
+                .and_then(Challenge::parse);
+            if client.is_none() && first_challenge.is_none() && status == StatusCode::UNAUTHORIZED {
+                first_challenge = challenge.clone();
+                if let Some(bearer) = bearer {
+                    self.tokens.forget(&endpoint.authority, &anonymous(&scope));
+                    match self.token(&endpoint, &req, &anonymous(&scope), &bearer).await {
+                        Ok(token) => {
+                            auth = Some(token);
+                            continue;
+                        }
+                        Err(UpstreamError {
+                            kind:
+                                UpstreamErrorKind::CredentialsRequired { .. } | UpstreamErrorKind::CredentialsRefused { .. },
+                            ..
+                        }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            return Ok(Answer::Refused {
+                status,
+                challenge: first_challenge.or(challenge),
+            });
+        }
+    }
+}
