@@ -1,7 +1,10 @@
 //! containerd pulls through pullcache from registries that want what real ones want: the real
 //! distribution registry serving TLS with a private CA and htpasswd basic auth, and the real
 //! registry with token auth (Docker Hub's flow), credentials coming from a docker
-//! `config.json`. Wrong or missing credentials and an untrusted CA give clear errors.
+//! `config.json`. Wrong or missing credentials and an untrusted CA give clear errors. These
+//! registries serve nothing anonymously, so pullcache runs with `private_images = share`:
+//! the default, `bypass`, would send containerd to the registry itself
+//! (tests/private_images.rs).
 
 mod support;
 
@@ -49,6 +52,7 @@ async fn start_pullcache(
     credentials: Option<DockerConfig>,
 ) -> anyhow::Result<Pullcache> {
     let mut config = support::pullcache::config(cache.to_owned());
+    config.authorize.private_images = pullcache::authorize::PrivateImages::Share;
     config.registry(RegistryName::parse(REGISTRY)?).url = Some(upstream.parse()?);
     if let Some(ca) = ca {
         config.upstream.roots = load_certificates(ca).map_err(anyhow::Error::msg)?;

@@ -40,7 +40,11 @@ async fn secrets_stay_out_of_the_logs() -> anyhow::Result<()> {
 
     let upstream_arg = format!("registry.test={}", upstream.url());
     let cache_dir = dir.path().join("cache");
-    let args: [&OsStr; 6] = [
+    // The private registry's images are shared on the node (mirror mode's `bypass` would
+    // answer 404 and never use the credentials).
+    let args: [&OsStr; 8] = [
+        "--private-images".as_ref(),
+        "share".as_ref(),
         "--cache-dir".as_ref(),
         cache_dir.as_os_str(),
         "--docker-config".as_ref(),

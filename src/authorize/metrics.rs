@@ -6,6 +6,7 @@ use crate::upstream::{Answer, UpstreamError};
 
 /// Every `result` label value, so each series exists from the start.
 const RESULTS: &[&str] = &[
+    "anonymous_cache",
     "public",
     "allowed",
     "denied",
@@ -27,10 +28,11 @@ impl Metrics {
         let decisions = IntCounterVec::new(
             Opts::new(
                 "pullcache_authorizations_total",
-                "Client requests for manifests and blobs, by what was decided: public (anyone may read it), \
+                "Client requests for manifests and blobs, by what was decided: anonymous_cache (pullcache holds no \
+                 credentials for the registry, so all it has is public), public (anyone may read it), \
                  allowed or denied (a private repository, by the client's own credentials), challenged (no \
                  credentials: the registry's 401 relayed), bypassed (mirror mode, private = bypass: 404), \
-                 shared (mirror mode, private = share), not_in_repository, unverified (the registry could not \
+                 shared (mirror mode, private = share: not checked), not_in_repository, unverified (the registry could not \
                  be asked).",
             ),
             &["result"],

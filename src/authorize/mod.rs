@@ -11,6 +11,9 @@
 //!   registry itself with the pod's secret; `share` serves whatever pullcache's credentials
 //!   can read to every workload on the node.
 //!
+//! None of this applies to a registry pullcache holds no credentials for: all it can have
+//! fetched of it was readable anonymously. Nor offline, with no registry to ask.
+//!
 //! A digest is served under a repository only when it is known to be in it: a manifest
 //! served for that repository refers to it, or the registry confirmed it. So private bytes
 //! cached for one repository are not served under another name. Peers are never
@@ -160,7 +163,9 @@ pub enum AccessError {
 enum Visibility {
     Public,
     /// With the registry's challenge to an anonymous client.
-    Private { challenge: Option<HeaderValue> },
+    Private {
+        challenge: Option<HeaderValue>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +239,17 @@ impl Authorizer {
         if self.upstreams.is_offline() {
             return Ok(());
         }
+        // Without credentials for the registry, pullcache fetched nothing of it that was not
+        // readable anonymously: nothing private to guard, nothing to ask.
+        if !self.upstreams.holds_credentials(registry) {
+            self.metrics.decided("anonymous_cache");
+            return Ok(());
+        }
+        // Mirror mode sharing this registry's private images: no question to ask.
+        if via == Via::Mirror && self.policy(registry) == PrivateImages::Share {
+            self.metrics.decided("shared");
+            return Ok(());
+        }
         let key = (registry.clone(), repository.clone());
         let visibility = match self.visibility(&key, object).await {
             Some(visibility) => visibility,
@@ -245,21 +261,15 @@ impl Authorizer {
         match visibility {
             Visibility::Public => self.check_public(&key, object).await,
             Visibility::Private { challenge } => match via {
-                Via::Mirror => match self.policy(registry) {
-                    PrivateImages::Share => {
-                        self.metrics.decided("shared");
-                        Ok(())
+                Via::Mirror => {
+                    self.metrics.decided("bypassed");
+                    Err(AccessError::Bypassed {
+                        registry: registry.clone(),
+                        repository: repository.clone(),
+                        resource: object.resource(),
                     }
-                    PrivateImages::Bypass => {
-                        self.metrics.decided("bypassed");
-                        Err(AccessError::Bypassed {
-                            registry: registry.clone(),
-                            repository: repository.clone(),
-                            resource: object.resource(),
-                        }
-                        .into())
-                    }
-                },
+                    .into())
+                }
                 Via::Intercept => match authorization {
                     None => {
                         self.metrics.decided("challenged");
@@ -375,7 +385,13 @@ impl Authorizer {
         }
         let answer = self
             .upstreams
-            .ask(registry, repository, object.resource(), &object.reference(), Some(credential))
+            .ask(
+                registry,
+                repository,
+                object.resource(),
+                &object.reference(),
+                Some(credential),
+            )
             .await;
         self.metrics.asked("client", &answer);
         match answer? {
@@ -488,7 +504,10 @@ mod tests {
     fn a_jwt_is_remembered_no_longer_than_it_lives() {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         let left = lifetime(&bearer(&format!(r#"{{"exp":{}}}"#, now + 60))).unwrap();
-        assert!(left <= Duration::from_secs(60) && left >= Duration::from_secs(58), "{left:?}");
+        assert!(
+            left <= Duration::from_secs(60) && left >= Duration::from_secs(58),
+            "{left:?}"
+        );
         assert_eq!(
             lifetime(&bearer(&format!(r#"{{"exp":{}}}"#, now - 5))),
             Some(Duration::ZERO)

@@ -173,7 +173,13 @@ impl App {
             if let Some((target, object)) = object {
                 let via = if intercepted { Via::Intercept } else { Via::Mirror };
                 self.authorize
-                    .check(&target.registry, &target.repository, object, via, headers.get(AUTHORIZATION))
+                    .check(
+                        &target.registry,
+                        &target.repository,
+                        object,
+                        via,
+                        headers.get(AUTHORIZATION),
+                    )
                     .await?;
             }
         }

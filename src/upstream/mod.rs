@@ -9,8 +9,8 @@ pub use auth::{Challenge, TokenError};
 mod credentials;
 pub mod limits;
 mod metrics;
-mod resolve;
 mod probe;
+mod resolve;
 mod tls;
 
 use crate::sync::MutexExt;
@@ -31,9 +31,9 @@ use rustls_pki_types::CertificateDer;
 
 use crate::oci::{Registry, Repository};
 use auth::TokenCache;
-pub use probe::Answer;
 pub use credentials::{Credentials, DockerConfig};
 pub use metrics::Metrics;
+pub use probe::Answer;
 use resolve::{GuardedResolver, resolve_location};
 pub use resolve::{Reach, TargetError, is_forbidden};
 pub use tls::load_certificates;

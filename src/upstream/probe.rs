@@ -30,6 +30,13 @@ fn anonymous(scope: &str) -> String {
 }
 
 impl Upstreams {
+    /// Whether any endpoint of `registry` is reached with pullcache's own credentials. If
+    /// none is, everything pullcache fetched of it was readable anonymously.
+    pub fn holds_credentials(&self, registry: &Registry) -> bool {
+        self.endpoints(registry)
+            .is_ok_and(|endpoints| endpoints.iter().any(|e| e.credentials.is_some()))
+    }
+
     /// `HEAD` of `reference` in `repository` at the registry's own URL (never a mirror), as
     /// `client` (the `Authorization` a client sent, as is) or anonymously (`None`).
     pub async fn ask(
@@ -102,12 +109,9 @@ impl Upstreams {
                             auth = Some(token);
                             continue;
                         }
-                        Err(UpstreamError {
-                            kind:
-                                UpstreamErrorKind::CredentialsRequired { .. } | UpstreamErrorKind::CredentialsRefused { .. },
-                            ..
-                        }) => {}
-                        Err(e) => return Err(e),
+                        // No token for an anonymous client, however the realm fails: what
+                        // an anonymous client cannot read is private.
+                        Err(e) => tracing::debug!(registry = %registry, error = %e, "no anonymous token"),
                     }
                 }
             }

@@ -126,3 +126,55 @@ pub fn connector_trusting(ca_pem: &Path) -> anyhow::Result<tokio_rustls::TlsConn
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)))
 }
+
+/// What [`get_through_proxy`] got back.
+pub struct Proxied {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// `GET https://HOST{path}` through the HTTPS proxy at `proxy`, as containerd sends it with
+/// `HTTPS_PROXY`: `CONNECT HOST:443`, then TLS to `host` trusting `ca_pem` only, with
+/// `authorization` if given. A refused CONNECT is an error.
+pub async fn get_through_proxy(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    ca_pem: &Path,
+    path: &str,
+    authorization: Option<&str>,
+) -> anyhow::Result<Proxied> {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await?;
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        anyhow::ensure!(tcp.read(&mut byte).await? == 1, "the proxy closed during CONNECT");
+        head.push(byte[0]);
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "CONNECT {host}: {}",
+        String::from_utf8_lossy(&head)
+    );
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+    let tls = connector_trusting(ca_pem)?.connect(name, tcp).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path).header("host", host);
+    if let Some(authorization) = authorization {
+        req = req.header("authorization", authorization);
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        .await?;
+    let (parts, body) = resp.into_parts();
+    Ok(Proxied {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await?.to_bytes(),
+    })
+}

@@ -103,6 +103,9 @@ struct Signer {
 struct State {
     users: HashMap<String, String>,
     allow_anonymous: bool,
+    /// When set, `pull` only on the repositories listed for a subject ("" is anonymous);
+    /// otherwise on every repository.
+    access: Mutex<Option<HashMap<String, Vec<String>>>>,
     /// refresh token → subject
     refresh_tokens: Mutex<HashMap<String, String>>,
     expires_in: AtomicI64,
@@ -142,6 +145,7 @@ impl TokenService {
         let state = Arc::new(State {
             users: users.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
             allow_anonymous,
+            access: Mutex::new(None),
             refresh_tokens: Mutex::new(HashMap::new()),
             expires_in: AtomicI64::new(DEFAULT_EXPIRES_IN),
             requests: Mutex::new(Vec::new()),
@@ -174,6 +178,16 @@ impl TokenService {
             }
         });
         Ok(TokenService { addr, state, task })
+    }
+
+    /// From now on `subject` ("" for anonymous) gets `pull` only on `repositories`, and a
+    /// subject never named gets nothing: per-user access, as a real token service has it.
+    pub fn grant_only(&self, subject: &str, repositories: &[&str]) {
+        let mut access = self.state.access.lock().unwrap();
+        access.get_or_insert_with(HashMap::new).insert(
+            subject.to_owned(),
+            repositories.iter().map(|r| (*r).to_owned()).collect(),
+        );
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -357,7 +371,7 @@ fn get_token(state: &State, req: &TokenRequest) -> Resp {
     let scopes = req.params("scope");
     let now = unix_now();
     let expires_in = state.expires_in.load(Ordering::Relaxed);
-    let token = sign_jwt(state, &subject, grant(&scopes), now, expires_in);
+    let token = sign_jwt(state, &subject, grant(state, &subject, &scopes), now, expires_in);
     let mut body = json!({
         "token": token,
         "access_token": token,
@@ -402,7 +416,7 @@ fn post_token(state: &State, req: &TokenRequest) -> Resp {
         .collect();
     let now = unix_now();
     let expires_in = state.expires_in.load(Ordering::Relaxed);
-    let token = sign_jwt(state, &subject, grant(&scopes), now, expires_in);
+    let token = sign_jwt(state, &subject, grant(state, &subject, &scopes), now, expires_in);
     let mut body = json!({
         "access_token": token,
         "expires_in": expires_in,
@@ -415,14 +429,19 @@ fn post_token(state: &State, req: &TokenRequest) -> Resp {
     json_response(StatusCode::OK, body)
 }
 
-/// The `access` claim: `pull` (only) on every requested repository scope.
-fn grant(scopes: &[String]) -> Vec<Value> {
+/// The `access` claim: `pull` (only) on every requested repository scope `subject` may read.
+fn grant(state: &State, subject: &str, scopes: &[String]) -> Vec<Value> {
+    let access = state.access.lock().unwrap();
+    let allowed = |name: &str| match &*access {
+        None => true,
+        Some(access) => access.get(subject).is_some_and(|repos| repos.iter().any(|r| r == name)),
+    };
     scopes
         .iter()
         .filter_map(|s| parse_scope(s))
         .filter(|(ty, _, _)| ty == "repository")
         .map(|(ty, name, actions)| {
-            let granted: &[&str] = if actions.iter().any(|a| a == "pull") {
+            let granted: &[&str] = if actions.iter().any(|a| a == "pull") && allowed(&name) {
                 &["pull"]
             } else {
                 &[]
