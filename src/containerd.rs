@@ -54,7 +54,8 @@ fn default_server(name: &str) -> Option<String> {
 }
 
 /// The hosts.toml for `name`, with `mirror` first, merged over `original` if there is one.
-pub fn render(name: &str, mirror: &str, original: Option<&str>) -> String {
+/// Without a mirror (a bypassed registry), containerd goes to the registry itself.
+pub fn render(name: &str, mirror: Option<&str>, original: Option<&str>) -> String {
     let original = original.unwrap_or("");
     // Root keys (server, ca, ...) must come before any table; the original's go first, then
     // our host, then the original's hosts, which containerd tries after ours.
@@ -76,11 +77,28 @@ pub fn render(name: &str, mirror: &str, original: Option<&str>) -> String {
         out.push_str(line);
         out.push('\n');
     }
-    let header = format!("[host.\"{mirror}\"]");
-    if !tables.iter().any(|l| l.trim() == header) {
-        out.push('\n');
-        out.push_str(&header);
-        out.push_str("\n  capabilities = [\"pull\", \"resolve\"]\n");
+    if let Some(mirror) = mirror {
+        let header = format!("[host.\"{mirror}\"]");
+        if !tables.iter().any(|l| l.trim() == header) {
+            out.push('\n');
+            out.push_str(&header);
+            out.push_str("\n  capabilities = [\"pull\", \"resolve\"]\n");
+        }
+    } else {
+        // containerd 1.6 ignores a file without a host table: name the server as one.
+        let server = root
+            .iter()
+            .filter_map(|l| l.trim_start().strip_prefix("server")?.trim_start().strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .next()
+            .or_else(|| default_server(name));
+        out.push_str("\n# Bypassed (--bypass): pulled from the registry itself, with the pod's secret.\n");
+        if let Some(server) = server {
+            let header = format!("[host.\"{server}\"]");
+            if !tables.iter().any(|l| l.trim() == header) {
+                out.push_str(&format!("{header}\n  capabilities = [\"pull\", \"resolve\"]\n"));
+            }
+        }
     }
     if !tables.is_empty() {
         out.push('\n');
@@ -92,15 +110,25 @@ pub fn render(name: &str, mirror: &str, original: Option<&str>) -> String {
     out
 }
 
-/// Writes hosts.toml for each registry (or `_default`) under `certs_dir`.
-pub fn install(certs_dir: &Path, mirror: &str, registries: &[Registry]) -> Result<Vec<Change>, WiringError> {
-    let names: Vec<String> = if registries.is_empty() {
-        vec![DEFAULT_HOST.to_owned()]
+/// Writes hosts.toml for each registry (or `_default`) under `certs_dir`, and for each of
+/// `bypass` one without pullcache: a registry of private images that containerd should
+/// always pull from itself, with the pod's own secret.
+pub fn install(
+    certs_dir: &Path,
+    mirror: &str,
+    registries: &[Registry],
+    bypass: &[Registry],
+) -> Result<Vec<Change>, WiringError> {
+    let mut names: Vec<(String, Option<&str>)> = if registries.is_empty() {
+        vec![(DEFAULT_HOST.to_owned(), Some(mirror))]
     } else {
-        registries.iter().map(|r| r.to_string()).collect()
+        registries.iter().map(|r| (r.to_string(), Some(mirror))).collect()
     };
+    // A bypassed registry is never mirrored, whatever the list says.
+    names.retain(|(name, _)| !bypass.iter().any(|b| b.as_str() == name));
+    names.extend(bypass.iter().map(|r| (r.to_string(), None)));
     let mut changes = Vec::new();
-    for name in names {
+    for (name, mirror) in names {
         let dir = certs_dir.join(&name);
         if !dir.exists() {
             fs::create_dir_all(&dir).map_err(at(&dir))?;

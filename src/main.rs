@@ -122,6 +122,7 @@ fn containerd_config(command: ContainerdCommand) -> ExitCode {
             certs_dir,
             mirror,
             registries,
+            bypass,
             containerd_config,
             strict,
         } => {
@@ -138,7 +139,7 @@ fn containerd_config(command: ContainerdCommand) -> ExitCode {
                     strict
                 }
             };
-            (containerd::install(&certs_dir, &mirror, &registries), failed)
+            (containerd::install(&certs_dir, &mirror, &registries, &bypass), failed)
         }
         ContainerdCommand::Uninstall { certs_dir } => (containerd::uninstall(&certs_dir), false),
     };

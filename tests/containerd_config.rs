@@ -92,9 +92,16 @@ fn install_matches_the_golden_files_and_merges() {
             "registry.test:5000",
             "--registry",
             "ghcr.io",
+            "--bypass",
+            "internal.example:5000",
         ],
     );
     assert_golden(&certs.path().join("docker.io/hosts.toml"), "merged-docker.io.toml");
+    // A bypassed registry keeps containerd off pullcache: the registry itself only.
+    assert_golden(
+        &certs.path().join("internal.example:5000/hosts.toml"),
+        "bypass-internal.example-5000.toml",
+    );
     assert_golden(
         &certs.path().join("registry.test:5000/hosts.toml"),
         "new-registry.test-5000.toml",
@@ -122,14 +129,21 @@ fn install_twice_changes_nothing_and_uninstall_restores_exactly() {
     .unwrap();
     let before = snapshot(certs.path());
 
-    let args = ["--registry", "docker.io", "--registry", "ghcr.io"];
+    let args = [
+        "--registry",
+        "docker.io",
+        "--registry",
+        "ghcr.io",
+        "--bypass",
+        "quay.io",
+    ];
     let first = install(certs.path(), &args);
     assert!(String::from_utf8_lossy(&first.stdout).contains("wrote"));
     let installed = snapshot(certs.path());
     let second = install(certs.path(), &args);
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(
-        !stdout.contains("wrote") && stdout.matches("unchanged").count() == 2,
+        !stdout.contains("wrote") && stdout.matches("unchanged").count() == 3,
         "{stdout}"
     );
     assert_eq!(snapshot(certs.path()), installed, "a second install changed files");

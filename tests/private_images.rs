@@ -325,6 +325,37 @@ async fn mirror_mode_bypasses_private_repositories_by_default_and_shares_them_wh
         "BLOB_UNKNOWN"
     );
 
+    // `containerd-config install --bypass`: containerd does not ask pullcache at all for a
+    // registry of private images.
+    let direct = tempfile::tempdir()?;
+    let node_d = Containerd::start_cri(direct.path()).await?;
+    write_hosts_toml_server_only(direct.path(), MIRRORED, &up.registry.url());
+    let out = std::process::Command::new(support::binary::BIN)
+        .args(["containerd-config", "install", "--certs-dir"])
+        .arg(direct.path())
+        .args([
+            "--mirror",
+            &bypass.url(),
+            "--bypass",
+            MIRRORED,
+            "--strict",
+            "--containerd-config",
+        ])
+        .arg(node_d.config_path())
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        bypass.sum("pullcache_requests_total").await? > 0.0,
+        "no request was ever counted"
+    );
+    let asked = bypass.sum("pullcache_requests_total").await?;
+    node_d.cri().await?.pull_image(&team_a, Some(&auth(ALICE))).await?;
+    assert_eq!(
+        bypass.sum("pullcache_requests_total").await?,
+        asked,
+        "containerd asked pullcache for a bypassed registry"
+    );
+
     // Public images are cached as before.
     let public = up.public.reference(MIRRORED);
     cri.pull_image(&public, None).await?;

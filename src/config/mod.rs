@@ -146,6 +146,11 @@ pub enum ContainerdCommand {
         /// A registry to send through pullcache, as containerd names it. Repeatable.
         #[arg(long = "registry", env = "PULLCACHE_REGISTRIES", value_delimiter = ',', value_parser = parse_registry)]
         registries: Vec<Registry>,
+        /// A registry containerd always pulls from itself, never through pullcache: one of
+        /// private images, whose pulls then carry the pod's secret to the registry (see
+        /// `serve --private-images`). Repeatable.
+        #[arg(long = "bypass", env = "PULLCACHE_BYPASS", value_delimiter = ',', value_parser = parse_registry)]
+        bypass: Vec<Registry>,
         /// containerd's config file, checked for `config_path`.
         #[arg(
             long,

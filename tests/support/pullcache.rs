@@ -117,6 +117,22 @@ impl Pullcache {
             .unwrap_or(0.0))
     }
 
+    /// The sum of every series of a metric family (`name{...}` and `name`).
+    pub async fn sum(&self, name: &str) -> anyhow::Result<f64> {
+        let metrics = self.metrics().await?;
+        Ok(metrics
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum())
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
