@@ -111,6 +111,10 @@ containerd:
   strict: true
 registryCredentials:
   existingSecret: regcred
+privateImages:
+  policy: share
+  authTTL: 90s
+  bypassRegistries: [registry.internal.example]
 intercept:
   enabled: true
   caSecretName: my-ca
@@ -310,6 +314,8 @@ def daemonset_shape() -> None:
     assert "--metrics-listen=$(HOST_IP):9090" in args
     assert "--cache-dir=/var/lib/pullcache" in args
     assert "--tag-ttl=5m" in args
+    # Private images bypass the cache in mirror mode unless the operator shares them.
+    assert "--private-images=bypass" in args and "--auth-ttl=5m" in args
     assert "--cache-max-size=20GiB" in args and "--cache-min-free=15%" in args
     pinned = container(
         cache_daemonset(render_objects({"pullcache": {"pins": ["registry.k8s.io/pause:3.10"], "cacheMaxSize": ""}}))[
@@ -375,6 +381,14 @@ def containerd_wiring() -> None:
     registries = render_objects({"containerd": {"registries": ["docker.io", "ghcr.io"]}})
     init = container(cache_daemonset(registries)["spec"]["template"]["spec"], "containerd-config", init=True)
     assert [a for a in init["args"] if a.startswith("--registry")] == ["--registry=docker.io", "--registry=ghcr.io"]
+    assert not any(a.startswith("--bypass") for a in init["args"])
+    private = render_objects(
+        {"privateImages": {"policy": "share", "authTTL": "1m", "bypassRegistries": ["registry.internal.example"]}}
+    )
+    pspec = cache_daemonset(private)["spec"]["template"]["spec"]
+    assert "--bypass=registry.internal.example" in container(pspec, "containerd-config", init=True)["args"]
+    pargs = container(pspec, "pullcache")["args"]
+    assert "--private-images=share" in pargs and "--auth-ttl=1m" in pargs
     off = render_objects({"containerd": {"configure": False}})
     assert "initContainers" not in cache_daemonset(off)["spec"]["template"]["spec"]
     assert not [o for o in off if o["metadata"]["name"].startswith(f"{RELEASE}-cleanup")]
@@ -620,6 +634,8 @@ NEGATIVE = {
     "a log format pullcache does not know": "pullcache.logFormat=xml",
     "a tag TTL that is not a duration": "pullcache.tagTTL=fast",
     "a registry given as a URL": "containerd.registries={https://ghcr.io}",
+    "a private-images policy pullcache does not know": "privateImages.policy=open",
+    "an auth TTL that is not a duration": "privateImages.authTTL=long",
     "a port out of range": "pullcache.port=70000",
     "a cache size with an unknown unit": "pullcache.cacheMaxSize=20 parsecs",
     "a free-space floor that is neither size nor percentage": "pullcache.cacheMinFree=lots",
@@ -899,6 +915,9 @@ def wiring_round_trip(scenario: str) -> None:
         for registry in registries:
             hosts = (certs / registry / "hosts.toml").read_text()
             assert f'[host."{mirror}"]' in hosts, hosts
+        for registry in [a.split("=", 1)[1] for a in args if a.startswith("--bypass=")]:
+            hosts = (certs / registry / "hosts.toml").read_text()
+            assert f'[host."{mirror}"]' not in hosts and f'[host."https://{registry}"]' in hosts, hosts
         again = snapshot(certs)
         proc = run(args, node.env(init))  # a pod restart runs it again: nothing changes
         assert proc.returncode == 0 and snapshot(certs) == again, describe(proc)
