@@ -87,6 +87,18 @@ const SETTINGS: &[Setting] = &[
         ("soon", r#""soon""#),
     ),
     setting(
+        "private_images",
+        ("share", r#""share""#),
+        ("private_images", "share"),
+        ("open", r#""open""#),
+    ),
+    setting(
+        "auth_ttl",
+        ("90s", r#""90s""#),
+        ("auth_ttl", "1m 30s"),
+        ("0s", r#""0s""#),
+    ),
+    setting(
         "upstream_ca",
         ("{dir}/ca.pem", r#"["{dir}/ca.pem"]"#),
         ("upstream_ca", "1 certificates"),

@@ -630,6 +630,7 @@ username = "robot"
 password = "hunter2"
 tag_ttl = "1h"
 mirrors = ["https://mirror.example.com"]
+private = "share"
 "#,
         )
         .unwrap();
@@ -640,6 +641,12 @@ mirrors = ["https://mirror.example.com"]
         assert_eq!(config.tag_ttl, Duration::from_secs(600));
         let name = Registry::parse("registry.example.com:5000").unwrap();
         assert_eq!(config.tag_ttls[&name], Duration::from_secs(3600));
+        assert_eq!(config.authorize.registries[&name], PrivateImages::Share);
+        assert_eq!(
+            config.authorize.private_images,
+            PrivateImages::Bypass,
+            "the default stays"
+        );
         let settings = &config.upstream.registries[&name];
         assert_eq!(settings.url.as_ref().unwrap().to_string(), "https://10.0.0.5:5000/");
         assert_eq!(settings.mirrors.len(), 1);
@@ -687,6 +694,7 @@ mirrors = ["https://mirror.example.com"]
             ("[registries.\"x.io\"]\nurl = \"ftp://x\"\n", "http"),
             ("[registries.\"x.io\"]\nca = [\"missing.pem\"]\n", "missing.pem"),
             ("[registries.\"x.io\"]\nauth = \"%%%\"\n", "base64"),
+            ("[registries.\"x.io\"]\nprivate = \"open\"\n", "bypass or share"),
             ("tag_ttl = \"soon\"\n", "tag_ttl"),
             ("max_connections = 0\n", "max_connections"),
             ("cache_max_size = \"lots\"\n", "cache_max_size"),
