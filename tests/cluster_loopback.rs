@@ -41,12 +41,20 @@ async fn cluster(n: usize, layers: &[usize]) -> anyhow::Result<Cluster> {
     })
 }
 
+type Members = (tempfile::TempDir, Vec<Option<Pullcache>>, Vec<std::net::SocketAddr>);
+
 /// `n` members fetching `registry.test` from `upstream`, with `max_uploads` per blob.
-async fn members(
+async fn members(n: usize, upstream: &str, max_uploads: usize) -> anyhow::Result<Members> {
+    members_with(n, upstream, max_uploads, |_| {}).await
+}
+
+/// [`members`], each config changed by `configure` first.
+async fn members_with(
     n: usize,
     upstream: &str,
     max_uploads: usize,
-) -> anyhow::Result<(tempfile::TempDir, Vec<Option<Pullcache>>, Vec<std::net::SocketAddr>)> {
+    configure: impl Fn(&mut pullcache::Config),
+) -> anyhow::Result<Members> {
     let dir = tempfile::tempdir()?;
     let ca = dir.path().join("cluster-ca");
     pullcache::ca::init(&ca)?;
@@ -66,6 +74,7 @@ async fn members(
             max_uploads,
             refresh: Duration::from_secs(1),
         });
+        configure(&mut config);
         members.push(Some(Pullcache::start_member(config, listener).await?));
     }
     Ok((dir, members, peer_addrs))
@@ -377,5 +386,73 @@ async fn a_forging_peer_is_skipped_and_nothing_forged_is_stored() -> anyhow::Res
         1
     );
     assert_eq!(member.stored_blobs(), vec![layer.digest.clone()]);
+    Ok(())
+}
+
+/// A node checks its own client before it asks a peer: a private repository's blob, asked
+/// for through a mirror with `private = bypass`, gets a 404 and no peer or upstream request,
+/// although the node holds credentials that could read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_its_client_before_asking_a_peer() -> anyhow::Result<()> {
+    use support::registry::RegistryOptions;
+    use support::token_service::TokenService;
+    let dir = tempfile::tempdir()?;
+    let tokens = TokenService::start(&[("cache", "cache-pw")], true).await?;
+    tokens.grant_only("cache", &["team/app"]);
+    tokens.grant_only("", &[]);
+    let storage = dir.path().join("storage");
+    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
+    let image = push_oci_image(&plain.url(), "team/app", "v1", &[128 * 1024]).await?;
+    plain.stop().await;
+    let options = RegistryOptions {
+        token: Some(tokens.token_auth(dir.path())),
+        ..RegistryOptions::default()
+    };
+    let upstream = Registry::start_with(options, Some(storage)).await?;
+    let (_dir, members, peer_addrs) = members_with(2, &upstream.url(), 4, |config| {
+        config.registry(RegistryName::parse(REGISTRY).unwrap()).credentials =
+            Some(pullcache::upstream::Credentials::Basic {
+                username: "cache".to_owned(),
+                password: "cache-pw".to_owned(),
+            });
+    })
+    .await?;
+    let layer = &image.layers()[0].digest;
+    let owner_addr = ring::rank(&peer_addrs, &layer.parse::<Digest>()?)[0];
+    let owner = peer_addrs.iter().position(|a| *a == owner_addr).unwrap();
+    let asker = members[1 - owner].as_ref().unwrap();
+    let owner = members[owner].as_ref().unwrap();
+
+    let url = format!("{}/v2/team/app/blobs/{layer}?ns={REGISTRY}", asker.url());
+    let resp = support::http_client().get(url).send().await?;
+    assert_eq!(
+        resp.status(),
+        404,
+        "a private blob reached a client of a bypassing node"
+    );
+    assert_eq!(
+        asker
+            .sample("pullcache_authorizations_total{result=\"bypassed\"}")
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        owner.sum("pullcache_peer_requests_total").await?,
+        0.0,
+        "the owner was asked"
+    );
+    assert_eq!(
+        asker.sum("pullcache_peer_fetches_total").await?,
+        0.0,
+        "a peer was asked"
+    );
+    assert_eq!(
+        upstream.access_log_count("GET", layer),
+        0,
+        "the registry was asked for the blob"
+    );
+    // The owner itself, asked by its own client with the share policy off as well, refuses too.
+    let url = format!("{}/v2/team/app/blobs/{layer}?ns={REGISTRY}", owner.url());
+    assert_eq!(support::http_client().get(url).send().await?.status(), 404);
     Ok(())
 }
