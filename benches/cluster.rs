@@ -263,7 +263,6 @@ mod tls_serving {
     use anyhow::{Context, Result, ensure};
     use http_body_util::BodyExt;
     use rustls_pki_types::ServerName;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     use tokio::time::{Duration, Instant};
     use tokio_rustls::TlsConnector;
@@ -299,26 +298,7 @@ mod tls_serving {
                     tcp.set_nodelay(true)?;
                     Ok(tls.connect(name.clone(), tcp).await?)
                 }
-                Dial::Connect { addr, tls } => {
-                    let mut tcp = TcpStream::connect(addr).await?;
-                    tcp.set_nodelay(true)?;
-                    tcp.write_all(
-                        format!("CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: {REGISTRY}:443\r\n\r\n").as_bytes(),
-                    )
-                    .await?;
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let mut byte = [0u8];
-                        ensure!(tcp.read(&mut byte).await? == 1, "the proxy closed during CONNECT");
-                        head.push(byte[0]);
-                    }
-                    ensure!(
-                        head.starts_with(b"HTTP/1.1 200"),
-                        "CONNECT: {}",
-                        String::from_utf8_lossy(&head)
-                    );
-                    Ok(tls.connect(ServerName::try_from(REGISTRY)?.to_owned(), tcp).await?)
-                }
+                Dial::Connect { addr, tls } => support::tls::connect_through_proxy(*addr, REGISTRY, tls).await,
             }
         }
     }

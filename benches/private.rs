@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use http_body_util::BodyExt;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::images::{PushedImage, push_oci_image};
 use support::registry::{Registry, RegistryOptions};
@@ -32,24 +30,7 @@ type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<byte
 
 /// `CONNECT REGISTRY:443` through pullcache, TLS with its CA, one keep-alive connection.
 async fn connect(proxy: SocketAddr, ca: &Path) -> Result<Sender> {
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await?;
-    tcp.set_nodelay(true)?;
-    tcp.write_all(format!("CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: {REGISTRY}:443\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        ensure!(tcp.read(&mut byte).await? == 1, "the proxy closed during CONNECT");
-        head.push(byte[0]);
-    }
-    ensure!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "CONNECT: {}",
-        String::from_utf8_lossy(&head)
-    );
-    let tls = support::tls::connector_trusting(ca)?
-        .connect(ServerName::try_from(REGISTRY)?, tcp)
-        .await?;
+    let tls = support::tls::connect_through_proxy(proxy, REGISTRY, &support::tls::connector_trusting(ca)?).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     Ok(sender)

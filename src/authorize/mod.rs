@@ -44,7 +44,8 @@ const DENIED_FOR: Duration = Duration::from_secs(10);
 /// Bounds on what is remembered; the oldest entries go first.
 const MAX_REPOSITORIES: u64 = 100_000;
 const MAX_CLIENTS: u64 = 100_000;
-const MAX_LINKS: u64 = 1_000_000;
+/// Links are 16-byte hashes, so this many take about 25 MB at most with moka's overhead.
+const MAX_LINKS: u64 = 250_000;
 
 /// What mirror mode does with a repository that needs credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -188,8 +189,8 @@ pub struct Authorizer {
     unreachable: Cache<RepoKey, ()>,
     /// (hash of a client's credential, registry, repository).
     clients: Cache<([u8; 32], Registry, Repository), Decision>,
-    /// Digests known to be in a repository.
-    links: Cache<(Registry, Repository, Digest), ()>,
+    /// Digests known to be in a repository, by [`link_key`].
+    links: Cache<[u8; 16], ()>,
     /// Digests linked to a private repository: asked for under another one, the registry
     /// must confirm them there.
     private_digests: Cache<Digest, ()>,
@@ -435,18 +436,14 @@ impl Authorizer {
 
     fn link(&self, key: &RepoKey, object: Object<'_>) {
         let Object::Digest(_, digest) = object else { return };
-        let (registry, repository) = key;
-        self.links
-            .insert((registry.clone(), repository.clone(), digest.clone()), ());
+        self.links.insert(link_key(key, digest), ());
         if self.private.contains_key(key) {
             self.private_digests.insert(digest.clone(), ());
         }
     }
 
     fn is_linked(&self, key: &RepoKey, digest: &Digest) -> bool {
-        let (registry, repository) = key;
-        self.links
-            .contains_key(&(registry.clone(), repository.clone(), digest.clone()))
+        self.links.contains_key(&link_key(key, digest))
     }
 
     fn not_in(&self, key: &RepoKey, object: Object<'_>) -> Error {
@@ -476,6 +473,19 @@ impl Authorizer {
         }
         .into()
     }
+}
+
+/// A link's key: 128 bits of SHA-256 over registry, repository and digest. Names cannot
+/// contain NUL, so the fields cannot run into each other.
+fn link_key((registry, repository): &RepoKey, digest: &Digest) -> [u8; 16] {
+    let mut hash = Sha256::new();
+    for part in [registry.as_str(), repository.as_str(), &digest.to_string()] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let mut key = [0; 16];
+    key.copy_from_slice(&hash.finalize()[..16]);
+    key
 }
 
 /// How long a bearer JWT has left, from its `exp` claim; `None` for anything else.

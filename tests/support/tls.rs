@@ -134,19 +134,17 @@ pub struct Proxied {
     pub body: bytes::Bytes,
 }
 
-/// `GET https://HOST{path}` through the HTTPS proxy at `proxy`, as containerd sends it with
-/// `HTTPS_PROXY`: `CONNECT HOST:443`, then TLS to `host` trusting `ca_pem` only, with
-/// `authorization` if given. A refused CONNECT is an error.
-pub async fn get_through_proxy(
+/// `CONNECT HOST:443` through the HTTPS proxy at `proxy`, as containerd sends it with
+/// `HTTPS_PROXY`, then TLS to `host` inside the tunnel with `tls`. A refused CONNECT is an
+/// error.
+pub async fn connect_through_proxy(
     proxy: std::net::SocketAddr,
     host: &str,
-    ca_pem: &Path,
-    path: &str,
-    authorization: Option<&str>,
-) -> anyhow::Result<Proxied> {
-    use http_body_util::BodyExt;
+    tls: &tokio_rustls::TlsConnector,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(proxy).await?;
+    tcp.set_nodelay(true)?;
     tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
         .await?;
     let mut head = Vec::new();
@@ -161,7 +159,20 @@ pub async fn get_through_proxy(
         String::from_utf8_lossy(&head)
     );
     let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
-    let tls = connector_trusting(ca_pem)?.connect(name, tcp).await?;
+    Ok(tls.connect(name, tcp).await?)
+}
+
+/// `GET https://HOST{path}` through the HTTPS proxy at `proxy` ([`connect_through_proxy`]),
+/// trusting `ca_pem` only, with `authorization` if given.
+pub async fn get_through_proxy(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    ca_pem: &Path,
+    path: &str,
+    authorization: Option<&str>,
+) -> anyhow::Result<Proxied> {
+    use http_body_util::BodyExt;
+    let tls = connect_through_proxy(proxy, host, &connector_trusting(ca_pem)?).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     let mut req = hyper::Request::get(path).header("host", host);
