@@ -191,9 +191,6 @@ pub struct Authorizer {
     clients: Cache<([u8; 32], Registry, Repository), Decision>,
     /// Digests known to be in a repository, by [`link_key`].
     links: Cache<[u8; 16], ()>,
-    /// Digests linked to a private repository: asked for under another one, the registry
-    /// must confirm them there.
-    private_digests: Cache<Digest, ()>,
     metrics: Metrics,
 }
 
@@ -214,7 +211,6 @@ impl Authorizer {
                 .build(),
             clients: Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(ttl).build(),
             links: Cache::builder().max_capacity(MAX_LINKS).build(),
-            private_digests: Cache::builder().max_capacity(MAX_LINKS).build(),
             metrics,
         }
     }
@@ -330,14 +326,15 @@ impl Authorizer {
             .then_some(Visibility::Private { challenge: None })
     }
 
-    /// A public repository: anything, except a private repository's digest that it is not
-    /// known to hold, which the registry must confirm (anonymously) first.
+    /// A public repository: a tag, or a digest known to be in it or confirmed there by the
+    /// registry (anonymously), so that nothing cached for another repository is served
+    /// under its name.
     async fn check_public(&self, key: &RepoKey, object: Object<'_>) -> Result<(), Error> {
         let Object::Digest(resource, digest) = object else {
             self.metrics.decided("public");
             return Ok(());
         };
-        if !self.private_digests.contains_key(digest) || self.is_linked(key, digest) {
+        if self.is_linked(key, digest) {
             self.metrics.decided("public");
             return Ok(());
         }
@@ -437,9 +434,6 @@ impl Authorizer {
     fn link(&self, key: &RepoKey, object: Object<'_>) {
         let Object::Digest(_, digest) = object else { return };
         self.links.insert(link_key(key, digest), ());
-        if self.private.contains_key(key) {
-            self.private_digests.insert(digest.clone(), ());
-        }
     }
 
     fn is_linked(&self, key: &RepoKey, digest: &Digest) -> bool {
