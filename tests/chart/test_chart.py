@@ -382,6 +382,11 @@ def containerd_wiring() -> None:
     init = container(cache_daemonset(registries)["spec"]["template"]["spec"], "containerd-config", init=True)
     assert [a for a in init["args"] if a.startswith("--registry")] == ["--registry=docker.io", "--registry=ghcr.io"]
     assert not any(a.startswith("--bypass") for a in init["args"])
+    notes = render_templates(scenario_values("credentials"))["pullcache/templates/NOTES.txt"]
+    assert "privateImages.policy=bypass" in notes and "own secret" in notes, notes
+    shared = render_templates({"registryCredentials": {"existingSecret": "regcred"}, "privateImages": {"policy": "share"}})
+    assert "SHARED, every" in shared["pullcache/templates/NOTES.txt"]
+    assert "Private images" not in render_templates({})["pullcache/templates/NOTES.txt"]
     private = render_objects(
         {"privateImages": {"policy": "share", "authTTL": "1m", "bypassRegistries": ["registry.internal.example"]}}
     )
