@@ -71,7 +71,12 @@ impl Upstreams {
             .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
         let scope = format!("repository:{repository}:pull");
         let mut auth = match client {
-            Some(header) => Some(header.clone()),
+            // A client's secret: never printed, even by a debug dump of the request.
+            Some(header) => {
+                let mut header = header.clone();
+                header.set_sensitive(true);
+                Some(header)
+            }
             None => self.tokens.get(&endpoint.authority, &anonymous(&scope)),
         };
         let mut first_challenge = None;
