@@ -141,7 +141,7 @@ async fn holds_any(containerd: &Containerd, image: &PushedImage) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intercept_mode_serves_a_private_image_only_to_clients_the_registry_accepts() -> anyhow::Result<()> {
-    let up = upstream().await?;
+    let mut up = upstream().await?;
     let (pullcache, ca) = pullcache(&up, PrivateImages::Bypass).await?;
     let proxy = pullcache.url().trim_start_matches("http://").parse()?;
     let certs_d = tempfile::tempdir()?;
@@ -262,6 +262,21 @@ async fn intercept_mode_serves_a_private_image_only_to_clients_the_registry_acce
     let gets = up.registry.access_log_count("GET", public_layer);
     cri_b.pull_image(&public, None).await?;
     assert_eq!(up.registry.access_log_count("GET", public_layer), gets);
+    // The registry goes down: the cached public image still serves, and alice's layer is
+    // still not served under the public repository's name, though nobody can be asked.
+    up.registry.stop().await;
+    let public_path = format!("/v2/public/app/blobs/{public_layer}");
+    assert_eq!(
+        get_through_proxy(proxy, INTERCEPTED, &ca, &public_path, None)
+            .await?
+            .status,
+        200
+    );
+    let hidden = get_through_proxy(proxy, INTERCEPTED, &ca, &format!("/v2/public/app/blobs/{layer}"), None).await?;
+    assert_ne!(
+        hidden.status, 200,
+        "alice's layer served as public/app's while the registry was down"
+    );
     for result in ["denied", "challenged", "public"] {
         let n = pullcache
             .sample(&format!("pullcache_authorizations_total{{result=\"{result}\"}}"))

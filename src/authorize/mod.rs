@@ -191,6 +191,9 @@ pub struct Authorizer {
     clients: Cache<([u8; 32], Registry, Repository), Decision>,
     /// Digests known to be in a repository, by [`link_key`].
     links: Cache<[u8; 16], ()>,
+    /// Digests linked to a private repository, by [`digest_key`]: never served unconfirmed
+    /// under another repository, even while the registry cannot be asked.
+    private_digests: Cache<[u8; 16], ()>,
     metrics: Metrics,
 }
 
@@ -211,6 +214,7 @@ impl Authorizer {
                 .build(),
             clients: Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(ttl).build(),
             links: Cache::builder().max_capacity(MAX_LINKS).build(),
+            private_digests: Cache::builder().max_capacity(MAX_LINKS).build(),
             metrics,
         }
     }
@@ -344,13 +348,20 @@ impl Authorizer {
             .ask(registry, repository, resource, &digest.to_string(), None)
             .await;
         self.metrics.asked("anonymous", &answer);
-        match answer? {
-            Answer::Readable => {
+        match answer {
+            Ok(Answer::Readable) => {
                 self.link(key, object);
                 self.metrics.decided("public");
                 Ok(())
             }
-            Answer::Missing | Answer::Refused { .. } => Err(self.not_in(key, object)),
+            Ok(Answer::Missing | Answer::Refused { .. }) => Err(self.not_in(key, object)),
+            // The registry is down: a cached public image still serves (a pod pinned by
+            // digest still starts), unless the digest is known to be a private repository's.
+            Err(e) if self.private_digests.contains_key(&digest_key(digest)) => Err(e.into()),
+            Err(_) => {
+                self.metrics.decided("unverified");
+                Ok(())
+            }
         }
     }
 
@@ -434,6 +445,9 @@ impl Authorizer {
     fn link(&self, key: &RepoKey, object: Object<'_>) {
         let Object::Digest(_, digest) = object else { return };
         self.links.insert(link_key(key, digest), ());
+        if self.private.contains_key(key) {
+            self.private_digests.insert(digest_key(digest), ());
+        }
     }
 
     fn is_linked(&self, key: &RepoKey, digest: &Digest) -> bool {
@@ -479,6 +493,13 @@ fn link_key((registry, repository): &RepoKey, digest: &Digest) -> [u8; 16] {
     }
     let mut key = [0; 16];
     key.copy_from_slice(&hash.finalize()[..16]);
+    key
+}
+
+/// A digest's key in [`Authorizer::private_digests`]: 128 bits of SHA-256 over it.
+fn digest_key(digest: &Digest) -> [u8; 16] {
+    let mut key = [0; 16];
+    key.copy_from_slice(&Sha256::digest(digest.to_string().as_bytes())[..16]);
     key
 }
 
