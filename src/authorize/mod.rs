@@ -180,6 +180,9 @@ type RepoKey = (Registry, Repository);
 pub struct Authorizer {
     upstreams: Arc<Upstreams>,
     settings: Settings,
+    /// Whether pullcache holds credentials for a registry (fixed by the configuration;
+    /// remembered so that a cached request does not work it out again).
+    credentialed: Cache<Registry, bool>,
     visibility: Cache<RepoKey, Visibility>,
     /// Repositories seen private, kept past the TTL: if the registry cannot be asked, they
     /// stay private rather than fall open.
@@ -203,6 +206,7 @@ impl Authorizer {
         Authorizer {
             upstreams,
             settings,
+            credentialed: Cache::builder().max_capacity(MAX_REPOSITORIES).build(),
             visibility: Cache::builder()
                 .max_capacity(MAX_REPOSITORIES)
                 .time_to_live(ttl)
@@ -242,7 +246,10 @@ impl Authorizer {
         }
         // Without credentials for the registry, pullcache fetched nothing of it that was not
         // readable anonymously: nothing private to guard, nothing to ask.
-        if !self.upstreams.holds_credentials(registry) {
+        let credentialed = self
+            .credentialed
+            .get_with_by_ref(registry, || self.upstreams.holds_credentials(registry));
+        if !credentialed {
             self.metrics.decided("anonymous_cache");
             return Ok(());
         }
