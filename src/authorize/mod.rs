@@ -194,6 +194,8 @@ pub struct Authorizer {
     clients: Cache<([u8; 32], Registry, Repository), Decision>,
     /// Digests known to be in a repository, by [`link_key`].
     links: Cache<[u8; 16], ()>,
+    /// Manifests whose references [`Authorizer::learn`] recorded, by [`link_key`].
+    learned: Cache<[u8; 16], ()>,
     /// Digests linked to a private repository, by [`digest_key`]: never served unconfirmed
     /// under another repository, even while the registry cannot be asked.
     private_digests: Cache<[u8; 16], ()>,
@@ -218,9 +220,16 @@ impl Authorizer {
                 .build(),
             clients: Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(ttl).build(),
             links: Cache::builder().max_capacity(MAX_LINKS).build(),
+            learned: Cache::builder().max_capacity(MAX_LINKS).build(),
             private_digests: Cache::builder().max_capacity(MAX_LINKS).build(),
             metrics,
         }
+    }
+
+    /// Whether pullcache holds credentials for `registry`, worked out once.
+    fn credentialed(&self, registry: &Registry) -> bool {
+        self.credentialed
+            .get_with_by_ref(registry, || self.upstreams.holds_credentials(registry))
     }
 
     fn policy(&self, registry: &Registry) -> PrivateImages {
@@ -246,10 +255,7 @@ impl Authorizer {
         }
         // Without credentials for the registry, pullcache fetched nothing of it that was not
         // readable anonymously: nothing private to guard, nothing to ask.
-        let credentialed = self
-            .credentialed
-            .get_with_by_ref(registry, || self.upstreams.holds_credentials(registry));
-        if !credentialed {
+        if !self.credentialed(registry) {
             self.metrics.decided("anonymous_cache");
             return Ok(());
         }
@@ -439,8 +445,18 @@ impl Authorizer {
     }
 
     /// Records what a manifest served for a repository refers to: those digests are in it.
+    /// Once per manifest and repository, and only where checks happen: a cached tag served
+    /// again does not parse its manifest again.
     pub fn learn(&self, registry: &Registry, repository: &Repository, digest: &Digest, manifest: &[u8]) {
+        if self.upstreams.is_offline() || !self.credentialed(registry) {
+            return;
+        }
         let key = (registry.clone(), repository.clone());
+        let learned = link_key(&key, digest);
+        if self.learned.contains_key(&learned) {
+            return;
+        }
+        self.learned.insert(learned, ());
         self.link(&key, Object::Digest(Resource::Manifest, digest));
         if let Ok(references) = References::of(manifest) {
             for descriptor in references.manifests.iter().chain(&references.blobs) {

@@ -3,7 +3,7 @@
 //! if challenged). pullcache's configured credentials are never used here, and nothing a
 //! client sent is kept. [`crate::authorize`] decides with the answers.
 
-use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::header::WWW_AUTHENTICATE;
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use super::auth::Challenge;
@@ -81,10 +81,7 @@ impl Upstreams {
         };
         let mut first_challenge = None;
         loop {
-            let mut request = req.request(&uri, None);
-            if let Some(auth) = &auth {
-                request.headers_mut().insert(AUTHORIZATION, auth.clone());
-            }
+            let request = req.request(&uri, auth.as_ref());
             let resp = self
                 .send(endpoint.client, &req, request)
                 .await
