@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use http_body_util::BodyExt;
 
-use support::images::{PushedImage, push_oci_image};
-use support::registry::{Registry, RegistryOptions};
+use support::images::PushedImage;
 use support::token_service::TokenService;
 
 /// The registry as clients name it; pullcache intercepts it.
@@ -97,19 +96,13 @@ async fn main() -> Result<()> {
     tokens.grant_only("cache", &["team/app", "public/app"]);
     tokens.grant_only("alice", &["team/app"]);
     tokens.grant_only("", &["public/app"]);
-    let storage = dir.path().join("storage");
-    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
-    let private = push_oci_image(&plain.url(), "team/app", "v1", LAYERS).await?;
-    let public = push_oci_image(&plain.url(), "public/app", "v1", LAYERS).await?;
-    plain.stop().await;
-    let registry = Registry::start_with(
-        RegistryOptions {
-            token: Some(tokens.token_auth(dir.path())),
-            ..RegistryOptions::default()
-        },
-        Some(storage),
+    let (registry, images) = support::registry::with_token_auth(
+        dir.path(),
+        &tokens,
+        &[("team/app", "v1", LAYERS), ("public/app", "v1", LAYERS)],
     )
     .await?;
+    let (private, public) = (&images[0], &images[1]);
 
     let config = dir.path().join("pullcache.toml");
     std::fs::write(
@@ -158,8 +151,8 @@ async fn main() -> Result<()> {
     }
     // Warm both images into the cache (and learn which repository is private).
     let mut sender = connect(proxy, &ca).await?;
-    pull(&mut sender, &private, Some(&fresh[pulls])).await?;
-    pull(&mut sender, &public, None).await?;
+    pull(&mut sender, private, Some(&fresh[pulls])).await?;
+    pull(&mut sender, public, None).await?;
     let checks = |metrics: &str| -> f64 {
         metrics
             .lines()
@@ -182,8 +175,8 @@ async fn main() -> Result<()> {
 
     let (mut private_times, mut public_times) = (Vec::new(), Vec::new());
     for token in fresh.iter().take(pulls) {
-        private_times.push(pull(&mut sender, &private, Some(token)).await?);
-        public_times.push(pull(&mut sender, &public, None).await?);
+        private_times.push(pull(&mut sender, private, Some(token)).await?);
+        public_times.push(pull(&mut sender, public, None).await?);
     }
     let asked = checks(&metrics().await?) - before;
     let upstream = registry.access_log().len() - gets_before;

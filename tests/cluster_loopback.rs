@@ -394,21 +394,14 @@ async fn a_forging_peer_is_skipped_and_nothing_forged_is_stored() -> anyhow::Res
 /// although the node holds credentials that could read it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_its_client_before_asking_a_peer() -> anyhow::Result<()> {
-    use support::registry::RegistryOptions;
     use support::token_service::TokenService;
     let dir = tempfile::tempdir()?;
     let tokens = TokenService::start(&[("cache", "cache-pw")], true).await?;
     tokens.grant_only("cache", &["team/app"]);
     tokens.grant_only("", &[]);
-    let storage = dir.path().join("storage");
-    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
-    let image = push_oci_image(&plain.url(), "team/app", "v1", &[128 * 1024]).await?;
-    plain.stop().await;
-    let options = RegistryOptions {
-        token: Some(tokens.token_auth(dir.path())),
-        ..RegistryOptions::default()
-    };
-    let upstream = Registry::start_with(options, Some(storage)).await?;
+    let (upstream, images) =
+        support::registry::with_token_auth(dir.path(), &tokens, &[("team/app", "v1", &[128 * 1024])]).await?;
+    let image = &images[0];
     let (_dir, members, peer_addrs) = members_with(2, &upstream.url(), 4, |config| {
         config.registry(RegistryName::parse(REGISTRY).unwrap()).credentials =
             Some(pullcache::upstream::Credentials::Basic {

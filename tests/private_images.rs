@@ -25,9 +25,9 @@ use support::containerd::{
     Containerd, ContainerdOptions, containerd_config_install, proxy_env, write_hosts_toml_server_only,
 };
 use support::cri::{Auth, CRI_NAMESPACE};
-use support::images::{PushedImage, push_oci_image};
+use support::images::PushedImage;
 use support::pullcache::Pullcache;
-use support::registry::{Registry, RegistryOptions};
+use support::registry::Registry;
 use support::tls::get_through_proxy;
 use support::token_service::TokenService;
 
@@ -55,17 +55,17 @@ async fn upstream() -> anyhow::Result<Upstream> {
     tokens.grant_only(ALICE.0, &["team-a/app"]);
     tokens.grant_only(BOB.0, &["team-b/app"]);
     tokens.grant_only("", &["public/app"]);
-    let storage = dir.path().join("storage");
-    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
-    let team_a = push_oci_image(&plain.url(), "team-a/app", "v1", &[192 * 1024, 48 * 1024]).await?;
-    push_oci_image(&plain.url(), "team-b/app", "v1", &[64 * 1024]).await?;
-    let public = push_oci_image(&plain.url(), "public/app", "v1", &[96 * 1024]).await?;
-    plain.stop().await;
-    let options = RegistryOptions {
-        token: Some(tokens.token_auth(dir.path())),
-        ..RegistryOptions::default()
-    };
-    let registry = Registry::start_with(options, Some(storage)).await?;
+    let (registry, images) = support::registry::with_token_auth(
+        dir.path(),
+        &tokens,
+        &[
+            ("team-a/app", "v1", &[192 * 1024, 48 * 1024]),
+            ("team-b/app", "v1", &[64 * 1024]),
+            ("public/app", "v1", &[96 * 1024]),
+        ],
+    )
+    .await?;
+    let [team_a, _, public] = <[PushedImage; 3]>::try_from(images).map_err(|_| anyhow::anyhow!("three images"))?;
     Ok(Upstream {
         dir,
         tokens,

@@ -427,3 +427,24 @@ fn find_listen_addr(app_log: &Path, offset: u64) -> Option<SocketAddr> {
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("string to JSON")
 }
+
+/// The real registry with `tokens`' token auth, holding `images` (name, tag, layer sizes),
+/// pushed first on the same storage while it still took anonymous pushes.
+pub async fn with_token_auth(
+    dir: &Path,
+    tokens: &super::token_service::TokenService,
+    images: &[(&str, &str, &[usize])],
+) -> Result<(Registry, Vec<super::images::PushedImage>)> {
+    let storage = dir.join("storage");
+    let mut plain = Registry::start_with(RegistryOptions::default(), Some(storage.clone())).await?;
+    let mut pushed = Vec::new();
+    for (name, tag, layers) in images {
+        pushed.push(super::images::push_oci_image(&plain.url(), name, tag, layers).await?);
+    }
+    plain.stop().await;
+    let options = RegistryOptions {
+        token: Some(tokens.token_auth(dir)),
+        ..RegistryOptions::default()
+    };
+    Ok((Registry::start_with(options, Some(storage)).await?, pushed))
+}
