@@ -402,12 +402,23 @@ async fn a_node_refuses_its_client_before_asking_a_peer() -> anyhow::Result<()> 
     let (upstream, images) =
         support::registry::with_token_auth(dir.path(), &tokens, &[("team/app", "v1", &[128 * 1024])]).await?;
     let image = &images[0];
-    let (_dir, members, peer_addrs) = members_with(2, &upstream.url(), 4, |config| {
-        config.registry(RegistryName::parse(REGISTRY).unwrap()).credentials =
-            Some(pullcache::upstream::Credentials::Basic {
+    // The same registry under a second name whose private images are shared: the positive
+    // control, where the asker does go to the owner.
+    const SHARED: &str = "shared.test";
+    let url = upstream.url();
+    let (_dir, members, peer_addrs) = members_with(2, &url, 4, |config| {
+        for name in [REGISTRY, SHARED] {
+            let settings = config.registry(RegistryName::parse(name).unwrap());
+            settings.url = Some(url.parse().unwrap());
+            settings.credentials = Some(pullcache::upstream::Credentials::Basic {
                 username: "cache".to_owned(),
                 password: "cache-pw".to_owned(),
             });
+        }
+        config.authorize.registries.insert(
+            RegistryName::parse(SHARED).unwrap(),
+            pullcache::authorize::PrivateImages::Share,
+        );
     })
     .await?;
     let layer = &image.layers()[0].digest;
@@ -447,5 +458,22 @@ async fn a_node_refuses_its_client_before_asking_a_peer() -> anyhow::Result<()> 
     // The owner itself, asked by its own client with the share policy off as well, refuses too.
     let url = format!("{}/v2/team/app/blobs/{layer}?ns={REGISTRY}", owner.url());
     assert_eq!(support::http_client().get(url).send().await?.status(), 404);
+
+    // Shared, the same blob goes through the owner: the counters above could have moved.
+    let url = format!("{}/v2/team/app/blobs/{layer}?ns={SHARED}", asker.url());
+    let resp = support::http_client().get(url).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await?.len() as u64, image.layers()[0].size);
+    assert!(
+        owner.sum("pullcache_peer_requests_total").await? > 0.0,
+        "the owner was never asked"
+    );
+    // One blob served upstream for the cluster (the token dance adds a refused first try).
+    let served = upstream
+        .access_log()
+        .iter()
+        .filter(|e| e.method == "GET" && e.path().ends_with(layer.as_str()) && e.status == 200)
+        .count();
+    assert_eq!(served, 1);
     Ok(())
 }
