@@ -467,7 +467,7 @@ mod tls_serving {
         };
         let intercept = Dial::Connect {
             addr: addr.parse()?,
-            tls: support::tls::connector_trusting(&intercept_ca.join(pullcache::intercept::CERT_FILE))?,
+            tls: support::tls::connector_trusting(&intercept_ca.join(pullcache::ca::CERT_FILE))?,
         };
         let nginx_dial = Dial::Direct {
             addr: SocketAddr::from(([127, 0, 0, 1], nginx.port)),

@@ -132,7 +132,7 @@ async fn main() -> Result<()> {
     } = served;
     tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
     let proxy: SocketAddr = addr.parse()?;
-    let ca = ca_dir.join(pullcache::intercept::CERT_FILE);
+    let ca = ca_dir.join(pullcache::ca::CERT_FILE);
 
     // Tokens as containerd would take them, one per pull, before the clock starts.
     let mut fresh = Vec::new();

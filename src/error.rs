@@ -1,14 +1,14 @@
 //! The request path's error: what went wrong and on whose side. Each variant comes from one
-//! layer (the client's request, the upstream, the store, or pullcache itself), and
+//! layer (the client's request, the upstream, a peer, the store, or pullcache itself), and
 //! [`Error::origin`] is what `server::response` turns into a status and an OCI error code.
 
 use std::sync::Arc;
 
-use crate::authorize::AccessError;
+use crate::authorize::{AccessError, CheckError};
 use crate::coalesce::Abandoned;
 use crate::oci::{DigestError, NameError};
 use crate::peers::PeerError;
-use crate::store::StoreError;
+use crate::store::{CommitError, StoreError};
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -40,6 +40,38 @@ pub enum RequestError {
     UriTooLong { len: usize, limit: usize },
 }
 
+/// A failure inside pullcache: a bug, or work that ended without its result.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    /// A task on the blocking pool (a commit, a read) panicked or was cancelled.
+    #[error("{task} task failed")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A coalesced lookup's task ended without a result.
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+    /// A blob download's task ended without publishing how.
+    #[error("flight ended without a result")]
+    FlightLost,
+    /// Content that verified could not be stored as what it is.
+    #[error("storing {what}")]
+    Commit {
+        what: &'static str,
+        #[source]
+        source: CommitError,
+    },
+}
+
+impl InternalError {
+    /// The error of a blocking task that did not finish, for `map_err`.
+    pub fn task(task: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        move |source| Error::Internal(InternalError::Task { task, source })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -58,7 +90,7 @@ pub enum Error {
     #[error(transparent)]
     Shared(Arc<Error>),
     #[error("internal: {0}")]
-    Internal(String),
+    Internal(#[from] InternalError),
 }
 
 impl Error {
@@ -84,11 +116,45 @@ impl Error {
             other => other,
         }
     }
+
+    /// Whether a source served bytes that are not what their digest says.
+    pub fn is_mismatch(&self) -> bool {
+        matches!(
+            self.root(),
+            Error::Upstream(UpstreamError {
+                kind: UpstreamErrorKind::Mismatch(_),
+                ..
+            })
+        )
+    }
+
+    /// Whether the registry said the thing asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.root(),
+            Error::Upstream(UpstreamError {
+                kind: UpstreamErrorKind::Status {
+                    status: http::StatusCode::NOT_FOUND,
+                    ..
+                },
+                ..
+            })
+        )
+    }
+}
+
+impl From<CheckError> for Error {
+    fn from(e: CheckError) -> Self {
+        match e {
+            CheckError::Access(e) => Error::Access(e),
+            CheckError::Upstream(e) => Error::Upstream(e),
+        }
+    }
 }
 
 impl From<Abandoned> for Error {
     fn from(e: Abandoned) -> Self {
-        Error::Internal(e.to_string())
+        Error::Internal(e.into())
     }
 }
 

@@ -17,16 +17,20 @@ pub mod coalesce;
 pub mod config;
 pub mod containerd;
 pub mod error;
+pub mod fetch;
 pub mod flight;
 pub mod intercept;
+pub mod layers;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;
 pub mod peers;
 pub mod server;
+pub mod sources;
 pub mod store;
 mod sync;
 pub mod upstream;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -119,11 +123,12 @@ pub async fn run(
             }
         }
     });
+    let sources = Arc::new(sources::Sources::new(upstreams.clone(), peers));
     let _ = slot.set(server::App {
-        authorize: authorize::Authorizer::new(upstreams.clone(), config.authorize.clone(), authorize_metrics),
-        flights: flight::Flights::new(store.clone(), upstreams.clone(), peers.clone(), flight_metrics),
-        manifests: manifests::Manifests::new(store.clone(), upstreams.clone(), peers, config.tag_ttl, config.tag_ttls),
-        upstreams,
+        authorize: authorize::Authorizer::new(upstreams, config.authorize.clone(), authorize_metrics),
+        flights: flight::Flights::new(store.clone(), sources.clone(), flight_metrics),
+        manifests: manifests::Manifests::new(store.clone(), sources.clone(), config.tag_ttl, config.tag_ttls),
+        sources,
         metrics: server_metrics,
     });
     readiness.set_ready();
@@ -163,7 +168,7 @@ async fn intercept_mode(
         return Ok(None);
     };
     let dir = settings.ca_dir.clone();
-    let ca = tokio::task::spawn_blocking(move || intercept::Ca::load_or_create(&dir)).await??;
+    let ca = tokio::task::spawn_blocking(move || ca::Ca::load_or_create(&dir)).await??;
     let registries: Vec<_> = config
         .upstream
         .registries

@@ -173,8 +173,8 @@ fn ca(command: CaCommand) -> ExitCode {
             dir: Some(dir),
             k8s_secret: None,
             ..
-        } => pullcache::intercept::init(&dir).map(|()| {
-            println!("{}", dir.join(pullcache::intercept::CERT_FILE).display());
+        } => pullcache::ca::init(&dir).map(|()| {
+            println!("{}", dir.join(pullcache::ca::CERT_FILE).display());
         }),
         CaCommand::Init {
             k8s_secret: Some(name),
@@ -185,7 +185,7 @@ fn ca(command: CaCommand) -> ExitCode {
             return one_shot(async { Ok(created.await?) });
         }
         CaCommand::Init { .. } => unreachable!("clap requires exactly one of --dir and --k8s-secret"),
-        CaCommand::Cert { dir } => pullcache::intercept::cert_pem(&dir).map(|pem| print!("{pem}")),
+        CaCommand::Cert { dir } => pullcache::ca::cert_pem(&dir).map(|pem| print!("{pem}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

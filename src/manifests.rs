@@ -7,51 +7,21 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::Method;
 use http::header::CONTENT_TYPE;
-use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Limited};
 
 use crate::coalesce::Coalesce;
-use crate::error::{Error, Result};
-use crate::oci::MAX_MANIFEST_SIZE;
-use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository, Tag};
-use crate::peers::{Asker, PeerError, Peers, Want};
+use crate::error::{Error, InternalError, Result};
+use crate::fetch::{Asker, CacheResult, Fetch};
+use crate::oci::{AcceptClass, Digest, MAX_MANIFEST_SIZE, Mismatch, Reference, Registry, Repository, Tag};
+use crate::sources::{Sources, Stream};
 use crate::store::{CommitError, Store, TagKey, TagRecord};
-use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 /// How long a client with a stale tag answer waits for its revalidation before the stale
 /// answer is served.
 const REVALIDATE_WAIT: Duration = Duration::from_secs(2);
-
-/// `Docker-Content-Digest`, the registry's name for what it served.
-pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
-
-/// How a manifest answer was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    /// From the cache without asking upstream.
-    Hit,
-    /// Fetched from upstream.
-    Miss,
-    /// Joined another request's upstream fetch.
-    Coalesced,
-    /// Upstream confirmed the cached digest.
-    Revalidated,
-    /// Upstream failed; the cached answer was served past its TTL.
-    Stale,
-}
-
-impl CacheResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Coalesced => "coalesced",
-            CacheResult::Revalidated => "revalidated",
-            CacheResult::Stale => "stale",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -65,9 +35,7 @@ type Shared<T> = std::result::Result<T, Arc<Error>>;
 
 pub struct Manifests {
     store: Arc<Store>,
-    upstreams: Arc<Upstreams>,
-    /// Cluster mode: manifests by digest come through the peers first.
-    peers: Option<Arc<Peers>>,
+    sources: Arc<Sources>,
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
     by_tag: Coalesce<TagKey, Shared<Manifest>>,
@@ -78,15 +46,13 @@ impl Manifests {
     /// `tag_ttls` overrides `tag_ttl` for some registries.
     pub fn new(
         store: Arc<Store>,
-        upstreams: Arc<Upstreams>,
-        peers: Option<Arc<Peers>>,
+        sources: Arc<Sources>,
         tag_ttl: Duration,
         tag_ttls: HashMap<Registry, Duration>,
     ) -> Manifests {
         Manifests {
             store,
-            upstreams,
-            peers,
+            sources,
             tag_ttl,
             tag_ttls,
             by_tag: Coalesce::default(),
@@ -113,8 +79,8 @@ impl Manifests {
         Lookup {
             by_digest: self.by_digest.clone(),
             store: self.store.clone(),
-            upstreams: self.upstreams.clone(),
-            peers: self.peers.clone().filter(|_| asker == Asker::Client),
+            sources: self.sources.clone(),
+            asker,
             registry: registry.clone(),
             repository: repository.clone(),
         }
@@ -153,7 +119,8 @@ impl Manifests {
         };
         // Offline, a cached tag is as fresh as it will ever get.
         if let (Some(record), Some(cached)) = (&record, &cached)
-            && (self.upstreams.is_offline() || record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl))
+            && (self.sources.upstreams().is_offline()
+                || record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl))
         {
             return Ok(cached.clone());
         }
@@ -193,7 +160,7 @@ async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Resu
             let (store, d) = (store.clone(), digest.clone());
             tokio::task::spawn_blocking(move || store.manifest(&d))
                 .await
-                .map_err(|e| Error::Internal(format!("manifest read: {e}")))??
+                .map_err(InternalError::task("manifest read"))??
         }
     };
     Ok(found.map(|(bytes, media_type)| Manifest {
@@ -214,9 +181,8 @@ type ByDigest = Coalesce<(Digest, bool), Shared<Manifest>>;
 struct Lookup {
     by_digest: Arc<ByDigest>,
     store: Arc<Store>,
-    upstreams: Arc<Upstreams>,
-    /// Asked first for a manifest by digest; `None` outside cluster mode and for peers.
-    peers: Option<Arc<Peers>>,
+    sources: Arc<Sources>,
+    asker: Asker,
     registry: Registry,
     repository: Repository,
 }
@@ -230,7 +196,7 @@ impl Lookup {
             cache: CacheResult::Revalidated,
             ..m
         });
-        let tag = key.tag.as_str();
+        let tag = &key.tag;
         let fresh = match &cached {
             None => self.fetch_tag(tag, key.accept, None).await,
             Some(cached) => match self.head_digest(tag, key.accept).await {
@@ -244,7 +210,7 @@ impl Lookup {
                 self.remember(key, &manifest)?;
                 return Ok(manifest);
             }
-            Err(e) if is_not_found(&e) => return Err(e),
+            Err(e) if e.is_not_found() => return Err(e),
             Err(e) => e,
         };
         let stale = match cached {
@@ -283,31 +249,28 @@ impl Lookup {
         Ok(())
     }
 
-    /// The digest a HEAD reports, if it reports one.
-    async fn head_digest(&self, reference: &str, accept: AcceptClass) -> Result<Option<Digest>> {
-        let accept = accept.header_value();
-        let resp = self
-            .upstreams
-            .fetch(Fetch::manifest(
-                Method::HEAD,
-                &self.registry,
-                &self.repository,
-                reference,
-                &accept,
-            ))
-            .await?;
-        Ok(resp
-            .headers()
+    /// The digest a HEAD of the tag reports, if it reports one.
+    async fn head_digest(&self, tag: &Tag, accept: AcceptClass) -> Result<Option<Digest>> {
+        let fetch = self.fetch(Method::HEAD, Reference::Tag(tag.clone()), accept);
+        let mut chain = self.sources.chain(fetch, self.asker);
+        let stream = chain.open().await?;
+        Ok(stream
+            .head
+            .headers
             .get(DOCKER_CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok()))
     }
 
+    fn fetch(&self, method: Method, reference: Reference, accept: AcceptClass) -> Fetch {
+        Fetch::manifest(method, &self.registry, &self.repository, reference, accept)
+    }
+
     /// A tag's manifest. In cluster mode the tag is resolved here with a HEAD (`known`, when
     /// a revalidation already did), and the body comes by digest through the peers, so a
     /// rollout costs the cluster one manifest GET upstream, by its owner.
-    async fn fetch_tag(&self, tag: &str, accept: AcceptClass, known: Option<Digest>) -> Result<Manifest> {
-        if self.peers.is_some() {
+    async fn fetch_tag(&self, tag: &Tag, accept: AcceptClass, known: Option<Digest>) -> Result<Manifest> {
+        if self.sources.clustered() {
             let digest = match known {
                 Some(digest) => Some(digest),
                 None => self.head_digest(tag, accept).await?,
@@ -319,12 +282,12 @@ impl Lookup {
                 };
             }
         }
-        self.get(tag, accept, None).await
+        self.get(Reference::Tag(tag.clone()), accept, None).await
     }
 
     /// The manifest `digest`, fetched once however many lookups want it at the same time.
     async fn coalesced(&self, digest: &Digest) -> Result<Manifest> {
-        let asks_peers = self.peers.as_ref().is_some_and(|p| !p.route(digest).is_empty());
+        let asks_peers = self.sources.asks_peers(digest, self.asker);
         let (lookup, digest_owned) = (self.clone(), digest.clone());
         let (result, joined) = self
             .by_digest
@@ -334,9 +297,8 @@ impl Lookup {
                 let fetched = match stored(&lookup.store, &digest_owned, CacheResult::Hit).await {
                     Ok(Some(manifest)) => Ok(manifest),
                     Ok(None) => {
-                        lookup
-                            .get(&digest_owned.to_string(), AcceptClass::all(), Some(&digest_owned))
-                            .await
+                        let reference = Reference::Digest(digest_owned.clone());
+                        lookup.get(reference, AcceptClass::all(), Some(&digest_owned)).await
                     }
                     Err(e) => Err(e),
                 };
@@ -350,109 +312,44 @@ impl Lookup {
         Ok(manifest)
     }
 
-    /// GETs a manifest, verifies it (against `expected`, else against the upstream's
-    /// `Docker-Content-Digest` when given) and stores it. By digest in cluster mode, the peers
-    /// are asked first.
-    async fn get(&self, reference: &str, accept: AcceptClass, expected: Option<&Digest>) -> Result<Manifest> {
-        if let Some(digest) = expected
-            && let Some(manifest) = self.ask_peers(digest).await
-        {
-            return Ok(manifest);
-        }
-        let accept = accept.header_value();
-        let resp = self
-            .upstreams
-            .fetch(Fetch::manifest(
-                Method::GET,
-                &self.registry,
-                &self.repository,
-                reference,
-                &accept,
-            ))
-            .await?;
-        self.keep(resp, expected, None).await
-    }
-
-    /// The manifest from the first peer in `digest`'s route that serves it whole and verified.
-    async fn ask_peers(&self, digest: &Digest) -> Option<Manifest> {
-        let peers = self.peers.as_ref()?;
-        let route = peers.route(digest);
-        if route.is_empty() {
-            return None;
-        }
-        let accept = AcceptClass::all().header_value();
-        let want = Want {
-            registry: &self.registry,
-            repository: &self.repository,
-            kind: "manifests",
-            digest,
-            accept: Some(&accept),
-            from: None,
-        };
-        for peer in route {
-            match peers.fetch(peer, &want).await {
-                Ok((served_by, resp)) => match self.keep(resp, Some(digest), Some(peers)).await {
-                    Ok(manifest) => return Some(manifest),
-                    Err(e) => {
-                        tracing::warn!(peer = %served_by, error = %e, "peer manifest refused");
-                        peers.trip(served_by, is_mismatch(&e));
-                    }
-                },
-                Err(PeerError::Unavailable { .. }) => peers.trip(peer, false),
-                Err(_) => break,
+    /// GETs a manifest through the sources (by digest in cluster mode, the peers first),
+    /// verifies it (against `expected`, else against the source's `Docker-Content-Digest`
+    /// when given) and stores it. A peer whose answer does not verify is skipped, and the next
+    /// source asked.
+    async fn get(&self, reference: Reference, accept: AcceptClass, expected: Option<&Digest>) -> Result<Manifest> {
+        let mut chain = self
+            .sources
+            .chain(self.fetch(Method::GET, reference, accept), self.asker);
+        loop {
+            let stream = chain.open().await?;
+            let peer = stream.peer();
+            match (self.keep(stream, expected).await, peer) {
+                (Ok(manifest), _) => return Ok(manifest),
+                (Err(e), Some(peer)) => {
+                    tracing::warn!(%peer, error = %e, "peer manifest refused");
+                    chain.reject(e.is_mismatch());
+                }
+                (Err(e), None) => return Err(e),
             }
         }
-        peers.metrics.fallbacks.inc();
-        None
     }
 
-    /// Reads a manifest response (from the upstream, or from `peers`), verifies it and
-    /// stores it.
-    async fn keep(
-        &self,
-        resp: http::Response<hyper::body::Incoming>,
-        expected: Option<&Digest>,
-        peers: Option<&Arc<Peers>>,
-    ) -> Result<Manifest> {
-        let header_digest: Option<Digest> = resp
-            .headers()
+    /// Reads a manifest response, verifies it and stores it.
+    async fn keep(&self, stream: Stream<'_>, expected: Option<&Digest>) -> Result<Manifest> {
+        let headers = &stream.head.headers;
+        let header_digest: Option<Digest> = headers
             .get(DOCKER_CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let content_type = resp
-            .headers()
+        let content_type = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-        let bytes = Limited::new(resp.into_body(), MAX_MANIFEST_SIZE as usize)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    self.error(UpstreamErrorKind::TooLarge {
-                        limit: MAX_MANIFEST_SIZE,
-                    })
-                } else {
-                    self.error(UpstreamErrorKind::Body(e))
-                }
-            })?
-            .to_bytes();
-        match peers {
-            Some(peers) => peers
-                .metrics
-                .bytes
-                .with_label_values(&["in"])
-                .inc_by(bytes.len() as u64),
-            None => self.upstreams.count_bytes(&self.registry, bytes.len() as u64),
-        }
+        let bytes = stream.collect(MAX_MANIFEST_SIZE).await?;
         let digest = Digest::of(&bytes);
-        if let Some(want) = expected.or(header_digest.as_ref())
-            && want != &digest
-        {
-            return Err(self.error(UpstreamErrorKind::DigestMismatch {
-                expected: want.to_string(),
-                actual: digest.to_string(),
-            }));
+        if let Some(want) = expected.or(header_digest.as_ref()) {
+            let size = bytes.len() as u64;
+            Mismatch::check(want, None, digest.clone(), size).map_err(|m| self.error(m.into()))?;
         }
         let media_type = content_type
             .filter(|t| crate::oci::is_manifest_media_type(t))
@@ -461,10 +358,14 @@ impl Lookup {
         let (store, d, t, b) = (self.store.clone(), digest.clone(), media_type.clone(), bytes.clone());
         tokio::task::spawn_blocking(move || store.put_manifest(&d, &t, &b))
             .await
-            .map_err(|e| Error::Internal(format!("manifest write: {e}")))?
+            .map_err(InternalError::task("manifest write"))?
             .map_err(|e| match e {
                 CommitError::Io(e) => Error::Store(e),
-                other => Error::Internal(other.to_string()),
+                source => InternalError::Commit {
+                    what: "a manifest",
+                    source,
+                }
+                .into(),
             })?;
         Ok(Manifest {
             digest,
@@ -490,27 +391,4 @@ fn media_type_field(bytes: &[u8]) -> Option<String> {
         .ok()?
         .media_type
         .filter(|t| crate::oci::is_manifest_media_type(t))
-}
-
-fn is_mismatch(e: &Error) -> bool {
-    matches!(
-        e.root(),
-        Error::Upstream(UpstreamError {
-            kind: UpstreamErrorKind::DigestMismatch { .. },
-            ..
-        })
-    )
-}
-
-fn is_not_found(e: &Error) -> bool {
-    matches!(
-        e.root(),
-        Error::Upstream(UpstreamError {
-            kind: UpstreamErrorKind::Status {
-                status: StatusCode::NOT_FOUND,
-                ..
-            },
-            ..
-        })
-    )
 }

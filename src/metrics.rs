@@ -126,17 +126,6 @@ fn answer(
     }
 }
 
-/// `2xx` .. `5xx`, a closed set for labels.
-pub fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,7 @@ async fn setup() -> anyhow::Result<Setup> {
         registries: Vec::new(),
     });
     let pullcache = Pullcache::start_with(config).await?;
-    let ca_bundle = ca_dir.join(pullcache::intercept::CERT_FILE);
+    let ca_bundle = ca_dir.join(pullcache::ca::CERT_FILE);
     assert!(ca_bundle.exists(), "the CA was not created on first start");
     Ok(Setup {
         _dir: dir,

@@ -99,7 +99,7 @@ async fn pullcache(up: &Upstream, policy: PrivateImages) -> anyhow::Result<(Pull
     });
     config.authorize.private_images = policy;
     let pullcache = Pullcache::start_with(config).await?;
-    Ok((pullcache, ca_dir.join(pullcache::intercept::CERT_FILE)))
+    Ok((pullcache, ca_dir.join(pullcache::ca::CERT_FILE)))
 }
 
 /// A containerd with its CRI plugin, pulling through pullcache as an HTTPS proxy.
@@ -472,7 +472,7 @@ async fn a_revoked_token_is_refused_once_its_remembered_answer_expires() -> anyh
     });
     config.authorize.ttl = TTL;
     let pullcache = Pullcache::start_with(config).await?;
-    let ca = ca_dir.join(pullcache::intercept::CERT_FILE);
+    let ca = ca_dir.join(pullcache::ca::CERT_FILE);
     let proxy = pullcache.url().trim_start_matches("http://").parse()?;
     let get = || {
         get_through_proxy(

@@ -54,7 +54,7 @@ impl Setup {
             .await?;
         let head = read_head(&mut stream).await?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "CONNECT answered {head}");
-        let ca = self.dir.path().join("ca").join(pullcache::intercept::CERT_FILE);
+        let ca = self.dir.path().join("ca").join(pullcache::ca::CERT_FILE);
         let connector = support::tls::connector_trusting(&ca)?;
         Ok(connector.connect(REGISTRY.try_into()?, stream).await?)
     }

@@ -34,9 +34,9 @@ use sha2::{Digest as _, Sha256};
 
 pub use metrics::Metrics;
 
-use crate::error::Error;
-use crate::oci::{Digest, References, Registry, Repository};
-use crate::upstream::{Answer, Resource, Upstreams};
+use crate::fetch::Resource;
+use crate::oci::{Digest, Reference, References, Registry, Repository, Tag};
+use crate::upstream::{Answer, UpstreamError, Upstreams};
 
 /// How long a "no" is remembered: long enough to absorb a pull's burst of requests, short
 /// enough that a fixed secret works on the next try.
@@ -112,7 +112,7 @@ pub enum Via {
 /// What a client asks for.
 #[derive(Debug, Clone, Copy)]
 pub enum Object<'a> {
-    Tag(&'a str),
+    Tag(&'a Tag),
     Digest(Resource, &'a Digest),
 }
 
@@ -124,10 +124,10 @@ impl Object<'_> {
         }
     }
 
-    fn reference(&self) -> String {
+    fn reference(&self) -> Reference {
         match self {
-            Object::Tag(tag) => (*tag).to_owned(),
-            Object::Digest(_, digest) => digest.to_string(),
+            Object::Tag(tag) => Reference::Tag((*tag).clone()),
+            Object::Digest(_, digest) => Reference::Digest((*digest).clone()),
         }
     }
 }
@@ -156,8 +156,18 @@ pub enum AccessError {
         registry: Registry,
         repository: Repository,
         resource: Resource,
-        reference: String,
+        reference: Reference,
     },
+}
+
+/// Why a check did not let a client in: the client may not read it, or the registry could
+/// not be asked about something known to be private.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 #[derive(Debug, Clone)]
@@ -169,8 +179,9 @@ enum Visibility {
     },
 }
 
+/// A client's remembered answer.
 #[derive(Debug, Clone, Copy)]
-struct Decision {
+struct Verdict {
     allowed: bool,
     until: Instant,
 }
@@ -191,7 +202,7 @@ pub struct Authorizer {
     /// while, so a registry that hangs does not hold every request.
     unreachable: Cache<RepoKey, ()>,
     /// (hash of a client's credential, registry, repository).
-    clients: Cache<([u8; 32], Registry, Repository), Decision>,
+    clients: Cache<([u8; 32], Registry, Repository), Verdict>,
     /// Digests known to be in a repository, by [`link_key`].
     links: Cache<[u8; 16], ()>,
     /// Manifests whose references [`Authorizer::learn`] recorded, by [`link_key`].
@@ -248,7 +259,7 @@ impl Authorizer {
         object: Object<'_>,
         via: Via,
         authorization: Option<&HeaderValue>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), CheckError> {
         // Nothing to ask: an offline cache serves what was put in it.
         if self.upstreams.is_offline() {
             return Ok(());
@@ -313,7 +324,7 @@ impl Authorizer {
         let (registry, repository) = key;
         let answer = self
             .upstreams
-            .ask(registry, repository, object.resource(), &object.reference(), None)
+            .ask(registry, repository, object.resource(), object.reference(), None)
             .await;
         self.metrics.asked("anonymous", &answer);
         let visibility = match answer {
@@ -346,7 +357,7 @@ impl Authorizer {
     /// A public repository: a tag, or a digest known to be in it or confirmed there by the
     /// registry (anonymously), so that nothing cached for another repository is served
     /// under its name.
-    async fn check_public(&self, key: &RepoKey, object: Object<'_>) -> Result<(), Error> {
+    async fn check_public(&self, key: &RepoKey, object: Object<'_>) -> Result<(), CheckError> {
         let Object::Digest(resource, digest) = object else {
             self.metrics.decided("public");
             return Ok(());
@@ -358,7 +369,7 @@ impl Authorizer {
         let (registry, repository) = key;
         let answer = self
             .upstreams
-            .ask(registry, repository, resource, &digest.to_string(), None)
+            .ask(registry, repository, resource, Reference::Digest(digest.clone()), None)
             .await;
         self.metrics.asked("anonymous", &answer);
         match answer {
@@ -379,7 +390,12 @@ impl Authorizer {
     }
 
     /// A private repository in intercept mode: the client's own credential decides.
-    async fn check_client(&self, key: &RepoKey, object: Object<'_>, credential: &HeaderValue) -> Result<(), Error> {
+    async fn check_client(
+        &self,
+        key: &RepoKey,
+        object: Object<'_>,
+        credential: &HeaderValue,
+    ) -> Result<(), CheckError> {
         let (registry, repository) = key;
         let client = (
             Sha256::digest(credential.as_bytes()).into(),
@@ -389,11 +405,11 @@ impl Authorizer {
         let now = Instant::now();
         let known = self.clients.get(&client).filter(|d| d.until > now);
         match known {
-            Some(Decision { allowed: false, .. }) => {
+            Some(Verdict { allowed: false, .. }) => {
                 self.metrics.decided("denied");
                 return Err(self.unauthorized(key, StatusCode::UNAUTHORIZED, None));
             }
-            Some(Decision { allowed: true, .. }) => {
+            Some(Verdict { allowed: true, .. }) => {
                 let linked = match object {
                     Object::Tag(_) => true,
                     Object::Digest(_, digest) => self.is_linked(key, digest),
@@ -411,7 +427,7 @@ impl Authorizer {
                 registry,
                 repository,
                 object.resource(),
-                &object.reference(),
+                object.reference(),
                 Some(credential),
             )
             .await;
@@ -419,7 +435,7 @@ impl Authorizer {
         match answer? {
             Answer::Readable => {
                 let until = now + self.settings.ttl.min(lifetime(credential).unwrap_or(Duration::MAX));
-                self.clients.insert(client, Decision { allowed: true, until });
+                self.clients.insert(client, Verdict { allowed: true, until });
                 self.link(key, object);
                 self.metrics.decided("allowed");
                 Ok(())
@@ -427,13 +443,13 @@ impl Authorizer {
             Answer::Missing => {
                 // The registry let the credential in: only this object is not there.
                 let until = now + self.settings.ttl.min(lifetime(credential).unwrap_or(Duration::MAX));
-                self.clients.insert(client, Decision { allowed: true, until });
+                self.clients.insert(client, Verdict { allowed: true, until });
                 Err(self.not_in(key, object))
             }
             Answer::Refused { status, challenge } => {
                 self.clients.insert(
                     client,
-                    Decision {
+                    Verdict {
                         allowed: false,
                         until: now + DENIED_FOR.min(self.settings.ttl),
                     },
@@ -477,7 +493,7 @@ impl Authorizer {
         self.links.contains_key(&link_key(key, digest))
     }
 
-    fn not_in(&self, key: &RepoKey, object: Object<'_>) -> Error {
+    fn not_in(&self, key: &RepoKey, object: Object<'_>) -> CheckError {
         self.metrics.decided("not_in_repository");
         let (registry, repository) = key;
         AccessError::NotInRepository {
@@ -489,7 +505,7 @@ impl Authorizer {
         .into()
     }
 
-    fn unauthorized(&self, key: &RepoKey, status: StatusCode, challenge: Option<HeaderValue>) -> Error {
+    fn unauthorized(&self, key: &RepoKey, status: StatusCode, challenge: Option<HeaderValue>) -> CheckError {
         let (registry, repository) = key;
         // Without the registry's own challenge, the one an anonymous client got.
         let challenge = challenge.or_else(|| match self.visibility.get(key) {

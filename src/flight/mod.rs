@@ -13,7 +13,6 @@
 //! itself) instead of retrying a download that cannot verify. A failure mid-body gives
 //! containerd no such chance.
 
-mod sources;
 mod spill;
 mod tail;
 
@@ -24,22 +23,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
-use http::header::CONTENT_RANGE;
-use http::{Method, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::Method;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use crate::error::Error;
-use crate::oci::{Digest, Registry, Repository};
-use crate::peers::{Asker, PeerAddr, Peers, Want};
+use crate::error::{Error, InternalError};
+use crate::fetch::{Asker, Fetch, Resource};
+use crate::oci::{Digest, Mismatch, Registry, Repository};
+use crate::peers::PeerAddr;
+use crate::sources::{Sources, Stream};
 use crate::store::{Blob, CommitError, Store, TempBlob};
-use crate::upstream::{Fetch, UpstreamError, UpstreamErrorKind, Upstreams, content_length};
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
-use sources::Sources;
 use spill::Spill;
 pub use tail::{Chunk, FileSpan, ReadBuffers, Tail};
 
@@ -48,10 +45,6 @@ pub use tail::{Chunk, FileSpan, ReadBuffers, Tail};
 const WRITE_QUEUE_BYTES: u32 = 4 * 1024 * 1024;
 /// Bytes the writer thread writes at most between two wake-ups of the readers.
 const WAKE_EVERY: u64 = 256 * 1024;
-/// An upstream body that sends nothing for this long has failed.
-const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A peer's body, sooner: the next source may have the bytes.
-const PEER_BODY_IDLE_TIMEOUT: Duration = crate::peers::BODY_IDLE_TIMEOUT;
 /// How long a digest stays refused after its upstream served bytes that failed it.
 const MISMATCH_MEMORY: Duration = Duration::from_secs(30);
 
@@ -145,7 +138,7 @@ impl Flight {
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(Error::Internal("flight ended without a result".into()));
+                return Err(InternalError::FlightLost.into());
             }
         }
     }
@@ -169,20 +162,17 @@ type Refused = Arc<Mutex<HashMap<Digest, (Instant, Arc<Error>)>>>;
 
 pub struct Flights {
     store: Arc<Store>,
-    upstreams: Arc<Upstreams>,
-    /// Cluster mode: asked before the upstream.
-    peers: Option<Arc<Peers>>,
+    sources: Arc<Sources>,
     active: Active,
     refused: Refused,
     metrics: Arc<Metrics>,
 }
 
 impl Flights {
-    pub fn new(store: Arc<Store>, upstreams: Arc<Upstreams>, peers: Option<Arc<Peers>>, metrics: Metrics) -> Flights {
+    pub fn new(store: Arc<Store>, sources: Arc<Sources>, metrics: Metrics) -> Flights {
         Flights {
             store,
-            upstreams,
-            peers,
+            sources,
             active: Arc::default(),
             refused: Arc::default(),
             metrics: Arc::new(metrics),
@@ -244,11 +234,11 @@ impl Flights {
     /// Fails before any header when no download may start: the cache is offline, or the
     /// upstream lately served bytes that failed `digest`.
     fn check_fetchable(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<(), Error> {
-        if self.upstreams.is_offline() {
+        if self.sources.upstreams().is_offline() {
             return Err(UpstreamError::new(
                 registry,
                 UpstreamErrorKind::Offline {
-                    resource: crate::upstream::Resource::Blob,
+                    resource: Resource::Blob,
                     reference: format!("{registry}/{repository}@{digest}"),
                 },
             )
@@ -296,8 +286,8 @@ impl Flights {
         });
         let download = Download {
             store: self.store.clone(),
-            upstreams: self.upstreams.clone(),
-            sources: Sources::new(self.peers.clone(), asker, digest),
+            sources: self.sources.clone(),
+            asker,
             registry: registry.clone(),
             repository: repository.clone(),
             digest: digest.clone(),
@@ -341,7 +331,7 @@ fn join(flight: &Arc<Flight>) -> BlobSource {
 fn failed(digest: &Digest, e: Error, refused: &Refused, metrics: &Metrics) -> Arc<Error> {
     tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
     let e = Arc::new(e);
-    if is_mismatch(&e) {
+    if e.is_mismatch() {
         metrics.verify_failures.inc();
         let until = Instant::now() + MISMATCH_MEMORY;
         refused.locked().insert(digest.clone(), (until, e.clone()));
@@ -360,21 +350,11 @@ fn land(active: &Active, digest: &Digest, flight: &Arc<Flight>) -> u64 {
     flight.waiters.load(Ordering::Relaxed)
 }
 
-fn is_mismatch(e: &Error) -> bool {
-    matches!(
-        e.root(),
-        Error::Upstream(UpstreamError {
-            kind: UpstreamErrorKind::DigestMismatch { .. },
-            ..
-        })
-    )
-}
-
 /// The task behind a flight.
 struct Download {
     store: Arc<Store>,
-    upstreams: Arc<Upstreams>,
-    sources: Sources,
+    sources: Arc<Sources>,
+    asker: Asker,
     registry: Registry,
     repository: Repository,
     digest: Digest,
@@ -385,28 +365,21 @@ struct Download {
 
 impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
-    async fn run(mut self, temp: Option<TempBlob>) -> Result<(), Error> {
-        let resp = self.fetch_from(None).await?;
-        let size = content_length(&resp);
+    async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
+        let fetch = Fetch::blob(Method::GET, &self.registry, &self.repository, &self.digest);
+        let mut chain = self.sources.chain(fetch, self.asker);
+        let mut stream = chain.open().await?;
+        let (size, peer) = (stream.size(), stream.peer());
         self.progress.send_modify(|p| {
             p.size = size;
+            p.peer = peer;
             p.state = FlightState::Streaming;
         });
         let (chunks, writer) = self.spawn_writer(temp);
-        let mut stream = BodyStream {
-            body: resp.into_body(),
-            size,
-            received: 0,
-            skip: 0,
-            idle: self.sources.idle_timeout(),
-        };
-        let body_error = self.pump_resuming(&mut stream, &chunks).await;
-        drop(chunks);
-        self.sources.account(stream.received, &self.upstreams, &self.registry);
-        let sink = writer.await.map_err(|e| Error::Internal(format!("blob writer: {e}")))?;
-        if let Some(message) = body_error {
-            return Err(self.upstream_error(UpstreamErrorKind::Body(message.into())));
-        }
+        let pumped = self.pump(&mut stream, &chunks).await;
+        drop((chunks, stream));
+        let sink = writer.await.map_err(InternalError::task("blob writer"))?;
+        pumped?;
         let verified = match sink {
             Sink::Disk(temp) => self.commit(temp, size).await,
             Sink::Memory { hasher, size: actual } => self.verify_passed_through(hasher, actual, size),
@@ -414,31 +387,25 @@ impl Download {
         match verified {
             // Wrong bytes from a peer are the peer's fault, not the digest's upstream's: the
             // peer is skipped, and the digest is not refused.
-            Err(e) if is_mismatch(&e) => Err(self.sources.blame_peers().map_or(e, Error::from)),
+            Err(e) if e.is_mismatch() => Err(chain.blame_peers().map_or(e, Error::from)),
             verified => verified,
         }
     }
 
-    /// The response to a GET of the blob from offset `from` on: from the next peer that can
-    /// serve it, else from the upstream.
-    async fn fetch_from(&mut self, from: Option<u64>) -> Result<Response<Incoming>, Error> {
-        let want = Want {
-            registry: &self.registry,
-            repository: &self.repository,
-            kind: "blobs",
-            digest: &self.digest,
-            accept: None,
-            from,
-        };
-        let from_peer = self.sources.ask_peers(&want).await;
-        let peer = self.sources.peer();
-        self.progress.send_modify(|p| p.peer = peer);
-        if let Some(resp) = from_peer {
-            return Ok(resp);
+    /// Pumps the body into the writer to its end (or until the writer stops, on a store
+    /// error it reports itself), keeping the flight's record of the peer feeding it current.
+    async fn pump(&self, stream: &mut Stream<'_>, chunks: &WriteQueue) -> Result<(), Error> {
+        let mut peer = stream.peer();
+        while let Some(data) = stream.next().await? {
+            if stream.peer() != peer {
+                peer = stream.peer();
+                self.progress.send_modify(|p| p.peer = peer);
+            }
+            if chunks.send(data).await.is_err() {
+                break;
+            }
         }
-        let digest = self.digest.to_string();
-        let request = Fetch::blob(Method::GET, &self.registry, &self.repository, &digest).from_offset(from);
-        Ok(self.upstreams.fetch(request).await?)
+        Ok(())
     }
 
     /// Starts the blocking thread that writes (and hashes) what the network task queues,
@@ -489,47 +456,11 @@ impl Download {
         (chunks, writer)
     }
 
-    /// Pumps the body into the writer to its end. A body that breaks is resumed from where it
-    /// broke (from the next source when a peer broke it), so readers see one body; what is
-    /// returned is why it could not be.
-    async fn pump_resuming(&mut self, stream: &mut BodyStream, chunks: &WriteQueue) -> Option<String> {
-        let mut resumes = 0;
-        loop {
-            let message = match stream.pump(chunks).await {
-                Pumped::End | Pumped::WriterGone => return None,
-                Pumped::Broken(message) => message,
-            };
-            let from = stream.received;
-            // A peer that broke off is skipped; resuming from the next source is no retry.
-            if !self.sources.broke(from, &self.upstreams, &self.registry) {
-                if resumes == MAX_RESUMES {
-                    return Some(format!("{message} (after {resumes} resumes)"));
-                }
-                resumes += 1;
-            }
-            tracing::warn!(from, resumes, error = %message, "body broke; resuming");
-            match self.fetch_from(Some(from)).await {
-                Ok(resp) => {
-                    stream.idle = self.sources.idle_timeout();
-                    if let Err(message) = stream.resume(resp) {
-                        return Some(message);
-                    }
-                }
-                Err(e) => return Some(format!("{message}; resuming failed: {e}")),
-            }
-        }
-    }
-
     /// Checks a passed-through blob against its digest and the size the upstream announced;
     /// nothing is committed either way.
     fn verify_passed_through(&self, hasher: Sha256, actual: u64, size: Option<u64>) -> Result<(), Error> {
-        let digest = Digest::from_hasher(hasher);
-        if digest != self.digest || size.is_some_and(|size| size != actual) {
-            return Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
-                expected: self.digest.to_string(),
-                actual: format!("{digest} ({actual} bytes)"),
-            }));
-        }
+        Mismatch::check(&self.digest, size, Digest::from_hasher(hasher), actual)
+            .map_err(|mismatch| self.upstream_error(mismatch.into()))?;
         tracing::info!(bytes = actual, "passed through and verified; not cached");
         Ok(())
     }
@@ -540,14 +471,11 @@ impl Download {
         let digest = self.digest.clone();
         let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size))
             .await
-            .map_err(|e| Error::Internal(format!("blob commit: {e}")))?;
+            .map_err(InternalError::task("blob commit"))?;
         match committed {
             Ok(()) => Ok(()),
             Err(CommitError::Io(e)) => Err(e.into()),
-            Err(mismatch) => Err(self.upstream_error(UpstreamErrorKind::DigestMismatch {
-                expected: self.digest.to_string(),
-                actual: mismatch.to_string(),
-            })),
+            Err(CommitError::Mismatch(mismatch)) => Err(self.upstream_error(mismatch.into())),
         }
     }
 
@@ -568,78 +496,6 @@ impl WriteQueue {
         let want = u32::try_from(data.len()).unwrap_or(u32::MAX).min(WRITE_QUEUE_BYTES);
         let room = self.room.clone().acquire_many_owned(want).await.map_err(|_| ())?;
         self.tx.send((data, room)).map_err(|_| ())
-    }
-}
-
-/// Times an upstream body may break and be resumed with `Range` before the flight fails.
-const MAX_RESUMES: u32 = 3;
-
-/// What happened to a body being pumped into the writer.
-enum Pumped {
-    End,
-    /// The writer stopped (on a store error, which it reports itself).
-    WriterGone,
-    Broken(String),
-}
-
-/// An upstream blob body and how much of the blob has gone to the writer.
-struct BodyStream {
-    body: Incoming,
-    size: Option<u64>,
-    received: u64,
-    /// Bytes to drop from the front of the body: a resume answered 200 from the start.
-    skip: u64,
-    /// A body that sends nothing for this long has failed.
-    idle: Duration,
-}
-
-impl BodyStream {
-    async fn pump(&mut self, chunks: &WriteQueue) -> Pumped {
-        loop {
-            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
-                Err(_) => return Pumped::Broken(format!("no data for {:?}", self.idle)),
-                Ok(None) if self.size.is_some_and(|size| self.received < size) => {
-                    return Pumped::Broken(format!("body ended at {} bytes", self.received));
-                }
-                Ok(None) => return Pumped::End,
-                Ok(Some(Err(e))) => return Pumped::Broken(crate::upstream::error_chain(&e)),
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(mut data) = frame.into_data() else {
-                continue;
-            };
-            let skipped = self.skip.min(data.len() as u64);
-            data.advance(skipped as usize);
-            self.skip -= skipped;
-            if data.is_empty() {
-                continue;
-            }
-            self.received += data.len() as u64;
-            if chunks.send(data).await.is_err() {
-                return Pumped::WriterGone;
-            }
-        }
-    }
-
-    /// Continues with the response to a `Range: bytes=<received>-` request.
-    fn resume(&mut self, resp: Response<Incoming>) -> Result<(), String> {
-        if resp.status() == StatusCode::PARTIAL_CONTENT {
-            let expected = format!("bytes {}-", self.received);
-            let range = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !range.starts_with(&expected) {
-                return Err(format!("resume answered Content-Range {range:?}, wanted {expected}"));
-            }
-            self.skip = 0;
-        } else {
-            // The server ignored the range: drop what the writer already has.
-            self.skip = self.received;
-        }
-        self.body = resp.into_body();
-        Ok(())
     }
 }
 
@@ -733,7 +589,7 @@ mod tests {
     async fn a_panic_under_the_flights_lock_does_not_spread() {
         let dir = tempfile::tempdir().unwrap();
         let registry = prometheus::Registry::new();
-        let upstreams = Upstreams::new(
+        let upstreams = crate::upstream::Upstreams::new(
             crate::upstream::Settings {
                 offline: true,
                 ..Default::default()
@@ -742,8 +598,7 @@ mod tests {
         );
         let flights = Flights::new(
             Arc::new(Store::open(dir.path()).unwrap()),
-            Arc::new(upstreams),
-            None,
+            Arc::new(Sources::new(Arc::new(upstreams), None)),
             Metrics::register(&registry).unwrap(),
         );
         let active = flights.active.clone();

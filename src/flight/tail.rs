@@ -309,9 +309,7 @@ mod tests {
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
         let pending = tokio::spawn(async move { next_bytes(&mut tail).await });
-        tx.send_modify(|p| {
-            p.state = FlightState::Failed(Arc::new(crate::error::Error::Internal("digest mismatch".into())))
-        });
+        tx.send_modify(|p| p.state = FlightState::Failed(Arc::new(crate::error::InternalError::FlightLost.into())));
         assert!(pending.await.unwrap().unwrap().is_err());
     }
 

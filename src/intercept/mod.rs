@@ -19,7 +19,7 @@ use std::sync::Arc;
 use prometheus::IntCounterVec;
 use tokio_rustls::server::TlsStream;
 
-pub use crate::ca::{CERT_FILE, Ca, CaError, KEY_FILE, cert_pem, init};
+use crate::ca::{Ca, CaError};
 pub use secret::{SecretOutcome, init_secret, init_secret_command};
 
 use crate::oci::Registry;

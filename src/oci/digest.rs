@@ -22,6 +22,42 @@ pub enum DigestError {
     Invalid(String),
 }
 
+/// Bytes that are not what their digest (or announced size) says.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Mismatch {
+    #[error("content does not match digest: expected {expected}, got {actual} ({size} bytes)")]
+    Digest {
+        expected: Digest,
+        actual: Digest,
+        size: u64,
+    },
+    #[error("content is {actual} bytes, expected {expected}")]
+    Size { expected: u64, actual: u64 },
+}
+
+impl Mismatch {
+    /// `Ok` when `actual` (of `size` bytes) is `expected`, and `size` is `expected_size` if
+    /// one was announced.
+    pub fn check(expected: &Digest, expected_size: Option<u64>, actual: Digest, size: u64) -> Result<(), Mismatch> {
+        if let Some(expected_size) = expected_size
+            && expected_size != size
+        {
+            return Err(Mismatch::Size {
+                expected: expected_size,
+                actual: size,
+            });
+        }
+        if &actual != expected {
+            return Err(Mismatch::Digest {
+                expected: expected.clone(),
+                actual,
+                size,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {

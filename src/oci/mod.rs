@@ -8,7 +8,7 @@ mod manifest;
 mod media;
 mod name;
 
-pub use digest::{Digest, DigestError};
+pub use digest::{Digest, DigestError, Mismatch};
 pub use error::{ErrorCode, error_body};
 pub use manifest::{Descriptor, MAX_MANIFEST_SIZE, ManifestError, References};
 pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, OCI_INDEX, OCI_MANIFEST, is_manifest_media_type};

@@ -16,55 +16,40 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{ACCEPT, LOCATION, RANGE};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::header::LOCATION;
+use http::{Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::dns::GaiResolver;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio::sync::watch;
 
-use crate::oci::{Digest, Registry, Repository};
+use crate::fetch::Fetch;
+use crate::oci::Digest;
 use crate::sync::MutexExt;
+use crate::wire::{BoxError, ClientOptions};
 use membership::View;
 
 /// A peer: the address of its peer port.
 pub type PeerAddr = SocketAddr;
 
-/// Who asks for content: a client on this node, or another node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Asker {
-    Client,
-    /// A peer. It is answered from the store, the local flight or the upstream, never by
-    /// asking another peer.
-    Peer,
-}
-
 /// The header a peer request names its sender in (its peer address), so an owner knows who
 /// receives a blob from it.
 pub const PEER_HEADER: &str = "pullcache-peer";
 /// Connecting to a peer gives up after this long: a dead owner must not hold a pull.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// A peer's response headers must come within this long. It may be waiting for its upstream's,
 /// but a hung peer must not hold a pull for long: the next source takes over.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A peer body that sends nothing for this long has failed (the asker then resumes elsewhere).
-pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const PEER_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that could not be reached is skipped for this long.
 const BREAKER_OPEN: Duration = Duration::from_secs(30);
 /// A peer that served bytes which failed their digest is skipped for this long.
 const BREAKER_OPEN_FORGED: Duration = Duration::from_secs(300);
 /// Hops of hot-blob redirects a request follows; the peer at the last hop serves it whatever
 /// its load, so a redirect never sends a node upstream.
-pub const MAX_REDIRECTS: u32 = 8;
+pub const MAX_PEER_HOPS: u32 = 8;
 /// The header saying how many redirects a peer request has followed.
-pub const REDIRECTS_HEADER: &str = "pullcache-redirects";
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub const HOPS_HEADER: &str = "pullcache-redirects";
 
 /// Cluster mode's settings.
 #[derive(Debug, Clone)]
@@ -89,7 +74,7 @@ pub enum PeerError {
     Unavailable {
         peer: PeerAddr,
         #[source]
-        source: crate::upstream::BoxError,
+        source: BoxError,
     },
     /// The peer answered, but not with the content (its upstream refused, say): asking other
     /// peers would only repeat that, so the node asks its upstream itself.
@@ -106,9 +91,9 @@ pub struct Peers {
     view: watch::Receiver<View>,
     /// Peers skipped until the instant.
     open: Mutex<HashMap<PeerAddr, Instant>>,
-    client: HttpClient,
-    pub max_uploads: usize,
-    pub metrics: Metrics,
+    client: crate::wire::Client,
+    max_uploads: usize,
+    metrics: Metrics,
 }
 
 impl Peers {
@@ -124,20 +109,17 @@ impl Peers {
         max_uploads: usize,
         metrics: Metrics,
     ) -> Peers {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(identity.client_config())
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
+        let options = ClientOptions {
+            tls: identity.client_config(),
+            connect_timeout: PEER_CONNECT_TIMEOUT,
+            plain_http: false,
+            http2: false,
+        };
         Peers {
             me,
             view,
             open: Mutex::default(),
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: crate::wire::client(GaiResolver::new(), options),
             max_uploads,
             metrics,
         }
@@ -175,12 +157,12 @@ impl Peers {
         }
     }
 
-    /// GETs a blob (from offset `from`) or a manifest by digest from `peer`, following a busy
-    /// owner's redirects to peers that have it. The response is 200 or 206.
-    pub async fn fetch(&self, peer: PeerAddr, want: &Want<'_>) -> Result<(PeerAddr, Response<Incoming>), PeerError> {
+    /// Sends `fetch` (of content by digest) to `peer`, following a busy owner's redirects to
+    /// peers that have it. The response is 200 or 206.
+    pub async fn fetch(&self, peer: PeerAddr, fetch: &Fetch) -> Result<(PeerAddr, Response<Incoming>), PeerError> {
         let mut at = peer;
-        for hops in 0..=MAX_REDIRECTS {
-            let resp = self.send(at, want, hops).await?;
+        for hops in 0..=MAX_PEER_HOPS {
+            let resp = self.send(at, fetch, hops).await?;
             let status = resp.status();
             if status == StatusCode::TEMPORARY_REDIRECT
                 && let Some(next) = redirect_target(&resp)
@@ -204,34 +186,48 @@ impl Peers {
         })
     }
 
-    async fn send(&self, peer: PeerAddr, want: &Want<'_>, hops: u32) -> Result<Response<Incoming>, PeerError> {
-        let unavailable = |source: crate::upstream::BoxError| {
+    async fn send(&self, peer: PeerAddr, fetch: &Fetch, hops: u32) -> Result<Response<Incoming>, PeerError> {
+        let unavailable = |source: BoxError| {
             self.metrics.fetches.with_label_values(&["unavailable"]).inc();
             PeerError::Unavailable { peer, source }
         };
-        let uri: Uri = format!(
-            "https://{peer}/v2/{}/{}/{}?ns={}",
-            want.repository, want.kind, want.digest, want.registry
-        )
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| unavailable(e.into()))?;
-        let mut request = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
+        let uri: Uri = format!("https://{peer}{}?ns={}", fetch.path(), fetch.registry)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| unavailable(e.into()))?;
+        let request = fetch
+            .builder(uri)
             .header(PEER_HEADER, self.me.to_string())
-            .header(REDIRECTS_HEADER, hops);
-        if let Some(accept) = want.accept {
-            request = request.header(ACCEPT, accept.clone());
-        }
-        if let Some(from) = want.from {
-            request = request.header(RANGE, format!("bytes={from}-"));
-        }
-        let request = request.body(Full::default()).expect("peer request parts are valid");
-        match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
-            Err(elapsed) => Err(unavailable(elapsed.into())),
-            Ok(Err(e)) => Err(unavailable(e.into())),
-            Ok(Ok(resp)) => Ok(resp),
-        }
+            .header(HOPS_HEADER, hops)
+            .body(Full::default())
+            .expect("peer request parts are valid");
+        crate::wire::send(&self.client, request, PEER_HEADER_TIMEOUT)
+            .await
+            .map_err(|e| unavailable(e.into()))
+    }
+
+    /// Concurrent uploads of one blob this node makes to peers.
+    pub fn max_uploads(&self) -> usize {
+        self.max_uploads
+    }
+
+    /// Counts a peer request this node answered: `served`, `streamed`, `redirected` or `failed`.
+    pub fn count_request(&self, result: &'static str) {
+        self.metrics.requests.with_label_values(&[result]).inc();
+    }
+
+    /// The counter of body bytes received from peers.
+    pub fn bytes_in(&self) -> IntCounter {
+        self.metrics.bytes.with_label_values(&["in"])
+    }
+
+    /// The counter of body bytes sent to peers.
+    pub fn bytes_out(&self) -> IntCounter {
+        self.metrics.bytes.with_label_values(&["out"])
+    }
+
+    /// Counts a miss that went upstream after the peers could not serve it.
+    pub fn count_fallback(&self) {
+        self.metrics.fallbacks.inc();
     }
 }
 
@@ -241,30 +237,18 @@ fn redirect_target(resp: &Response<Incoming>) -> Option<PeerAddr> {
     location.authority()?.as_str().parse().ok()
 }
 
-/// What to fetch from a peer.
-pub struct Want<'a> {
-    pub registry: &'a Registry,
-    pub repository: &'a Repository,
-    /// `blobs` or `manifests`.
-    pub kind: &'static str,
-    pub digest: &'a Digest,
-    pub accept: Option<&'a HeaderValue>,
-    /// Resume from this offset.
-    pub from: Option<u64>,
-}
-
 /// Cluster mode's counters.
 pub struct Metrics {
     /// Peer requests this node answered, by result: served, streamed, redirected, failed.
-    pub requests: IntCounterVec,
+    requests: IntCounterVec,
     /// Peer requests this node made, by result: ok, redirected, unavailable, refused.
-    pub fetches: IntCounterVec,
+    fetches: IntCounterVec,
     /// Body bytes, by direction: `in` from peers, `out` to peers.
-    pub bytes: IntCounterVec,
+    bytes: IntCounterVec,
     /// Misses that went upstream after the peers could not serve.
-    pub fallbacks: IntCounter,
+    fallbacks: IntCounter,
     /// Peers skipped for serving bytes that failed their digest.
-    pub forged: IntCounter,
+    forged: IntCounter,
 }
 
 impl Metrics {

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use super::response::Body;
+use crate::fetch::CacheResult;
 
 pub struct Metrics {
     requests: IntCounterVec,
@@ -73,7 +74,7 @@ pub struct Access {
     pub repo: String,
     pub route: &'static str,
     pub status: http::StatusCode,
-    pub cache: &'static str,
+    pub cache: Option<CacheResult>,
     pub started: Instant,
     pub bytes: u64,
 }
@@ -115,28 +116,20 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// Where the bytes of an answer came from, by its cache result.
-fn source(cache: &str) -> Option<&'static str> {
-    match cache {
-        "hit" | "revalidated" | "stale" => Some("cache"),
-        "miss" | "coalesced" => Some("upstream"),
-        _ => None,
-    }
-}
-
 impl Drop for Access {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        let status_class = crate::metrics::status_class(self.status);
+        let status_class = crate::wire::status_class(self.status);
+        let cache = self.cache.map_or("none", CacheResult::as_str);
         self.metrics
             .requests
-            .with_label_values(&[self.route, self.method, status_class, self.cache])
+            .with_label_values(&[self.route, self.method, status_class, cache])
             .inc();
         self.metrics
             .duration
             .with_label_values(&[self.route])
             .observe(elapsed.as_secs_f64());
-        if let Some(source) = source(self.cache)
+        if let Some(source) = self.cache.and_then(CacheResult::source)
             && matches!(self.route, "manifest" | "blob")
         {
             self.metrics
@@ -151,7 +144,7 @@ impl Drop for Access {
             repo = %self.repo,
             kind = self.route,
             status = self.status.as_u16(),
-            cache = self.cache,
+            cache,
             bytes = self.bytes,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"

@@ -9,11 +9,10 @@ use super::routes::Target;
 use super::sendfile::Spans;
 use super::{App, Outcome};
 use crate::error::Result;
+use crate::fetch::{Asker, CacheResult, Fetch};
 use crate::flight::{BlobSource, Tail};
-use crate::manifests::DOCKER_CONTENT_DIGEST;
 use crate::oci::{BLOB_MEDIA_TYPE, Digest};
-use crate::peers::Asker;
-use crate::upstream::{Fetch, content_length};
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 pub async fn serve(
     app: &App,
@@ -29,7 +28,7 @@ pub async fn serve(
     let source = if head {
         match app.flights.lookup(digest)? {
             Some(source) => source,
-            None => return head_upstream(app, target, digest).await,
+            None => return head_elsewhere(app, target, digest, asker).await,
         }
     } else {
         app.flights.get(&target.registry, &target.repository, digest, asker)?
@@ -44,7 +43,7 @@ pub async fn serve(
             } else {
                 response::tail(Tail::stored(blob, start, end), sendfile())
             };
-            Ok(Outcome::new(respond(digest, Some(size), span, body), "hit"))
+            Ok(Outcome::new(respond(digest, Some(size), span, body), CacheResult::Hit))
         }
         BlobSource::Flight { flight, joined } => {
             let size = flight.headers().await?;
@@ -62,26 +61,26 @@ pub async fn serve(
             } else {
                 response::tail(flight.tail(start, end), sendfile())
             };
-            let cache = if joined { "coalesced" } else { "miss" };
+            let cache = if joined {
+                CacheResult::Coalesced
+            } else {
+                CacheResult::Miss
+            };
             Ok(Outcome::new(respond(digest, size, span, body), cache))
         }
     }
 }
 
-/// A HEAD for a blob we do not have: ask upstream, download nothing.
-async fn head_upstream(app: &App, target: &Target, digest: &Digest) -> Result<Outcome> {
-    let digest_text = digest.to_string();
-    let resp = app
-        .upstreams
-        .fetch(Fetch::blob(
-            Method::HEAD,
-            &target.registry,
-            &target.repository,
-            &digest_text,
-        ))
-        .await?;
-    let size = content_length(&resp);
-    Ok(Outcome::new(respond(digest, size, None, response::empty()), "bypass"))
+/// A HEAD for a blob this node does not have: asked of the sources (in cluster mode the
+/// peers first), downloading nothing.
+async fn head_elsewhere(app: &App, target: &Target, digest: &Digest, asker: Asker) -> Result<Outcome> {
+    let fetch = Fetch::blob(Method::HEAD, &target.registry, &target.repository, digest);
+    let mut chain = app.sources.chain(fetch, asker);
+    let size = chain.open().await?.size();
+    Ok(Outcome::new(
+        respond(digest, size, None, response::empty()),
+        CacheResult::Bypass,
+    ))
 }
 
 fn respond(digest: &Digest, size: Option<u64>, span: Option<(u64, u64)>, body: Body) -> Response<Body> {

@@ -8,9 +8,9 @@ use super::response;
 use super::routes::Target;
 use super::{App, Outcome};
 use crate::error::Result;
-use crate::manifests::{CacheResult, DOCKER_CONTENT_DIGEST};
+use crate::fetch::{Asker, CacheResult};
 use crate::oci::{AcceptClass, Reference};
-use crate::peers::Asker;
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 pub async fn serve(
     app: &App,
@@ -43,6 +43,6 @@ pub async fn serve(
     };
     Ok(Outcome::new(
         resp.body(body).expect("manifest response parts are valid"),
-        manifest.cache.as_str(),
+        manifest.cache,
     ))
 }

@@ -27,12 +27,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::authorize::{Authorizer, Object, Via};
+use crate::fetch::{Asker, CacheResult, Resource};
 use crate::flight::Flights;
 use crate::intercept::Intercept;
 use crate::manifests::Manifests;
 use crate::oci::{Reference, Registry};
-use crate::peers::Asker;
-use crate::upstream::{Resource, Upstreams};
+use crate::sources::Sources;
 use proxy::Slot;
 use response::Body;
 use routes::Route;
@@ -70,7 +70,7 @@ pub struct App {
     pub authorize: Authorizer,
     pub flights: Flights,
     pub manifests: Manifests,
-    pub upstreams: Arc<Upstreams>,
+    pub sources: Arc<Sources>,
     pub metrics: Arc<access::Metrics>,
 }
 
@@ -78,15 +78,19 @@ pub struct App {
 /// containerd straight on to its next host.
 pub type AppSlot = std::sync::OnceLock<App>;
 
-/// A handler's response and how the cache answered it (`hit`, `miss`, ...), for the access log.
+/// A handler's response and how the cache answered it (none for a ping or an error), for
+/// the access log.
 pub struct Outcome {
     response: Response<Body>,
-    cache: &'static str,
+    cache: Option<CacheResult>,
 }
 
 impl Outcome {
-    fn new(response: Response<Body>, cache: &'static str) -> Outcome {
-        Outcome { response, cache }
+    fn new(response: Response<Body>, cache: impl Into<Option<CacheResult>>) -> Outcome {
+        Outcome {
+            response,
+            cache: cache.into(),
+        }
     }
 }
 
@@ -104,14 +108,14 @@ impl App {
         self.answer(req, host, spans, asker).await.0
     }
 
-    /// [`App::handle`], also saying how the cache answered (`hit`, `miss`, ...).
+    /// [`App::handle`], also saying how the cache answered.
     pub(crate) async fn answer(
         &self,
         req: Request<Incoming>,
         host: Option<&Registry>,
         spans: Option<&Spans>,
         asker: Asker,
-    ) -> (Response<Body>, &'static str) {
+    ) -> (Response<Body>, Option<CacheResult>) {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
         let route = routes::parse(req.method(), req.uri(), host);
@@ -119,8 +123,8 @@ impl App {
             Ok(route) => self
                 .dispatch(route, head, req.headers(), host.is_some(), spans, asker)
                 .await
-                .unwrap_or_else(|e| Outcome::new(response::error(&e, head), "none")),
-            Err(e) => Outcome::new(response::error(e, head), "none"),
+                .unwrap_or_else(|e| Outcome::new(response::error(&e, head), None)),
+            Err(e) => Outcome::new(response::error(e, head), None),
         };
         let (registry, repo) = match &route {
             Ok(Route::Manifest { target, .. } | Route::Blob { target, .. }) => {
@@ -162,7 +166,7 @@ impl App {
                 Route::Manifest {
                     target,
                     reference: Reference::Tag(tag),
-                } => Some((target, Object::Tag(tag.as_str()))),
+                } => Some((target, Object::Tag(tag))),
                 Route::Manifest {
                     target,
                     reference: Reference::Digest(digest),
@@ -190,7 +194,7 @@ impl App {
                     .header("docker-distribution-api-version", "registry/2.0")
                     .body(response::full(bytes::Bytes::from_static(b"{}")))
                     .expect("ping response parts are valid"),
-                "none",
+                None,
             )),
             Route::Manifest { target, reference } => {
                 manifests::serve(self, head, headers, target, reference, asker).await

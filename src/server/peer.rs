@@ -21,8 +21,9 @@ use tokio::sync::Semaphore;
 use super::response::{self, Body};
 use super::routes::{self, Route};
 use super::{AppSlot, ConnectionLimits, builder};
+use crate::fetch::{Asker, CacheResult};
 use crate::oci::{Digest, Reference, error_body};
-use crate::peers::{Asker, MAX_REDIRECTS, PEER_HEADER, PeerAddr, Peers, REDIRECTS_HEADER};
+use crate::peers::{HOPS_HEADER, MAX_PEER_HOPS, PEER_HEADER, PeerAddr, Peers};
 use crate::sync::MutexExt;
 
 /// Who is receiving each blob from this node, and who has received it.
@@ -181,7 +182,7 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
     if let (Some(digest), Some(asker)) = (&digest, asker)
         && app.flights.fed_by(digest) == Some(asker)
     {
-        peers.metrics.requests.with_label_values(&["failed"]).inc();
+        peers.count_request("failed");
         return refuse(
             StatusCode::LOOP_DETECTED,
             "this node is receiving that blob from the asker",
@@ -189,21 +190,21 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
     }
     let hops: u32 = req
         .headers()
-        .get(REDIRECTS_HEADER)
+        .get(HOPS_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     // At the last hop the asker is served, busy or not.
-    let max_uploads = if hops >= MAX_REDIRECTS {
+    let max_uploads = if hops >= MAX_PEER_HOPS {
         usize::MAX
     } else {
-        peers.max_uploads
+        peers.max_uploads()
     };
     let upload = match (&digest, asker) {
         (Some(digest), Some(asker)) if !head => match uploads.admit(digest, asker, max_uploads) {
             Ok(upload) => Some(upload),
             Err(elsewhere) => {
-                peers.metrics.requests.with_label_values(&["redirected"]).inc();
+                peers.count_request("redirected");
                 return redirect(elsewhere, &req);
             }
         },
@@ -212,11 +213,11 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
     let (resp, cache) = app.answer(req, None, None, Asker::Peer).await;
     let result = match (resp.status().is_success(), cache) {
         (false, _) => "failed",
-        (true, "hit") => "served",
+        (true, Some(CacheResult::Hit)) => "served",
         (true, _) => "streamed",
     };
-    peers.metrics.requests.with_label_values(&[result]).inc();
-    let bytes_out = peers.metrics.bytes.with_label_values(&["out"]);
+    peers.count_request(result);
+    let bytes_out = peers.bytes_out();
     resp.map(|body| {
         body.map_frame(move |frame| {
             let _held = &upload;

@@ -19,9 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use super::response::{self, Body};
 use super::sendfile::Spans;
 use super::{AppSlot, ConnectionLimits, builder};
+use crate::fetch::Asker;
 use crate::intercept::{self, Decision, Intercept, tunnel};
 use crate::oci::Registry;
-use crate::peers::Asker;
 use crate::sync::MutexExt;
 use crate::upstream::Upstreams;
 
@@ -154,7 +154,9 @@ where
         let (app, registry) = (app.clone(), registry.clone());
         async move {
             Ok::<_, Infallible>(match app.get() {
-                Some(app) if !req.uri().path().starts_with("/v2") => forward(&app.upstreams, &registry, req).await,
+                Some(app) if !req.uri().path().starts_with("/v2") => {
+                    forward(app.sources.upstreams(), &registry, req).await
+                }
                 Some(app) => app.handle(req, Some(&registry), None, Asker::Client).await,
                 None => response::not_ready(req.method() == Method::HEAD),
             })

@@ -14,10 +14,11 @@ use prometheus::IntCounter;
 use super::sendfile::{MAX_SPAN, Spans};
 use crate::authorize::AccessError;
 use crate::error::{Error, Origin, RequestError};
+use crate::fetch::Resource;
 use crate::flight::{Chunk, ReadBuffers, Tail};
 use crate::oci::{ErrorCode, NameError, error_body};
 use crate::peers::PeerError;
-use crate::upstream::{Resource, UpstreamError, UpstreamErrorKind};
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -90,7 +91,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             UpstreamErrorKind::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             UpstreamErrorKind::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
-            UpstreamErrorKind::DigestMismatch { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
+            UpstreamErrorKind::Mismatch(_) => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
             UpstreamErrorKind::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid),
             UpstreamErrorKind::Offline { resource, .. } => match resource {
                 Resource::Manifest => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
@@ -206,7 +207,7 @@ mod tests {
         let shared = Error::Shared(std::sync::Arc::new(upstream(StatusCode::NOT_FOUND, Resource::Manifest)));
         assert_eq!(classify(&shared), (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown));
         assert_eq!(
-            classify(&Error::Internal("x".into())),
+            classify(&crate::error::InternalError::FlightLost.into()),
             (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
         );
     }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::Digest;
+use crate::oci::{Digest, Mismatch};
 
 pub use budget::{Budget, Evicted, MinFree, keep_within_budget, parse_size};
 pub use index::InUse;
@@ -53,14 +53,8 @@ impl StoreError {
 /// Why a temp blob was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("content does not match digest: expected {expected}, got {actual} ({size} bytes)")]
-    DigestMismatch {
-        expected: Digest,
-        actual: Digest,
-        size: u64,
-    },
-    #[error("content is {actual} bytes, expected {expected}")]
-    SizeMismatch { expected: u64, actual: u64 },
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
     #[error(transparent)]
     Io(#[from] StoreError),
 }
@@ -213,21 +207,7 @@ impl Store {
     /// have `expected_size`, when known). Crash-safe: fsync, rename, fsync the directory.
     pub fn commit(&self, mut temp: TempBlob, expected: &Digest, expected_size: Option<u64>) -> Result<(), CommitError> {
         let actual = Digest::from_hasher(std::mem::take(&mut temp.hasher));
-        if let Some(expected_size) = expected_size
-            && expected_size != temp.size
-        {
-            return Err(CommitError::SizeMismatch {
-                expected: expected_size,
-                actual: temp.size,
-            });
-        }
-        if &actual != expected {
-            return Err(CommitError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-                size: temp.size,
-            });
-        }
+        Mismatch::check(expected, expected_size, actual, temp.size)?;
         temp.file
             .sync_all()
             .map_err(|e| StoreError::new("fsync", &temp.path, e))?;
@@ -483,7 +463,7 @@ mod tests {
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"not other").unwrap();
         let err = store.commit(temp, &other, None).unwrap_err();
-        assert!(matches!(err, CommitError::DigestMismatch { .. }), "{err}");
+        assert!(matches!(err, CommitError::Mismatch(Mismatch::Digest { .. })), "{err}");
         assert!(store.open_blob(&other).unwrap().is_none());
         assert_eq!(fs::read_dir(&store.tmp).unwrap().count(), 0, "temp file left behind");
     }
@@ -509,7 +489,7 @@ mod tests {
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"hello").unwrap();
         let err = store.commit(temp, &Digest::of(b"hello"), Some(6)).unwrap_err();
-        assert!(matches!(err, CommitError::SizeMismatch { .. }), "{err}");
+        assert!(matches!(err, CommitError::Mismatch(Mismatch::Size { .. })), "{err}");
         assert!(!store.has_blob(&Digest::of(b"hello")));
     }
 
@@ -541,7 +521,7 @@ mod tests {
         assert_eq!(&bytes[..], body);
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
         let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
-        assert!(matches!(err, CommitError::DigestMismatch { .. }));
+        assert!(matches!(err, CommitError::Mismatch(Mismatch::Digest { .. })));
     }
 
     #[test]

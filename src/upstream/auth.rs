@@ -18,8 +18,10 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::credentials::Credentials;
 use super::resolve::{TargetError, check_target};
-use super::{BoxError, Endpoint, Fetch, HEADER_TIMEOUT, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams};
+use super::{Endpoint, UPSTREAM_HEADER_TIMEOUT, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::fetch::Fetch;
 use crate::oci::Repository;
+use crate::wire::{BoxError, SendError};
 
 /// Why no token came from a realm (its refusals are `CredentialsRefused`/`Required`).
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +175,7 @@ impl Upstreams {
     pub(super) async fn authorize(
         &self,
         endpoint: &Endpoint<'_>,
-        req: &Fetch<'_>,
+        req: &Fetch,
         scope: &str,
         headers: &http::HeaderMap,
     ) -> Result<HeaderValue, UpstreamError> {
@@ -195,7 +197,7 @@ impl Upstreams {
             };
             self.metrics
                 .tokens
-                .with_label_values(&[self.label(req.registry), result])
+                .with_label_values(&[self.label(&req.registry), result])
                 .inc();
             return token;
         }
@@ -206,7 +208,7 @@ impl Upstreams {
             } else {
                 UpstreamErrorKind::CredentialsRequired { status }
             };
-            UpstreamError::new(req.registry, kind)
+            UpstreamError::new(&req.registry, kind)
         };
         if challenges
             .iter()
@@ -227,12 +229,12 @@ impl Upstreams {
     pub(super) async fn token(
         &self,
         endpoint: &Endpoint<'_>,
-        req: &Fetch<'_>,
+        req: &Fetch,
         cache_scope: &str,
         challenge: &Challenge,
     ) -> Result<HeaderValue, UpstreamError> {
-        let err = |e: TokenError| UpstreamError::new(req.registry, UpstreamErrorKind::Token(e));
-        let scope = challenge.scope_for(Some(req.repository));
+        let err = |e: TokenError| UpstreamError::new(&req.registry, UpstreamErrorKind::Token(e));
+        let scope = challenge.scope_for(Some(&req.repository));
         let realm = &challenge.realm;
         let request = {
             let mut params = form_urlencoded::Serializer::new(String::new());
@@ -267,12 +269,14 @@ impl Upstreams {
             .headers_mut()
             .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         check_target(request.uri(), endpoint.answers_reach).map_err(|e| err(TokenError::Target(e)))?;
-        let resp = tokio::time::timeout(HEADER_TIMEOUT, endpoint.answers.request(request))
+        let resp = crate::wire::send(endpoint.answers, request, UPSTREAM_HEADER_TIMEOUT)
             .await
-            .map_err(|_| err(TokenError::Timeout(HEADER_TIMEOUT)))?
-            .map_err(|e| match super::Failure::from_client(e).kind {
-                UpstreamErrorKind::Request(e) => err(TokenError::Request(e)),
-                forbidden => UpstreamError::new(req.registry, forbidden),
+            .map_err(|e| match e {
+                SendError::Timeout(after) => err(TokenError::Timeout(after)),
+                e => match super::Failure::from(e).kind {
+                    UpstreamErrorKind::Request(e) => err(TokenError::Request(e)),
+                    forbidden => UpstreamError::new(&req.registry, forbidden),
+                },
             })?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -281,7 +285,7 @@ impl Upstreams {
             } else {
                 UpstreamErrorKind::CredentialsRequired { status }
             };
-            return Err(UpstreamError::new(req.registry, kind));
+            return Err(UpstreamError::new(&req.registry, kind));
         }
         if !status.is_success() {
             return Err(err(TokenError::Status(status)));

@@ -20,16 +20,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT};
+use http::header::{AUTHORIZATION, LOCATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::CertificateDer;
 
-use crate::oci::{Registry, Repository};
+use crate::fetch::{Fetch, Resource};
+use crate::oci::{Mismatch, Registry};
+use crate::wire::{BoxError, SendError, error_chain};
 use auth::TokenCache;
 pub use credentials::{Credentials, DockerConfig};
 pub use metrics::Metrics;
@@ -39,30 +38,15 @@ pub use resolve::{Reach, TargetError, is_forbidden};
 pub use tls::load_certificates;
 
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
-/// How long an upstream may take to send response headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a registry may take to send response headers.
+const UPSTREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const MAX_REDIRECTS: u32 = 5;
+/// Redirects (to blob storage) followed for one request.
+const MAX_UPSTREAM_REDIRECTS: u32 = 5;
 const USER_AGENT_VALUE: &str = concat!("pullcache/", env!("CARGO_PKG_VERSION"));
 
-type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
-
-/// What an upstream request is for; it decides the path and how a 404 reads to clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resource {
-    Manifest,
-    Blob,
-}
-
-impl fmt::Display for Resource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Resource::Manifest => "manifests",
-            Resource::Blob => "blobs",
-        })
-    }
-}
+type HttpClient = crate::wire::Client<GuardedResolver>;
 
 /// An upstream failure, with the registry it concerns. Its message carries the whole chain of
 /// `kind` (logs and OCI error bodies print it); code that classifies walks `kind`'s sources.
@@ -79,9 +63,6 @@ impl fmt::Display for UpstreamError {
 }
 
 impl std::error::Error for UpstreamError {}
-
-/// The source of errors from outside pullcache (hyper, I/O).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamError {
     pub fn new(registry: &Registry, kind: UpstreamErrorKind) -> Self {
@@ -120,33 +101,12 @@ pub enum UpstreamErrorKind {
     Token(#[source] TokenError),
     #[error("body")]
     Body(#[source] BoxError),
-    #[error("content does not match its digest: expected {expected}, got {actual}")]
-    DigestMismatch { expected: String, actual: String },
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
     #[error("manifest exceeds {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("{reference} is not in the offline cache (serve --offline never asks an upstream)")]
     Offline { resource: Resource, reference: String },
-}
-
-/// An error's message followed by its sources, for errors whose `Display` hides the cause
-/// (hyper-util's is just "client error (Connect)").
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// The `Content-Length` of an upstream response, when it sent a valid one.
-pub fn content_length(resp: &Response<Incoming>) -> Option<u64> {
-    resp.headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 /// How to reach one registry.
@@ -173,80 +133,13 @@ pub struct Settings {
     pub offline: bool,
 }
 
-/// One request to send upstream.
-pub struct Fetch<'a> {
-    pub method: Method,
-    pub registry: &'a Registry,
-    pub repository: &'a Repository,
-    pub resource: Resource,
-    pub reference: &'a str,
-    pub accept: Option<&'a HeaderValue>,
-    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
-    pub from: Option<u64>,
-}
-
-impl<'a> Fetch<'a> {
-    pub fn manifest(
-        method: Method,
-        registry: &'a Registry,
-        repository: &'a Repository,
-        reference: &'a str,
-        accept: &'a HeaderValue,
-    ) -> Self {
-        Fetch {
-            method,
-            registry,
-            repository,
-            resource: Resource::Manifest,
-            reference,
-            accept: Some(accept),
-            from: None,
-        }
+/// The request `fetch` makes of `uri`, with `auth` when it goes to the endpoint itself.
+fn request(fetch: &Fetch, uri: &Uri, auth: Option<&HeaderValue>) -> Request<Full<Bytes>> {
+    let mut builder = fetch.builder(uri.clone()).header(USER_AGENT, USER_AGENT_VALUE);
+    if let Some(auth) = auth {
+        builder = builder.header(AUTHORIZATION, auth.clone());
     }
-
-    pub fn blob(method: Method, registry: &'a Registry, repository: &'a Repository, digest: &'a str) -> Self {
-        Fetch {
-            method,
-            registry,
-            repository,
-            resource: Resource::Blob,
-            reference: digest,
-            accept: None,
-            from: None,
-        }
-    }
-
-    pub fn from_offset(self, from: Option<u64>) -> Self {
-        Fetch { from, ..self }
-    }
-
-    /// The request for `uri`, with `auth` when it goes to the endpoint itself.
-    fn request(&self, uri: &Uri, auth: Option<&HeaderValue>) -> Request<Full<Bytes>> {
-        let mut builder = Request::builder()
-            .method(self.method.clone())
-            .uri(uri.clone())
-            .header(USER_AGENT, USER_AGENT_VALUE);
-        if let Some(accept) = self.accept {
-            builder = builder.header(ACCEPT, accept.clone());
-        }
-        if let Some(from) = self.from {
-            builder = builder.header(RANGE, format!("bytes={from}-"));
-        }
-        if let Some(auth) = auth {
-            builder = builder.header(AUTHORIZATION, auth.clone());
-        }
-        builder.body(Full::default()).expect("request parts are valid")
-    }
-
-    /// The `kind` label: what was asked for, and how.
-    fn kind(&self) -> &'static str {
-        match (self.resource, self.method == Method::HEAD) {
-            (Resource::Manifest, false) => "manifest",
-            (Resource::Manifest, true) => "manifest_head",
-            (Resource::Blob, false) => "blob",
-            (Resource::Blob, true) => "blob_head",
-        }
-    }
+    builder.body(Full::default()).expect("request parts are valid")
 }
 
 /// A place a registry's content can be fetched from: a mirror or the registry itself.
@@ -342,12 +235,9 @@ impl Upstreams {
         }
     }
 
-    /// Counts body bytes fetched from a registry's upstream.
-    pub fn count_bytes(&self, registry: &Registry, bytes: u64) {
-        self.metrics
-            .bytes
-            .with_label_values(&[self.label(registry)])
-            .inc_by(bytes);
+    /// The counter of body bytes fetched from a registry's upstream.
+    pub fn bytes_counter(&self, registry: &Registry) -> prometheus::IntCounter {
+        self.metrics.bytes.with_label_values(&[self.label(registry)])
     }
 
     /// Loopback is in reach only of registries the operator mapped (flags or config file).
@@ -449,29 +339,27 @@ impl Upstreams {
             .header(USER_AGENT, USER_AGENT_VALUE)
             .body(Full::default())
             .expect("request parts are valid");
-        match tokio::time::timeout(HEADER_TIMEOUT, endpoint.client.request(request)).await {
-            Err(_) => Err(err(UpstreamErrorKind::Timeout(HEADER_TIMEOUT))),
-            Ok(Err(e)) => Err(err(Failure::from_client(e).kind)),
-            Ok(Ok(resp)) => Ok(resp),
-        }
+        crate::wire::send(endpoint.client, request, UPSTREAM_HEADER_TIMEOUT)
+            .await
+            .map_err(|e| err(Failure::from(e).kind))
     }
 
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first
     /// 2xx response. Anything else is an error, the registry's own when every endpoint failed.
-    pub async fn fetch(&self, req: Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn fetch(&self, req: &Fetch) -> Result<Response<Incoming>, UpstreamError> {
         if self.settings.offline {
             return Err(UpstreamError::new(
-                req.registry,
+                &req.registry,
                 UpstreamErrorKind::Offline {
                     resource: req.resource,
                     reference: format!("{}/{}@{}", req.registry, req.repository, req.reference),
                 },
             ));
         }
-        let endpoints = self.endpoints(req.registry)?;
+        let endpoints = self.endpoints(&req.registry)?;
         let last = endpoints.len() - 1;
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match self.fetch_from(endpoint, &req).await {
+            match self.fetch_from(endpoint, req).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if i == last => return Err(e),
                 Err(e) => {
@@ -484,17 +372,14 @@ impl Upstreams {
 
     /// One request to one endpoint, following redirects, answering one auth challenge and
     /// retrying connect errors, timeouts and 5xx a bounded number of times.
-    async fn fetch_from(&self, endpoint: &Endpoint<'_>, req: &Fetch<'_>) -> Result<Response<Incoming>, UpstreamError> {
-        let err = |kind| UpstreamError::new(req.registry, kind);
+    async fn fetch_from(&self, endpoint: &Endpoint<'_>, req: &Fetch) -> Result<Response<Incoming>, UpstreamError> {
+        let err = |kind| UpstreamError::new(&req.registry, kind);
         if let Some(wait) = self.rate_limits.closed_for(&endpoint.authority) {
             return Err(err(UpstreamErrorKind::RateLimited(wait.as_secs().max(1))));
         }
-        let mut uri: Uri = format!(
-            "{}/v2/{}/{}/{}",
-            endpoint.base, req.repository, req.resource, req.reference
-        )
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
+        let mut uri: Uri = format!("{}{}", endpoint.base, req.path())
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
         let home = uri.authority().cloned();
         let scope = format!("repository:{}:pull", req.repository);
         let mut auth = self.known_auth(endpoint, &scope);
@@ -502,7 +387,7 @@ impl Upstreams {
         loop {
             // Credentials go only to the endpoint itself, never to a redirect target.
             let on_endpoint = uri.authority() == home.as_ref();
-            let request = req.request(&uri, auth.as_ref().filter(|_| on_endpoint));
+            let request = request(req, &uri, auth.as_ref().filter(|_| on_endpoint));
             let client = if on_endpoint { endpoint.client } else { endpoint.answers };
             let resp = match self.send(client, req, request).await {
                 Ok(resp) => resp,
@@ -515,15 +400,15 @@ impl Upstreams {
                 Err(failure) => return Err(err(failure.kind)),
             };
             if on_endpoint {
-                self.observe_rate_limit(endpoint, req.registry, resp.headers());
+                self.observe_rate_limit(endpoint, &req.registry, resp.headers());
             }
             let status = resp.status();
             if status.is_redirection()
                 && let Some(location) = resp.headers().get(LOCATION)
             {
                 redirects += 1;
-                if redirects > MAX_REDIRECTS {
-                    return Err(err(UpstreamErrorKind::TooManyRedirects(MAX_REDIRECTS)));
+                if redirects > MAX_UPSTREAM_REDIRECTS {
+                    return Err(err(UpstreamErrorKind::TooManyRedirects(MAX_UPSTREAM_REDIRECTS)));
                 }
                 uri = resolve_location(&uri, location, endpoint.answers_reach)
                     .map_err(|e| err(UpstreamErrorKind::Redirect(e)))?;
@@ -560,32 +445,25 @@ impl Upstreams {
     async fn send(
         &self,
         client: &HttpClient,
-        req: &Fetch<'_>,
+        req: &Fetch,
         request: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, Failure> {
         let sent = std::time::Instant::now();
-        let result = tokio::time::timeout(HEADER_TIMEOUT, client.request(request)).await;
-        let registry_label = self.label(req.registry);
+        let result = crate::wire::send(client, request, UPSTREAM_HEADER_TIMEOUT).await;
+        let registry_label = self.label(&req.registry);
         self.metrics
             .duration
             .with_label_values(&[registry_label, req.kind()])
             .observe(sent.elapsed().as_secs_f64());
         let status_class = match &result {
-            Ok(Ok(resp)) => crate::metrics::status_class(resp.status()),
-            _ => "error",
+            Ok(resp) => crate::wire::status_class(resp.status()),
+            Err(_) => "error",
         };
         self.metrics
             .requests
             .with_label_values(&[registry_label, req.kind(), status_class])
             .inc();
-        match result {
-            Err(_) => Err(Failure {
-                kind: UpstreamErrorKind::Timeout(HEADER_TIMEOUT),
-                retry: true,
-            }),
-            Ok(Err(e)) => Err(Failure::from_client(e)),
-            Ok(Ok(resp)) => Ok(resp),
-        }
+        result.map_err(Failure::from)
     }
 
     /// Keeps Docker Hub's rate-limit headers for the gauges.
@@ -605,7 +483,7 @@ impl Upstreams {
     }
 
     /// What a final non-2xx answer means; a 429 also closes the endpoint for its Retry-After.
-    fn refusal(&self, endpoint: &Endpoint<'_>, req: &Fetch<'_>, resp: &Response<Incoming>) -> UpstreamErrorKind {
+    fn refusal(&self, endpoint: &Endpoint<'_>, req: &Fetch, resp: &Response<Incoming>) -> UpstreamErrorKind {
         let status = resp.status();
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if endpoint.credentials.is_some() => {
@@ -637,9 +515,19 @@ struct Failure {
     retry: bool,
 }
 
-impl Failure {
-    /// A connection refused by the address policy is final; other connect errors may pass.
-    fn from_client(e: hyper_util::client::legacy::Error) -> Failure {
+impl From<SendError> for Failure {
+    /// A connection refused by the address policy is final; other connect errors and
+    /// timeouts may pass.
+    fn from(e: SendError) -> Failure {
+        let e = match e {
+            SendError::Timeout(after) => {
+                return Failure {
+                    kind: UpstreamErrorKind::Timeout(after),
+                    retry: true,
+                };
+            }
+            SendError::Client(e) => e,
+        };
         if let Some(refused) = resolve::refusal(&e) {
             return Failure {
                 kind: UpstreamErrorKind::Forbidden(refused.clone()),

@@ -7,8 +7,9 @@ use http::header::WWW_AUTHENTICATE;
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use super::auth::Challenge;
-use super::{Fetch, Resource, UpstreamError, UpstreamErrorKind, Upstreams};
-use crate::oci::{AcceptClass, Registry, Repository};
+use super::{UpstreamError, UpstreamErrorKind, Upstreams, request};
+use crate::fetch::{Fetch, Resource};
+use crate::oci::{AcceptClass, Reference, Registry, Repository};
 
 /// What the registry answered about one object, for one client.
 #[derive(Debug, Clone)]
@@ -44,7 +45,7 @@ impl Upstreams {
         registry: &Registry,
         repository: &Repository,
         resource: Resource,
-        reference: &str,
+        reference: Reference,
         client: Option<&HeaderValue>,
     ) -> Result<Answer, UpstreamError> {
         let err = |kind| UpstreamError::new(registry, kind);
@@ -56,17 +57,16 @@ impl Upstreams {
         }
         let mut endpoint = self.endpoint(registry, self.base(registry)?, None)?;
         endpoint.credentials = None;
-        let accept = AcceptClass::all().header_value();
         let req = Fetch {
             method: Method::HEAD,
-            registry,
-            repository,
+            registry: registry.clone(),
+            repository: repository.clone(),
             resource,
+            accept: (resource == Resource::Manifest).then(|| AcceptClass::all().header_value()),
             reference,
-            accept: (resource == Resource::Manifest).then_some(&accept),
             from: None,
         };
-        let uri: Uri = format!("{}/v2/{repository}/{resource}/{reference}", endpoint.base)
+        let uri: Uri = format!("{}{}", endpoint.base, req.path())
             .parse()
             .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
         let scope = format!("repository:{repository}:pull");
@@ -81,7 +81,7 @@ impl Upstreams {
         };
         let mut first_challenge = None;
         loop {
-            let request = req.request(&uri, auth.as_ref());
+            let request = request(&req, &uri, auth.as_ref());
             let resp = self
                 .send(endpoint.client, &req, request)
                 .await

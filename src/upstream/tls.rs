@@ -6,17 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::HttpClient;
 use super::resolve::{GuardedResolver, Reach};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Giving up on a TCP connect to a registry after this long.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads every certificate of a PEM file; a file with none is an error.
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -44,19 +41,13 @@ pub(super) fn client(extra: &[CertificateDer<'static>], reach: Reach) -> HttpCli
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver(reach));
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(https)
+    let options = crate::wire::ClientOptions {
+        tls,
+        connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
+        plain_http: true,
+        http2: true,
+    };
+    crate::wire::client(GuardedResolver(reach), options)
 }
 
 #[cfg(test)]

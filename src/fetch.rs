@@ -1,0 +1,191 @@
+//! The words of the request path: [`Fetch`], the one outbound request (a manifest or blob of a
+//! repository, by tag or digest, from an offset), sent alike to a peer and to a registry;
+//! [`Asker`], who it is for; and [`CacheResult`], how the cache answered.
+
+use std::fmt;
+
+use http::header::{ACCEPT, RANGE};
+use http::{HeaderValue, Method, Uri};
+
+use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository};
+
+/// What is fetched; it decides the path and how a 404 reads to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Manifest,
+    Blob,
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resource::Manifest => "manifests",
+            Resource::Blob => "blobs",
+        })
+    }
+}
+
+/// Who asks for content: a client on this node, or another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Asker {
+    Client,
+    /// A peer. It is answered from the store, the local flight or the upstream, never by
+    /// asking another peer.
+    Peer,
+}
+
+/// How the cache answered a request, for the access log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// From the cache without asking upstream.
+    Hit,
+    /// Fetched (or being fetched) for this request.
+    Miss,
+    /// Joined another request's fetch.
+    Coalesced,
+    /// Upstream confirmed the cached tag.
+    Revalidated,
+    /// Upstream failed; the cached answer was served past its TTL.
+    Stale,
+    /// Answered by a source without caching anything (a `HEAD` of a blob not held).
+    Bypass,
+}
+
+impl CacheResult {
+    /// A closed set, for labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Stale => "stale",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+
+    /// Where the bytes of the answer came from: the cache or a source outside it.
+    pub fn source(self) -> Option<&'static str> {
+        match self {
+            CacheResult::Hit | CacheResult::Revalidated | CacheResult::Stale => Some("cache"),
+            CacheResult::Miss | CacheResult::Coalesced => Some("upstream"),
+            CacheResult::Bypass => None,
+        }
+    }
+
+    /// Whether the bytes were on this node's disk when asked for.
+    pub fn was_stored(self) -> bool {
+        self == CacheResult::Hit
+    }
+}
+
+/// One request for content, to a peer or a registry.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    pub method: Method,
+    pub registry: Registry,
+    pub repository: Repository,
+    pub resource: Resource,
+    pub reference: Reference,
+    pub accept: Option<HeaderValue>,
+    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
+    pub from: Option<u64>,
+}
+
+impl Fetch {
+    pub fn manifest(
+        method: Method,
+        registry: &Registry,
+        repository: &Repository,
+        reference: Reference,
+        accept: AcceptClass,
+    ) -> Fetch {
+        Fetch {
+            method,
+            registry: registry.clone(),
+            repository: repository.clone(),
+            resource: Resource::Manifest,
+            reference,
+            accept: Some(accept.header_value()),
+            from: None,
+        }
+    }
+
+    pub fn blob(method: Method, registry: &Registry, repository: &Repository, digest: &Digest) -> Fetch {
+        Fetch {
+            method,
+            registry: registry.clone(),
+            repository: repository.clone(),
+            resource: Resource::Blob,
+            reference: Reference::Digest(digest.clone()),
+            accept: None,
+            from: None,
+        }
+    }
+
+    /// The same request from `from` on.
+    pub fn from_offset(&self, from: Option<u64>) -> Fetch {
+        Fetch { from, ..self.clone() }
+    }
+
+    /// The digest it names, when it names one: only content by digest can come from a peer.
+    pub fn digest(&self) -> Option<&Digest> {
+        match &self.reference {
+            Reference::Digest(digest) => Some(digest),
+            Reference::Tag(_) => None,
+        }
+    }
+
+    /// `/v2/<repository>/<manifests|blobs>/<reference>`.
+    pub fn path(&self) -> String {
+        format!("/v2/{}/{}/{}", self.repository, self.resource, self.reference)
+    }
+
+    /// A request for `uri` with the method, `Accept` and `Range` of this fetch; the caller
+    /// adds what its hop needs (credentials, the peer headers).
+    pub fn builder(&self, uri: Uri) -> http::request::Builder {
+        let mut builder = http::Request::builder().method(self.method.clone()).uri(uri);
+        if let Some(accept) = &self.accept {
+            builder = builder.header(ACCEPT, accept.clone());
+        }
+        if let Some(from) = self.from {
+            builder = builder.header(RANGE, format!("bytes={from}-"));
+        }
+        builder
+    }
+
+    /// The `kind` label: what was asked for, and how.
+    pub fn kind(&self) -> &'static str {
+        match (self.resource, self.method == Method::HEAD) {
+            (Resource::Manifest, false) => "manifest",
+            (Resource::Manifest, true) => "manifest_head",
+            (Resource::Blob, false) => "blob",
+            (Resource::Blob, true) => "blob_head",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_request_shape_for_every_hop() {
+        let (registry, repository) = (Registry::docker_hub(), Repository::parse("library/x").unwrap());
+        let digest = Digest::of(b"x");
+        let fetch = Fetch::blob(Method::GET, &registry, &repository, &digest).from_offset(Some(7));
+        assert_eq!(fetch.path(), format!("/v2/library/x/blobs/{digest}"));
+        assert_eq!(fetch.digest(), Some(&digest));
+        let request = fetch.builder("https://r.test/x".parse().unwrap()).body(()).unwrap();
+        assert_eq!(request.headers()[RANGE], "bytes=7-");
+        assert!(request.headers().get(ACCEPT).is_none());
+
+        let tag = Reference::Tag(crate::oci::Tag::parse("v1").unwrap());
+        let manifest = Fetch::manifest(Method::HEAD, &registry, &repository, tag, AcceptClass::all());
+        assert_eq!(manifest.path(), "/v2/library/x/manifests/v1");
+        assert_eq!((manifest.digest(), manifest.kind()), (None, "manifest_head"));
+        let request = manifest.builder("https://r.test/x".parse().unwrap()).body(()).unwrap();
+        assert!(request.headers().get(RANGE).is_none());
+        assert!(request.headers().contains_key(ACCEPT));
+    }
+}
