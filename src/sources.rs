@@ -342,3 +342,277 @@ impl Stream<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::{Mutex, OnceLock};
+
+    use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+    use http::{Method, Request};
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::oci::{AcceptClass, Reference, Registry, Repository, Tag};
+    use crate::peers::tls::Identity;
+    use crate::upstream::RegistrySettings;
+
+    const BLOB_SIZE: usize = 64 * 1024;
+    const HALF: usize = BLOB_SIZE / 2;
+
+    /// How a fake source answers a request for the test's blob.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// The whole blob, or from the requested offset with 206, like a registry.
+        Ranges,
+        /// 200 with the whole size announced, half the bytes, then the connection drops.
+        HalfThenCut,
+        /// 404.
+        NotFound,
+        /// The announced size of other bytes.
+        Wrong,
+    }
+
+    /// A source on 127.0.0.1 (TLS with `tls`, as a peer) that records `METHOD range` of each
+    /// request and serves `blob` as `serve` says.
+    struct Fake {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Fake {
+        async fn start(tls: Option<Arc<rustls::ServerConfig>>, blob: Arc<OnceLock<Bytes>>, serve: Serve) -> Fake {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+            let log = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let (blob, log, tls) = (blob.clone(), log.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let resp = answer(&req, blob.get().unwrap(), serve);
+                            let range = req.headers().get(RANGE).map(|v| v.to_str().unwrap().to_owned());
+                            log.lock()
+                                .unwrap()
+                                .push(format!("{} {}", req.method(), range.unwrap_or_default()));
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let http = hyper::server::conn::http1::Builder::new();
+                        let _ = match tls {
+                            Some(tls) => match tokio_rustls::TlsAcceptor::from(tls).accept(stream).await {
+                                Ok(tls) => http.serve_connection(TokioIo::new(tls), service).await,
+                                Err(_) => return,
+                            },
+                            None => http.serve_connection(TokioIo::new(stream), service).await,
+                        };
+                    });
+                }
+            });
+            Fake { addr, seen }
+        }
+
+        fn seen(&self) -> Vec<String> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+    fn answer(req: &Request<Incoming>, blob: &Bytes, serve: Serve) -> Response<TestBody> {
+        let from: usize = req
+            .headers()
+            .get(RANGE)
+            .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .unwrap_or(0);
+        let mut resp = Response::builder();
+        let mut frames: Vec<std::io::Result<Frame<Bytes>>> = Vec::new();
+        match serve {
+            Serve::Ranges => {
+                resp = resp.header(CONTENT_LENGTH, blob.len() - from);
+                if from > 0 {
+                    let range = format!("bytes {from}-{}/{}", blob.len() - 1, blob.len());
+                    resp = resp.status(StatusCode::PARTIAL_CONTENT).header(CONTENT_RANGE, range);
+                }
+                frames.push(Ok(Frame::data(blob.slice(from..))));
+            }
+            Serve::HalfThenCut => {
+                resp = resp.header(CONTENT_LENGTH, blob.len());
+                frames.push(Ok(Frame::data(blob.slice(..HALF))));
+                frames.push(Err(std::io::Error::other("cut off")));
+            }
+            Serve::NotFound => resp = resp.status(StatusCode::NOT_FOUND),
+            Serve::Wrong => {
+                resp = resp.header(CONTENT_LENGTH, blob.len());
+                frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; blob.len()]))));
+            }
+        }
+        if req.method() == Method::HEAD {
+            frames.clear();
+        }
+        // The cut comes once the bytes before it are out, as when a connection drops.
+        let frames = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
+            if frame.is_err() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            frame
+        });
+        resp.body(StreamBody::new(frames).boxed_unsync()).unwrap()
+    }
+
+    /// This node, two fake peers ranked above it for the test's blob (`first` the owner), and
+    /// a registry `up.test` that serves the blob with ranges.
+    struct Cluster {
+        sources: Sources,
+        peers: Arc<Peers>,
+        upstream: Fake,
+        first: Fake,
+        second: Fake,
+        blob: Bytes,
+        _ca: tempfile::TempDir,
+        _view: tokio::sync::watch::Sender<crate::peers::membership::View>,
+    }
+
+    async fn cluster(first: Serve, second: Serve) -> Cluster {
+        let ca = tempfile::tempdir().unwrap();
+        crate::ca::init(ca.path()).unwrap();
+        let identity = Identity::issue(ca.path(), "127.0.0.1".parse().unwrap()).unwrap();
+        let tls = Arc::new(identity.server_config().unwrap());
+        let shared: Arc<OnceLock<Bytes>> = Arc::default();
+        let upstream = Fake::start(None, shared.clone(), Serve::Ranges).await;
+        let first = Fake::start(Some(tls.clone()), shared.clone(), first).await;
+        let second = Fake::start(Some(tls), shared.clone(), second).await;
+        let me: PeerAddr = "127.0.0.1:1".parse().unwrap();
+        let members = [me, first.addr, second.addr];
+        let blob = (0u32..)
+            .map(|i| Bytes::from(format!("{i} ").repeat(BLOB_SIZE)).slice(..BLOB_SIZE))
+            .find(|blob| crate::peers::ring::rank(&members, &Digest::of(blob)) == [first.addr, second.addr, me])
+            .unwrap();
+        shared.set(blob.clone()).unwrap();
+
+        let (view_tx, view) = tokio::sync::watch::channel(Arc::new(members.to_vec()));
+        let peer_metrics = crate::peers::Metrics::register(&prometheus::Registry::new()).unwrap();
+        let peers = Arc::new(Peers::with_view(me, view, &identity, 4, peer_metrics));
+        let mut settings = crate::upstream::Settings::default();
+        settings.registries.insert(
+            Registry::parse("up.test").unwrap(),
+            RegistrySettings {
+                url: Some(format!("http://{}", upstream.addr).parse().unwrap()),
+                ..RegistrySettings::default()
+            },
+        );
+        let upstream_metrics = crate::upstream::Metrics::register(&prometheus::Registry::new()).unwrap();
+        let upstreams = Arc::new(Upstreams::new(settings, upstream_metrics));
+        Cluster {
+            sources: Sources::new(upstreams, Some(peers.clone())),
+            peers,
+            upstream,
+            first,
+            second,
+            blob,
+            _ca: ca,
+            _view: view_tx,
+        }
+    }
+
+    impl Cluster {
+        fn fetch(&self, method: Method) -> Fetch {
+            let (registry, repository) = (
+                Registry::parse("up.test").unwrap(),
+                Repository::parse("team/app").unwrap(),
+            );
+            Fetch::blob(method, &registry, &repository, &Digest::of(&self.blob))
+        }
+
+        fn upstream_bytes(&self) -> u64 {
+            self.sources
+                .upstreams
+                .bytes_counter(&Registry::parse("up.test").unwrap())
+                .get()
+        }
+    }
+
+    async fn read_all(chain: &mut Chain) -> Result<Bytes> {
+        chain.open().await?.collect(u64::MAX).await
+    }
+
+    /// The owner breaks off mid-body and the next peer answers without the content: the
+    /// upstream resumes where the owner broke, the reader sees one whole body, each source's
+    /// bytes are counted where they came from, and the owner is skipped from then on.
+    #[tokio::test]
+    async fn a_peer_that_breaks_off_is_skipped_and_the_upstream_resumes() {
+        let cluster = cluster(Serve::HalfThenCut, Serve::NotFound).await;
+        let mut chain = cluster.sources.chain(cluster.fetch(Method::GET), Asker::Client);
+        assert_eq!(read_all(&mut chain).await.unwrap(), cluster.blob);
+
+        assert_eq!(cluster.first.seen(), ["GET "]);
+        assert_eq!(cluster.second.seen(), [format!("GET bytes={HALF}-")]);
+        assert_eq!(cluster.upstream.seen(), [format!("GET bytes={HALF}-")]);
+        assert_eq!(cluster.peers.bytes_in().get(), HALF as u64);
+        assert_eq!(cluster.upstream_bytes(), (BLOB_SIZE - HALF) as u64);
+        assert!(chain.blame_peers().is_some(), "the owner sent bytes of it");
+        let digest = Digest::of(&cluster.blob);
+        assert!(
+            !cluster.peers.route(&digest).contains(&cluster.first.addr),
+            "the owner is skipped"
+        );
+    }
+
+    /// Bytes that failed their digest are the fault of the peers that sent them: they are
+    /// skipped for long. Bytes all from the upstream blame no peer.
+    #[tokio::test]
+    async fn wrong_bytes_are_blamed_on_the_peers_that_sent_them() {
+        let cluster = cluster(Serve::Wrong, Serve::Ranges).await;
+        let digest = Digest::of(&cluster.blob);
+        let mut chain = cluster.sources.chain(cluster.fetch(Method::GET), Asker::Client);
+        assert_ne!(read_all(&mut chain).await.unwrap(), cluster.blob);
+        let blamed = chain.blame_peers();
+        assert!(
+            matches!(blamed, Some(PeerError::Forged { peer }) if peer == cluster.first.addr),
+            "{blamed:?}"
+        );
+        assert_eq!(cluster.peers.route(&digest), [cluster.second.addr]);
+
+        let mut chain = cluster.sources.chain(cluster.fetch(Method::GET), Asker::Peer);
+        assert_eq!(read_all(&mut chain).await.unwrap(), cluster.blob);
+        assert!(chain.blame_peers().is_none());
+        assert_eq!(cluster.upstream.seen(), ["GET "]);
+    }
+
+    /// A client's `HEAD` asks the owner first; a peer's goes upstream only, as does anything
+    /// named by tag.
+    #[tokio::test]
+    async fn heads_follow_the_same_chain() {
+        let cluster = cluster(Serve::Ranges, Serve::Ranges).await;
+        let mut chain = cluster.sources.chain(cluster.fetch(Method::HEAD), Asker::Client);
+        assert_eq!(chain.open().await.unwrap().size(), Some(BLOB_SIZE as u64));
+        assert_eq!(
+            (cluster.first.seen(), cluster.upstream.seen()),
+            (vec!["HEAD ".to_owned()], vec![])
+        );
+
+        let mut chain = cluster.sources.chain(cluster.fetch(Method::HEAD), Asker::Peer);
+        assert_eq!(chain.open().await.unwrap().size(), Some(BLOB_SIZE as u64));
+        assert_eq!(cluster.upstream.seen(), ["HEAD "]);
+
+        let fetch = cluster.fetch(Method::HEAD);
+        let tag = Reference::Tag(Tag::parse("v1").unwrap());
+        let by_tag = Fetch::manifest(
+            Method::HEAD,
+            &fetch.registry,
+            &fetch.repository,
+            tag,
+            AcceptClass::all(),
+        );
+        let mut chain = cluster.sources.chain(by_tag, Asker::Client);
+        assert!(chain.open().await.is_ok());
+        assert_eq!(cluster.upstream.seen().len(), 2);
+        assert_eq!(cluster.first.seen().len() + cluster.second.seen().len(), 1);
+    }
+}

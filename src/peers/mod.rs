@@ -102,7 +102,7 @@ impl Peers {
         Peers::with_view(settings.listen, view, identity, settings.max_uploads, metrics)
     }
 
-    fn with_view(
+    pub(crate) fn with_view(
         me: PeerAddr,
         view: watch::Receiver<View>,
         identity: &tls::Identity,
