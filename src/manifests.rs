@@ -392,3 +392,204 @@ fn media_type_field(bytes: &[u8]) -> Option<String> {
         .media_type
         .filter(|t| crate::oci::is_manifest_media_type(t))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http::header::CONTENT_LENGTH;
+    use http::{Response, StatusCode};
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::upstream::{RegistrySettings, Upstreams};
+
+    const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
+    const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    /// A registry on loopback serving one manifest under every tag and its digest, recording
+    /// `METHOD path` of each request. `status` overrides every answer while set.
+    #[derive(Default)]
+    struct Registry {
+        seen: Mutex<Vec<String>>,
+        status: Mutex<Option<StatusCode>>,
+        /// A `Docker-Content-Digest` that is not the manifest's.
+        lie: Mutex<bool>,
+        /// While true, answers wait.
+        hold: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Registry {
+        fn answer(&self, req: &http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", req.method(), req.uri().path()));
+            if let Some(status) = *self.status.lock().unwrap() {
+                return Response::builder().status(status).body(Full::default()).unwrap();
+            }
+            let digest = if *self.lie.lock().unwrap() {
+                Digest::of(b"something else")
+            } else {
+                Digest::of(MANIFEST)
+            };
+            let body = if req.method() == Method::HEAD {
+                Bytes::new()
+            } else {
+                Bytes::from_static(MANIFEST)
+            };
+            Response::builder()
+                .header(CONTENT_TYPE, MEDIA_TYPE)
+                .header(CONTENT_LENGTH, MANIFEST.len())
+                .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+                .body(Full::new(body))
+                .unwrap()
+        }
+
+        fn seen(&self) -> Vec<String> {
+            std::mem::take(&mut *self.seen.lock().unwrap())
+        }
+    }
+
+    struct Fixture {
+        manifests: Manifests,
+        registry: Arc<Registry>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Manifests over a fresh store, with `up.test` mapped to a [`Registry`] and tags fresh
+    /// for `ttl`.
+    async fn fixture(ttl: Duration) -> Fixture {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registry: Arc<Registry> = Arc::default();
+        let serving = registry.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let registry = serving.clone();
+                let service = service_fn(move |req| {
+                    let resp = registry.answer(&req);
+                    let mut hold = registry.hold.subscribe();
+                    async move {
+                        let _ = hold.wait_for(|hold| !*hold).await;
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let mut settings = crate::upstream::Settings::default();
+        settings.registries.insert(
+            up(),
+            RegistrySettings {
+                url: Some(format!("http://{addr}").parse().unwrap()),
+                ..RegistrySettings::default()
+            },
+        );
+        let metrics = crate::upstream::Metrics::register(&prometheus::Registry::new()).unwrap();
+        let sources = Sources::new(Arc::new(Upstreams::new(settings, metrics)), None);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        Fixture {
+            manifests: Manifests::new(store, Arc::new(sources), ttl, HashMap::new()),
+            registry,
+            _dir: dir,
+        }
+    }
+
+    fn up() -> crate::oci::Registry {
+        crate::oci::Registry::parse("up.test").unwrap()
+    }
+
+    fn tag(name: &str) -> Reference {
+        Reference::Tag(Tag::parse(name).unwrap())
+    }
+
+    impl Fixture {
+        async fn get(&self, reference: &Reference) -> Result<Manifest> {
+            let repository = Repository::parse("team/app").unwrap();
+            self.manifests
+                .get(&up(), &repository, reference, AcceptClass::all(), Asker::Client)
+                .await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_tag_is_fetched_once_then_served_from_the_cache() {
+        let f = fixture(Duration::from_secs(3600)).await;
+        let first = f.get(&tag("v1")).await.unwrap();
+        assert_eq!(
+            (first.cache, &first.bytes[..], first.media_type.as_str()),
+            (CacheResult::Miss, MANIFEST, MEDIA_TYPE)
+        );
+        assert_eq!(f.registry.seen(), ["GET /v2/team/app/manifests/v1"]);
+
+        let again = f.get(&tag("v1")).await.unwrap();
+        let by_digest = f.get(&Reference::Digest(Digest::of(MANIFEST))).await.unwrap();
+        assert_eq!((again.cache, by_digest.cache), (CacheResult::Hit, CacheResult::Hit));
+        assert!(
+            f.registry.seen().is_empty(),
+            "a fresh tag and a stored digest ask nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_tag_is_revalidated_with_one_head_and_served_stale_when_the_registry_fails() {
+        let f = fixture(Duration::ZERO).await;
+        f.get(&tag("v1")).await.unwrap();
+        f.registry.seen();
+
+        let revalidated = f.get(&tag("v1")).await.unwrap();
+        assert_eq!(revalidated.cache, CacheResult::Revalidated);
+        assert_eq!(f.registry.seen(), ["HEAD /v2/team/app/manifests/v1"]);
+
+        *f.registry.status.lock().unwrap() = Some(StatusCode::SERVICE_UNAVAILABLE);
+        let stale = f.get(&tag("v1")).await.unwrap();
+        assert_eq!((stale.cache, &stale.bytes[..]), (CacheResult::Stale, MANIFEST));
+
+        // A tag the registry says is gone is not served stale.
+        *f.registry.status.lock().unwrap() = Some(StatusCode::NOT_FOUND);
+        let gone = f.get(&tag("v1")).await.unwrap_err();
+        assert!(gone.is_not_found(), "{gone}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_of_one_digest_share_one_fetch() {
+        let f = Arc::new(fixture(Duration::from_secs(3600)).await);
+        let digest = Reference::Digest(Digest::of(MANIFEST));
+        let lookups: Vec<_> = (0..8)
+            .map(|_| {
+                let (f, digest) = (f.clone(), digest.clone());
+                tokio::spawn(async move { f.get(&digest).await.unwrap().cache })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for lookup in lookups {
+            results.push(lookup.await.unwrap());
+        }
+        assert_eq!(
+            f.registry.seen().len(),
+            1,
+            "one upstream GET for eight lookups: {results:?}"
+        );
+        assert!(results.contains(&CacheResult::Miss));
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_is_not_what_its_digest_says_is_refused_and_not_stored() {
+        let f = fixture(Duration::from_secs(3600)).await;
+        *f.registry.lie.lock().unwrap() = true;
+        let refused = f.get(&tag("v1")).await.unwrap_err();
+        assert!(refused.is_mismatch(), "{refused}");
+        *f.registry.status.lock().unwrap() = Some(StatusCode::SERVICE_UNAVAILABLE);
+        let by_digest = f.get(&Reference::Digest(Digest::of(MANIFEST))).await.unwrap_err();
+        assert!(!by_digest.is_mismatch(), "nothing was stored to serve: {by_digest}");
+    }
+}

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel with no byte either way for this long is closed (Go clients keep idle connections
 /// for 90 s).
 pub const IDLE: Duration = Duration::from_secs(120);
@@ -30,7 +30,7 @@ pub async fn connect(authority: &str) -> std::io::Result<TcpStream> {
             "{authority} has no address a tunnel may reach"
         )));
     }
-    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addrs[..]))
+    tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, TcpStream::connect(&addrs[..]))
         .await
         .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))?
 }
