@@ -1,13 +1,18 @@
 //! pullcache: a node-level pull-through cache for container images.
 //!
-//! The request path, in module order: [`server`] accepts and routes a request; [`manifests`]
-//! answers manifests from the [`store`] (tags through the tag index), concurrent misses for one
-//! tag or digest sharing a single upstream lookup through [`coalesce`]; blobs come from the
-//! [`store`] or a [`flight`], the one download per digest that every client tails; misses go
-//! to the [`peers`] (cluster mode: the digest's owner node first), then through the
-//! [`upstream`] client. [`intercept`] makes the same listener an HTTPS proxy that
-//! terminates TLS for registry hosts; [`ca`] signs its certificates and the peers'. [`oci`] holds the grammar everything is validated
-//! against, and [`metrics`] the admin listener with `/metrics`, `/healthz` and `/readyz`.
+//! The request path, in module order: [`server`] accepts a connection and routes each
+//! request, after [`authorize`] has let its client in; [`manifests`] answers manifests from
+//! the [`store`] (tags through the tag index, concurrent misses sharing one lookup through
+//! [`coalesce`]); blobs come from the [`store`] or a [`flight`], the one download per digest
+//! that every client tails. Every miss, blob or manifest, `GET` or `HEAD`, goes out through
+//! [`sources`]: one chain of the [`peers`] (cluster mode, the digest's owner first) and then
+//! the [`upstream`] registries, which resumes a broken body from the next source. [`fetch`]
+//! names what is asked for, [`wire`] holds the HTTP plumbing every layer shares, and
+//! [`error`] says whose fault a failure is. [`intercept`] makes the listener an HTTPS proxy
+//! that terminates TLS for registry hosts; [`ca`] signs its certificates and the peers'.
+//! [`oci`] holds the grammar everything is validated against, and [`metrics`] the admin
+//! listener with `/metrics`, `/healthz` and `/readyz`. [`layers`] is the rule that keeps
+//! these arrows pointing down.
 #![forbid(unsafe_code)]
 
 pub mod authorize;

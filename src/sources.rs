@@ -260,8 +260,11 @@ impl Stream<'_> {
         self.chain.peer()
     }
 
-    /// The next bytes of the body, `None` at its end.
+    /// The next bytes of the body, `None` at its end (at once for a `HEAD`).
     pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        if self.chain.fetch.method == http::Method::HEAD {
+            return Ok(None);
+        }
         loop {
             let broken = match tokio::time::timeout(self.chain.idle_timeout(), self.body.frame()).await {
                 Err(_) => BodyError::Idle(self.chain.idle_timeout()),
