@@ -13,10 +13,13 @@
 //! [`oci`] holds the grammar everything is validated against, and [`metrics`] the admin
 //! listener with `/metrics`, `/healthz` and `/readyz`. [`layers`] is the rule that keeps
 //! these arrows pointing down.
+//!
+//! The binary (`main.rs`) parses the command line and runs a node; its `bundle` module holds
+//! the commands that run a node of their own to fill or empty a cache (`prefetch`, `export`,
+//! `import`), using this library as any client would.
 #![forbid(unsafe_code)]
 
 pub mod authorize;
-pub mod bundle;
 pub mod ca;
 pub mod coalesce;
 pub mod config;

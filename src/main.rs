@@ -1,6 +1,8 @@
 //! The `pullcache` binary: parse the command line, set up logging and TLS, bind, and hand over
 //! to the library.
 
+mod bundle;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -38,9 +40,9 @@ fn main() -> ExitCode {
         Command::Ca(command) => return ca(command),
         Command::ContainerdConfig(command) => return containerd_config(command),
         Command::Verify { cache_dir } => return verify(cache_dir.unwrap_or_else(pullcache::config::default_cache_dir)),
-        Command::Prefetch(args) => return one_shot(pullcache::bundle::prefetch_command(&args)),
-        Command::Export(args) => return one_shot(pullcache::bundle::export_command(&args)),
-        Command::Import(args) => return report(pullcache::bundle::import_command(&args)),
+        Command::Prefetch(args) => return one_shot(bundle::prefetch_command(&args)),
+        Command::Export(args) => return one_shot(bundle::export_command(&args)),
+        Command::Import(args) => return report(bundle::import_command(&args)),
     };
     let config = match args.resolve() {
         Ok(config) => config,

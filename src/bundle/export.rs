@@ -10,8 +10,8 @@ use std::path::Path;
 
 use super::layout::{Entry, INDEX_FILE, Index, OCI_LAYOUT, OCI_LAYOUT_FILE};
 use super::walk::Walked;
-use crate::oci::{Digest, OCI_INDEX};
-use crate::store::Store;
+use pullcache::oci::{Digest, OCI_INDEX};
+use pullcache::store::Store;
 
 /// Writes `walked` images, whose blobs are all in the store at `cache_dir`, to `out`.
 /// Returns the number of blobs and bytes written.

@@ -16,8 +16,8 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use super::layout::{DOCKER_MANIFEST_FILE, DockerImage, INDEX_FILE, Index, OCI_LAYOUT_FILE};
-use crate::oci::{AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Reference, References};
-use crate::store::{Store, TagKey, TagRecord, TempBlob};
+use pullcache::oci::{AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Reference, References};
+use pullcache::store::{Store, TagKey, TagRecord, TempBlob};
 
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
 
-use crate::oci::ImageRef;
+use pullcache::oci::ImageRef;
 
-pub use export::export;
-pub use import::{Imported, import};
-pub use walk::{Walked, Walker};
+use export::export;
+use import::import;
+use walk::{Walked, Walker};
 
 /// pullcache serving a configuration on a loopback port of its own.
 pub struct LocalServer {
@@ -32,17 +32,17 @@ pub struct LocalServer {
 impl LocalServer {
     /// Starts serving `config` (its listen addresses are ignored, and it is no cluster member)
     /// and waits until ready.
-    pub async fn start(mut config: crate::Config) -> anyhow::Result<LocalServer> {
+    pub async fn start(mut config: pullcache::Config) -> anyhow::Result<LocalServer> {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", api.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
         config.peers = None;
-        let listeners = crate::Listeners {
+        let listeners = pullcache::Listeners {
             api,
             admin: None,
             peer: None,
         };
-        let task = tokio::spawn(crate::run(listeners, config, async {
+        let task = tokio::spawn(pullcache::run(listeners, config, async {
             let _ = stopped.await;
         }));
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -137,7 +137,7 @@ pub fn image_list(args: &[String], from_file: Option<&std::path::Path>) -> anyho
 }
 
 /// `pullcache prefetch`: returns the summary line.
-pub async fn prefetch_command(args: &crate::config::PrefetchArgs) -> anyhow::Result<String> {
+pub async fn prefetch_command(args: &pullcache::config::PrefetchArgs) -> anyhow::Result<String> {
     let images = image_list(&args.images.images, args.images.from_file.as_deref())?;
     let started = Instant::now();
     let walked = match &args.server {
@@ -160,7 +160,7 @@ pub async fn prefetch_command(args: &crate::config::PrefetchArgs) -> anyhow::Res
 }
 
 /// `pullcache export`: returns the summary line.
-pub async fn export_command(args: &crate::config::ExportArgs) -> anyhow::Result<String> {
+pub async fn export_command(args: &pullcache::config::ExportArgs) -> anyhow::Result<String> {
     let images = image_list(&args.images.images, args.images.from_file.as_deref())?;
     let config = args.serve.resolve()?;
     let cache_dir = config.cache_dir.clone();
@@ -178,8 +178,11 @@ pub async fn export_command(args: &crate::config::ExportArgs) -> anyhow::Result<
 }
 
 /// `pullcache import`: returns the summary line.
-pub fn import_command(args: &crate::config::ImportArgs) -> anyhow::Result<String> {
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(crate::config::default_cache_dir);
+pub fn import_command(args: &pullcache::config::ImportArgs) -> anyhow::Result<String> {
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(pullcache::config::default_cache_dir);
     let mut lines = Vec::new();
     for bundle in &args.bundles {
         let imported = import(&cache_dir, bundle, args.name.as_ref(), args.pin)

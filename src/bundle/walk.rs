@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::oci::{Descriptor, Digest, ImageRef, MANIFEST_MEDIA_TYPES, References, is_manifest_media_type};
+use pullcache::oci::{Descriptor, Digest, ImageRef, MANIFEST_MEDIA_TYPES, References, is_manifest_media_type};
 
 /// A manifest as the walk found it.
 #[derive(Debug, Clone)]
