@@ -1,6 +1,7 @@
 //! pullcache: a node-level pull-through cache for container images.
 //!
-//! The request path, in module order: [`server`] accepts and routes a request; [`manifests`]
+//! The request path, in module order: [`server`] accepts (through the [`listener`] every port
+//! shares: cap, timeouts, drain) and routes a request; [`manifests`]
 //! answers manifests from the [`store`] (tags through the tag index), concurrent misses for one
 //! tag or digest sharing a single upstream lookup through [`coalesce`]; blobs come from the
 //! [`store`] or a [`flight`], the one download per digest that every client tails; misses go
@@ -19,6 +20,7 @@ pub mod containerd;
 pub mod error;
 pub mod flight;
 pub mod intercept;
+pub mod listener;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;

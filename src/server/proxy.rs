@@ -18,8 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::response::{self, Body};
 use super::sendfile::Spans;
-use super::{AppSlot, ConnectionLimits, builder};
+use super::{AppSlot, ConnectionLimits};
 use crate::intercept::{self, Decision, Intercept, tunnel};
+use crate::listener::builder;
 use crate::oci::Registry;
 use crate::peers::Asker;
 use crate::sync::MutexExt;
