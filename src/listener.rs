@@ -207,11 +207,6 @@ pub struct Handoff {
 }
 
 impl Conn {
-    /// The address the connection comes from.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
-    }
-
     /// Runs a handshake (TLS) on the connection, for the header-read timeout at most; `None`
     /// (logged) when it fails or times out.
     pub async fn handshake<T, E: fmt::Display>(&self, handshake: impl Future<Output = Result<T, E>>) -> Option<T> {
