@@ -9,8 +9,8 @@
 pub const LAYERS: &[&[&str]] = &[
     // Vocabulary and plumbing that know nothing of the rest.
     &["sync", "wire", "oci", "ca", "layers"],
-    // What a request asks for; the disk; coalescing; containerd's files.
-    &["fetch", "store", "coalesce", "containerd"],
+    // What a request asks for; the disk; coalescing; containerd's files; accepting connections.
+    &["fetch", "store", "coalesce", "containerd", "listener"],
     // The two places bytes come from: registries and peers.
     &["upstream", "peers"],
     // Decisions made with a registry's answers: who may read what, which hosts to intercept.

@@ -1,7 +1,7 @@
 //! pullcache: a node-level pull-through cache for container images.
 //!
-//! The request path, in module order: [`server`] accepts a connection and routes each
-//! request, after [`authorize`] has let its client in; [`manifests`] answers manifests from
+//! The request path, in module order: [`server`] accepts a connection (through the [`listener`] every port
+//! shares: cap, timeouts, drain) and routes each request, after [`authorize`] has let its client in; [`manifests`] answers manifests from
 //! the [`store`] (tags through the tag index, concurrent misses sharing one lookup through
 //! [`coalesce`]); blobs come from the [`store`] or a [`flight`], the one download per digest
 //! that every client tails. Every miss, blob or manifest, `GET` or `HEAD`, goes out through
@@ -29,6 +29,7 @@ pub mod fetch;
 pub mod flight;
 pub mod intercept;
 pub mod layers;
+pub mod listener;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -14,10 +15,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus::{Encoder, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
+
+use crate::listener::{ConnectionLimits, Port, Role};
 
 /// Whether the cache can serve: set once the store is open.
 #[derive(Clone, Default)]
@@ -52,7 +53,14 @@ pub fn registry() -> Registry {
     registry
 }
 
-/// Serves the admin endpoints until `shutdown` resolves.
+/// What scrapes and probes may hold of the admin port: a few connections, each quick.
+pub const ADMIN_LIMITS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    header_read_timeout: Duration::from_secs(5),
+};
+
+/// Serves the admin endpoints until `shutdown` resolves, then lets open requests finish for a
+/// bounded grace period.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
@@ -61,30 +69,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let state = Arc::new((registry, readiness, refresh));
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
+    Port::new(Role::Admin, ADMIN_LIMITS)
+        .serve(listener, shutdown, move |stream, conn| {
+            let state = state.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &state.0, &state.1, &state.2)) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            conn.serve(stream, service)
+        })
+        .await;
 }
 
 fn answer(
@@ -129,6 +123,7 @@ fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::TokioIo;
 
     #[tokio::test]
     async fn readiness_and_health() {
@@ -167,5 +162,39 @@ mod tests {
         assert_eq!(get("/other").await.0, StatusCode::NOT_FOUND);
         tx.send(()).unwrap();
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_admin_port_has_a_cap() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, registry(), Readiness::default(), Vec::new(), async {
+            let _ = stopped.await;
+        }));
+        let healthz = |mut sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>| async move {
+            let req = Request::get("/healthz")
+                .header("host", "admin")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let ok = matches!(sender.send_request(req).await, Ok(resp) if resp.status() == StatusCode::OK);
+            (ok, sender)
+        };
+        let connect = || async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender
+        };
+        let mut held = Vec::new();
+        for _ in 0..ADMIN_LIMITS.max_connections {
+            let (ok, sender) = healthz(connect().await).await;
+            assert!(ok, "a connection under the cap was refused");
+            held.push(sender);
+        }
+        let (ok, _) = healthz(connect().await).await;
+        assert!(!ok, "a connection over the cap was served");
     }
 }

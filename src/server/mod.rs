@@ -1,5 +1,5 @@
-//! The HTTP server: the accept loop (connection cap, header-read timeout, backoff on accept
-//! errors, graceful shutdown) and the dispatch of each request to its route's handler.
+//! The HTTP server: the client port (on the shared [`crate::listener`], which owns the accept
+//! loop, cap, timeouts and drain) and the dispatch of each request to its route's handler.
 
 pub mod access;
 mod blobs;
@@ -14,22 +14,19 @@ mod sendfile;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::authorize::{Authorizer, Object, Via};
 use crate::fetch::{Asker, CacheResult, Resource};
 use crate::flight::Flights;
 use crate::intercept::Intercept;
+use crate::listener::{Conn, Port, Role};
 use crate::manifests::Manifests;
 use crate::oci::{Reference, Registry};
 use crate::sources::Sources;
@@ -38,32 +35,7 @@ use response::Body;
 use routes::Route;
 use sendfile::{SendfileStream, Spans};
 
-/// Bytes of request line and headers a connection may buffer; past it hyper answers 431.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Header fields in one request; past it hyper answers 431.
-const MAX_HEADERS: usize = 64;
-
-/// Limits on what clients may hold of the server.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    /// Connections served at once; more are closed on accept, so containerd moves on to
-    /// its next host at once.
-    pub max_connections: usize,
-    /// A client must send its request headers within this long (slowloris).
-    pub header_read_timeout: Duration,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        ConnectionLimits {
-            max_connections: 4096,
-            header_read_timeout: Duration::from_secs(10),
-        }
-    }
-}
-/// How long in-flight requests get to finish after a shutdown signal.
-pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub use crate::listener::ConnectionLimits;
 
 /// Everything a request handler needs.
 pub struct App {
@@ -229,24 +201,6 @@ async fn answer(
     }
 }
 
-/// The HTTP/1.1 + h2 connection builder, with the header limits and read timeout.
-fn builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // Queue body buffers as they are: the `sendfile` placeholders rely on it.
-        .writev(true)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    builder
-}
-
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for a
 /// bounded grace period.
 pub async fn serve(
@@ -256,59 +210,31 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = builder(limits);
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    // Tunnels, which are no HTTP connections, close once idle when this turns true.
-    let (stopping_tx, stopping) = watch::channel(false);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; closing");
-            continue;
-        };
-        // An upgraded (intercepted or tunnelled) connection keeps the permit after this one ends.
-        let permit = Arc::new(permit);
+    Port::new(Role::Client, limits)
+        .serve(listener, shutdown, move |stream, conn| {
+            connection(stream, conn, app.clone(), intercept.clone(), limits)
+        })
+        .await;
+}
+
+/// Serves a client connection: its HTTP/1 blob bodies go out with `sendfile`, and in intercept
+/// mode a CONNECT hands its place on to the connection it upgrades to, through a [`Slot`].
+async fn connection(
+    stream: TcpStream,
+    conn: Conn,
+    app: Arc<AppSlot>,
+    intercept: Option<Arc<Intercept>>,
+    limits: ConnectionLimits,
+) {
+    let (stream, spans) = SendfileStream::new(stream);
+    conn.serve_with_upgrades(stream, |handoff| {
         let slot = intercept
             .is_some()
-            .then(|| Arc::new(Slot::new(permit.clone(), graceful.watcher(), stopping.clone())));
-        let _ = stream.set_nodelay(true);
-        let (stream, spans) = SendfileStream::new(stream);
-        let service = {
-            let (app, intercept) = (app.clone(), intercept.clone());
-            service_fn(move |req| {
-                let (app, intercept, slot, spans) = (app.clone(), intercept.clone(), slot.clone(), spans.clone());
-                async move { Ok::<_, Infallible>(answer(req, app, intercept, slot.as_ref(), limits, spans).await) }
-            })
-        };
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    let _ = stopping_tx.send(true);
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period over; dropping open connections");
-        }
-    }
+            .then(|| Arc::new(Slot::new(handoff.permit, handoff.watcher, handoff.stopping)));
+        service_fn(move |req| {
+            let (app, intercept, slot, spans) = (app.clone(), intercept.clone(), slot.clone(), spans.clone());
+            async move { Ok::<_, Infallible>(answer(req, app, intercept, slot.as_ref(), limits, spans).await) }
+        })
+    })
+    .await;
 }

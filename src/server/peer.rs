@@ -4,94 +4,26 @@
 //! blob to `--peer-max-uploads` peers sends the next asker to a peer that has it or is
 //! receiving it, which streams it on as it receives: a rollout forms a tree, not a star.
 
-use std::collections::HashMap;
+mod uploads;
+
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::response::{self, Body};
 use super::routes::{self, Route};
-use super::{AppSlot, ConnectionLimits, builder};
+use super::{AppSlot, ConnectionLimits};
 use crate::fetch::{Asker, CacheResult};
-use crate::oci::{Digest, Reference, error_body};
+use crate::listener::{Port, Role};
+use crate::oci::{Reference, error_body};
 use crate::peers::{HOPS_HEADER, MAX_PEER_HOPS, PEER_HEADER, PeerAddr, Peers};
-use crate::sync::MutexExt;
-
-/// Who is receiving each blob from this node, and who has received it.
-#[derive(Default)]
-struct Uploads {
-    by_digest: Mutex<HashMap<Digest, Receivers>>,
-}
-
-#[derive(Default)]
-struct Receivers {
-    /// Uploads running now.
-    active: usize,
-    /// Every peer that is receiving or has received it, oldest first.
-    peers: Vec<PeerAddr>,
-    /// Where the next redirect goes, round robin.
-    next: usize,
-}
-
-/// Peers remembered per blob for redirects.
-const MAX_REMEMBERED_RECEIVERS: usize = 64;
-/// Blobs remembered; past it the oldest entries without uploads are forgotten.
-const MAX_REMEMBERED_BLOBS: usize = 4096;
-
-/// An upload in progress; dropping it (when the body ends) frees its place.
-struct Upload {
-    uploads: Arc<Uploads>,
-    digest: Digest,
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        if let Some(receivers) = self.uploads.by_digest.locked().get_mut(&self.digest) {
-            receivers.active = receivers.active.saturating_sub(1);
-        }
-    }
-}
-
-impl Uploads {
-    /// Either a place for `asker` among this blob's uploads, or the peer to send it to.
-    fn admit(self: &Arc<Self>, digest: &Digest, asker: PeerAddr, max: usize) -> Result<Upload, PeerAddr> {
-        let mut map = self.by_digest.locked();
-        if map.len() >= MAX_REMEMBERED_BLOBS && !map.contains_key(digest) {
-            map.retain(|_, r| r.active > 0);
-        }
-        let receivers = map.entry(digest.clone()).or_default();
-        if receivers.active >= max {
-            let others: Vec<PeerAddr> = receivers.peers.iter().copied().filter(|p| *p != asker).collect();
-            if !others.is_empty() {
-                receivers.next = receivers.next.wrapping_add(1);
-                let target = others[receivers.next % others.len()];
-                receivers.peers.retain(|p| *p != asker);
-                receivers.peers.push(asker);
-                return Err(target);
-            }
-        }
-        receivers.active += 1;
-        if !receivers.peers.contains(&asker) {
-            if receivers.peers.len() == MAX_REMEMBERED_RECEIVERS {
-                receivers.peers.remove(0);
-            }
-            receivers.peers.push(asker);
-        }
-        Ok(Upload {
-            uploads: self.clone(),
-            digest: digest.clone(),
-        })
-    }
-}
+use uploads::Uploads;
 
 /// Serves the peer port on `listener` until `shutdown`, with TLS `tls` (client certificates
 /// required).
@@ -104,55 +36,23 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let uploads = Arc::new(Uploads::default());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, from) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "peer accept failed; backing off");
-                    tokio::time::sleep(super::ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (acceptor, app, peers, uploads) = (acceptor.clone(), app.clone(), peers.clone(), uploads.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // Without a certificate from the cluster CA, the handshake fails: nothing is read.
-            let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::warn!(%from, error = %e, "peer TLS handshake failed"),
-                Err(_) => return tracing::debug!(%from, "peer TLS handshake timed out"),
-            };
-            let service = service_fn(move |req| {
-                let (app, peers, uploads) = (app.clone(), peers.clone(), uploads.clone());
-                async move { Ok::<_, Infallible>(answer(req, &app, &peers, &uploads).await) }
-            });
-            let conn = watcher.watch(
-                builder(limits)
-                    .serve_connection(TokioIo::new(tls), service)
-                    .into_owned(),
-            );
-            if let Err(e) = conn.await {
-                tracing::debug!(%from, error = %e, "peer connection ended with an error");
+    Port::new(Role::Peer, limits)
+        .serve(listener, shutdown, move |stream, conn| {
+            let (acceptor, app, peers, uploads) = (acceptor.clone(), app.clone(), peers.clone(), uploads.clone());
+            async move {
+                // Without a certificate from the cluster CA, the handshake fails: nothing is read.
+                let Some(tls) = conn.handshake(acceptor.accept(stream)).await else {
+                    return;
+                };
+                let service = service_fn(move |req| {
+                    let (app, peers, uploads) = (app.clone(), peers.clone(), uploads.clone());
+                    async move { Ok::<_, Infallible>(answer(req, &app, &peers, &uploads).await) }
+                });
+                conn.serve(tls, service).await;
             }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(super::SHUTDOWN_GRACE) => {}
-    }
+        })
+        .await;
 }
 
 async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &Arc<Uploads>) -> Response<Body> {

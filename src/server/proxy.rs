@@ -18,9 +18,10 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::response::{self, Body};
 use super::sendfile::Spans;
-use super::{AppSlot, ConnectionLimits, builder};
+use super::{AppSlot, ConnectionLimits};
 use crate::fetch::Asker;
 use crate::intercept::{self, Decision, Intercept, tunnel};
+use crate::listener::builder;
 use crate::oci::Registry;
 use crate::sync::MutexExt;
 use crate::upstream::Upstreams;
