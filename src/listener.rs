@@ -121,7 +121,7 @@ impl Port {
         let mut full = FullWarning::default();
         tokio::pin!(shutdown);
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, remote) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -133,13 +133,13 @@ impl Port {
                 () = &mut shutdown => break,
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                full.closed(self.role, peer, self.limits.max_connections);
+                full.closed(self.role, remote, self.limits.max_connections);
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let conn = Conn {
                 role: self.role,
-                peer,
+                remote,
                 limits: self.limits,
                 builder: builder.clone(),
                 permit: Arc::new(permit),
@@ -170,12 +170,12 @@ struct FullWarning {
 }
 
 impl FullWarning {
-    fn closed(&mut self, role: Role, peer: SocketAddr, limit: usize) {
+    fn closed(&mut self, role: Role, remote: SocketAddr, limit: usize) {
         self.closed += 1;
         if self.last.is_some_and(|last| last.elapsed() < FULL_WARNING_EVERY) {
             return;
         }
-        tracing::warn!(%role, %peer, limit, closed = self.closed, "connection limit reached; closing new connections");
+        tracing::warn!(%role, %remote, limit, closed = self.closed, "connection limit reached; closing new connections");
         self.last = Some(Instant::now());
         self.closed = 0;
     }
@@ -185,7 +185,7 @@ impl FullWarning {
 /// graceful shutdown, and the port's connection settings. Serving the connection uses it up.
 pub struct Conn {
     role: Role,
-    peer: SocketAddr,
+    remote: SocketAddr,
     limits: ConnectionLimits,
     builder: Arc<auto::Builder<TokioExecutor>>,
     permit: Arc<OwnedSemaphorePermit>,
@@ -209,15 +209,15 @@ impl Conn {
     /// Runs a handshake (TLS) on the connection, for the header-read timeout at most; `None`
     /// (logged) when it fails or times out.
     pub async fn handshake<T, E: fmt::Display>(&self, handshake: impl Future<Output = Result<T, E>>) -> Option<T> {
-        let (role, peer) = (self.role, self.peer);
+        let (role, remote) = (self.role, self.remote);
         match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
             Ok(Ok(done)) => Some(done),
             Ok(Err(e)) => {
-                tracing::warn!(%role, %peer, error = %e, "handshake failed");
+                tracing::warn!(%role, %remote, error = %e, "handshake failed");
                 None
             }
             Err(_) => {
-                tracing::debug!(%role, %peer, "handshake timed out");
+                tracing::debug!(%role, %remote, "handshake timed out");
                 None
             }
         }
@@ -273,7 +273,7 @@ impl Conn {
     {
         let Conn {
             role,
-            peer,
+            remote,
             limits,
             permit,
             watcher,
@@ -285,14 +285,14 @@ impl Conn {
             ended = &mut conn => ended,
             () = tokio::time::sleep(limits.header_read_timeout) => {
                 if !asked.load(Ordering::Acquire) {
-                    tracing::debug!(%role, %peer, "no request within the header-read timeout; closing");
+                    tracing::debug!(%role, %remote, "no request within the header-read timeout; closing");
                     return;
                 }
                 conn.await
             }
         };
         if let Err(e) = ended {
-            tracing::debug!(%role, %peer, error = %e, "connection ended with an error");
+            tracing::debug!(%role, %remote, error = %e, "connection ended with an error");
         }
         drop(permit);
     }

@@ -74,14 +74,14 @@ pub async fn serve(
             let state = state.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &state.0, &state.1, &state.2)) }
+                async move { Ok::<_, Infallible>(admin_request(&req, &state.0, &state.1, &state.2)) }
             });
             conn.serve(stream, service)
         })
         .await;
 }
 
-fn answer(
+fn admin_request(
     req: &Request<Incoming>,
     registry: &Registry,
     readiness: &Readiness,

@@ -53,8 +53,8 @@ pub type AppSlot = std::sync::OnceLock<App>;
 /// A handler's response and how the cache answered it (none for a ping or an error), for
 /// the access log.
 pub struct Outcome {
-    response: Response<Body>,
-    cache: Option<CacheResult>,
+    pub response: Response<Body>,
+    pub cache: Option<CacheResult>,
 }
 
 impl Outcome {
@@ -67,27 +67,16 @@ impl Outcome {
 }
 
 impl App {
-    /// Answers a request; `host` is the registry of an intercepted connection, `spans` the
-    /// `sendfile` queue of a plain HTTP/1 connection, and `asker` whether a client or a peer
-    /// asks.
-    pub async fn handle(
+    /// Serves a registry API request, logged and counted; `host` is the registry of an
+    /// intercepted connection, `spans` the `sendfile` queue of a plain HTTP/1 connection, and
+    /// `asker` whether a client or a peer asks.
+    pub async fn serve(
         &self,
         req: Request<Incoming>,
         host: Option<&Registry>,
         spans: Option<&Spans>,
         asker: Asker,
-    ) -> Response<Body> {
-        self.answer(req, host, spans, asker).await.0
-    }
-
-    /// [`App::handle`], also saying how the cache answered.
-    pub(crate) async fn answer(
-        &self,
-        req: Request<Incoming>,
-        host: Option<&Registry>,
-        spans: Option<&Spans>,
-        asker: Asker,
-    ) -> (Response<Body>, Option<CacheResult>) {
+    ) -> Outcome {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
         let route = routes::parse(req.method(), req.uri(), host);
@@ -120,7 +109,10 @@ impl App {
             started,
             bytes: 0,
         };
-        (outcome.response.map(|body| access.wrap(body)), outcome.cache)
+        Outcome {
+            response: outcome.response.map(|body| access.wrap(body)),
+            cache: outcome.cache,
+        }
     }
 
     async fn dispatch(
@@ -176,11 +168,11 @@ impl App {
     }
 }
 
-/// A request on the listener: a proxy request (CONNECT or absolute-form) goes to [`proxy`],
+/// A request on the client port: a proxy request (CONNECT or absolute-form) goes to [`proxy`],
 /// anything else is a mirror-mode registry request. `spans` is the connection's `sendfile`
 /// queue, used only by HTTP/1 responses; `slot` is the connection's, for what a CONNECT
 /// upgrades it to.
-async fn answer(
+async fn client_request(
     req: Request<Incoming>,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
@@ -193,10 +185,10 @@ async fn answer(
     // Every h2 request carries a scheme and authority; only HTTP/1's absolute form is a proxy's.
     let proxy = req.method() == Method::CONNECT || (http1 && req.uri().scheme().is_some());
     if proxy {
-        return proxy::answer(req, app, intercept, slot, limits, spans).await;
+        return proxy::proxy_request(req, app, intercept, slot, limits, spans).await;
     }
     match app.get() {
-        Some(app) => app.handle(req, None, spans, Asker::Client).await,
+        Some(app) => app.serve(req, None, spans, Asker::Client).await.response,
         None => response::not_ready(req.method() == Method::HEAD),
     }
 }
@@ -233,7 +225,7 @@ async fn connection(
             .then(|| Arc::new(Slot::new(handoff.permit, handoff.watcher, handoff.stopping)));
         service_fn(move |req| {
             let (app, intercept, slot, spans) = (app.clone(), intercept.clone(), slot.clone(), spans.clone());
-            async move { Ok::<_, Infallible>(answer(req, app, intercept, slot.as_ref(), limits, spans).await) }
+            async move { Ok::<_, Infallible>(client_request(req, app, intercept, slot.as_ref(), limits, spans).await) }
         })
     })
     .await;

@@ -47,7 +47,7 @@ pub async fn serve(
                 };
                 let service = service_fn(move |req| {
                     let (app, peers, uploads) = (app.clone(), peers.clone(), uploads.clone());
-                    async move { Ok::<_, Infallible>(answer(req, &app, &peers, &uploads).await) }
+                    async move { Ok::<_, Infallible>(peer_request(req, &app, &peers, &uploads).await) }
                 });
                 conn.serve(tls, service).await;
             }
@@ -55,12 +55,13 @@ pub async fn serve(
         .await;
 }
 
-async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &Arc<Uploads>) -> Response<Body> {
+async fn peer_request(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &Arc<Uploads>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     let Some(app) = app.get() else {
         return response::not_ready(head);
     };
-    let asker: Option<PeerAddr> = req
+    // The node asking, by its peer address: the one that receives the blob.
+    let receiver: Option<PeerAddr> = req
         .headers()
         .get(PEER_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -79,8 +80,8 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
         }
     };
     // Views that disagree could make two nodes each wait for the other's download.
-    if let (Some(digest), Some(asker)) = (&digest, asker)
-        && app.flights.fed_by(digest) == Some(asker)
+    if let (Some(digest), Some(receiver)) = (&digest, receiver)
+        && app.flights.fed_by(digest) == Some(receiver)
     {
         peers.count_request("failed");
         return refuse(
@@ -100,8 +101,8 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
     } else {
         peers.max_uploads()
     };
-    let upload = match (&digest, asker) {
-        (Some(digest), Some(asker)) if !head => match uploads.admit(digest, asker, max_uploads) {
+    let upload = match (&digest, receiver) {
+        (Some(digest), Some(receiver)) if !head => match uploads.admit(digest, receiver, max_uploads) {
             Ok(upload) => Some(upload),
             Err(elsewhere) => {
                 peers.count_request("redirected");
@@ -110,7 +111,7 @@ async fn answer(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uploads: &
         },
         _ => None,
     };
-    let (resp, cache) = app.answer(req, None, None, Asker::Peer).await;
+    let super::Outcome { response: resp, cache } = app.serve(req, None, None, Asker::Peer).await;
     let result = match (resp.status().is_success(), cache) {
         (false, _) => "failed",
         (true, Some(CacheResult::Hit)) => "served",

@@ -63,7 +63,7 @@ impl Slot {
 }
 
 /// Answers a proxy request: a CONNECT, or an absolute-form request for an intercepted host.
-pub(super) async fn answer(
+pub(super) async fn proxy_request(
     req: Request<Incoming>,
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
@@ -81,7 +81,7 @@ pub(super) async fn answer(
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
     match intercept.decide(&authority) {
         Decision::Intercept { registry, .. } => match app.get() {
-            Some(app) => app.handle(req, Some(&registry), spans, Asker::Client).await,
+            Some(app) => app.serve(req, Some(&registry), spans, Asker::Client).await.response,
             None => response::not_ready(req.method() == Method::HEAD),
         },
         Decision::Tunnel | Decision::Refuse(_) => refused(&format!("{authority} is not an intercepted registry")),
@@ -158,7 +158,7 @@ where
                 Some(app) if !req.uri().path().starts_with("/v2") => {
                     forward(app.sources.upstreams(), &registry, req).await
                 }
-                Some(app) => app.handle(req, Some(&registry), None, Asker::Client).await,
+                Some(app) => app.serve(req, Some(&registry), None, Asker::Client).await.response,
                 None => response::not_ready(req.method() == Method::HEAD),
             })
         }
