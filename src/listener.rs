@@ -198,11 +198,33 @@ pub struct Conn {
 /// The place under the cap and in the drain for what a connection turns into (an
 /// intercepted or tunnelled CONNECT), held until that ends.
 pub struct Handoff {
-    pub permit: Arc<OwnedSemaphorePermit>,
+    role: Role,
+    remote: SocketAddr,
+    limits: ConnectionLimits,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    permit: Arc<OwnedSemaphorePermit>,
     /// Held, the shutdown waits; watching a connection with it also tells that one to finish.
-    pub watcher: Watcher,
+    watcher: Watcher,
     /// Turns true when the port stops accepting, for what has no graceful shutdown of its own.
     pub stopping: watch::Receiver<bool>,
+}
+
+impl Handoff {
+    /// The connection the upgraded one becomes when it speaks HTTP again (an intercepted
+    /// CONNECT, after its TLS handshake): served like any other, with the same handshake and
+    /// first-request deadlines, in the same place under the cap and in the drain.
+    pub fn into_conn(self) -> Conn {
+        Conn {
+            role: self.role,
+            remote: self.remote,
+            limits: self.limits,
+            builder: self.builder,
+            permit: self.permit,
+            watcher: self.watcher,
+            handoff: None,
+            stopping: self.stopping,
+        }
+    }
 }
 
 impl Conn {
@@ -252,6 +274,10 @@ impl Conn {
         B::Error: Into<BoxError>,
     {
         let handoff = Handoff {
+            role: self.role,
+            remote: self.remote,
+            limits: self.limits,
+            builder: self.builder.clone(),
             permit: self.permit.clone(),
             watcher: self.handoff.take().expect("a connection is served once"),
             stopping: self.stopping.clone(),

@@ -169,3 +169,59 @@ async fn shutdown_drains_intercepted_connections() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A client that CONNECTs to an intercepted host and then goes quiet (no TLS handshake, or no
+/// request after it) holds its place only for the header-read timeout, like any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_intercepted_connection_gives_its_place_back() -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(300);
+    let dir = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(dir.path().join("cache"));
+    config.limits.max_connections = 1;
+    config.limits.header_read_timeout = timeout;
+    config.intercept = Some(InterceptSettings {
+        ca_dir: dir.path().join("ca"),
+        tunnel_allow: Vec::new(),
+        registries: vec![Registry::parse(REGISTRY)?],
+    });
+    let pullcache = Pullcache::start_with(config).await?;
+    let s = Setup {
+        dir,
+        upstream: FaultUpstream::start().await?,
+        pullcache,
+    };
+
+    // No handshake after the CONNECT.
+    let mut silent = TcpStream::connect(s.pullcache.addr).await?;
+    let target = format!("{REGISTRY}:443");
+    silent
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    assert!(read_head(&mut silent).await?.starts_with("HTTP/1.1 200"));
+    assert!(
+        !plain_served(s.pullcache.addr).await,
+        "the quiet connection holds the only place"
+    );
+    wait_until_served(s.pullcache.addr, timeout).await?;
+
+    // A handshake, then no request.
+    let _quiet = s.intercepted().await?;
+    assert!(
+        !plain_served(s.pullcache.addr).await,
+        "the quiet connection holds the only place"
+    );
+    wait_until_served(s.pullcache.addr, timeout).await
+}
+
+/// Polls until a plain connection is served again, for at most 20 header-read timeouts.
+async fn wait_until_served(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout * 20;
+    while !plain_served(addr).await {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the quiet connection kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

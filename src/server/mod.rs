@@ -177,7 +177,6 @@ async fn client_request(
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
     slot: Option<&Arc<Slot>>,
-    limits: ConnectionLimits,
     spans: Spans,
 ) -> Response<Body> {
     let http1 = req.version() <= Version::HTTP_11;
@@ -185,7 +184,7 @@ async fn client_request(
     // Every h2 request carries a scheme and authority; only HTTP/1's absolute form is a proxy's.
     let proxy = req.method() == Method::CONNECT || (http1 && req.uri().scheme().is_some());
     if proxy {
-        return proxy::proxy_request(req, app, intercept, slot, limits, spans).await;
+        return proxy::proxy_request(req, app, intercept, slot, spans).await;
     }
     match app.get() {
         Some(app) => app.serve(req, None, spans, Asker::Client).await.response,
@@ -204,28 +203,20 @@ pub async fn serve(
 ) {
     Port::new(Role::Client, limits)
         .serve(listener, shutdown, move |stream, conn| {
-            connection(stream, conn, app.clone(), intercept.clone(), limits)
+            connection(stream, conn, app.clone(), intercept.clone())
         })
         .await;
 }
 
 /// Serves a client connection: its HTTP/1 blob bodies go out with `sendfile`, and in intercept
 /// mode a CONNECT hands its place on to the connection it upgrades to, through a [`Slot`].
-async fn connection(
-    stream: TcpStream,
-    conn: Conn,
-    app: Arc<AppSlot>,
-    intercept: Option<Arc<Intercept>>,
-    limits: ConnectionLimits,
-) {
+async fn connection(stream: TcpStream, conn: Conn, app: Arc<AppSlot>, intercept: Option<Arc<Intercept>>) {
     let (stream, spans) = SendfileStream::new(stream);
     conn.serve_with_upgrades(stream, |handoff| {
-        let slot = intercept
-            .is_some()
-            .then(|| Arc::new(Slot::new(handoff.permit, handoff.watcher, handoff.stopping)));
+        let slot = intercept.is_some().then(|| Arc::new(Slot::new(handoff)));
         service_fn(move |req| {
             let (app, intercept, slot, spans) = (app.clone(), intercept.clone(), slot.clone(), spans.clone());
-            async move { Ok::<_, Infallible>(client_request(req, app, intercept, slot.as_ref(), limits, spans).await) }
+            async move { Ok::<_, Infallible>(client_request(req, app, intercept, slot.as_ref(), spans).await) }
         })
     })
     .await;

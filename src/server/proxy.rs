@@ -13,52 +13,29 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::Watcher;
-use tokio::sync::{OwnedSemaphorePermit, watch};
 
+use super::AppSlot;
 use super::response::{self, Body};
 use super::sendfile::Spans;
-use super::{AppSlot, ConnectionLimits};
 use crate::fetch::Asker;
 use crate::intercept::{self, Decision, Intercept, tunnel};
-use crate::listener::builder;
+use crate::listener::{Conn, Handoff};
 use crate::oci::Registry;
 use crate::sync::MutexExt;
 use crate::upstream::Upstreams;
 
-/// A client connection's place in the server: its permit under `--max-connections`, and its
-/// watch in the graceful shutdown, for the connection it may turn into with CONNECT.
-pub(super) struct Slot {
-    permit: Arc<OwnedSemaphorePermit>,
-    watcher: Mutex<Option<Watcher>>,
-    stopping: watch::Receiver<bool>,
-}
-
-/// What an upgraded connection holds until it ends.
-struct Held {
-    _permit: Arc<OwnedSemaphorePermit>,
-    /// Held, the shutdown waits for this connection; watching a connection with it also tells
-    /// that connection to finish.
-    watcher: Watcher,
-    stopping: watch::Receiver<bool>,
-}
+/// A client connection's place in the server (its permit under `--max-connections` and its
+/// watch in the graceful shutdown), for the connection it may turn into with CONNECT.
+pub(super) struct Slot(Mutex<Option<Handoff>>);
 
 impl Slot {
-    pub(super) fn new(permit: Arc<OwnedSemaphorePermit>, watcher: Watcher, stopping: watch::Receiver<bool>) -> Slot {
-        Slot {
-            permit,
-            watcher: Mutex::new(Some(watcher)),
-            stopping,
-        }
+    pub(super) fn new(handoff: Handoff) -> Slot {
+        Slot(Mutex::new(Some(handoff)))
     }
 
-    /// The slot for the connection a CONNECT upgrades to; a connection upgrades once.
-    fn take(&self) -> Option<Held> {
-        Some(Held {
-            _permit: self.permit.clone(),
-            watcher: self.watcher.locked().take()?,
-            stopping: self.stopping.clone(),
-        })
+    /// The place of the connection a CONNECT upgrades to; a connection upgrades once.
+    fn take(&self) -> Option<Handoff> {
+        self.0.locked().take()
     }
 }
 
@@ -68,14 +45,13 @@ pub(super) async fn proxy_request(
     app: Arc<AppSlot>,
     intercept: Option<Arc<Intercept>>,
     slot: Option<&Arc<Slot>>,
-    limits: ConnectionLimits,
     spans: Option<&Spans>,
 ) -> Response<Body> {
     let (Some(intercept), Some(slot)) = (intercept, slot) else {
         return refused("proxy requests need intercept mode (--ca-dir)");
     };
     if req.method() == Method::CONNECT {
-        return connect(req, &intercept, slot, app, limits);
+        return connect(req, &intercept, slot, app);
     }
     // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
@@ -89,13 +65,7 @@ pub(super) async fn proxy_request(
 }
 
 /// Answers a CONNECT: 200 and then intercept or tunnel on the upgraded connection, or 403.
-fn connect(
-    req: Request<Incoming>,
-    intercept: &Intercept,
-    slot: &Slot,
-    app: Arc<AppSlot>,
-    limits: ConnectionLimits,
-) -> Response<Body> {
+fn connect(req: Request<Incoming>, intercept: &Intercept, slot: &Slot, app: Arc<AppSlot>) -> Response<Body> {
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
@@ -134,9 +104,9 @@ fn connect(
                     Ok(upgraded) => upgraded,
                     Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 };
-                match intercept::accept(leaf, TokioIo::new(upgraded)).await {
-                    Ok(tls) => serve_intercepted(tls, registry, app, limits, held).await,
-                    Err(e) => tracing::warn!(host, error = %e, "intercepted TLS handshake failed"),
+                let conn = held.into_conn();
+                if let Some(tls) = conn.handshake(intercept::accept(leaf, TokioIo::new(upgraded))).await {
+                    serve_intercepted(tls, registry, app, conn).await;
                 }
             });
             established()
@@ -144,9 +114,9 @@ fn connect(
     }
 }
 
-/// Serves the registry API on a decrypted intercepted connection, for `registry`, watched by
-/// the graceful shutdown like the connection it came from.
-async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, limits: ConnectionLimits, held: Held)
+/// Serves the registry API on a decrypted intercepted connection, for `registry`, in the place
+/// of the connection it came from.
+async fn serve_intercepted<I>(io: I, registry: Registry, app: Arc<AppSlot>, conn: Conn)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -163,11 +133,7 @@ where
             })
         }
     });
-    let Held { _permit, watcher, .. } = held;
-    let conn = watcher.watch(builder(limits).serve_connection(TokioIo::new(io), service).into_owned());
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "intercepted connection ended with an error");
-    }
+    conn.serve(io, service).await;
 }
 
 /// A request outside the registry API on an intercepted host (`/`, `/v1/_ping`, a token
