@@ -77,9 +77,21 @@ impl App {
         spans: Option<&Spans>,
         asker: Asker,
     ) -> Outcome {
+        let route = routes::parse(req.method(), req.uri(), host);
+        self.serve_route(req, route, host, spans, asker).await
+    }
+
+    /// [`App::serve`] for a request whose route the caller has parsed already.
+    pub(crate) async fn serve_route(
+        &self,
+        req: Request<Incoming>,
+        route: crate::error::Result<Route>,
+        host: Option<&Registry>,
+        spans: Option<&Spans>,
+        asker: Asker,
+    ) -> Outcome {
         let started = Instant::now();
         let head = req.method() == Method::HEAD;
-        let route = routes::parse(req.method(), req.uri(), host);
         let outcome = match &route {
             Ok(route) => self
                 .dispatch(route, head, req.headers(), host.is_some(), spans, asker)

@@ -66,8 +66,9 @@ async fn peer_request(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uplo
         .get(PEER_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let digest = match routes::parse(req.method(), req.uri(), None) {
-        Ok(Route::Blob { digest, .. }) => Some(digest),
+    let route = routes::parse(req.method(), req.uri(), None);
+    let digest = match &route {
+        Ok(Route::Blob { digest, .. }) => Some(digest.clone()),
         Ok(Route::Manifest {
             reference: Reference::Digest(_),
             ..
@@ -111,7 +112,7 @@ async fn peer_request(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uplo
         },
         _ => None,
     };
-    let super::Outcome { response: resp, cache } = app.serve(req, None, None, Asker::Peer).await;
+    let super::Outcome { response: resp, cache } = app.serve_route(req, route, None, None, Asker::Peer).await;
     let result = match (resp.status().is_success(), cache) {
         (false, _) => "failed",
         (true, Some(CacheResult::Hit)) => "served",
