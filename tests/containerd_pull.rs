@@ -115,7 +115,7 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
     let before = upstream.access_log().len();
     let second = puller.start(hosts.path()).await?;
     pull_all(&second, puller, &images, hosts.path()).await?;
-    let late = upstream.requests_since(before).await;
+    let late = upstream.requests_since(before).await?;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
 
     // Upstream gone, pullcache restarted with a zero TTL: every tag must be revalidated, the

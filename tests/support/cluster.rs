@@ -233,19 +233,16 @@ impl Cluster {
         }
         let dns = Dns { child, hosts };
         // Ready once it answers.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let probe = self.nodes.first().context("no node")?;
-        loop {
+        super::eventually(Duration::from_secs(10), "dnsmasq to answer", || async {
             let out = probe
                 .netns
                 .output(&["getent", "hosts", "ready.cluster.test"], Duration::from_secs(5))
                 .await?;
-            if out.status.success() {
-                return Ok(dns);
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "dnsmasq never answered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Ok(out.status.success())
+        })
+        .await?;
+        Ok(dns)
     }
 
     pub fn node(&self, index: usize) -> &Node {

@@ -135,18 +135,12 @@ impl Pullcache {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let resp = crate::support::http_client()
-                .get(format!("http://{}/readyz", self.admin_addr))
-                .send()
-                .await?;
-            if resp.status() == 200 {
-                return Ok(());
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "not ready after {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let readyz = format!("http://{}/readyz", self.admin_addr);
+        crate::support::eventually(timeout, "/readyz to answer 200", || async {
+            let resp = crate::support::http_client().get(&readyz).send().await?;
+            anyhow::Ok(resp.status() == 200)
+        })
+        .await
     }
 
     /// Stops serving and waits for the server to wind down.
