@@ -4,7 +4,7 @@
 //! its own CA. Anything not intercepted or allowed is refused, and a client that does not
 //! trust the CA gets nothing.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

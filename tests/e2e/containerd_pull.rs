@@ -4,7 +4,7 @@
 //! kubelet's CRI `PullImage` on a containerd whose `config_path` is a certs.d that
 //! `pullcache containerd-config install` wired.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! they count against `--max-connections` for as long as they are open, and a shutdown
 //! drains them, letting a request in flight finish and closing them after.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! past it, a full filesystem turns downloads into verified pass-throughs, and a `kill -9`
 //! in the middle of twenty downloads leaves only blobs that hash to their names.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! rollout fetches each blob upstream once for the whole cluster, and an owner killed or cut
 //! off mid-transfer costs at most one more fetch while every other node still unpacks.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

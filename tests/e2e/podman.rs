@@ -3,7 +3,7 @@
 //! real distribution registry, standing in for Docker Hub and for another registry through
 //! pullcache's `--upstream` mappings.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

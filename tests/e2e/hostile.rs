@@ -2,7 +2,7 @@
 //! connections than the cap, a manifest over 4 MiB. Each gets a clear refusal, the server
 //! stays up for everyone else, and nothing enters the cache.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! link cuts, loopbacks that are each node's own, and nothing left behind. They need root and
 //! iproute2, and fail rather than skip without them.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

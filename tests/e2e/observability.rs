@@ -3,7 +3,7 @@
 //! what happened. `/readyz` is 503 until the cache opens, and the Grafana dashboard only
 //! queries metrics that exist.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

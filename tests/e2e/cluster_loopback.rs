@@ -1,9 +1,9 @@
 //! Cluster mode on one loopback: several pullcache members in this process, each with its own
 //! cache and peer port, the real registry upstream. Quick checks of ownership, streaming,
 //! failover and the peer port's mutual TLS; the tests in network namespaces with real
-//! containerd are in `tests/cluster.rs`.
+//! containerd are in `cluster.rs`.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

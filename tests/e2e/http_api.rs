@@ -1,7 +1,7 @@
 //! The registry API as a client sees it, against the real distribution registry upstream:
 //! headers, HEAD, ranges (also during a download) and OCI errors for bad input.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
