@@ -112,6 +112,14 @@ fn verify_store(dir: &Path) -> Result<usize> {
     Ok(files.len())
 }
 
+/// Waits until none of `nodes` has a blob download in flight and the registry logged every
+/// request it answered: a count read after this is final, so a missing GET is missing and a
+/// duplicate one is there.
+async fn quiesce(cluster: &Cluster, nodes: &[&Node]) -> Result<()> {
+    try_join_all(nodes.iter().map(|node| node.idle())).await?;
+    cluster.registry().settle().await
+}
+
 /// GETs of `path_part` that pullcache sent the upstream (containerd falling through to the
 /// registry is not counted: the tests make sure it does not happen).
 fn pullcache_gets(cluster: &Cluster, path_part: &str) -> usize {
@@ -141,7 +149,7 @@ async fn a_rollout_fetches_each_blob_once_for_the_cluster() -> Result<()> {
         let image = push_oci_image(&cluster.push_url(), "team/app", "v1", &[6 << 20, 3 << 20]).await?;
         let nodes: Vec<&Node> = cluster.nodes().iter().collect();
         pull_all(&nodes, &image).await?;
-        cluster.registry().settle().await?;
+        quiesce(&cluster, &nodes).await?;
         for blob in &image.blobs {
             let gets = pullcache_gets(&cluster, &blob.digest);
             ensure!(gets == 1, "blob {} fetched upstream {gets} times", blob.digest);
@@ -191,7 +199,7 @@ async fn a_hot_layer_spreads_as_a_tree() -> Result<()> {
         let layer = image.largest_blob().clone();
         let nodes: Vec<&Node> = cluster.nodes().iter().collect();
         pull_all(&nodes, &image).await?;
-        cluster.registry().settle().await?;
+        quiesce(&cluster, &nodes).await?;
         let gets = pullcache_gets(&cluster, &layer.digest);
         ensure!(gets == 1, "the layer was fetched upstream {gets} times");
         let mut redirected = 0.0;
@@ -255,7 +263,8 @@ async fn owner_lost(loss: Loss) -> Result<()> {
     let (pulled, lost) = tokio::join!(pulls, lose);
     lost?;
     pulled?;
-    cluster.registry().settle().await?;
+    // Not the owner: cut off, its own download may hang until a timeout.
+    quiesce(&cluster, &others).await?;
     let gets = pullcache_gets(&cluster, &layer);
     // The loss must have come mid-transfer, or this test proves nothing.
     let resumed = others
@@ -302,7 +311,8 @@ async fn fetched_by(cluster: &Cluster, via: usize, digest: &str) -> Result<Strin
     );
     let got = node.netns().get(&url, Duration::from_secs(20)).await?;
     ensure!(got.status == 200, "{digest} via node {via}: {}", got.status);
-    cluster.registry().settle().await?;
+    let nodes: Vec<&Node> = cluster.nodes().iter().collect();
+    quiesce(cluster, &nodes).await?;
     let remotes: Vec<String> = cluster
         .registry()
         .access_log()

@@ -115,6 +115,7 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
     let before = upstream.access_log().len();
     let second = puller.start(hosts.path()).await?;
     pull_all(&second, puller, &images, hosts.path()).await?;
+    pullcache.idle().await?;
     let late = upstream.requests_since(before).await?;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
 

@@ -94,6 +94,7 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     let second = Containerd::start().await?;
     second.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(second.is_unpacked(&reference).await?);
+    s.pullcache.idle().await?;
     s.registry.settle().await?;
     assert_eq!(s.registry.access_log_count("GET", "/blobs/"), blob_gets);
 

@@ -106,6 +106,7 @@ async fn podman_pulls_docker_hub_and_other_registry_names_through_the_cache() ->
     for (reference, image) in images {
         pull_and_check(&second, reference, image).await?;
     }
+    pullcache.idle().await?;
     let late = upstream.requests_since(before).await?;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
     Ok(())

@@ -408,6 +408,20 @@ impl Node {
             .unwrap_or(0.0))
     }
 
+    /// Waits until its pullcache, if it runs, has no blob download in flight (see
+    /// [`Pullcache::idle`](super::pullcache::Pullcache::idle)).
+    pub async fn idle(&self) -> Result<()> {
+        if self.pullcache_pid().is_none() {
+            return Ok(());
+        }
+        super::eventually(
+            super::pullcache::IDLE_TIMEOUT,
+            format_args!("no blob download in flight in {}", self.netns.name()),
+            || async { Ok(self.metric("pullcache_inflight_fetches").await? == 0.0) },
+        )
+        .await
+    }
+
     /// Everything pullcache logged so far, across restarts.
     pub fn pullcache_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pullcache.log")).unwrap_or_default()

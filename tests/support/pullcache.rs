@@ -7,6 +7,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// How long [`Pullcache::idle`] waits for downloads in flight to end.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Pullcache {
     pub addr: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`.
@@ -165,6 +168,16 @@ impl Pullcache {
     /// Bytes of the blob files in the store, as on disk now.
     pub fn stored_bytes(&self) -> u64 {
         stored_bytes(&self.cache_dir)
+    }
+
+    /// Waits until no blob download is in flight (`pullcache_inflight_fetches` is 0). Then,
+    /// once the upstream registry [settled](super::registry::Registry::settle), every request
+    /// it was sent is in its access log.
+    pub async fn idle(&self) -> anyhow::Result<()> {
+        crate::support::eventually(IDLE_TIMEOUT, "no blob download in flight", || async {
+            anyhow::Ok(self.sample("pullcache_inflight_fetches").await? == 0.0)
+        })
+        .await
     }
 
     /// Files left in the store's temp directory.
