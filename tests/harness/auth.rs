@@ -190,6 +190,11 @@ async fn tls_basic_registry_serves_shared_storage() {
     let (ok, _, _) = skopeo_inspect(&["--cert-dir", cert_dir_s, "--creds", "user2a:nope"], &reference).await;
     assert!(!ok, "skopeo with a wrong password must fail");
 
+    // Settling works over TLS with auth (the marker's 401 is logged, and hidden).
+    let before = reg.access_log().len();
+    reg.settle().await.expect("a TLS registry with auth settles");
+    assert_eq!(reg.access_log().len(), before);
+
     // restart keeps TLS and auth, on the same port.
     let port = reg.addr().port();
     reg.restart().await.expect("restart");

@@ -68,6 +68,12 @@ pub async fn push_all_kinds(reg: &Registry, big_layer: usize) -> [PushedImage; 3
     [oci, index, docker]
 }
 
+/// The path of `url` (`http://host/PATH`).
+fn url_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.find('/').map_or("/", |i| &rest[i..])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_access_log_counts_exactly_and_restarts() {
     let mut reg = Registry::start().await.expect("registry starts");
@@ -113,6 +119,24 @@ async fn registry_access_log_counts_exactly_and_restarts() {
         .expect("404 entry");
     assert_eq!(entry.status, 404);
     assert_eq!(entry.query(), Some("ns=example.com"));
+    // Settling sees a request answered just before, and its own markers stay out of the log.
+    let before = reg.access_log().len();
+    let resp = client.head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let since = reg.requests_since(before).await.expect("the registry settles");
+    assert_eq!(since.len(), 1, "{since:?}");
+    assert_eq!((since[0].method.as_str(), since[0].path()), ("HEAD", url_path(&url)));
+    reg.settle().await.expect("the registry settles again");
+    assert_eq!(
+        reg.access_log().len(),
+        before + 1,
+        "a settle marker shows in the access log"
+    );
+    let raw = std::fs::read_to_string(reg.access_log_path()).unwrap();
+    assert!(
+        raw.contains("?pullcache-test-settle="),
+        "no marker reached the registry"
+    );
     // The app log mentions the same URIs but is a separate file: not counted.
     let app_log = std::fs::read_to_string(reg.app_log_path()).unwrap();
     assert!(app_log.contains(&digest));

@@ -4,9 +4,9 @@
 
 use std::ffi::OsStr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, bail};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
@@ -90,13 +90,11 @@ where
 impl Served {
     /// Polls `/readyz` (from inside its namespace, if it has one) until it answers 200.
     pub async fn wait_ready(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
         let readyz = format!("http://{}/readyz", self.metrics_addr);
-        while self.status(&readyz).await? != Some(200) {
-            ensure!(Instant::now() < deadline, "never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        super::eventually(Duration::from_secs(20), "/readyz to answer 200", || async {
+            Ok(self.status(&readyz).await? == Some(200))
+        })
+        .await
     }
 
     async fn status(&self, url: &str) -> Result<Option<u16>> {

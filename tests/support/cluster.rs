@@ -233,19 +233,16 @@ impl Cluster {
         }
         let dns = Dns { child, hosts };
         // Ready once it answers.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let probe = self.nodes.first().context("no node")?;
-        loop {
+        super::eventually(Duration::from_secs(10), "dnsmasq to answer", || async {
             let out = probe
                 .netns
                 .output(&["getent", "hosts", "ready.cluster.test"], Duration::from_secs(5))
                 .await?;
-            if out.status.success() {
-                return Ok(dns);
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "dnsmasq never answered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Ok(out.status.success())
+        })
+        .await?;
+        Ok(dns)
     }
 
     pub fn node(&self, index: usize) -> &Node {
@@ -409,6 +406,20 @@ impl Node {
             .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or(0.0))
+    }
+
+    /// Waits until its pullcache, if it runs, has no blob download in flight (see
+    /// [`Pullcache::idle`](super::pullcache::Pullcache::idle)).
+    pub async fn idle(&self) -> Result<()> {
+        if self.pullcache_pid().is_none() {
+            return Ok(());
+        }
+        super::eventually(
+            super::pullcache::IDLE_TIMEOUT,
+            format_args!("no blob download in flight in {}", self.netns.name()),
+            || async { Ok(self.metric("pullcache_inflight_fetches").await? == 0.0) },
+        )
+        .await
     }
 
     /// Everything pullcache logged so far, across restarts.

@@ -11,6 +11,7 @@ pub mod images;
 pub mod kube_api;
 pub mod netns;
 pub mod podman;
+pub mod poll;
 pub mod pullcache;
 pub mod registry;
 pub mod skopeo;
@@ -18,6 +19,10 @@ pub mod spy;
 pub mod tls;
 pub mod tmpfs;
 pub mod token_service;
+
+// Not every includer polls every way (the benches include this module too).
+#[allow(unused_imports)]
+pub use poll::{eventually, eventually_blocking, eventually_every};
 
 use std::path::Path;
 use std::time::Duration;
@@ -82,8 +87,7 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> anyhow:
 /// port, a namespace) is taken away under a live process. For `Drop`: never fails.
 pub fn kill_and_reap(child: &mut tokio::process::Child, within: Duration) {
     let _ = child.start_kill();
-    let deadline = std::time::Instant::now() + within;
-    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let _ = eventually_blocking(within, "a killed child to exit", || {
+        !matches!(child.try_wait(), Ok(None))
+    });
 }

@@ -16,13 +16,13 @@ use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::process::Command;
 
-use super::check_status;
 use super::containerd::{captured, output_within, without_proxy};
+use super::{check_status, eventually_blocking};
 
 pub const IP_BIN: &str = "ip";
 pub const TC_BIN: &str = "tc";
@@ -85,26 +85,7 @@ impl Netns {
     /// GETs `url` with curl from inside (no proxy; TLS unverified, as a probe), within
     /// `timeout`. Err when no answer came: refused, unreachable or too slow.
     pub async fn get(&self, url: &str, timeout: Duration) -> Result<Fetched> {
-        let max_time = format!("{:.3}", timeout.as_secs_f64());
-        let mut cmd = self.command(CURL_BIN);
-        cmd.args(["-sS", "-k", "--noproxy", "*", "-o", "/dev/null"]).args([
-            "-w",
-            "%{http_code} %{size_download} %{time_total}",
-            "--max-time",
-            &max_time,
-            url,
-        ]);
-        without_proxy(captured(&mut cmd));
-        let what = format!("curl {url} in {}", self.name);
-        let out = output_within(cmd, &what, timeout + Duration::from_secs(5)).await?;
-        let out = check_status(&what, out)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut fields = text.split_whitespace();
-        let mut next = || fields.next().with_context(|| format!("{what}: cannot parse {text:?}"));
-        let status = next()?.parse()?;
-        let bytes = next()?.parse()?;
-        let took = Duration::from_secs_f64(next()?.parse()?);
-        Ok(Fetched { status, bytes, took })
+        curl_get(Some(self), url, timeout).await
     }
 
     /// The status of a GET of `url` from inside, or None when nothing answered within 2 s.
@@ -162,6 +143,34 @@ pub fn command_in(netns: Option<&Netns>, program: impl AsRef<OsStr>) -> Command 
     }
 }
 
+/// GETs `url` with curl inside `netns`, or here when there is none (no proxy; TLS unverified,
+/// as a probe), within `timeout`. Err when no answer came: refused, unreachable or too slow.
+pub async fn curl_get(netns: Option<&Netns>, url: &str, timeout: Duration) -> Result<Fetched> {
+    let max_time = format!("{:.3}", timeout.as_secs_f64());
+    let mut cmd = command_in(netns, CURL_BIN);
+    cmd.args(["-sS", "-k", "--noproxy", "*", "-o", "/dev/null"]).args([
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        "--max-time",
+        &max_time,
+        url,
+    ]);
+    without_proxy(captured(&mut cmd));
+    let what = match netns {
+        Some(netns) => format!("curl {url} in {}", netns.name),
+        None => format!("curl {url}"),
+    };
+    let out = output_within(cmd, &what, timeout + Duration::from_secs(5)).await?;
+    let out = check_status(&what, out)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let mut next = || fields.next().with_context(|| format!("{what}: cannot parse {text:?}"));
+    let status = next()?.parse()?;
+    let bytes = next()?.parse()?;
+    let took = Duration::from_secs_f64(next()?.parse()?);
+    Ok(Fetched { status, bytes, took })
+}
+
 /// A veth pair from a port on the switch's bridge to [`LINK_DEVICE`] in another namespace.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -213,16 +222,12 @@ impl Link {
     /// end during the cut may see that second.)
     pub fn up(&self) -> Result<()> {
         ip(&["-n", self.switch.name(), "link", "set", "dev", &self.port, "up"])?;
-        let deadline = Instant::now() + Duration::from_secs(5);
         let show = ["-n", self.end.name(), "-o", "link", "show", "dev", LINK_DEVICE];
-        while !ip_output(&show)?.contains("state UP") {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{} has no carrier 5 s after up",
-                self.end.name()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_blocking(
+            Duration::from_secs(5),
+            format_args!("carrier on {} after up", self.end.name()),
+            || Ok(ip_output(&show)?.contains("state UP")),
+        )?;
         ip(&["-n", self.end.name(), "neigh", "flush", "dev", LINK_DEVICE])
     }
 
@@ -288,10 +293,10 @@ fn kill_all(pids: &[u32]) {
             .stderr(Stdio::null())
             .status();
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|&pid| is_alive(pid)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Never fails (for `Drop`): whatever still lives after 5 s is left to the caller's error.
+    let _ = eventually_blocking(Duration::from_secs(5), "killed processes to exit", || {
+        !pids.iter().any(|&pid| is_alive(pid))
+    });
 }
 
 /// The processes whose command line names something under `dir`.

@@ -7,6 +7,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// How long [`Pullcache::idle`] waits for downloads in flight to end.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Pullcache {
     pub addr: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`.
@@ -135,18 +138,12 @@ impl Pullcache {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let resp = crate::support::http_client()
-                .get(format!("http://{}/readyz", self.admin_addr))
-                .send()
-                .await?;
-            if resp.status() == 200 {
-                return Ok(());
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "not ready after {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let readyz = format!("http://{}/readyz", self.admin_addr);
+        crate::support::eventually(timeout, "/readyz to answer 200", || async {
+            let resp = crate::support::http_client().get(&readyz).send().await?;
+            anyhow::Ok(resp.status() == 200)
+        })
+        .await
     }
 
     /// Stops serving and waits for the server to wind down.
@@ -171,6 +168,16 @@ impl Pullcache {
     /// Bytes of the blob files in the store, as on disk now.
     pub fn stored_bytes(&self) -> u64 {
         stored_bytes(&self.cache_dir)
+    }
+
+    /// Waits until no blob download is in flight (`pullcache_inflight_fetches` is 0). Then,
+    /// once the upstream registry [settled](super::registry::Registry::settle), every request
+    /// it was sent is in its access log.
+    pub async fn idle(&self) -> anyhow::Result<()> {
+        crate::support::eventually(IDLE_TIMEOUT, "no blob download in flight", || async {
+            anyhow::Ok(self.sample("pullcache_inflight_fetches").await? == 0.0)
+        })
+        .await
     }
 
     /// Files left in the store's temp directory.

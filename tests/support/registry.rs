@@ -22,17 +22,22 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use tokio::process::Child;
 
-use super::netns::{Netns, command_in};
-use super::{http_client, kill_and_reap, log_tail};
+use super::netns::{Netns, command_in, curl_get};
+use super::{eventually, http_client, kill_and_reap, log_tail};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// The query that marks [`Registry::settle`]'s own requests.
+const SETTLE_MARK: &str = "pullcache-test-settle=";
+/// How long a settle marker may take to be answered, and then to be logged.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One parsed access-log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,12 +348,17 @@ impl Registry {
         self.dir.path().join("registry.log")
     }
 
-    /// All access-log entries so far (across restarts), in order.
+    /// All access-log entries so far (across restarts), in order; [`Registry::settle`]'s
+    /// markers left out.
     pub fn access_log(&self) -> Vec<AccessLogEntry> {
         let text = std::fs::read_to_string(self.access_log_path()).unwrap_or_default();
         // Ignore a trailing line still being written (no '\n' yet).
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        complete.lines().filter_map(AccessLogEntry::parse).collect()
+        complete
+            .lines()
+            .filter_map(AccessLogEntry::parse)
+            .filter(|e| !e.query().is_some_and(|q| q.starts_with(SETTLE_MARK)))
+            .collect()
     }
 
     /// Number of requests with exactly this `method` whose path (query string
@@ -363,7 +373,8 @@ impl Registry {
     }
 
     /// Polls until the count reaches `expected` (or `timeout` passes), then
-    /// waits a little longer to catch surplus lines; returns the final count.
+    /// [`settles`](Registry::settle) to catch surplus lines; returns the final count.
+    /// Panics when the registry does not settle.
     pub async fn wait_access_log_count(
         &self,
         method: &str,
@@ -371,20 +382,43 @@ impl Registry {
         expected: usize,
         timeout: Duration,
     ) -> usize {
-        let deadline = Instant::now() + timeout;
-        while self.access_log_count(method, path_contains) < expected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Short of `expected` at the deadline is the caller's to judge, from the count.
+        let _ = eventually(
+            timeout,
+            format_args!("{expected} {method} {path_contains} in the access log"),
+            || async { self.access_log_count(method, path_contains) >= expected },
+        )
+        .await;
+        self.settle().await.expect("the registry's access log settles");
         self.access_log_count(method, path_contains)
     }
 
     /// The access-log entries after the first `before` (a count taken earlier from
-    /// [`Registry::access_log`]), read after a short settle, since a line is written only once
-    /// its handler returned: empty when nothing reached the registry in between.
-    pub async fn requests_since(&self, before: usize) -> Vec<AccessLogEntry> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.access_log().into_iter().skip(before).collect()
+    /// [`Registry::access_log`]), read once the log [settled](Registry::settle): empty when
+    /// nothing reached the registry in between.
+    pub async fn requests_since(&self, before: usize) -> Result<Vec<AccessLogEntry>> {
+        self.settle().await?;
+        Ok(self.access_log().into_iter().skip(before).collect())
+    }
+
+    /// Sends the registry a request of its own (a marker) and waits until the access log holds
+    /// it. A line is written only once its handler returned, a moment after the client had
+    /// the response: after this, every request answered before the call is in the log, so a
+    /// count read now that shows no surplus request is a real absence, not a line still to
+    /// come. The markers never show in [`Registry::access_log`].
+    pub async fn settle(&self) -> Result<()> {
+        static MARKS: AtomicUsize = AtomicUsize::new(0);
+        let mark = format!("{SETTLE_MARK}{}", MARKS.fetch_add(1, Ordering::Relaxed));
+        // Plain, TLS (curl -k) or with auth (a 401 is logged too), from its namespace if any.
+        let url = format!("{}/v2/?{mark}", self.url());
+        curl_get(self.opts.netns.as_ref(), &url, SETTLE_TIMEOUT)
+            .await
+            .context("sending the registry a settle marker")?;
+        let wanted = format!("?{mark} ");
+        eventually(SETTLE_TIMEOUT, "the registry to log the settle marker", || async {
+            std::fs::read_to_string(self.access_log_path()).is_ok_and(|log| log.contains(&wanted))
+        })
+        .await
     }
 
     /// Kill the registry and wait for it to exit; the port is closed afterwards.

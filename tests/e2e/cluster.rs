@@ -3,7 +3,7 @@
 //! rollout fetches each blob upstream once for the whole cluster, and an owner killed or cut
 //! off mid-transfer costs at most one more fetch while every other node still unpacks.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -112,6 +112,14 @@ fn verify_store(dir: &Path) -> Result<usize> {
     Ok(files.len())
 }
 
+/// Waits until none of `nodes` has a blob download in flight and the registry logged every
+/// request it answered: a count read after this is final, so a missing GET is missing and a
+/// duplicate one is there.
+async fn quiesce(cluster: &Cluster, nodes: &[&Node]) -> Result<()> {
+    try_join_all(nodes.iter().map(|node| node.idle())).await?;
+    cluster.registry().settle().await
+}
+
 /// GETs of `path_part` that pullcache sent the upstream (containerd falling through to the
 /// registry is not counted: the tests make sure it does not happen).
 fn pullcache_gets(cluster: &Cluster, path_part: &str) -> usize {
@@ -141,7 +149,7 @@ async fn a_rollout_fetches_each_blob_once_for_the_cluster() -> Result<()> {
         let image = push_oci_image(&cluster.push_url(), "team/app", "v1", &[6 << 20, 3 << 20]).await?;
         let nodes: Vec<&Node> = cluster.nodes().iter().collect();
         pull_all(&nodes, &image).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        quiesce(&cluster, &nodes).await?;
         for blob in &image.blobs {
             let gets = pullcache_gets(&cluster, &blob.digest);
             ensure!(gets == 1, "blob {} fetched upstream {gets} times", blob.digest);
@@ -191,7 +199,7 @@ async fn a_hot_layer_spreads_as_a_tree() -> Result<()> {
         let layer = image.largest_blob().clone();
         let nodes: Vec<&Node> = cluster.nodes().iter().collect();
         pull_all(&nodes, &image).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        quiesce(&cluster, &nodes).await?;
         let gets = pullcache_gets(&cluster, &layer.digest);
         ensure!(gets == 1, "the layer was fetched upstream {gets} times");
         let mut redirected = 0.0;
@@ -239,14 +247,13 @@ async fn owner_lost(loss: Loss) -> Result<()> {
     let pulls = pull_all(&others, &image);
     let lose = async {
         // Until the owner's download of the layer is well under way (4 of 24 MiB).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while downloading(owner.dir()) < 4 << 20 {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the owner never started the layer"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        support::eventually_every(
+            Duration::from_millis(10),
+            Duration::from_secs(20),
+            "the owner to have 4 MiB of the layer",
+            || async { downloading(owner.dir()) >= 4 << 20 },
+        )
+        .await?;
         match loss {
             Loss::Killed => owner.kill_pullcache().await?,
             Loss::CutOff => owner.link().down()?,
@@ -256,7 +263,8 @@ async fn owner_lost(loss: Loss) -> Result<()> {
     let (pulled, lost) = tokio::join!(pulls, lose);
     lost?;
     pulled?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Not the owner: cut off, its own download may hang until a timeout.
+    quiesce(&cluster, &others).await?;
     let gets = pullcache_gets(&cluster, &layer);
     // The loss must have come mid-transfer, or this test proves nothing.
     let resumed = others
@@ -303,7 +311,8 @@ async fn fetched_by(cluster: &Cluster, via: usize, digest: &str) -> Result<Strin
     );
     let got = node.netns().get(&url, Duration::from_secs(20)).await?;
     ensure!(got.status == 200, "{digest} via node {via}: {}", got.status);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let nodes: Vec<&Node> = cluster.nodes().iter().collect();
+    quiesce(cluster, &nodes).await?;
     let remotes: Vec<String> = cluster
         .registry()
         .access_log()
@@ -313,6 +322,29 @@ async fn fetched_by(cluster: &Cluster, via: usize, digest: &str) -> Result<Strin
         .collect();
     ensure!(remotes.len() == 1, "{digest} fetched upstream by {remotes:?}");
     Ok(remotes[0].clone())
+}
+
+/// The size of the peer view a node last logged ("peer view changed"), if it logged one.
+fn view_size(node: &Node) -> Option<u64> {
+    node.pullcache_log()
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|json| json["fields"]["message"] == "peer view changed")
+        .and_then(|json| json["fields"]["peers"].as_u64())
+}
+
+/// Waits until each of `members` (indices into the cluster's nodes) has a view of `size`
+/// peers, for at most two discovery intervals and a half: what "within the interval" allows.
+async fn views_settle(cluster: &Cluster, members: &[usize], size: u64) -> Result<()> {
+    let views = || -> Vec<Option<u64>> { members.iter().map(|&i| view_size(cluster.node(i))).collect() };
+    support::eventually(
+        REFRESH * 2 + Duration::from_millis(500),
+        format_args!("nodes {members:?} to see {size} peers"),
+        || async { views().iter().all(|v| *v == Some(size)) },
+    )
+    .await
+    .with_context(|| format!("their views: {:?}", views()))
 }
 
 /// Discovery through a real DNS server: the peers are one name, like a headless Service's.
@@ -360,14 +392,14 @@ async fn membership_follows_dns() -> Result<()> {
         // Node 3 joins: within the interval, node 0 sends what node 3 now owns to node 3.
         cluster.node(3).start_pullcache(args(cluster.node(3))).await?;
         dns.set(PEERS_NAME, &addrs)?;
-        tokio::time::sleep(REFRESH * 2 + Duration::from_millis(500)).await;
+        views_settle(&cluster, &[0, 1, 2, 3], 4).await?;
         let b = pick(&|d| owner_among(&cluster, &[0, 1, 2, 3], d) == 3)?;
         ensure!(fetched_by(&cluster, 0, &b).await? == addr(3), "after the join");
 
         // Node 1 leaves the answer, then stops: what it owned goes to the next in rank, and
         // node 0 never tries node 1.
         dns.set(PEERS_NAME, &[addrs[0], addrs[2], addrs[3]])?;
-        tokio::time::sleep(REFRESH * 2 + Duration::from_millis(500)).await;
+        views_settle(&cluster, &[0, 2, 3], 3).await?;
         cluster.node(1).kill_pullcache().await?;
         let b = pick(&|d| owner_among(&cluster, &[0, 1, 2, 3], d) == 1 && owner_among(&cluster, &[0, 2, 3], d) != 0)?;
         let heir = owner_among(&cluster, &[0, 2, 3], &b);

@@ -1,7 +1,7 @@
 //! The `pullcache` binary as an operator runs it: defaults in `--help`, exit 64 on bad
 //! configuration, serving, and a clean exit on SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::ffi::OsStr;
 use std::time::Duration;

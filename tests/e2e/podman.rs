@@ -3,7 +3,7 @@
 //! real distribution registry, standing in for Docker Hub and for another registry through
 //! pullcache's `--upstream` mappings.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -106,7 +106,8 @@ async fn podman_pulls_docker_hub_and_other_registry_names_through_the_cache() ->
     for (reference, image) in images {
         pull_and_check(&second, reference, image).await?;
     }
-    let late = upstream.requests_since(before).await;
+    pullcache.idle().await?;
+    let late = upstream.requests_since(before).await?;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
     Ok(())
 }

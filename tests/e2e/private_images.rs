@@ -12,7 +12,7 @@
 //! A fake upstream stands in for the registry only where the real one cannot act: revoking a
 //! token that has not expired.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

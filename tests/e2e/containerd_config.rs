@@ -2,7 +2,7 @@
 //! with an operator's hosts.toml, idempotence, an exact restore, the config_path check, and
 //! the real containerd pulling through what install wrote, and past pullcache when it is down.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! they count against `--max-connections` for as long as they are open, and a shutdown
 //! drains them, letting a request in flight finish and closing them after.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -118,11 +118,10 @@ async fn intercepted_connections_count_against_the_cap() -> anyhow::Result<()> {
     );
     // Closing an intercepted connection frees its slot.
     drop(first);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !plain_served(s.pullcache.addr).await {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the freed slot never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually(Duration::from_secs(5), "the freed slot to serve", || async {
+        plain_served(s.pullcache.addr).await
+    })
+    .await?;
     assert_eq!(get(&mut second, "/v2/").await?.0, 200, "a held connection was dropped");
     Ok(())
 }
@@ -143,7 +142,14 @@ async fn shutdown_drains_intercepted_connections() -> anyhow::Result<()> {
         let got = get(&mut busy, &path).await;
         (got, tokio::time::Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop once the request is in flight upstream, with the whole slow body (1.5 s) to go.
+    let upstream_path = format!("/v2/team/app/blobs/{digest}");
+    support::eventually(
+        Duration::from_secs(10),
+        "the download to reach the upstream",
+        || async { s.upstream.hits(&upstream_path) == 1 },
+    )
+    .await?;
     let stopping = tokio::time::Instant::now();
     s.pullcache.stop().await?;
     let stopped = tokio::time::Instant::now();
@@ -152,7 +158,7 @@ async fn shutdown_drains_intercepted_connections() -> anyhow::Result<()> {
     let (status, body) = got?;
     assert_eq!(status, 200);
     assert!(body == blob, "the body in flight was cut or changed by the shutdown");
-    // The upstream needs about 1.2 s more for the body; the server must wait for it. (The
+    // The upstream needs about 1.5 s more for the body; the server must wait for it. (The
     // client reads the last bytes a moment after the server wrote them.)
     assert!(
         stopped - stopping >= Duration::from_millis(800) && finished < stopped + Duration::from_millis(500),

@@ -1,7 +1,7 @@
 //! Many clients, one cold blob: exactly one upstream GET, and every client streams the right
 //! bytes while the download is still running.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! first case also runs through the kubelet's CRI `PullImage`, on the certs.d that
 //! `pullcache containerd-config install` merges into the operator's own hosts.toml.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

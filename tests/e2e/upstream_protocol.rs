@@ -2,7 +2,7 @@
 //! Bearer tokens (fetched once, reused), redirects to blob storage on another host, which
 //! never receive the registry's credentials, and blob bodies that break mid-way.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! past it, a full filesystem turns downloads into verified pass-throughs, and a `kill -9`
 //! in the middle of twenty downloads leaves only blobs that hash to their names.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -227,16 +227,17 @@ async fn a_kill_9_mid_download_leaves_only_verified_blobs() -> anyhow::Result<()
 
     // Kill it once some blobs are committed while others are still in temp files.
     let tmp = cache.path().join("tmp");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let committed = support::pullcache::stored_blob_count(cache.path());
-        let in_flight = std::fs::read_dir(&tmp).map_or(0, |d| d.count());
-        if committed >= 3 && in_flight >= 3 {
-            break;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "downloads never got going");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    support::eventually_every(
+        Duration::from_millis(2),
+        Duration::from_secs(20),
+        "3 blobs committed and 3 in temp files at once",
+        || async {
+            let committed = support::pullcache::stored_blob_count(cache.path());
+            let in_flight = std::fs::read_dir(&tmp).map_or(0, |d| d.count());
+            committed >= 3 && in_flight >= 3
+        },
+    )
+    .await?;
     served.child.start_kill()?;
     served.child.wait().await?;
     for download in downloads {

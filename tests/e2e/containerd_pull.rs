@@ -4,7 +4,7 @@
 //! kubelet's CRI `PullImage` on a containerd whose `config_path` is a certs.d that
 //! `pullcache containerd-config install` wired.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -115,7 +115,8 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
     let before = upstream.access_log().len();
     let second = puller.start(hosts.path()).await?;
     pull_all(&second, puller, &images, hosts.path()).await?;
-    let late = upstream.requests_since(before).await;
+    pullcache.idle().await?;
+    let late = upstream.requests_since(before).await?;
     assert!(late.is_empty(), "warm pull reached upstream: {late:?}");
 
     // Upstream gone, pullcache restarted with a zero TTL: every tag must be revalidated, the

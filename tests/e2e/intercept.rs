@@ -4,7 +4,7 @@
 //! its own CA. Anything not intercepted or allowed is refused, and a client that does not
 //! trust the CA gets nothing.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -94,7 +94,8 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     let second = Containerd::start().await?;
     second.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(second.is_unpacked(&reference).await?);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.pullcache.idle().await?;
+    s.registry.settle().await?;
     assert_eq!(s.registry.access_log_count("GET", "/blobs/"), blob_gets);
 
     // skopeo, a second real client, through the same proxy.

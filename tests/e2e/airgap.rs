@@ -3,7 +3,7 @@
 //! `serve --offline` with every upstream stopped. Bundles made by skopeo and `docker save`
 //! import as well; corrupt bundles are refused and change nothing.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! addresses: not as an IP literal, and not through a name that resolves there. An operator's
 //! explicit mapping may point at loopback, by address or by name.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Credentials and tokens never reach the logs, even at `RUST_LOG=trace`, while the real
 //! binary authenticates with them.
 
-mod support;
+use crate::support;
 
 use std::ffi::OsStr;
 

@@ -1,7 +1,7 @@
 //! `pullcache ca init --k8s-secret` against a test API server that speaks the Kubernetes REST
 //! protocol for Secrets: get (404), create, then get again finds it and changes nothing.
 
-mod support;
+use crate::support;
 
 use base64::Engine as _;
 use pullcache::intercept::{SecretOutcome, init_secret};

@@ -2,7 +2,7 @@
 //! connections than the cap, a manifest over 4 MiB. Each gets a clear refusal, the server
 //! stays up for everyone else, and nothing enters the cache.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -127,15 +127,11 @@ async fn connections_past_the_cap_are_closed_at_once() -> anyhow::Result<()> {
 
     // A freed slot serves again.
     drop(held.pop());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    support::eventually(Duration::from_secs(5), "the freed slot to serve", || async {
         let mut stream = TcpStream::connect(pullcache.addr).await?;
-        if ping(&mut stream).await.unwrap_or(false) {
-            break;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the freed slot never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        anyhow::Ok(ping(&mut stream).await.unwrap_or(false))
+    })
+    .await?;
     for mut stream in held {
         assert!(ping(&mut stream).await?, "a held keep-alive connection was dropped");
     }

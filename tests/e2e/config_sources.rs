@@ -3,7 +3,7 @@
 //! the value it runs with, and once with an invalid one, which must fail with exit 64 and name
 //! the setting. Run on the real binary, so each case has its own environment.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Output;

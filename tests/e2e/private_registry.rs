@@ -4,9 +4,9 @@
 //! `config.json`. Wrong or missing credentials and an untrusted CA give clear errors. These
 //! registries serve nothing anonymously, so pullcache runs with `private_images = share`:
 //! the default, `bypass`, would send containerd to the registry itself
-//! (tests/private_images.rs).
+//! (`private_images.rs`).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

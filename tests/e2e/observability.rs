@@ -3,10 +3,12 @@
 //! what happened. `/readyz` is 503 until the cache opens, and the Grafana dashboard only
 //! queries metrics that exist.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use prometheus_parse::{Scrape, Value};
 use support::containerd::{Containerd, write_hosts_toml};
@@ -229,14 +231,28 @@ async fn not_ready_until_the_cache_opens() -> anyhow::Result<()> {
     // like a hostPath that is not mounted yet.
     let blocker = dir.path().join("disk");
     std::fs::write(&blocker, b"not a directory")?;
-    let pullcache = Pullcache::spawn(support::pullcache::config(blocker.join("cache"))).await?;
+    // The binary, for its log: "not ready" is checked once it has tried and failed to open
+    // the cache, not after a guess at how long that takes.
+    let cache = blocker.join("cache").display().to_string();
+    let mut served = support::binary::serve(["--cache-dir", &cache], "pullcache=info").await?;
     let client = support::http_client();
-    let admin = |path: &str| format!("http://{}{path}", pullcache.admin_addr);
+    let admin = |path: &str| format!("http://{}{path}", served.metrics_addr);
+    let api = format!("http://{}/v2/", served.addr);
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = served.stdout.next_line().await? {
+            let json: serde_json::Value = serde_json::from_str(&line)?;
+            if json["fields"]["message"] == "cannot open the cache; not ready" {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("pullcache exited before it tried to open the cache")
+    })
+    .await
+    .context("pullcache never logged that it cannot open the cache")??;
     assert_eq!(client.get(admin("/healthz")).send().await?.status(), 200);
     assert_eq!(client.get(admin("/readyz")).send().await?.status(), 503);
-    let resp = client.get(format!("{}/v2/", pullcache.url())).send().await?;
+    let resp = client.get(&api).send().await?;
     assert_eq!(
         resp.status(),
         503,
@@ -247,10 +263,7 @@ async fn not_ready_until_the_cache_opens() -> anyhow::Result<()> {
 
     std::fs::remove_file(&blocker)?;
     std::fs::create_dir(&blocker)?;
-    pullcache.wait_ready(Duration::from_secs(10)).await?;
-    assert_eq!(
-        client.get(format!("{}/v2/", pullcache.url())).send().await?.status(),
-        200
-    );
+    served.wait_ready().await?;
+    assert_eq!(client.get(&api).send().await?.status(), 200);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! An upstream that lies or fails. Bytes that fail their digest never complete a response and
 //! never enter the store; a rate-limited or failing upstream gets the stale tag served.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

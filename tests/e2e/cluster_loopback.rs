@@ -1,9 +1,9 @@
 //! Cluster mode on one loopback: several pullcache members in this process, each with its own
 //! cache and peer port, the real registry upstream. Quick checks of ownership, streaming,
 //! failover and the peer port's mutual TLS; the tests in network namespaces with real
-//! containerd are in `tests/cluster.rs`.
+//! containerd are in `cluster.rs`.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -355,7 +355,11 @@ async fn a_forging_peer_is_skipped_and_nothing_forged_is_stored() -> anyhow::Res
         refresh: Duration::from_secs(60),
     });
     let member = Pullcache::start_member(config, listener).await?;
-    // Discovery runs at start; give it its first round.
+    // Discovery's first round runs at start, in its own task. It resolves an address literal
+    // and contacts nobody, and nothing outside the process shows it is done, so this is a
+    // settle time, not a poll (a request would be the probe, and it would spend the test: the
+    // layer would come from the upstream). Too short a settle fails the test below ("the
+    // forger was not asked first"); it cannot make it pass.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let url = format!("{}/v2/team/app/blobs/{}?ns={REGISTRY}", member.url(), layer.digest);
 

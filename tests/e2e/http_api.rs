@@ -1,7 +1,7 @@
 //! The registry API as a client sees it, against the real distribution registry upstream:
 //! headers, HEAD, ranges (also during a download) and OCI errors for bad input.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -257,7 +257,13 @@ async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
     let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
 
     let whole = tokio::spawn(client.get(&url).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The ranges below come while the download is in flight (it takes about a second).
+    support::eventually(
+        Duration::from_secs(10),
+        "the download to reach the upstream",
+        || async { upstream.hits(&path) == 1 },
+    )
+    .await?;
     let resp = client.get(&url).header("range", "bytes=1000000-1000099").send().await?;
     assert_eq!(resp.status(), 206);
     assert_eq!(resp.bytes().await?, blob[1_000_000..1_000_100]);
