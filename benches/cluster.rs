@@ -157,7 +157,11 @@ async fn rollout(opts: &Options, nodes: usize, cluster_mode: bool) -> Result<Rol
     try_join_all(cluster.nodes().iter().map(|node| node.pull(&reference))).await?;
     let last_done = started.elapsed();
     check_unpacked(&cluster, &image).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every download has ended and the registry has logged every request it answered.
+    for node in cluster.nodes() {
+        node.idle().await?;
+    }
+    cluster.registry().settle().await?;
     let upstream_bytes = cluster
         .registry()
         .access_log()
@@ -373,7 +377,10 @@ mod tls_serving {
                 .args(["-c", &conf.display().to_string(), "-p", &work.to_string()])
                 .kill_on_drop(true)
                 .spawn()?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            support::eventually(Duration::from_secs(10), "nginx to listen", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            })
+            .await?;
             Ok(Nginx { child, port })
         }
     }

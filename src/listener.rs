@@ -12,11 +12,13 @@
 //! [`Conn::serve_with_upgrades`] when a request may take the connection over (CONNECT), whose
 //! [`Handoff`] lets the connection it turns into keep its place under the cap and in the drain.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -40,6 +42,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one "connection limit reached" warning per port this often.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
+use crate::sync::MutexExt;
 use crate::wire::BoxError;
 
 /// Limits on what clients may hold of a port.
@@ -89,6 +92,11 @@ pub struct Port {
     role: Role,
     limits: ConnectionLimits,
     grace: Duration,
+    /// The most connections one remote address may hold, when not all of them.
+    per_remote: Option<usize>,
+    /// HTTP/1.1 only: between requests, an idle connection is closed by the header-read
+    /// timeout (h2 has no such timer).
+    http1_only: bool,
 }
 
 impl Port {
@@ -97,6 +105,25 @@ impl Port {
             role,
             limits,
             grace: SHUTDOWN_GRACE,
+            per_remote: None,
+            http1_only: false,
+        }
+    }
+
+    /// The same port where one remote address holds at most `max` connections, so that one
+    /// client cannot take every place.
+    pub fn with_per_remote(self, max: usize) -> Port {
+        Port {
+            per_remote: Some(max),
+            ..self
+        }
+    }
+
+    /// The same port speaking HTTP/1.1 only, so that idle connections are closed.
+    pub fn http1_only(self) -> Port {
+        Port {
+            http1_only: true,
+            ..self
         }
     }
 
@@ -113,9 +140,14 @@ impl Port {
         A: Fn(TcpStream, Conn) -> F,
         F: Future<Output = ()> + Send + 'static,
     {
-        let builder = Arc::new(builder(self.limits));
+        let builder = match self.http1_only {
+            true => builder(self.limits).http1_only(),
+            false => builder(self.limits),
+        };
+        let builder = Arc::new(builder);
         let graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let remotes: Remotes = Arc::default();
         // What is no HTTP connection (a tunnel) closes once idle when this turns true.
         let (stopping_tx, stopping) = watch::channel(false);
         let mut full = FullWarning::default();
@@ -136,13 +168,26 @@ impl Port {
                 full.closed(self.role, remote, self.limits.max_connections);
                 continue;
             };
+            let share = match self.per_remote {
+                Some(max) => match RemoteShare::take(&remotes, remote.ip(), max) {
+                    Some(share) => Some(share),
+                    None => {
+                        full.closed(self.role, remote, max);
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let _ = stream.set_nodelay(true);
             let conn = Conn {
                 role: self.role,
                 remote,
                 limits: self.limits,
                 builder: builder.clone(),
-                permit: Arc::new(permit),
+                permit: Arc::new(Place {
+                    _permit: permit,
+                    _share: share,
+                }),
                 watcher: graceful.watcher(),
                 handoff: Some(graceful.watcher()),
                 stopping: stopping.clone(),
@@ -159,6 +204,50 @@ impl Port {
             }
         }
     }
+}
+
+/// Connections held per remote address, on a port that bounds them.
+type Remotes = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's count against its remote address; given back when dropped.
+struct RemoteShare {
+    remotes: Remotes,
+    ip: IpAddr,
+}
+
+impl RemoteShare {
+    /// A share for `ip`, unless it holds `max` already.
+    fn take(remotes: &Remotes, ip: IpAddr, max: usize) -> Option<RemoteShare> {
+        let mut held = remotes.locked();
+        let count = held.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(RemoteShare {
+            remotes: remotes.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for RemoteShare {
+    fn drop(&mut self) {
+        let mut held = self.remotes.locked();
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's place under the cap (and its remote address's share), held by the
+/// connection and by what it turns into until both have ended.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    _share: Option<RemoteShare>,
 }
 
 /// The warning that a port is full, at most once per [`FULL_WARNING_EVERY`].
@@ -188,7 +277,7 @@ pub struct Conn {
     remote: SocketAddr,
     limits: ConnectionLimits,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<Place>,
     watcher: Watcher,
     /// The watch for what the connection may turn into; see [`Handoff`].
     handoff: Option<Watcher>,
@@ -202,7 +291,7 @@ pub struct Handoff {
     remote: SocketAddr,
     limits: ConnectionLimits,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<Place>,
     /// Held, the shutdown waits; watching a connection with it also tells that one to finish.
     watcher: Watcher,
     /// Turns true when the port stops accepting, for what has no graceful shutdown of its own.

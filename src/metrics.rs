@@ -58,6 +58,9 @@ pub const ADMIN_LIMITS: ConnectionLimits = ConnectionLimits {
     max_connections: 64,
     header_read_timeout: Duration::from_secs(5),
 };
+/// The admin connections one address may hold: a pod that opens many cannot take the places
+/// of the kubelet's probes and the scraper, which come from other addresses.
+pub const ADMIN_PER_REMOTE: usize = 16;
 
 /// Serves the admin endpoints until `shutdown` resolves, then lets open requests finish for a
 /// bounded grace period.
@@ -69,7 +72,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let state = Arc::new((registry, readiness, refresh));
+    // HTTP/1.1 only: probes and scrapes speak it, and its header-read timer closes a
+    // connection that idles between requests (h2 has none), so idle connections give their
+    // places back.
     Port::new(Role::Admin, ADMIN_LIMITS)
+        .with_per_remote(ADMIN_PER_REMOTE)
+        .http1_only()
         .serve(listener, shutdown, move |stream, conn| {
             let state = state.clone();
             let service = service_fn(move |req| {
@@ -164,37 +172,86 @@ mod tests {
         server.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn the_admin_port_has_a_cap() {
+    type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>;
+
+    /// An admin port, ready, until the returned sender is dropped.
+    async fn admin() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, registry(), Readiness::default(), Vec::new(), async {
+        let readiness = Readiness::default();
+        readiness.set_ready();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, registry(), readiness, Vec::new(), async {
             let _ = stopped.await;
         }));
-        let healthz = |mut sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>| async move {
-            let req = Request::get("/healthz")
-                .header("host", "admin")
-                .body(http_body_util::Empty::new())
-                .unwrap();
-            let ok = matches!(sender.send_request(req).await, Ok(resp) if resp.status() == StatusCode::OK);
-            (ok, sender)
-        };
-        let connect = || async move {
-            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            sender
-        };
+        (addr, stop)
+    }
+
+    /// An HTTP/1 connection to `addr` from the loopback address `from`.
+    async fn connect_from(from: &str, addr: std::net::SocketAddr) -> Sender {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// Whether `/readyz` answers 200 on the connection, which is kept.
+    async fn ready(mut sender: Sender) -> (bool, Sender) {
+        let req = Request::get("/readyz")
+            .header("host", "admin")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let ok = matches!(sender.send_request(req).await, Ok(resp) if resp.status() == StatusCode::OK);
+        (ok, sender)
+    }
+
+    #[tokio::test]
+    async fn the_admin_port_has_a_cap_and_a_share_per_address() {
+        let (addr, _stop) = admin().await;
+        let mut held = Vec::new();
+        let addresses = ADMIN_LIMITS.max_connections / ADMIN_PER_REMOTE;
+        for i in 0..addresses {
+            let from = format!("127.0.0.{}", i + 2);
+            for _ in 0..ADMIN_PER_REMOTE {
+                let (ok, sender) = ready(connect_from(&from, addr).await).await;
+                assert!(ok, "a connection under the cap and its share was refused");
+                held.push(sender);
+            }
+        }
+        let (ok, _) = ready(connect_from("127.0.0.2", addr).await).await;
+        assert!(!ok, "a connection over its address's share was served");
+        let (ok, _) = ready(connect_from("127.0.0.250", addr).await).await;
+        assert!(!ok, "a connection over the cap was served");
+        drop(held);
+    }
+
+    /// A pod that opens all the connections it can, h2 or HTTP/1, and idles on them does not
+    /// starve the kubelet's probe, which comes from another address.
+    #[tokio::test]
+    async fn one_address_cannot_starve_the_probes() {
+        let (addr, _stop) = admin().await;
         let mut held = Vec::new();
         for _ in 0..ADMIN_LIMITS.max_connections {
-            let (ok, sender) = healthz(connect().await).await;
-            assert!(ok, "a connection under the cap was refused");
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let stream = socket.connect(addr).await.unwrap();
+            let h2 = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream));
+            if let Ok((mut sender, conn)) = h2.await {
+                tokio::spawn(conn);
+                let req = Request::get("http://admin/healthz")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                assert!(sender.send_request(req).await.is_err(), "the admin port spoke h2");
+            }
+            let (_, sender) = ready(connect_from("127.0.0.2", addr).await).await;
             held.push(sender);
         }
-        let (ok, _) = healthz(connect().await).await;
-        assert!(!ok, "a connection over the cap was served");
+        let (ok, _) = ready(connect_from("127.0.0.1", addr).await).await;
+        assert!(ok, "the probe was starved by one address's connections");
+        drop(held);
     }
 }

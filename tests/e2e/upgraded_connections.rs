@@ -210,8 +210,11 @@ async fn a_quiet_intercepted_connection_gives_its_place_back() -> anyhow::Result
     );
     wait_until_served(s.pullcache.addr, timeout).await?;
 
-    // A handshake, then no request.
-    let _quiet = s.intercepted().await?;
+    // A handshake, then no request (once the probe's connection has given its place back).
+    let _quiet = support::eventually(timeout * 20, "an intercepted connection", || async {
+        s.intercepted().await.ok()
+    })
+    .await?;
     assert!(
         !plain_served(s.pullcache.addr).await,
         "the quiet connection holds the only place"
@@ -221,13 +224,8 @@ async fn a_quiet_intercepted_connection_gives_its_place_back() -> anyhow::Result
 
 /// Polls until a plain connection is served again, for at most 20 header-read timeouts.
 async fn wait_until_served(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout * 20;
-    while !plain_served(addr).await {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the quiet connection kept its place"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
+    support::eventually(timeout * 20, "the quiet connection to give its place back", || {
+        plain_served(addr)
+    })
+    .await
 }
