@@ -72,11 +72,6 @@ impl CacheResult {
             CacheResult::Bypass => None,
         }
     }
-
-    /// Whether the bytes were on this node's disk when asked for.
-    pub fn was_stored(self) -> bool {
-        self == CacheResult::Hit
-    }
 }
 
 /// One request for content, to a peer or a registry.
