@@ -10,7 +10,10 @@
 //! the accepted socket and its [`Conn`], it wraps the socket (TLS after a
 //! [`Conn::handshake`], `sendfile`), builds its service and calls [`Conn::serve`], or
 //! [`Conn::serve_with_upgrades`] when a request may take the connection over (CONNECT), whose
-//! [`Handoff`] lets the connection it turns into keep its place under the cap and in the drain.
+//! [`Handoff`] lets the connection it turns into keep its place under the cap and in the drain
+//! (an intercepted CONNECT's connection is served as a [`Conn`] again, with the same deadlines).
+//! A port may also bound what one remote address holds ([`Port::with_per_remote`]) and speak
+//! HTTP/1.1 only ([`Port::http1_only`]), whose header timer also closes idle connections.
 
 use std::collections::HashMap;
 use std::fmt;
