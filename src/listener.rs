@@ -288,34 +288,22 @@ pub struct Conn {
 }
 
 /// The place under the cap and in the drain for what a connection turns into (an
-/// intercepted or tunnelled CONNECT), held until that ends.
-pub struct Handoff {
-    role: Role,
-    remote: SocketAddr,
-    limits: ConnectionLimits,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    permit: Arc<Place>,
-    /// Held, the shutdown waits; watching a connection with it also tells that one to finish.
-    watcher: Watcher,
-    /// Turns true when the port stops accepting, for what has no graceful shutdown of its own.
-    pub stopping: watch::Receiver<bool>,
-}
+/// intercepted or tunnelled CONNECT), held until that ends: the connection it will be served
+/// as, with the same role, remote, limits and permit, watched by its own drain watcher.
+pub struct Handoff(Conn);
 
 impl Handoff {
     /// The connection the upgraded one becomes when it speaks HTTP again (an intercepted
     /// CONNECT, after its TLS handshake): served like any other, with the same handshake and
     /// first-request deadlines, in the same place under the cap and in the drain.
     pub fn into_conn(self) -> Conn {
-        Conn {
-            role: self.role,
-            remote: self.remote,
-            limits: self.limits,
-            builder: self.builder,
-            permit: self.permit,
-            watcher: self.watcher,
-            handoff: None,
-            stopping: self.stopping,
-        }
+        self.0
+    }
+
+    /// Turns true when the port stops accepting, for what has no graceful shutdown of its own
+    /// (a tunnel).
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.0.stopping.clone()
     }
 }
 
@@ -365,15 +353,14 @@ impl Conn {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let handoff = Handoff {
-            role: self.role,
-            remote: self.remote,
-            limits: self.limits,
+        let handoff = Handoff(Conn {
             builder: self.builder.clone(),
             permit: self.permit.clone(),
             watcher: self.handoff.take().expect("a connection is served once"),
+            handoff: None,
             stopping: self.stopping.clone(),
-        };
+            ..self
+        });
         let (service, asked) = FirstRequest::wrap(service(handoff));
         let conn = self
             .builder

@@ -81,7 +81,7 @@ fn connect(req: Request<Incoming>, intercept: &Intercept, slot: &Slot, app: Arc<
                 let ended = async {
                     let server = tunnel::connect(&authority).await?;
                     let client = TokioIo::new(on_upgrade.await.map_err(std::io::Error::other)?);
-                    tunnel::splice(client, server, held.stopping.clone()).await
+                    tunnel::splice(client, server, held.stopping()).await
                 };
                 match ended.await {
                     Ok(ended) => tracing::debug!(target = authority, ?ended, "tunnel ended"),
