@@ -1,13 +1,14 @@
 //! The words of the request path: [`Fetch`], the one outbound request (a manifest or blob of a
 //! repository, by tag or digest, from an offset), sent alike to a peer and to a registry;
-//! [`Asker`], who it is for; and [`CacheResult`], how the cache answered.
+//! [`Asker`], who it is for; [`Credential`], what the registry is asked with; and
+//! [`CacheResult`], how the cache answered.
 
 use std::fmt;
 
 use http::header::{ACCEPT, RANGE};
 use http::{HeaderValue, Method, Uri};
 
-use crate::oci::{AcceptClass, Digest, Reference, Registry, Repository};
+use crate::oci::{AcceptClass, Digest, Location, Reference, Registry, Repository};
 
 /// What is fetched; it decides the path and how a 404 reads to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,42 @@ impl CacheResult {
     }
 }
 
+/// Whose credential a fetch from a registry carries.
+#[derive(Debug, Clone, Default)]
+pub enum Credential {
+    /// pullcache's own for the registry when it holds some, else none.
+    #[default]
+    Own,
+    /// Intercept mode, for a registry pullcache holds no credentials for: first without, then,
+    /// if the registry wants credentials, the `Authorization` the client sent, as it sent it,
+    /// for this request only. Never sent to a peer or to a registry's configured mirrors.
+    Client(HeaderValue),
+}
+
+impl Credential {
+    /// A client's `Authorization`, marked sensitive so no debug print shows it.
+    pub fn client(header: &HeaderValue) -> Credential {
+        let mut header = header.clone();
+        header.set_sensitive(true);
+        Credential::Client(header)
+    }
+
+    /// Whose it is, without the secret: fetches for different kinds never share a flight.
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            Credential::Own => CredentialKind::Own,
+            Credential::Client(_) => CredentialKind::Client,
+        }
+    }
+}
+
+/// [`Credential`] without the secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    Own,
+    Client,
+}
+
 /// One request for content, to a peer or a registry.
 #[derive(Debug, Clone)]
 pub struct Fetch {
@@ -85,6 +122,8 @@ pub struct Fetch {
     pub accept: Option<HeaderValue>,
     /// Ask for the bytes from this offset on (`Range: bytes=N-`).
     pub from: Option<u64>,
+    /// What a registry is asked with (a peer is never sent a credential).
+    pub credential: Credential,
 }
 
 impl Fetch {
@@ -103,6 +142,7 @@ impl Fetch {
             reference,
             accept: Some(accept.header_value()),
             from: None,
+            credential: Credential::Own,
         }
     }
 
@@ -115,7 +155,18 @@ impl Fetch {
             reference: Reference::Digest(digest.clone()),
             accept: None,
             from: None,
+            credential: Credential::Own,
         }
+    }
+
+    /// The same request, with `credential` for the registry.
+    pub fn with_credential(self, credential: Credential) -> Fetch {
+        Fetch { credential, ..self }
+    }
+
+    /// The location it names.
+    pub fn location(&self) -> Location {
+        Location::new(&self.registry, &self.repository)
     }
 
     /// The same request from `from` on.

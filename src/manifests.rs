@@ -1,6 +1,10 @@
 //! Manifests: by digest from the store forever once verified; by tag from the tag index while
 //! younger than the TTL, then revalidated by one coalesced upstream HEAD (a GET only when the
 //! digest moved). When the upstream fails or rate-limits, a stale answer is served.
+//!
+//! Every answer carries its [`Provenance`], and a requester is served it only once its
+//! [`Access`] lets it: lookups are coalesced per location, and a stored manifest private to
+//! another location is a miss for this one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,10 +14,14 @@ use bytes::Bytes;
 use http::Method;
 use http::header::CONTENT_TYPE;
 
+use crate::authorize::{Access, AccessError, Grant};
 use crate::coalesce::Coalesce;
 use crate::error::{Error, InternalError, Result};
-use crate::fetch::{Asker, CacheResult, Fetch};
-use crate::oci::{AcceptClass, Digest, MAX_MANIFEST_SIZE, Mismatch, Reference, Registry, Repository, Tag};
+use crate::fetch::{Asker, CacheResult, Credential, Fetch, Resource};
+use crate::oci::{
+    AcceptClass, Digest, Location, MAX_MANIFEST_SIZE, Mismatch, Origin, Provenance, Reference, Registry, Tag,
+    Visibility,
+};
 use crate::sources::{Sources, Stream};
 use crate::store::{CommitError, Store, TagKey, TagRecord};
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
@@ -29,6 +37,8 @@ pub struct Manifest {
     pub media_type: String,
     pub bytes: Bytes,
     pub cache: CacheResult,
+    /// Where its bytes came from, as stored.
+    pub provenance: Provenance,
 }
 
 type Shared<T> = std::result::Result<T, Arc<Error>>;
@@ -60,71 +70,83 @@ impl Manifests {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(%registry, repo = %repository, reference = %reference))]
-    pub async fn get(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        reference: &Reference,
-        accept: AcceptClass,
-        asker: Asker,
-    ) -> Result<Manifest> {
-        match reference {
-            Reference::Digest(digest) => self.by_digest(registry, repository, digest, asker).await,
-            Reference::Tag(tag) => self.by_tag(registry, repository, tag, accept).await,
+    #[tracing::instrument(skip_all, fields(registry = %access.location.registry, repo = %access.location.repository, reference = %reference))]
+    pub async fn get(&self, access: &Access<'_>, reference: &Reference, accept: AcceptClass) -> Result<Manifest> {
+        let manifest = match reference {
+            Reference::Digest(digest) => self.by_digest(access, digest).await?,
+            Reference::Tag(tag) => self.by_tag(access, tag, accept).await?,
+        };
+        // Whatever the lookup found or joined, this requester is served it only if it may.
+        if !access.serves(&manifest.provenance).await? {
+            let location = access.location;
+            return Err(Error::Access(AccessError::NotInRepository {
+                registry: location.registry.clone(),
+                repository: location.repository.clone(),
+                resource: Resource::Manifest,
+                reference: reference.clone(),
+            }));
         }
+        Ok(manifest)
     }
 
-    fn lookup(&self, registry: &Registry, repository: &Repository, asker: Asker) -> Lookup {
+    fn lookup(&self, location: &Location, asker: Asker, grant: Grant) -> Lookup {
         Lookup {
             by_digest: self.by_digest.clone(),
             store: self.store.clone(),
             sources: self.sources.clone(),
             asker,
-            registry: registry.clone(),
-            repository: repository.clone(),
+            location: location.clone(),
+            grant,
         }
     }
 
-    async fn by_digest(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        digest: &Digest,
-        asker: Asker,
-    ) -> Result<Manifest> {
-        if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await? {
+    async fn by_digest(&self, access: &Access<'_>, digest: &Digest) -> Result<Manifest> {
+        if let Some(m) = stored(&self.store, digest, CacheResult::Hit).await?
+            && access.serves(&m.provenance).await?
+        {
             return Ok(m);
         }
-        self.lookup(registry, repository, asker).coalesced(digest).await
+        let grant = access.grant().await?;
+        self.lookup(access.location, access.asker, grant)
+            .coalesced(digest)
+            .await
     }
 
-    async fn by_tag(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        tag: &Tag,
-        accept: AcceptClass,
-    ) -> Result<Manifest> {
+    async fn by_tag(&self, access: &Access<'_>, tag: &Tag, accept: AcceptClass) -> Result<Manifest> {
+        let location = access.location;
         let key = TagKey {
-            registry: registry.clone(),
-            repository: repository.clone(),
+            registry: location.registry.clone(),
+            repository: location.repository.clone(),
             tag: tag.clone(),
             accept,
         };
         let record = self.store.tags().get(&key);
         let cached = match &record {
-            Some(record) => stored(&self.store, &record.digest, CacheResult::Hit).await?,
+            Some(record) => match stored(&self.store, &record.digest, CacheResult::Hit).await? {
+                // A record whose manifest this requester may not be served under this name
+                // is no answer for it.
+                Some(m) if access.serves(&m.provenance).await? => Some(m),
+                _ => None,
+            },
             None => None,
         };
         // Offline, a cached tag is as fresh as it will ever get.
         if let (Some(record), Some(cached)) = (&record, &cached)
             && (self.sources.upstreams().is_offline()
-                || record.age() < *self.tag_ttls.get(registry).unwrap_or(&self.tag_ttl))
+                || record.age() < *self.tag_ttls.get(&location.registry).unwrap_or(&self.tag_ttl))
         {
             return Ok(cached.clone());
         }
-        let lookup = self.lookup(registry, repository, Asker::Client);
+        // A public answer is revalidated as anyone would, with nothing to check: a registry
+        // that cannot be asked then still leaves the stale answer to serve.
+        let grant = match &cached {
+            Some(cached) if cached.provenance.public => Grant {
+                credential: Credential::Own,
+                public: false,
+            },
+            _ => access.grant().await?,
+        };
+        let lookup = self.lookup(location, Asker::Client, grant);
         let revalidation = self.by_tag.run(key.clone(), {
             let cached = cached.clone();
             async move { lookup.revalidate(key, cached).await.map_err(Arc::new) }
@@ -168,13 +190,27 @@ async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Resu
         media_type,
         bytes,
         cache,
+        provenance: store.provenance(digest),
     }))
 }
 
-/// Concurrent lookups of one digest share one fetch, keyed also by whether the fetch asks
-/// peers: a lookup that may not (a peer's, or this node's for a digest it owns) never joins
-/// one that does, which could be waiting for the very peer asking.
-type ByDigest = Coalesce<(Digest, bool), Shared<Manifest>>;
+/// A stored manifest that may be served under `location` (to a requester who passes its
+/// check, which the requester's own [`Access`] asks afterwards).
+async fn stored_for(
+    store: &Arc<Store>,
+    digest: &Digest,
+    location: &Location,
+    cache: CacheResult,
+) -> Result<Option<Manifest>> {
+    Ok(stored(store, digest, cache)
+        .await?
+        .filter(|m| m.provenance.serves(location, true)))
+}
+
+/// Concurrent lookups of one digest at one location share one fetch, keyed also by whether
+/// the fetch asks peers: a lookup that may not (a peer's, or this node's for a digest it owns)
+/// never joins one that does, which could be waiting for the very peer asking.
+type ByDigest = Coalesce<(Digest, Location, bool), Shared<Manifest>>;
 
 /// The upstream side of a manifest lookup, owned so it can run in a coalesced task.
 #[derive(Clone)]
@@ -183,8 +219,9 @@ struct Lookup {
     store: Arc<Store>,
     sources: Arc<Sources>,
     asker: Asker,
-    registry: Registry,
-    repository: Repository,
+    location: Location,
+    /// What the fetches are made with.
+    grant: Grant,
 }
 
 impl Lookup {
@@ -232,7 +269,7 @@ impl Lookup {
     /// A stored answer for the tag under another accept class that this client takes.
     async fn compatible(&self, key: &TagKey) -> Result<Option<Manifest>> {
         for record in self.store.tags().compatible(key) {
-            if let Some(m) = stored(&self.store, &record.digest, CacheResult::Stale).await? {
+            if let Some(m) = stored_for(&self.store, &record.digest, &self.location, CacheResult::Stale).await? {
                 return Ok(Some(m));
             }
         }
@@ -263,7 +300,9 @@ impl Lookup {
     }
 
     fn fetch(&self, method: Method, reference: Reference, accept: AcceptClass) -> Fetch {
-        Fetch::manifest(method, &self.registry, &self.repository, reference, accept)
+        let location = &self.location;
+        Fetch::manifest(method, &location.registry, &location.repository, reference, accept)
+            .with_credential(self.grant.credential.clone())
     }
 
     /// A tag's manifest. In cluster mode the tag is resolved here with a HEAD (`known`, when
@@ -276,7 +315,7 @@ impl Lookup {
                 None => self.head_digest(tag, accept).await?,
             };
             if let Some(digest) = digest {
-                return match stored(&self.store, &digest, CacheResult::Hit).await? {
+                return match stored_for(&self.store, &digest, &self.location, CacheResult::Hit).await? {
                     Some(manifest) => Ok(manifest),
                     None => self.coalesced(&digest).await,
                 };
@@ -289,12 +328,14 @@ impl Lookup {
     async fn coalesced(&self, digest: &Digest) -> Result<Manifest> {
         let asks_peers = self.sources.asks_peers(digest, self.asker);
         let (lookup, digest_owned) = (self.clone(), digest.clone());
+        let key = (digest.clone(), self.location.clone(), asks_peers);
         let (result, joined) = self
             .by_digest
-            .run((digest.clone(), asks_peers), async move {
+            .run(key, async move {
                 // A fetch that ended between this caller's look at the store and here has
                 // stored it: look again rather than fetch it twice.
-                let fetched = match stored(&lookup.store, &digest_owned, CacheResult::Hit).await {
+                let stored = stored_for(&lookup.store, &digest_owned, &lookup.location, CacheResult::Hit).await;
+                let fetched = match stored {
                     Ok(Some(manifest)) => Ok(manifest),
                     Ok(None) => {
                         let reference = Reference::Digest(digest_owned.clone());
@@ -345,6 +386,7 @@ impl Lookup {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+        let stream_visibility = stream.visibility();
         let bytes = stream.collect(MAX_MANIFEST_SIZE).await?;
         let digest = Digest::of(&bytes);
         if let Some(want) = expected.or(header_digest.as_ref()) {
@@ -355,28 +397,38 @@ impl Lookup {
             .filter(|t| crate::oci::is_manifest_media_type(t))
             .or_else(|| media_type_field(&bytes))
             .ok_or_else(|| self.error(UpstreamErrorKind::Body("manifest has no known media type".into())))?;
+        let visibility = if self.grant.public {
+            Visibility::Public
+        } else {
+            stream_visibility
+        };
+        let origin = Origin::new(&self.location, visibility);
         let (store, d, t, b) = (self.store.clone(), digest.clone(), media_type.clone(), bytes.clone());
-        tokio::task::spawn_blocking(move || store.put_manifest(&d, &t, &b))
-            .await
-            .map_err(InternalError::task("manifest write"))?
-            .map_err(|e| match e {
-                CommitError::Io(e) => Error::Store(e),
-                source => InternalError::Commit {
-                    what: "a manifest",
-                    source,
-                }
-                .into(),
-            })?;
+        let provenance = tokio::task::spawn_blocking(move || {
+            store.put_manifest(&d, &t, &b, Some(&origin))?;
+            Ok(store.provenance(&d))
+        })
+        .await
+        .map_err(InternalError::task("manifest write"))?
+        .map_err(|e| match e {
+            CommitError::Io(e) => Error::Store(e),
+            source => InternalError::Commit {
+                what: "a manifest",
+                source,
+            }
+            .into(),
+        })?;
         Ok(Manifest {
             digest,
             media_type,
             bytes,
             cache: CacheResult::Miss,
+            provenance,
         })
     }
 
     fn error(&self, kind: UpstreamErrorKind) -> Error {
-        UpstreamError::new(&self.registry, kind).into()
+        UpstreamError::new(&self.location.registry, kind).into()
     }
 }
 
@@ -406,6 +458,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::authorize::{Authorizer, Object, Via};
     use crate::upstream::{RegistrySettings, Upstreams};
 
     const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
@@ -457,6 +510,7 @@ mod tests {
 
     struct Fixture {
         manifests: Manifests,
+        authorize: Authorizer,
         registry: Arc<Registry>,
         _dir: tempfile::TempDir,
     }
@@ -493,12 +547,20 @@ mod tests {
                 ..RegistrySettings::default()
             },
         );
-        let metrics = crate::upstream::Metrics::register(&prometheus::Registry::new()).unwrap();
-        let sources = Sources::new(Arc::new(Upstreams::new(settings, metrics)), None);
+        let prometheus = prometheus::Registry::new();
+        let metrics = crate::upstream::Metrics::register(&prometheus).unwrap();
+        let upstreams = Arc::new(Upstreams::new(settings, metrics));
+        let authorize = Authorizer::new(
+            upstreams.clone(),
+            crate::authorize::Settings::default(),
+            crate::authorize::Metrics::register(&prometheus).unwrap(),
+        );
+        let sources = Sources::new(upstreams, None);
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         Fixture {
             manifests: Manifests::new(store, Arc::new(sources), ttl, HashMap::new()),
+            authorize,
             registry,
             _dir: dir,
         }
@@ -514,10 +576,15 @@ mod tests {
 
     impl Fixture {
         async fn get(&self, reference: &Reference) -> Result<Manifest> {
-            let repository = Repository::parse("team/app").unwrap();
-            self.manifests
-                .get(&up(), &repository, reference, AcceptClass::all(), Asker::Client)
-                .await
+            let location = Location::new(&up(), &crate::oci::Repository::parse("team/app").unwrap());
+            let object = match reference {
+                Reference::Tag(tag) => Object::Tag(tag),
+                Reference::Digest(digest) => Object::Digest(Resource::Manifest, digest),
+            };
+            let access = self
+                .authorize
+                .access(&location, object, Asker::Client, Via::Mirror, None);
+            self.manifests.get(&access, reference, AcceptClass::all()).await
         }
     }
 

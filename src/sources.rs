@@ -25,7 +25,7 @@ use prometheus::IntCounter;
 
 use crate::error::{Error, Result};
 use crate::fetch::{Asker, Fetch};
-use crate::oci::Digest;
+use crate::oci::{Digest, Visibility};
 use crate::peers::{PeerAddr, PeerError, Peers};
 use crate::upstream::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::wire::content_length;
@@ -83,6 +83,7 @@ impl Sources {
             peers: self.peers.clone(),
             current: Source::Nothing,
             used: Vec::new(),
+            public: false,
         }
     }
 }
@@ -107,6 +108,8 @@ pub struct Chain {
     current: Source,
     /// Peers that sent bytes of this fetch.
     used: Vec<PeerAddr>,
+    /// Whether any source's answer proved the content public at the fetch's location.
+    public: bool,
 }
 
 impl Chain {
@@ -159,7 +162,7 @@ impl Chain {
             while let Some(peer) = self.route.pop_front() {
                 match peers.fetch(peer, &fetch).await {
                     Ok((served_by, resp)) => {
-                        self.begin(Source::Peer(served_by));
+                        self.begin(Source::Peer(served_by), &resp);
                         return Ok(resp);
                     }
                     Err(PeerError::Unavailable { .. }) => peers.trip(peer, false),
@@ -173,16 +176,28 @@ impl Chain {
                 peers.count_fallback();
             }
         }
-        self.begin(Source::Upstream);
-        Ok(self.upstreams.fetch(&fetch).await?)
+        let resp = self.upstreams.fetch(&fetch).await?;
+        self.begin(Source::Upstream, &resp);
+        Ok(resp)
     }
 
-    fn begin(&mut self, source: Source) {
+    fn begin(&mut self, source: Source, resp: &Response<Incoming>) {
         self.current = source;
+        self.public |= resp.extensions().get::<Visibility>() == Some(&Visibility::Public);
         if let Source::Peer(peer) = source
             && !self.used.contains(&peer)
         {
             self.used.push(peer);
+        }
+    }
+
+    /// What the sources' answers proved of the fetch's location: public when any answered an
+    /// anonymous request (or, a peer, said so), else private.
+    pub fn visibility(&self) -> Visibility {
+        if self.public {
+            Visibility::Public
+        } else {
+            Visibility::Private
         }
     }
 
@@ -258,6 +273,11 @@ impl Stream<'_> {
     /// The peer the bytes now come from, if any.
     pub fn peer(&self) -> Option<PeerAddr> {
         self.chain.peer()
+    }
+
+    /// See [`Chain::visibility`].
+    pub fn visibility(&self) -> Visibility {
+        self.chain.visibility()
     }
 
     /// The next bytes of the body, `None` at its end (at once for a `HEAD`).

@@ -6,7 +6,7 @@ use crate::upstream::{Answer, UpstreamError};
 
 /// Every `result` label value, so each series exists from the start.
 const RESULTS: &[&str] = &[
-    "anonymous_cache",
+    "anonymous",
     "public",
     "allowed",
     "denied",
@@ -14,7 +14,6 @@ const RESULTS: &[&str] = &[
     "bypassed",
     "shared",
     "not_in_repository",
-    "unverified",
 ];
 const ANSWERS: &[&str] = &["readable", "missing", "refused", "error"];
 
@@ -28,12 +27,13 @@ impl Metrics {
         let decisions = IntCounterVec::new(
             Opts::new(
                 "pullcache_authorizations_total",
-                "Client requests for manifests and blobs, by what was decided: anonymous_cache (pullcache holds no \
-                 credentials for the registry, so all it has is public), public (anyone may read it), \
+                "Checks of client requests for manifests and blobs that could be private (content public by its \
+                 provenance is served unchecked), by what was decided: anonymous (mirror mode, no credentials for \
+                 the registry: fetched anonymously, so public if it arrives), public (anyone may read the repository), \
                  allowed or denied (a private repository, by the client's own credentials), challenged (no \
                  credentials: the registry's 401 relayed), bypassed (mirror mode, private = bypass: 404), \
-                 shared (mirror mode, private = share: not checked), not_in_repository, unverified (the registry could not \
-                 be asked).",
+                 shared (mirror mode, private = share: not checked), not_in_repository (the registry answered 404 \
+                 to the client's credential).",
             ),
             &["result"],
         )?;

@@ -1,23 +1,28 @@
-//! Who may read what from a shared node cache. Before a client is served a manifest or a
-//! blob, from the cache or fetched for it, its repository's visibility is learned from the
-//! registry (an anonymous `HEAD`, remembered for `--auth-ttl`):
-//! - a repository anyone may read is served as before;
-//! - a private one, in intercept mode, only to a client whose own `Authorization` the
-//!   registry accepts for it: one `HEAD` with it, the answer remembered per (hash of the
-//!   credential, repository) for at most `--auth-ttl` and never past a JWT's `exp`; a no
-//!   briefly. pullcache's own credentials then fetch the content, and never authorize;
+//! Who may read what from a shared node cache. The store holds each digest once, whatever
+//! registry and repository a client names, so what a client is served is decided by where the
+//! bytes came from ([`Provenance`]), never by the name alone:
+//! - content that some origin served to an anonymous request is public: served to anyone,
+//!   under any name, with nothing asked;
+//! - content private to its origins is served only under one of them, to a client who passes
+//!   that origin's check below; under any other name it is a miss, fetched from the named
+//!   registry like any other;
+//! - content whose provenance is unknown is private to nobody: a miss under every name.
+//!
+//! A location's check ([`Access`]): its visibility is learned from the registry (an anonymous
+//! `HEAD`, remembered for `--auth-ttl`; only a clear anonymous 2xx means public, and a
+//! location that cannot be learned counts as private). Then:
+//! - a public location lets anyone in;
+//! - a private one, in intercept mode, only a client whose own `Authorization` the registry
+//!   accepts for it: one `HEAD` with it, the answer remembered per (hash of the credential,
+//!   location) for at most `--auth-ttl` and never past a JWT's `exp`; a no briefly;
 //! - a private one, in mirror mode (containerd sends no credentials to a mirror), by the
 //!   registry's policy: `bypass` answers 404 before any byte, so containerd pulls from the
-//!   registry itself with the pod's secret; `share` serves whatever pullcache's credentials
-//!   can read to every workload on the node.
+//!   registry itself with the pod's secret; `share` serves what pullcache's own credentials
+//!   read to every workload on the node.
 //!
-//! None of this applies to a registry pullcache holds no credentials for: all it can have
-//! fetched of it was readable anonymously. Nor offline, with no registry to ask.
-//!
-//! A digest is served under a repository only when it is known to be in it: a manifest
-//! served for that repository refers to it, or the registry confirmed it. So private bytes
-//! cached for one repository are not served under another name. Peers are never
-//! authorized here: each node checks its own clients before it asks a peer.
+//! Peers are never checked here: a peer asks under the location its node authorized, and is
+//! served content public or private to that location. Offline, everything put in the cache
+//! is served.
 
 mod metrics;
 
@@ -31,11 +36,12 @@ use base64::Engine;
 use http::{HeaderValue, StatusCode};
 use moka::sync::Cache;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::OnceCell;
 
 pub use metrics::Metrics;
 
-use crate::fetch::Resource;
-use crate::oci::{Digest, Reference, References, Registry, Repository, Tag};
+use crate::fetch::{Asker, Credential, Resource};
+use crate::oci::{Digest, Location, Provenance, Reference, Registry, Repository, Tag, Visibility};
 use crate::upstream::{Answer, UpstreamError, Upstreams};
 
 /// How long a "no" is remembered: long enough to absorb a pull's burst of requests, short
@@ -44,8 +50,6 @@ const DENIED_FOR: Duration = Duration::from_secs(10);
 /// Bounds on what is remembered; the oldest entries go first.
 const MAX_REPOSITORIES: u64 = 100_000;
 const MAX_CLIENTS: u64 = 100_000;
-/// Links are 16-byte hashes, so this many take about 25 MB at most with moka's overhead.
-const MAX_LINKS: u64 = 250_000;
 
 /// What mirror mode does with a repository that needs credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -171,7 +175,7 @@ pub enum CheckError {
 }
 
 #[derive(Debug, Clone)]
-enum Visibility {
+enum Seen {
     Public,
     /// With the registry's challenge to an anonymous client.
     Private {
@@ -186,30 +190,18 @@ struct Verdict {
     until: Instant,
 }
 
-type RepoKey = (Registry, Repository);
-
 pub struct Authorizer {
     upstreams: Arc<Upstreams>,
     settings: Settings,
     /// Whether pullcache holds credentials for a registry (fixed by the configuration;
     /// remembered so that a cached request does not work it out again).
     credentialed: Cache<Registry, bool>,
-    visibility: Cache<RepoKey, Visibility>,
-    /// Repositories seen private, kept past the TTL: if the registry cannot be asked, they
-    /// stay private rather than fall open.
-    private: Cache<RepoKey, ()>,
-    /// Repositories whose visibility could not be learned lately: not asked again for a
-    /// while, so a registry that hangs does not hold every request.
-    unreachable: Cache<RepoKey, ()>,
-    /// (hash of a client's credential, registry, repository).
-    clients: Cache<([u8; 32], Registry, Repository), Verdict>,
-    /// Digests known to be in a repository, by [`link_key`].
-    links: Cache<[u8; 16], ()>,
-    /// Manifests whose references [`Authorizer::learn`] recorded, by [`link_key`].
-    learned: Cache<[u8; 16], ()>,
-    /// Digests linked to a private repository, by [`digest_key`]: never served unconfirmed
-    /// under another repository, even while the registry cannot be asked.
-    private_digests: Cache<[u8; 16], ()>,
+    visibility: Cache<Location, Seen>,
+    /// Locations whose visibility could not be learned lately: not asked again for a while,
+    /// so a registry that hangs does not hold every request. They count as private.
+    unreachable: Cache<Location, ()>,
+    /// (hash of a client's credential, location).
+    clients: Cache<([u8; 32], Location), Verdict>,
     metrics: Metrics,
 }
 
@@ -224,16 +216,32 @@ impl Authorizer {
                 .max_capacity(MAX_REPOSITORIES)
                 .time_to_live(ttl)
                 .build(),
-            private: Cache::builder().max_capacity(MAX_REPOSITORIES).build(),
             unreachable: Cache::builder()
                 .max_capacity(MAX_REPOSITORIES)
                 .time_to_live(DENIED_FOR.min(ttl))
                 .build(),
             clients: Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(ttl).build(),
-            links: Cache::builder().max_capacity(MAX_LINKS).build(),
-            learned: Cache::builder().max_capacity(MAX_LINKS).build(),
-            private_digests: Cache::builder().max_capacity(MAX_LINKS).build(),
             metrics,
+        }
+    }
+
+    /// A request's access: what it may be served and fetched with under `location`.
+    pub fn access<'a>(
+        &'a self,
+        location: &'a Location,
+        object: Object<'a>,
+        asker: Asker,
+        via: Via,
+        authorization: Option<&'a HeaderValue>,
+    ) -> Access<'a> {
+        Access {
+            authorizer: self,
+            location,
+            object,
+            asker,
+            via,
+            authorization,
+            passed: OnceCell::new(),
         }
     }
 
@@ -251,181 +259,118 @@ impl Authorizer {
             .unwrap_or(self.settings.private_images)
     }
 
-    /// Whether a client may read `object` in `repository`, before any byte of it is served.
-    pub async fn check(
+    /// Whether a client may read `object` at `location`: `Ok` with the location's visibility
+    /// (a private one only when the client passed its check).
+    async fn check(
         &self,
-        registry: &Registry,
-        repository: &Repository,
+        location: &Location,
         object: Object<'_>,
         via: Via,
         authorization: Option<&HeaderValue>,
-    ) -> Result<(), CheckError> {
-        // Nothing to ask: an offline cache serves what was put in it.
-        if self.upstreams.is_offline() {
-            return Ok(());
-        }
-        // Without credentials for the registry, pullcache fetched nothing of it that was not
-        // readable anonymously: nothing private to guard, nothing to ask.
-        if !self.credentialed(registry) {
-            self.metrics.decided("anonymous_cache");
-            return Ok(());
-        }
+    ) -> Result<Visibility, CheckError> {
         // Mirror mode sharing this registry's private images: no question to ask.
-        if via == Via::Mirror && self.policy(registry) == PrivateImages::Share {
+        if via == Via::Mirror
+            && self.policy(&location.registry) == PrivateImages::Share
+            && self.credentialed(&location.registry)
+        {
             self.metrics.decided("shared");
-            return Ok(());
+            return Ok(Visibility::Private);
         }
-        let key = (registry.clone(), repository.clone());
-        let visibility = match self.visibility(&key, object).await {
-            Some(visibility) => visibility,
-            None => {
-                self.metrics.decided("unverified");
-                return Ok(());
+        match self.visibility(location, object).await {
+            Seen::Public => {
+                self.metrics.decided("public");
+                Ok(Visibility::Public)
             }
-        };
-        match visibility {
-            Visibility::Public => self.check_public(&key, object).await,
-            Visibility::Private { challenge } => match via {
-                Via::Mirror => {
+            Seen::Private { challenge } => match (via, authorization) {
+                (Via::Mirror, _) => {
                     self.metrics.decided("bypassed");
                     Err(AccessError::Bypassed {
-                        registry: registry.clone(),
-                        repository: repository.clone(),
+                        registry: location.registry.clone(),
+                        repository: location.repository.clone(),
                         resource: object.resource(),
                     }
                     .into())
                 }
-                Via::Intercept => match authorization {
-                    None => {
-                        self.metrics.decided("challenged");
-                        Err(AccessError::Unauthorized {
-                            registry: registry.clone(),
-                            repository: repository.clone(),
-                            status: StatusCode::UNAUTHORIZED,
-                            challenge,
-                        }
-                        .into())
+                (Via::Intercept, None) => {
+                    self.metrics.decided("challenged");
+                    Err(AccessError::Unauthorized {
+                        registry: location.registry.clone(),
+                        repository: location.repository.clone(),
+                        status: StatusCode::UNAUTHORIZED,
+                        challenge,
                     }
-                    Some(credential) => self.check_client(&key, object, credential).await,
-                },
+                    .into())
+                }
+                (Via::Intercept, Some(credential)) => {
+                    self.check_client(location, object, credential).await?;
+                    Ok(Visibility::Private)
+                }
             },
         }
     }
 
-    /// The repository's visibility: remembered, or asked anonymously with `object`. `None`
-    /// when the registry cannot be asked and the repository was never seen private.
-    async fn visibility(&self, key: &RepoKey, object: Object<'_>) -> Option<Visibility> {
-        if let Some(known) = self.visibility.get(key) {
-            return Some(known);
+    /// The location's visibility: remembered, or asked anonymously with `object`. Private when
+    /// the registry cannot be asked, or answers anything but a clear 2xx.
+    async fn visibility(&self, location: &Location, object: Object<'_>) -> Seen {
+        if let Some(known) = self.visibility.get(location) {
+            return known;
         }
-        if self.unreachable.contains_key(key) {
-            return self.seen_private(key);
+        let unknown = Seen::Private { challenge: None };
+        if self.unreachable.contains_key(location) {
+            return unknown;
         }
-        let (registry, repository) = key;
         let answer = self
             .upstreams
-            .ask(registry, repository, object.resource(), object.reference(), None)
+            .ask(
+                &location.registry,
+                &location.repository,
+                object.resource(),
+                object.reference(),
+                None,
+            )
             .await;
         self.metrics.asked("anonymous", &answer);
-        let visibility = match answer {
-            Ok(Answer::Readable) => {
-                self.link(key, object);
-                Visibility::Public
-            }
-            // Let in, but the object is not there: the repository is readable anonymously.
-            Ok(Answer::Missing) => Visibility::Public,
-            Ok(Answer::Refused { challenge, .. }) => {
-                self.private.insert(key.clone(), ());
-                Visibility::Private { challenge }
-            }
+        let seen = match answer {
+            Ok(Answer::Readable) => Seen::Public,
+            // Not there, or hidden from anonymous clients: no proof either way, and not
+            // remembered, so the next object asks again.
+            Ok(Answer::Missing) => return unknown,
+            Ok(Answer::Refused { challenge, .. }) => Seen::Private { challenge },
             Err(e) => {
-                tracing::debug!(registry = %registry, repository = %repository, error = %e, "cannot learn whether a repository is private");
-                self.unreachable.insert(key.clone(), ());
-                return self.seen_private(key);
+                tracing::debug!(%location, error = %e, "cannot learn whether a repository is private; it counts as private");
+                self.unreachable.insert(location.clone(), ());
+                return unknown;
             }
         };
-        self.visibility.insert(key.clone(), visibility.clone());
-        Some(visibility)
+        self.visibility.insert(location.clone(), seen.clone());
+        seen
     }
 
-    fn seen_private(&self, key: &RepoKey) -> Option<Visibility> {
-        self.private
-            .contains_key(key)
-            .then_some(Visibility::Private { challenge: None })
-    }
-
-    /// A public repository: a tag, or a digest known to be in it or confirmed there by the
-    /// registry (anonymously), so that nothing cached for another repository is served
-    /// under its name.
-    async fn check_public(&self, key: &RepoKey, object: Object<'_>) -> Result<(), CheckError> {
-        let Object::Digest(resource, digest) = object else {
-            self.metrics.decided("public");
-            return Ok(());
-        };
-        if self.is_linked(key, digest) {
-            self.metrics.decided("public");
-            return Ok(());
-        }
-        let (registry, repository) = key;
-        let answer = self
-            .upstreams
-            .ask(registry, repository, resource, Reference::Digest(digest.clone()), None)
-            .await;
-        self.metrics.asked("anonymous", &answer);
-        match answer {
-            Ok(Answer::Readable) => {
-                self.link(key, object);
-                self.metrics.decided("public");
-                Ok(())
-            }
-            Ok(Answer::Missing | Answer::Refused { .. }) => Err(self.not_in(key, object)),
-            // The registry is down: a cached public image still serves (a pod pinned by
-            // digest still starts), unless the digest is known to be a private repository's.
-            Err(e) if self.private_digests.contains_key(&digest_key(digest)) => Err(e.into()),
-            Err(_) => {
-                self.metrics.decided("unverified");
-                Ok(())
-            }
-        }
-    }
-
-    /// A private repository in intercept mode: the client's own credential decides.
+    /// A private location in intercept mode: the client's own credential decides.
     async fn check_client(
         &self,
-        key: &RepoKey,
+        location: &Location,
         object: Object<'_>,
         credential: &HeaderValue,
     ) -> Result<(), CheckError> {
-        let (registry, repository) = key;
-        let client = (
-            Sha256::digest(credential.as_bytes()).into(),
-            registry.clone(),
-            repository.clone(),
-        );
+        let client = (Sha256::digest(credential.as_bytes()).into(), location.clone());
         let now = Instant::now();
-        let known = self.clients.get(&client).filter(|d| d.until > now);
-        match known {
+        match self.clients.get(&client).filter(|d| d.until > now) {
+            Some(Verdict { allowed: true, .. }) => {
+                self.metrics.decided("allowed");
+                return Ok(());
+            }
             Some(Verdict { allowed: false, .. }) => {
                 self.metrics.decided("denied");
-                return Err(self.unauthorized(key, StatusCode::UNAUTHORIZED, None));
-            }
-            Some(Verdict { allowed: true, .. }) => {
-                let linked = match object {
-                    Object::Tag(_) => true,
-                    Object::Digest(_, digest) => self.is_linked(key, digest),
-                };
-                if linked {
-                    self.metrics.decided("allowed");
-                    return Ok(());
-                }
+                return Err(self.unauthorized(location, StatusCode::UNAUTHORIZED, None));
             }
             None => {}
         }
         let answer = self
             .upstreams
             .ask(
-                registry,
-                repository,
+                &location.registry,
+                &location.repository,
                 object.resource(),
                 object.reference(),
                 Some(credential),
@@ -436,85 +381,38 @@ impl Authorizer {
             Answer::Readable => {
                 let until = now + self.settings.ttl.min(lifetime(credential).unwrap_or(Duration::MAX));
                 self.clients.insert(client, Verdict { allowed: true, until });
-                self.link(key, object);
                 self.metrics.decided("allowed");
                 Ok(())
             }
+            // Not there, or hidden from this client: it proves no access, and is not kept.
             Answer::Missing => {
-                // The registry let the credential in: only this object is not there.
-                let until = now + self.settings.ttl.min(lifetime(credential).unwrap_or(Duration::MAX));
-                self.clients.insert(client, Verdict { allowed: true, until });
-                Err(self.not_in(key, object))
+                self.metrics.decided("not_in_repository");
+                Err(AccessError::NotInRepository {
+                    registry: location.registry.clone(),
+                    repository: location.repository.clone(),
+                    resource: object.resource(),
+                    reference: object.reference(),
+                }
+                .into())
             }
             Answer::Refused { status, challenge } => {
-                self.clients.insert(
-                    client,
-                    Verdict {
-                        allowed: false,
-                        until: now + DENIED_FOR.min(self.settings.ttl),
-                    },
-                );
+                let until = now + DENIED_FOR.min(self.settings.ttl);
+                self.clients.insert(client, Verdict { allowed: false, until });
                 self.metrics.decided("denied");
-                Err(self.unauthorized(key, status, challenge))
+                Err(self.unauthorized(location, status, challenge))
             }
         }
     }
 
-    /// Records what a manifest served for a repository refers to: those digests are in it.
-    /// Once per manifest and repository, and only where checks happen: a cached tag served
-    /// again does not parse its manifest again.
-    pub fn learn(&self, registry: &Registry, repository: &Repository, digest: &Digest, manifest: &[u8]) {
-        if self.upstreams.is_offline() || !self.credentialed(registry) {
-            return;
-        }
-        let key = (registry.clone(), repository.clone());
-        let learned = link_key(&key, digest);
-        if self.learned.contains_key(&learned) {
-            return;
-        }
-        self.learned.insert(learned, ());
-        self.link(&key, Object::Digest(Resource::Manifest, digest));
-        if let Ok(references) = References::of(manifest) {
-            for descriptor in references.manifests.iter().chain(&references.blobs) {
-                self.link(&key, Object::Digest(Resource::Blob, &descriptor.digest));
-            }
-        }
-    }
-
-    fn link(&self, key: &RepoKey, object: Object<'_>) {
-        let Object::Digest(_, digest) = object else { return };
-        self.links.insert(link_key(key, digest), ());
-        if self.private.contains_key(key) {
-            self.private_digests.insert(digest_key(digest), ());
-        }
-    }
-
-    fn is_linked(&self, key: &RepoKey, digest: &Digest) -> bool {
-        self.links.contains_key(&link_key(key, digest))
-    }
-
-    fn not_in(&self, key: &RepoKey, object: Object<'_>) -> CheckError {
-        self.metrics.decided("not_in_repository");
-        let (registry, repository) = key;
-        AccessError::NotInRepository {
-            registry: registry.clone(),
-            repository: repository.clone(),
-            resource: object.resource(),
-            reference: object.reference(),
-        }
-        .into()
-    }
-
-    fn unauthorized(&self, key: &RepoKey, status: StatusCode, challenge: Option<HeaderValue>) -> CheckError {
-        let (registry, repository) = key;
+    fn unauthorized(&self, location: &Location, status: StatusCode, challenge: Option<HeaderValue>) -> CheckError {
         // Without the registry's own challenge, the one an anonymous client got.
-        let challenge = challenge.or_else(|| match self.visibility.get(key) {
-            Some(Visibility::Private { challenge }) => challenge,
+        let challenge = challenge.or_else(|| match self.visibility.get(location) {
+            Some(Seen::Private { challenge }) => challenge,
             _ => None,
         });
         AccessError::Unauthorized {
-            registry: registry.clone(),
-            repository: repository.clone(),
+            registry: location.registry.clone(),
+            repository: location.repository.clone(),
             status,
             challenge,
         }
@@ -522,24 +420,90 @@ impl Authorizer {
     }
 }
 
-/// A link's key: 128 bits of SHA-256 over registry, repository and digest. Names cannot
-/// contain NUL, so the fields cannot run into each other.
-fn link_key((registry, repository): &RepoKey, digest: &Digest) -> [u8; 16] {
-    let mut hash = Sha256::new();
-    for part in [registry.as_str(), repository.as_str(), &digest.to_string()] {
-        hash.update(part.as_bytes());
-        hash.update([0]);
-    }
-    let mut key = [0; 16];
-    key.copy_from_slice(&hash.finalize()[..16]);
-    key
+/// How a fetch for a request goes upstream.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// What the registry is asked with.
+    pub credential: Credential,
+    /// The location is known to be readable anonymously: what is fetched there is public,
+    /// whatever credential fetched it.
+    pub public: bool,
 }
 
-/// A digest's key in [`Authorizer::private_digests`]: 128 bits of SHA-256 over it.
-fn digest_key(digest: &Digest) -> [u8; 16] {
-    let mut key = [0; 16];
-    key.copy_from_slice(&Sha256::digest(digest.to_string().as_bytes())[..16]);
-    key
+/// One request's access under the location it names: asked of [`Provenance`]s before any
+/// byte is served, and for the [`Grant`] of a fetch. The location's check runs at most once
+/// per request, and only when something private is at stake.
+pub struct Access<'a> {
+    authorizer: &'a Authorizer,
+    pub location: &'a Location,
+    object: Object<'a>,
+    pub asker: Asker,
+    via: Via,
+    authorization: Option<&'a HeaderValue>,
+    /// The visibility the check found, once it passed.
+    passed: OnceCell<Visibility>,
+}
+
+impl Access<'_> {
+    /// Whether content of `provenance` may be served under this location: public content
+    /// at once; content private to it once the check passes (an error when it does not);
+    /// anything else is a miss for this location (`false`).
+    pub async fn serves(&self, provenance: &Provenance) -> Result<bool, CheckError> {
+        if self.authorizer.upstreams.is_offline() || provenance.public {
+            return Ok(true);
+        }
+        if !provenance.is_private_to(self.location) {
+            return Ok(false);
+        }
+        if self.asker == Asker::Peer {
+            return Ok(true);
+        }
+        self.check().await?;
+        Ok(true)
+    }
+
+    /// What a fetch for this request is made with. A client is checked first wherever the
+    /// fetch could bring in something private (a registry pullcache holds credentials for, or
+    /// intercept mode, where the client's own credential may be used); a peer never is (its
+    /// node checked its client).
+    pub async fn grant(&self) -> Result<Grant, CheckError> {
+        let own = Grant {
+            credential: Credential::Own,
+            public: false,
+        };
+        let authorizer = self.authorizer;
+        let registry = &self.location.registry;
+        if self.asker == Asker::Peer || authorizer.upstreams.is_offline() {
+            return Ok(own);
+        }
+        let credentialed = authorizer.credentialed(registry);
+        if self.via == Via::Mirror && !credentialed {
+            // Fetched anonymously: public if it arrives at all.
+            authorizer.metrics.decided("anonymous");
+            return Ok(own);
+        }
+        let visibility = self.check().await?;
+        let credential = match self.authorization {
+            Some(header) if !credentialed && visibility == Visibility::Private => Credential::client(header),
+            _ => Credential::Own,
+        };
+        Ok(Grant {
+            credential,
+            public: visibility == Visibility::Public,
+        })
+    }
+
+    async fn check(&self) -> Result<Visibility, CheckError> {
+        if let Some(visibility) = self.passed.get() {
+            return Ok(*visibility);
+        }
+        let visibility = self
+            .authorizer
+            .check(self.location, self.object, self.via, self.authorization)
+            .await?;
+        let _ = self.passed.set(visibility);
+        Ok(visibility)
+    }
 }
 
 /// How long a bearer JWT has left, from its `exp` claim; `None` for anything else.

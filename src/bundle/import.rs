@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use super::layout::{DOCKER_MANIFEST_FILE, DockerImage, INDEX_FILE, Index, OCI_LAYOUT_FILE};
-use pullcache::oci::{AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Reference, References};
+use pullcache::oci::{AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Origin, Reference, References};
 use pullcache::store::{Store, TagKey, TagRecord, TempBlob};
 
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -326,10 +326,12 @@ fn commit(store: &Store, mut staged: Staged, plan: Plan, pin: bool) -> anyhow::R
     };
     for (digest, size, media_type) in plan.blobs {
         let temp = staged.blobs.remove(&digest).expect("planned blobs are staged");
+        // What an operator imports is for every workload on the node: public.
         if store.has_blob(&digest) {
             drop(temp);
+            store.record_origin(&digest, &Origin::Public)?;
         } else {
-            store.commit(temp, &digest, Some(size))?;
+            store.commit(temp, &digest, Some(size), Some(&Origin::Public))?;
             imported.blobs += 1;
             imported.bytes += size;
         }

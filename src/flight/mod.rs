@@ -1,4 +1,5 @@
-//! Single-flight blob downloads. One upstream GET per digest, however many clients ask:
+//! Single-flight blob downloads. One upstream GET per digest and location, however many
+//! clients ask:
 //! the flight writes into a temp file (hashing as it goes, on a blocking thread) and publishes
 //! its progress; every client, the first included, tails that file as it grows. The download
 //! runs in its own task, so no client's disconnect cancels it. At the end the store commits the
@@ -8,10 +9,15 @@
 //! readers get the rest of the bytes from memory (the `spill` module), the digest is still checked
 //! before any response completes, and nothing is committed.
 //!
+//! Flights are keyed by digest *and* the location (registry, repository) they fetch from: a
+//! client never joins a flight fetching under another name, whose bytes may be private to it
+//! (see [`crate::authorize`]). What a flight fetched is recorded as coming from its location,
+//! public or private as its source's answer proved.
+//!
 //! A digest whose upstream served wrong bytes is remembered for a short while: requests for it
-//! fail at once, before any header, so containerd moves on to its next host (the registry
-//! itself) instead of retrying a download that cannot verify. A failure mid-body gives
-//! containerd no such chance.
+//! at that location fail at once, before any header, so containerd moves on to its next host
+//! (the registry itself) instead of retrying a download that cannot verify. A failure mid-body
+//! gives containerd no such chance.
 
 mod spill;
 mod tail;
@@ -29,9 +35,10 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use crate::authorize::{Access, Grant};
 use crate::error::{Error, InternalError};
 use crate::fetch::{Asker, Fetch, Resource};
-use crate::oci::{Digest, Mismatch, Registry, Repository};
+use crate::oci::{Digest, Location, Mismatch, Origin, Provenance, Visibility};
 use crate::peers::PeerAddr;
 use crate::sources::{Sources, Stream};
 use crate::store::{Blob, CommitError, Store, TempBlob};
@@ -58,6 +65,8 @@ pub struct Progress {
     pub state: FlightState,
     /// The peer the bytes are coming from, in cluster mode.
     pub peer: Option<PeerAddr>,
+    /// What the source's answer proved of the location, once headers arrived.
+    pub visibility: Option<Visibility>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +124,8 @@ impl Metrics {
 
 /// One download in progress.
 pub struct Flight {
+    /// Where it fetches from.
+    location: Location,
     /// The temp file; `None` when it could not even be created.
     file: Option<Arc<File>>,
     spill: Arc<Spill>,
@@ -143,6 +154,15 @@ impl Flight {
         }
     }
 
+    /// Where the bytes come from, as the store will record them: call after [`Flight::headers`]
+    /// (before, it reads as private to the location).
+    pub fn provenance(&self) -> Provenance {
+        let mut provenance = Provenance::default();
+        let visibility = self.progress.borrow().visibility.unwrap_or(Visibility::Private);
+        provenance.add(&Origin::new(&self.location, visibility));
+        provenance
+    }
+
     /// A reader of bytes `start..end` (`end` unknown: to the end of the blob) that follows the
     /// download.
     pub fn tail(&self, start: u64, end: Option<u64>) -> Tail {
@@ -150,15 +170,18 @@ impl Flight {
     }
 }
 
-/// What serves a blob: the store, or a flight.
+/// What serves a blob: the store (with its provenance's visibility), or a flight.
 pub enum BlobSource {
-    Stored(Blob),
+    Stored { blob: Blob, visibility: Visibility },
     Flight { flight: Arc<Flight>, joined: bool },
 }
 
-type Active = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
-/// Digests whose upstream bytes failed verification, until when, and the failure.
-type Refused = Arc<Mutex<HashMap<Digest, (Instant, Arc<Error>)>>>;
+/// A flight's key: the digest, and where it is fetched from.
+type Key = (Digest, Location);
+type Active = Arc<Mutex<HashMap<Key, Arc<Flight>>>>;
+/// Digests whose upstream at a location served bytes that failed verification, until when,
+/// and the failure.
+type Refused = Arc<Mutex<HashMap<Key, (Instant, Arc<Error>)>>>;
 
 pub struct Flights {
     store: Arc<Store>,
@@ -182,71 +205,94 @@ impl Flights {
     /// The peer a running flight of `digest` gets its bytes from, if any: a peer asking for
     /// the digest must not be served its own bytes back.
     pub fn fed_by(&self, digest: &Digest) -> Option<PeerAddr> {
-        self.active.locked().get(digest)?.progress.borrow().peer
+        let active = self.active.locked();
+        active
+            .iter()
+            .filter(|((d, _), _)| d == digest)
+            .find_map(|(_, flight)| flight.progress.borrow().peer)
     }
 
-    /// The stored blob or a running flight, without starting one.
-    pub fn lookup(&self, digest: &Digest) -> Result<Option<BlobSource>, Error> {
-        if let Some(blob) = self.store.open_blob(digest)? {
-            return Ok(Some(BlobSource::Stored(blob)));
-        }
-        let active = self.active.locked();
-        Ok(active.get(digest).map(|flight| BlobSource::Flight {
-            flight: flight.clone(),
-            joined: true,
+    /// The stored blob, when `access` may be served it.
+    async fn stored(&self, access: &Access<'_>, digest: &Digest) -> Result<Option<BlobSource>, Error> {
+        let Some(blob) = self.store.open_blob(digest)? else {
+            return Ok(None);
+        };
+        let provenance = self.store.provenance(digest);
+        // Stored for another name and private to it: a miss for this one.
+        let served = access.serves(&provenance).await?;
+        Ok(served.then(|| BlobSource::Stored {
+            blob,
+            visibility: provenance.visibility(),
         }))
     }
 
-    /// The stored blob, a running flight to join, or a new flight fetching it from
-    /// `registry`/`repository`: for a client in cluster mode through the peers first.
-    pub fn get(
-        &self,
-        registry: &Registry,
-        repository: &Repository,
-        digest: &Digest,
-        asker: Asker,
-    ) -> Result<BlobSource, Error> {
-        if let Some(blob) = self.store.open_blob(digest)? {
-            return Ok(BlobSource::Stored(blob));
+    /// The stored blob or a running flight under the access's location, without starting one.
+    pub async fn lookup(&self, access: &Access<'_>, digest: &Digest) -> Result<Option<BlobSource>, Error> {
+        if let Some(stored) = self.stored(access, digest).await? {
+            return Ok(Some(stored));
         }
-        let mut active = self.active.locked();
-        // A pass-through flight that has dropped bytes from memory cannot serve a newcomer
-        // from the start; the newcomer gets a flight of its own, outside `active`.
-        let shared = match active.get(digest) {
-            Some(flight) if !flight.spill.lost_bytes() => return Ok(join(flight)),
-            Some(_) => false,
-            None => true,
-        };
-        // A flight commits before it leaves `active`, so under the lock a second look at the
-        // store closes the gap between the first look and here.
-        if let Some(blob) = self.store.open_blob(digest)? {
-            return Ok(BlobSource::Stored(blob));
+        let active = self.active.locked();
+        Ok(active
+            .get(&(digest.clone(), access.location.clone()))
+            .map(|flight| BlobSource::Flight {
+                flight: flight.clone(),
+                joined: true,
+            }))
+    }
+
+    /// The stored blob, a running flight to join, or a new flight fetching it from the
+    /// access's location (for a client in cluster mode through the peers first). A flight's
+    /// bytes are only served once its answer's [`Flight::provenance`] passes `access` (the
+    /// caller asks, after [`Flight::headers`]).
+    pub async fn get(&self, access: &Access<'_>, digest: &Digest) -> Result<BlobSource, Error> {
+        let location = access.location;
+        let key = (digest.clone(), location.clone());
+        loop {
+            if let Some(stored) = self.stored(access, digest).await? {
+                return Ok(stored);
+            }
+            let grant = access.grant().await?;
+            let mut active = self.active.locked();
+            // A pass-through flight that has dropped bytes from memory cannot serve a
+            // newcomer from the start; the newcomer gets a flight of its own, outside `active`.
+            let shared = match active.get(&key) {
+                Some(flight) if !flight.spill.lost_bytes() => return Ok(join(flight)),
+                Some(_) => false,
+                None => true,
+            };
+            // A flight commits before it leaves `active`, so under the lock a second look at
+            // the store closes the gap between the first look and here: a flight of this
+            // location may have just committed.
+            if self.store.has_blob(digest) && self.store.provenance(digest).serves(location, true) {
+                continue;
+            }
+            self.check_fetchable(&key)?;
+            let (flight, download, temp) = self.prepare(&key, access.asker, grant)?;
+            if shared {
+                active.insert(key, flight.clone());
+            }
+            self.launch(download, temp, flight.clone());
+            return Ok(BlobSource::Flight { flight, joined: false });
         }
-        self.check_fetchable(registry, repository, digest)?;
-        let (flight, download, temp) = self.prepare(registry, repository, digest, asker)?;
-        if shared {
-            active.insert(digest.clone(), flight.clone());
-        }
-        self.launch(download, temp, flight.clone());
-        Ok(BlobSource::Flight { flight, joined: false })
     }
 
     /// Fails before any header when no download may start: the cache is offline, or the
-    /// upstream lately served bytes that failed `digest`.
-    fn check_fetchable(&self, registry: &Registry, repository: &Repository, digest: &Digest) -> Result<(), Error> {
+    /// location lately served bytes that failed the digest.
+    fn check_fetchable(&self, key: &Key) -> Result<(), Error> {
+        let (digest, location) = key;
         if self.sources.upstreams().is_offline() {
             return Err(UpstreamError::new(
-                registry,
+                &location.registry,
                 UpstreamErrorKind::Offline {
                     resource: Resource::Blob,
-                    reference: format!("{registry}/{repository}@{digest}"),
+                    reference: format!("{location}@{digest}"),
                 },
             )
             .into());
         }
         let mut refused = self.refused.locked();
         refused.retain(|_, (until, _)| *until > Instant::now());
-        match refused.get(digest) {
+        match refused.get(key) {
             Some((_, error)) => Err(Error::Shared(error.clone())),
             None => Ok(()),
         }
@@ -256,11 +302,11 @@ impl Flights {
     /// created, passed through from memory from the first byte.
     fn prepare(
         &self,
-        registry: &Registry,
-        repository: &Repository,
-        digest: &Digest,
+        key: &Key,
         asker: Asker,
+        grant: Grant,
     ) -> Result<(Arc<Flight>, Download, Option<TempBlob>), Error> {
+        let (digest, location) = key;
         let spill = Arc::new(Spill::default());
         let temp = match self.store.temp_blob() {
             Ok(temp) => Some(temp),
@@ -277,8 +323,10 @@ impl Flights {
             written: 0,
             state: FlightState::Connecting,
             peer: None,
+            visibility: None,
         });
         let flight = Arc::new(Flight {
+            location: location.clone(),
             waiters: AtomicU64::new(1),
             file: temp.as_ref().map(TempBlob::reader).transpose()?.map(Arc::new),
             spill: spill.clone(),
@@ -288,8 +336,8 @@ impl Flights {
             store: self.store.clone(),
             sources: self.sources.clone(),
             asker,
-            registry: registry.clone(),
-            repository: repository.clone(),
+            location: location.clone(),
+            grant,
             digest: digest.clone(),
             progress: Arc::new(tx),
             spill,
@@ -304,14 +352,14 @@ impl Flights {
         let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
         metrics.inflight.inc();
         tokio::spawn(async move {
-            let digest = download.digest.clone();
+            let key = (download.digest.clone(), download.location.clone());
             let progress = download.progress.clone();
             let state = match download.run(temp).await {
                 Ok(()) => FlightState::Done,
-                Err(e) => FlightState::Failed(failed(&digest, e, &refused, &metrics)),
+                Err(e) => FlightState::Failed(failed(&key, e, &refused, &metrics)),
             };
             progress.send_modify(|p| p.state = state);
-            let waiters = land(&active, &digest, &flight);
+            let waiters = land(&active, &key, &flight);
             metrics.inflight.dec();
             metrics.waiters.observe(waiters as f64);
         });
@@ -327,25 +375,27 @@ fn join(flight: &Arc<Flight>) -> BlobSource {
     }
 }
 
-/// Logs a download's failure; bytes that failed the digest get the digest refused for a while.
-fn failed(digest: &Digest, e: Error, refused: &Refused, metrics: &Metrics) -> Arc<Error> {
-    tracing::warn!(%digest, error = %e, "blob download failed; nothing committed");
+/// Logs a download's failure; bytes that failed the digest get the digest refused at that
+/// location for a while.
+fn failed(key: &Key, e: Error, refused: &Refused, metrics: &Metrics) -> Arc<Error> {
+    let (digest, location) = key;
+    tracing::warn!(%digest, %location, error = %e, "blob download failed; nothing committed");
     let e = Arc::new(e);
     if e.is_mismatch() {
         metrics.verify_failures.inc();
         let until = Instant::now() + MISMATCH_MEMORY;
-        refused.locked().insert(digest.clone(), (until, e.clone()));
+        refused.locked().insert(key.clone(), (until, e.clone()));
     }
     e
 }
 
 /// Takes an ended flight out of `active` (unless another has taken its place there) and
 /// returns how many clients it served.
-fn land(active: &Active, digest: &Digest, flight: &Arc<Flight>) -> u64 {
+fn land(active: &Active, key: &Key, flight: &Arc<Flight>) -> u64 {
     // Leaving `active` under its lock: no one joins after the waiters are read.
     let mut active = active.locked();
-    if active.get(digest).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-        active.remove(digest);
+    if active.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+        active.remove(key);
     }
     flight.waiters.load(Ordering::Relaxed)
 }
@@ -355,8 +405,8 @@ struct Download {
     store: Arc<Store>,
     sources: Arc<Sources>,
     asker: Asker,
-    registry: Registry,
-    repository: Repository,
+    location: Location,
+    grant: Grant,
     digest: Digest,
     progress: Arc<watch::Sender<Progress>>,
     spill: Arc<Spill>,
@@ -364,15 +414,19 @@ struct Download {
 }
 
 impl Download {
-    #[tracing::instrument(skip_all, fields(registry = %self.registry, repo = %self.repository, digest = %self.digest))]
+    #[tracing::instrument(skip_all, fields(registry = %self.location.registry, repo = %self.location.repository, digest = %self.digest))]
     async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
-        let fetch = Fetch::blob(Method::GET, &self.registry, &self.repository, &self.digest);
+        let location = &self.location;
+        let fetch = Fetch::blob(Method::GET, &location.registry, &location.repository, &self.digest)
+            .with_credential(self.grant.credential.clone());
         let mut chain = self.sources.chain(fetch, self.asker);
         let mut stream = chain.open().await?;
         let (size, peer) = (stream.size(), stream.peer());
+        let visibility = self.visibility(stream.visibility());
         self.progress.send_modify(|p| {
             p.size = size;
             p.peer = peer;
+            p.visibility = Some(visibility);
             p.state = FlightState::Streaming;
         });
         let (chunks, writer) = self.spawn_writer(temp);
@@ -380,8 +434,10 @@ impl Download {
         drop((chunks, stream));
         let sink = writer.await.map_err(InternalError::task("blob writer"))?;
         pumped?;
+        // A resumed body may have come from a source whose answer proved more.
+        let origin = Origin::new(location, self.visibility(chain.visibility()));
         let verified = match sink {
-            Sink::Disk(temp) => self.commit(temp, size).await,
+            Sink::Disk(temp) => self.commit(temp, size, origin).await,
             Sink::Memory { hasher, size: actual } => self.verify_passed_through(hasher, actual, size),
         };
         match verified {
@@ -465,11 +521,22 @@ impl Download {
         Ok(())
     }
 
-    /// Commits the temp file to the store, which checks it against the digest and `size`.
-    async fn commit(&self, temp: TempBlob, size: Option<u64>) -> Result<(), Error> {
+    /// The visibility of what is fetched: public when the location is known public, or a
+    /// source's answer proved it.
+    fn visibility(&self, answered: Visibility) -> Visibility {
+        if self.grant.public {
+            Visibility::Public
+        } else {
+            answered
+        }
+    }
+
+    /// Commits the temp file to the store, which checks it against the digest and `size`, and
+    /// records `origin`.
+    async fn commit(&self, temp: TempBlob, size: Option<u64>, origin: Origin) -> Result<(), Error> {
         let store = self.store.clone();
         let digest = self.digest.clone();
-        let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size))
+        let committed = tokio::task::spawn_blocking(move || store.commit(temp, &digest, size, Some(&origin)))
             .await
             .map_err(InternalError::task("blob commit"))?;
         match committed {
@@ -480,7 +547,7 @@ impl Download {
     }
 
     fn upstream_error(&self, kind: UpstreamErrorKind) -> Error {
-        UpstreamError::new(&self.registry, kind).into()
+        UpstreamError::new(&self.location.registry, kind).into()
     }
 }
 
@@ -589,16 +656,21 @@ mod tests {
     async fn a_panic_under_the_flights_lock_does_not_spread() {
         let dir = tempfile::tempdir().unwrap();
         let registry = prometheus::Registry::new();
-        let upstreams = crate::upstream::Upstreams::new(
+        let upstreams = Arc::new(crate::upstream::Upstreams::new(
             crate::upstream::Settings {
                 offline: true,
                 ..Default::default()
             },
             crate::upstream::Metrics::register(&registry).unwrap(),
+        ));
+        let authorize = crate::authorize::Authorizer::new(
+            upstreams.clone(),
+            crate::authorize::Settings::default(),
+            crate::authorize::Metrics::register(&registry).unwrap(),
         );
         let flights = Flights::new(
             Arc::new(Store::open(dir.path()).unwrap()),
-            Arc::new(Sources::new(Arc::new(upstreams), None)),
+            Arc::new(Sources::new(upstreams, None)),
             Metrics::register(&registry).unwrap(),
         );
         let active = flights.active.clone();
@@ -610,12 +682,14 @@ mod tests {
         assert!(panicked.is_err() && flights.active.is_poisoned());
 
         let digest = Digest::of(b"not cached");
-        assert!(flights.lookup(&digest).unwrap().is_none());
-        let (registry, repository) = (Registry::docker_hub(), Repository::parse("library/x").unwrap());
-        let offline = flights
-            .get(&registry, &repository, &digest, Asker::Client)
-            .err()
-            .unwrap();
+        let location = Location::new(
+            &crate::oci::Registry::docker_hub(),
+            &crate::oci::Repository::parse("library/x").unwrap(),
+        );
+        let object = crate::authorize::Object::Digest(Resource::Blob, &digest);
+        let access = authorize.access(&location, object, Asker::Client, crate::authorize::Via::Mirror, None);
+        assert!(flights.lookup(&access, &digest).await.unwrap().is_none());
+        let offline = flights.get(&access, &digest).await.err().unwrap();
         assert!(offline.to_string().contains("offline"), "{offline}");
     }
 }

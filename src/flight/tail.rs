@@ -286,6 +286,7 @@ mod tests {
             written: 6,
             state: FlightState::Streaming,
             peer: None,
+            visibility: None,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, Some(6), rx);
         assert_eq!(&next_bytes(&mut tail).await.unwrap().unwrap()[..], b"abcde");
@@ -306,6 +307,7 @@ mod tests {
             written: 0,
             state: FlightState::Streaming,
             peer: None,
+            visibility: None,
         });
         let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
         let pending = tokio::spawn(async move { next_bytes(&mut tail).await });
@@ -321,7 +323,7 @@ mod tests {
         let digest = crate::oci::Digest::of(&data);
         let mut temp = store.temp_blob().unwrap();
         temp.write(&data).unwrap();
-        store.commit(temp, &digest, None).unwrap();
+        store.commit(temp, &digest, None, None).unwrap();
         let mut tail = Tail::stored(store.open_blob(&digest).unwrap().unwrap(), 3, data.len() as u64);
         let mut got = Vec::new();
         while let Some(chunk) = next_bytes(&mut tail).await {

@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 use crate::ca::{Ca, CaError};
 pub use secret::{SecretOutcome, init_secret, init_secret_command};
 
-use crate::oci::Registry;
+use crate::oci::{DOCKER_HUB, DOCKER_HUB_ALIASES, Registry};
 
 /// Token and CDN hosts of the default registries, tunnelled unless configured otherwise.
 pub const DEFAULT_TUNNEL_ALLOW: &[&str] = &[
@@ -30,8 +30,6 @@ pub const DEFAULT_TUNNEL_ALLOW: &[&str] = &[
     "production.cloudflare.docker.com",
     "*.cloudflare.docker.com",
 ];
-/// Docker Hub's API hosts, all cached as `docker.io`.
-const DOCKER_HUB_HOSTS: &[&str] = &["docker.io", "registry-1.docker.io", "index.docker.io"];
 
 /// What to do with a proxy request for a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +62,8 @@ impl Policy {
     /// Intercepts Docker Hub's hosts and every registry in `registries`.
     pub fn new<'a>(registries: impl IntoIterator<Item = &'a Registry>, tunnel_allow: Vec<String>) -> Policy {
         let mut intercepted = HashMap::new();
-        for host in DOCKER_HUB_HOSTS {
+        // Docker Hub's API hosts, all cached as `docker.io`.
+        for host in std::iter::once(&DOCKER_HUB).chain(DOCKER_HUB_ALIASES) {
             intercepted.insert((*host).to_owned(), Registry::docker_hub());
         }
         for registry in registries {

@@ -15,6 +15,9 @@ const MAX_HOST_LEN: usize = 253;
 /// Docker Hub: the registry named by references with no host, and the one whose
 /// single-component names live under `library/`.
 pub const DOCKER_HUB: &str = "docker.io";
+/// Docker Hub's names besides [`DOCKER_HUB`]: each is Docker Hub, with the same content and
+/// the same credentials, so each is read as `docker.io`.
+pub const DOCKER_HUB_ALIASES: &[&str] = &["registry-1.docker.io", "index.docker.io"];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -64,7 +67,11 @@ impl Registry {
         if host.is_empty() || host.len() > MAX_HOST_LEN || !host.split('.').all(is_domain_label) {
             return Err(err());
         }
-        Ok(Registry(s.to_ascii_lowercase()))
+        let name = s.to_ascii_lowercase();
+        if DOCKER_HUB_ALIASES.contains(&name.as_str()) {
+            return Ok(Registry::docker_hub());
+        }
+        Ok(Registry(name))
     }
 
     pub fn as_str(&self) -> &str {
@@ -355,6 +362,18 @@ mod tests {
         }
         assert!(Repository::parse(&"a".repeat(256)).is_err());
         assert!(Repository::parse(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn docker_hubs_names_are_one_registry() {
+        for alias in ["docker.io", "registry-1.docker.io", "INDEX.docker.io"] {
+            assert_eq!(Registry::parse(alias).unwrap(), Registry::docker_hub(), "{alias}");
+        }
+        // Another port is another server.
+        assert_eq!(
+            Registry::parse("registry-1.docker.io:5000").unwrap().as_str(),
+            "registry-1.docker.io:5000"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio::sync::watch;
 
 use crate::fetch::Fetch;
-use crate::oci::Digest;
+use crate::oci::{Digest, Visibility};
 use crate::sync::MutexExt;
 use crate::wire::{BoxError, ClientOptions};
 use membership::View;
@@ -50,6 +50,9 @@ const BREAKER_OPEN_FORGED: Duration = Duration::from_secs(300);
 pub const MAX_PEER_HOPS: u32 = 8;
 /// The header saying how many redirects a peer request has followed.
 pub const HOPS_HEADER: &str = "pullcache-redirects";
+/// The header in which a peer says whether what it serves is public or private to the
+/// location it was asked under (see [`crate::oci::Provenance`]); without it, private.
+pub const VISIBILITY_HEADER: &str = "pullcache-visibility";
 
 /// Cluster mode's settings.
 #[derive(Debug, Clone)]
@@ -157,8 +160,9 @@ impl Peers {
         }
     }
 
-    /// Sends `fetch` (of content by digest) to `peer`, following a busy owner's redirects to
-    /// peers that have it. The response is 200 or 206.
+    /// Sends `fetch` (of content by digest, under its location, never with its credential) to
+    /// `peer`, following a busy owner's redirects to peers that have it. The response is 200 or
+    /// 206, with the [`Visibility`] the peer told.
     pub async fn fetch(&self, peer: PeerAddr, fetch: &Fetch) -> Result<(PeerAddr, Response<Incoming>), PeerError> {
         let mut at = peer;
         for hops in 0..=MAX_PEER_HOPS {
@@ -175,6 +179,14 @@ impl Peers {
             }
             if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
                 self.metrics.fetches.with_label_values(&["ok"]).inc();
+                let mut resp = resp;
+                let visibility = resp
+                    .headers()
+                    .get(VISIBILITY_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Visibility::parse)
+                    .unwrap_or(Visibility::Private);
+                resp.extensions_mut().insert(visibility);
                 return Ok((at, resp));
             }
             self.metrics.fetches.with_label_values(&["refused"]).inc();

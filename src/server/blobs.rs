@@ -2,39 +2,40 @@
 //! flight. Single ranges are honoured, also while the blob is still downloading.
 
 use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::response::{self, Body};
-use super::routes::Target;
 use super::sendfile::Spans;
 use super::{App, Outcome};
-use crate::error::Result;
-use crate::fetch::{Asker, CacheResult, Fetch};
+use crate::authorize::{Access, AccessError};
+use crate::error::{Error, Result};
+use crate::fetch::{Asker, CacheResult, Fetch, Resource};
 use crate::flight::{BlobSource, Tail};
-use crate::oci::{BLOB_MEDIA_TYPE, Digest};
+use crate::oci::{BLOB_MEDIA_TYPE, Digest, Reference, Visibility};
+use crate::peers::VISIBILITY_HEADER;
 use crate::wire::DOCKER_CONTENT_DIGEST;
 
 pub async fn serve(
     app: &App,
     head: bool,
     headers: &HeaderMap,
-    target: &Target,
+    access: &Access<'_>,
     digest: &Digest,
     spans: Option<&Spans>,
-    asker: Asker,
 ) -> Result<Outcome> {
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
     let sendfile = || spans.map(|spans| (spans.clone(), app.metrics.sendfile_bytes.clone()));
     let source = if head {
-        match app.flights.lookup(digest)? {
+        match app.flights.lookup(access, digest).await? {
             Some(source) => source,
-            None => return head_elsewhere(app, target, digest, asker).await,
+            None => return head_elsewhere(app, access, digest).await,
         }
     } else {
-        app.flights.get(&target.registry, &target.repository, digest, asker)?
+        app.flights.get(access, digest).await?
     };
+    let told = |resp: Response<Body>, visibility: Visibility| tell(resp, access, visibility);
     match source {
-        BlobSource::Stored(blob) => {
+        BlobSource::Stored { blob, visibility } => {
             let size = blob.size;
             let span = super::range::parse(range, size)?;
             let (start, end) = span.map_or((0, size), |(a, b)| (a, b + 1));
@@ -43,10 +44,16 @@ pub async fn serve(
             } else {
                 response::tail(Tail::stored(blob, start, end), sendfile())
             };
-            Ok(Outcome::new(respond(digest, Some(size), span, body), CacheResult::Hit))
+            let resp = told(respond(digest, Some(size), span, body), visibility);
+            Ok(Outcome::new(resp, CacheResult::Hit))
         }
         BlobSource::Flight { flight, joined } => {
             let size = flight.headers().await?;
+            // Not one byte before the answer's provenance lets this requester in.
+            let provenance = flight.provenance();
+            if !access.serves(&provenance).await? {
+                return Err(not_here(access, digest));
+            }
             // Without a known size a range cannot be placed; RFC 9110 lets us send it all.
             let span = match size {
                 Some(size) => super::range::parse(range, size)?,
@@ -66,21 +73,45 @@ pub async fn serve(
             } else {
                 CacheResult::Miss
             };
-            Ok(Outcome::new(respond(digest, size, span, body), cache))
+            let resp = told(respond(digest, size, span, body), provenance.visibility());
+            Ok(Outcome::new(resp, cache))
         }
     }
 }
 
-/// A HEAD for a blob this node does not have: asked of the sources (in cluster mode the
-/// peers first), downloading nothing.
-async fn head_elsewhere(app: &App, target: &Target, digest: &Digest, asker: Asker) -> Result<Outcome> {
-    let fetch = Fetch::blob(Method::HEAD, &target.registry, &target.repository, digest);
-    let mut chain = app.sources.chain(fetch, asker);
+/// A HEAD for a blob this node does not have under the location asked: asked of the sources
+/// (in cluster mode the peers first), downloading nothing.
+async fn head_elsewhere(app: &App, access: &Access<'_>, digest: &Digest) -> Result<Outcome> {
+    let grant = access.grant().await?;
+    let location = access.location;
+    let fetch =
+        Fetch::blob(Method::HEAD, &location.registry, &location.repository, digest).with_credential(grant.credential);
+    let mut chain = app.sources.chain(fetch, access.asker);
     let size = chain.open().await?.size();
     Ok(Outcome::new(
         respond(digest, size, None, response::empty()),
         CacheResult::Bypass,
     ))
+}
+
+/// Tells a peer whether what it is served is public, for its own record of the provenance.
+fn tell(mut resp: Response<Body>, access: &Access<'_>, visibility: Visibility) -> Response<Body> {
+    if access.asker == Asker::Peer {
+        resp.headers_mut()
+            .insert(VISIBILITY_HEADER, HeaderValue::from_static(visibility.as_str()));
+    }
+    resp
+}
+
+/// The error for content that may not be served under the location asked.
+fn not_here(access: &Access<'_>, digest: &Digest) -> Error {
+    let location = access.location;
+    Error::Access(AccessError::NotInRepository {
+        registry: location.registry.clone(),
+        repository: location.repository.clone(),
+        resource: Resource::Blob,
+        reference: Reference::Digest(digest.clone()),
+    })
 }
 
 fn respond(digest: &Digest, size: Option<u64>, span: Option<(u64, u64)>, body: Body) -> Response<Body> {

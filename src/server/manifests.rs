@@ -5,34 +5,31 @@ use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, ETAG, WARNING};
 use http::{HeaderMap, Response};
 
 use super::response;
-use super::routes::Target;
 use super::{App, Outcome};
+use crate::authorize::Access;
 use crate::error::Result;
 use crate::fetch::{Asker, CacheResult};
 use crate::oci::{AcceptClass, Reference};
+use crate::peers::VISIBILITY_HEADER;
 use crate::wire::DOCKER_CONTENT_DIGEST;
 
 pub async fn serve(
     app: &App,
     head: bool,
     headers: &HeaderMap,
-    target: &Target,
+    access: &Access<'_>,
     reference: &Reference,
-    asker: Asker,
 ) -> Result<Outcome> {
     let accept = AcceptClass::from_headers(headers.get_all(ACCEPT).iter());
-    let manifest = app
-        .manifests
-        .get(&target.registry, &target.repository, reference, accept, asker)
-        .await?;
-    // What it refers to is in this repository, for the access checks of the blobs that follow.
-    app.authorize
-        .learn(&target.registry, &target.repository, &manifest.digest, &manifest.bytes);
+    let manifest = app.manifests.get(access, reference, accept).await?;
     let mut resp = Response::builder()
         .header(CONTENT_TYPE, &manifest.media_type)
         .header(DOCKER_CONTENT_DIGEST, manifest.digest.to_string())
         .header(ETAG, format!("\"{}\"", manifest.digest))
         .header(CONTENT_LENGTH, manifest.bytes.len());
+    if access.asker == Asker::Peer {
+        resp = resp.header(VISIBILITY_HEADER, manifest.provenance.visibility().as_str());
+    }
     if manifest.cache == CacheResult::Stale {
         resp = resp.header(WARNING, "110 pullcache \"Response is Stale\"");
     }

@@ -127,6 +127,9 @@ impl App {
         }
     }
 
+    /// Serves a parsed route. What a client may be served is decided per request by its
+    /// [`Access`](crate::authorize::Access): by where the content came from, checked against
+    /// the location the client named (a peer's node checked its own client).
     async fn dispatch(
         &self,
         route: &Route,
@@ -136,33 +139,8 @@ impl App {
         spans: Option<&Spans>,
         asker: Asker,
     ) -> crate::error::Result<Outcome> {
-        // A client may read it, before any byte (peers check their own clients).
-        if asker == Asker::Client {
-            let object = match route {
-                Route::Manifest {
-                    target,
-                    reference: Reference::Tag(tag),
-                } => Some((target, Object::Tag(tag))),
-                Route::Manifest {
-                    target,
-                    reference: Reference::Digest(digest),
-                } => Some((target, Object::Digest(Resource::Manifest, digest))),
-                Route::Blob { target, digest } => Some((target, Object::Digest(Resource::Blob, digest))),
-                Route::Ping => None,
-            };
-            if let Some((target, object)) = object {
-                let via = if intercepted { Via::Intercept } else { Via::Mirror };
-                self.authorize
-                    .check(
-                        &target.registry,
-                        &target.repository,
-                        object,
-                        via,
-                        headers.get(AUTHORIZATION),
-                    )
-                    .await?;
-            }
-        }
+        let via = if intercepted { Via::Intercept } else { Via::Mirror };
+        let authorization = headers.get(AUTHORIZATION);
         match route {
             Route::Ping => Ok(Outcome::new(
                 Response::builder()
@@ -173,9 +151,18 @@ impl App {
                 None,
             )),
             Route::Manifest { target, reference } => {
-                manifests::serve(self, head, headers, target, reference, asker).await
+                let object = match reference {
+                    Reference::Tag(tag) => Object::Tag(tag),
+                    Reference::Digest(digest) => Object::Digest(Resource::Manifest, digest),
+                };
+                let access = self.authorize.access(target, object, asker, via, authorization);
+                manifests::serve(self, head, headers, &access, reference).await
             }
-            Route::Blob { target, digest } => blobs::serve(self, head, headers, target, digest, spans, asker).await,
+            Route::Blob { target, digest } => {
+                let object = Object::Digest(Resource::Blob, digest);
+                let access = self.authorize.access(target, object, asker, via, authorization);
+                blobs::serve(self, head, headers, &access, digest, spans).await
+            }
         }
     }
 }

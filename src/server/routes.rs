@@ -5,7 +5,7 @@
 use http::{Method, Uri};
 
 use crate::error::{Error, RequestError};
-use crate::oci::{Digest, Reference, Registry, Repository, Tag};
+use crate::oci::{Digest, Location, Reference, Registry, Repository, Tag};
 
 /// The longest path and query accepted. The longest valid request (a 255-character name, a
 /// digest and an `ns`) is far below it.
@@ -16,11 +16,11 @@ pub enum Route {
     /// `GET /v2/`: the API version check.
     Ping,
     Manifest {
-        target: Target,
+        target: Location,
         reference: Reference,
     },
     Blob {
-        target: Target,
+        target: Location,
         digest: Digest,
     },
 }
@@ -34,13 +34,6 @@ impl Route {
             Route::Blob { .. } => "blob",
         }
     }
-}
-
-/// The repository a request is about, in the registry it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub registry: Registry,
-    pub repository: Repository,
 }
 
 /// Parses a request. `host` is the registry an intercepted connection is for; it names the
@@ -121,7 +114,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
     Ok(Route::Manifest { target, reference })
 }
 
-fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Target, Error> {
+fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Location, Error> {
     let ns = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "ns")
@@ -136,7 +129,7 @@ fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Ta
         },
     };
     let repository = Repository::parse(name)?.normalize_for(&registry)?;
-    Ok(Target { registry, repository })
+    Ok(Location { registry, repository })
 }
 
 #[cfg(test)]

@@ -227,8 +227,7 @@ impl Store {
                 tracing::warn!(path = %path.display(), error = %e, "could not evict blob");
                 continue;
             }
-            let _ = std::fs::remove_file(self.media_type_path(&digest));
-            self.forget(&digest);
+            self.drop_metadata(&digest);
             evicted.blobs += 1;
             evicted.bytes += size;
         }
@@ -377,7 +376,7 @@ mod tests {
         let digest = Digest::of(content);
         let mut temp = store.temp_blob().unwrap();
         temp.write(content).unwrap();
-        store.commit(temp, &digest, None).unwrap();
+        store.commit(temp, &digest, None, None).unwrap();
         digest
     }
 
@@ -477,6 +476,7 @@ mod tests {
                 &manifest_digest,
                 "application/vnd.oci.image.manifest.v1+json",
                 manifest.as_bytes(),
+                None,
             )
             .unwrap();
         let tagged = Digest::of(b"tagged manifest");
@@ -485,6 +485,7 @@ mod tests {
                 &tagged,
                 "application/vnd.oci.image.manifest.v1+json",
                 b"tagged manifest",
+                None,
             )
             .unwrap();
         for (tag, digest) in [("v1", &manifest_digest), ("v2", &tagged)] {

@@ -1,5 +1,6 @@
 //! The content-addressed disk store: `blobs/sha256/<2 hex>/<64 hex>`, temp files in `tmp/` on
-//! the same filesystem, manifest media types in `manifests/`, and the tag index in `tags/`.
+//! the same filesystem, manifest media types in `manifests/`, each blob's provenance in
+//! `origins/`, and the tag index in `tags/`.
 //!
 //! A blob appears under its name only through [`Store::commit`], which checks the hash that
 //! [`TempBlob`] computed while the bytes were written, fsyncs, renames, and fsyncs the
@@ -7,6 +8,7 @@
 
 mod budget;
 mod index;
+mod origins;
 mod tags;
 mod verify;
 
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::{Digest, Mismatch};
+use crate::oci::{Digest, Mismatch, Origin, Provenance};
 
 pub use budget::{Budget, Evicted, MinFree, keep_within_budget, parse_size};
 pub use index::InUse;
@@ -67,6 +69,7 @@ pub struct Store {
     root: PathBuf,
     blobs: PathBuf,
     manifests: PathBuf,
+    origins: PathBuf,
     tmp: PathBuf,
     tags: TagIndex,
     next_temp: AtomicU64,
@@ -74,6 +77,10 @@ pub struct Store {
     index: Arc<index::Index>,
     /// Recently read manifests, by digest. Evicting or quarantining a blob drops it here too.
     hot_manifests: moka::sync::Cache<Digest, (Bytes, String)>,
+    /// Recently read provenance records, by digest.
+    provenance: moka::sync::Cache<Digest, Provenance>,
+    /// Held while a provenance record is read, changed and written.
+    recording: std::sync::Mutex<()>,
     budget: Budget,
     /// Woken when free space runs short, or a write found the disk full.
     pressure: tokio::sync::Notify,
@@ -109,9 +116,10 @@ impl Store {
     fn open_with(root: &Path, clear_tmp: bool) -> Result<Store> {
         let blobs = root.join("blobs").join("sha256");
         let manifests = root.join("manifests").join("sha256");
+        let origins = root.join("origins").join("sha256");
         let tmp = root.join("tmp");
         let tags_dir = root.join("tags");
-        for dir in [&blobs, &manifests, &tmp, &tags_dir] {
+        for dir in [&blobs, &manifests, &origins, &tmp, &tags_dir] {
             fs::create_dir_all(dir).map_err(|e| StoreError::new("create", dir, e))?;
         }
         if clear_tmp {
@@ -133,6 +141,8 @@ impl Store {
             root: root.to_owned(),
             index,
             hot_manifests,
+            provenance: moka::sync::Cache::new(origins::HOT_RECORDS),
+            recording: std::sync::Mutex::default(),
             budget: Budget::default(),
             pressure: tokio::sync::Notify::new(),
             committing: std::sync::Mutex::default(),
@@ -140,6 +150,7 @@ impl Store {
             evicted_bytes: AtomicU64::new(0),
             blobs,
             manifests,
+            origins,
             tmp,
             tags,
             next_temp: AtomicU64::new(0),
@@ -204,10 +215,20 @@ impl Store {
     }
 
     /// Moves a temp blob into the store under `expected`, only if its bytes hash to it (and
-    /// have `expected_size`, when known). Crash-safe: fsync, rename, fsync the directory.
-    pub fn commit(&self, mut temp: TempBlob, expected: &Digest, expected_size: Option<u64>) -> Result<(), CommitError> {
+    /// have `expected_size`, when known), and records `origin` as where they came from (only
+    /// once they verified). Crash-safe: fsync, rename, fsync the directory.
+    pub fn commit(
+        &self,
+        mut temp: TempBlob,
+        expected: &Digest,
+        expected_size: Option<u64>,
+        origin: Option<&Origin>,
+    ) -> Result<(), CommitError> {
         let actual = Digest::from_hasher(std::mem::take(&mut temp.hasher));
         Mismatch::check(expected, expected_size, actual, temp.size)?;
+        if let Some(origin) = origin {
+            self.record_origin(expected, origin)?;
+        }
         temp.file
             .sync_all()
             .map_err(|e| StoreError::new("fsync", &temp.path, e))?;
@@ -235,12 +256,24 @@ impl Store {
         write_atomic(&self.tmp, &self.media_type_path(digest), media_type.as_bytes())
     }
 
-    /// Stores a manifest's bytes under its digest, with its media type beside it.
-    pub fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> Result<(), CommitError> {
+    /// Stores a manifest's bytes under its digest, with its media type and `origin` beside it.
+    pub fn put_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+        origin: Option<&Origin>,
+    ) -> Result<(), CommitError> {
         if !self.has_blob(digest) {
             let mut temp = self.temp_blob()?;
             temp.write(bytes)?;
-            self.commit(temp, digest, Some(bytes.len() as u64))?;
+            self.commit(temp, digest, Some(bytes.len() as u64), origin)?;
+        } else {
+            // The bytes are the digest's (the caller verified them): only the origin is new.
+            Mismatch::check(digest, Some(bytes.len() as u64), Digest::of(bytes), bytes.len() as u64)?;
+            if let Some(origin) = origin {
+                self.record_origin(digest, origin)?;
+            }
         }
         self.set_media_type(digest, media_type)?;
         Ok(())
@@ -291,6 +324,13 @@ impl Store {
     /// Forgets a blob kept in memory, once its file is gone.
     fn forget(&self, digest: &Digest) {
         self.hot_manifests.invalidate(digest);
+    }
+
+    /// Removes what is kept beside a blob whose file is gone: its media type and provenance.
+    fn drop_metadata(&self, digest: &Digest) {
+        let _ = fs::remove_file(self.media_type_path(digest));
+        self.forget_provenance(digest);
+        self.forget(digest);
     }
 }
 
@@ -455,14 +495,14 @@ mod tests {
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"hel").unwrap();
         temp.write(b"lo").unwrap();
-        store.commit(temp, &good, Some(5)).unwrap();
+        store.commit(temp, &good, Some(5), None).unwrap();
         assert_eq!(store.open_blob(&good).unwrap().unwrap().size, 5);
         assert_eq!(fs::read(store.blob_path(&good)).unwrap(), b"hello");
 
         let other = Digest::of(b"other");
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"not other").unwrap();
-        let err = store.commit(temp, &other, None).unwrap_err();
+        let err = store.commit(temp, &other, None, None).unwrap_err();
         assert!(matches!(err, CommitError::Mismatch(Mismatch::Digest { .. })), "{err}");
         assert!(store.open_blob(&other).unwrap().is_none());
         assert_eq!(fs::read_dir(&store.tmp).unwrap().count(), 0, "temp file left behind");
@@ -476,7 +516,7 @@ mod tests {
         for content in [&b"abc"[..], b"defgh", b"abc"] {
             let mut temp = store.temp_blob().unwrap();
             temp.write(content).unwrap();
-            store.commit(temp, &Digest::of(content), None).unwrap();
+            store.commit(temp, &Digest::of(content), None, None).unwrap();
         }
         assert_eq!(store.usage(), (8, 2), "a blob committed twice counts once");
         assert_eq!(Store::open(dir.path()).unwrap().usage(), (8, 2));
@@ -488,7 +528,7 @@ mod tests {
         let (_dir, store) = store();
         let mut temp = store.temp_blob().unwrap();
         temp.write(b"hello").unwrap();
-        let err = store.commit(temp, &Digest::of(b"hello"), Some(6)).unwrap_err();
+        let err = store.commit(temp, &Digest::of(b"hello"), Some(6), None).unwrap_err();
         assert!(matches!(err, CommitError::Mismatch(Mismatch::Size { .. })), "{err}");
         assert!(!store.has_blob(&Digest::of(b"hello")));
     }
@@ -515,12 +555,12 @@ mod tests {
         let digest = Digest::of(body);
         assert!(store.manifest(&digest).unwrap().is_none());
         store
-            .put_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", body)
+            .put_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", body, None)
             .unwrap();
         let (bytes, media_type) = store.manifest(&digest).unwrap().unwrap();
         assert_eq!(&bytes[..], body);
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
-        let err = store.put_manifest(&Digest::of(b"x"), "t", body).unwrap_err();
+        let err = store.put_manifest(&Digest::of(b"x"), "t", body, None).unwrap_err();
         assert!(matches!(err, CommitError::Mismatch(Mismatch::Digest { .. })));
     }
 
@@ -530,7 +570,7 @@ mod tests {
         let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}"#;
         let digest = Digest::of(body);
         store
-            .put_manifest(&digest, "application/vnd.oci.image.index.v1+json", body)
+            .put_manifest(&digest, "application/vnd.oci.image.index.v1+json", body, None)
             .unwrap();
         assert!(store.hot_manifest(&digest).is_none(), "nothing is read yet");
         store.manifest(&digest).unwrap().unwrap();

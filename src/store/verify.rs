@@ -45,11 +45,8 @@ impl Store {
                 let dest = quarantine.join(&name);
                 fs::rename(&path, &dest).map_err(|e| StoreError::new("quarantine", &path, e))?;
                 if let Some(expected) = &expected {
-                    let _ = fs::remove_file(self.media_type_path(expected));
-                }
-                if let Some(expected) = &expected {
                     self.index.remove(expected);
-                    self.forget(expected);
+                    self.drop_metadata(expected);
                 }
                 tracing::warn!(file = %path.display(), actual = %actual, "blob does not match its name; quarantined");
                 report.quarantined.push((path, dest));
@@ -87,13 +84,18 @@ mod tests {
             let digest = Digest::of(content);
             let mut temp = store.temp_blob().unwrap();
             temp.write(content).unwrap();
-            store.commit(temp, &digest, None).unwrap();
+            store.commit(temp, &digest, None, None).unwrap();
             digests.push(digest);
         }
         let manifest = br#"{"schemaVersion":2}"#;
         let manifest_digest = Digest::of(manifest);
         store
-            .put_manifest(&manifest_digest, "application/vnd.oci.image.manifest.v1+json", manifest)
+            .put_manifest(
+                &manifest_digest,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest,
+                None,
+            )
             .unwrap();
         fs::write(store.blob_path(&digests[2]), b"bit rot").unwrap();
         fs::write(store.blob_path(&manifest_digest), b"{}").unwrap();

@@ -142,7 +142,17 @@ impl TokenResponse {
     }
 }
 
-/// Tokens by (upstream origin, scope). Lifetimes count from when a token arrived, not from
+/// The token cache's key for `scope` with `credentials` (`None`: anonymously). A token
+/// belongs to the credential that obtained it: one taken with pullcache's credentials is never
+/// sent for another name's request that would go without them.
+pub(super) fn token_key(credentials: Option<&Credentials>, scope: &str) -> String {
+    match credentials {
+        Some(credentials) => format!("{} {scope}", hex::encode(&credentials.identity()[..16])),
+        None => format!("anonymous {scope}"),
+    }
+}
+
+/// Tokens by (upstream origin, [`token_key`]). Lifetimes count from when a token arrived, not from
 /// the server's `issued_at`, so clock skew cannot make an expired token look fresh.
 #[derive(Default)]
 pub struct TokenCache {

@@ -40,6 +40,22 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// A fingerprint of the secret, for keys and never shown: a token belongs to the
+    /// credential that obtained it.
+    pub fn identity(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        let fields: [&str; 3] = match self {
+            Credentials::Basic { username, password } => ["basic", username, password],
+            Credentials::IdentityToken { token } => ["identity", token, ""],
+        };
+        for field in fields {
+            hash.update(field.as_bytes());
+            hash.update([0]);
+        }
+        hash.finalize().into()
+    }
+
     /// `Authorization: Basic ...`, marked sensitive. Identity tokens have no Basic form.
     pub fn basic_header(&self) -> Option<HeaderValue> {
         let Credentials::Basic { username, password } = self else {

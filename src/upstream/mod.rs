@@ -26,8 +26,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use rustls_pki_types::CertificateDer;
 
-use crate::fetch::{Fetch, Resource};
-use crate::oci::{Mismatch, Registry};
+use crate::fetch::{Credential, Fetch, Resource};
+use crate::oci::{Mismatch, Registry, Visibility};
 use crate::wire::{BoxError, SendError, error_chain};
 use auth::TokenCache;
 pub use credentials::{Credentials, DockerConfig};
@@ -346,6 +346,8 @@ impl Upstreams {
 
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first
     /// 2xx response. Anything else is an error, the registry's own when every endpoint failed.
+    /// The response carries the [`Visibility`] its answer proves: public only when nothing
+    /// but an anonymous request was needed.
     pub async fn fetch(&self, req: &Fetch) -> Result<Response<Incoming>, UpstreamError> {
         if self.settings.offline {
             return Err(UpstreamError::new(
@@ -359,7 +361,12 @@ impl Upstreams {
         let endpoints = self.endpoints(&req.registry)?;
         let last = endpoints.len() - 1;
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match self.fetch_from(endpoint, req).await {
+            // A client's credential goes to the registry itself only, never to a mirror.
+            let client = match &req.credential {
+                Credential::Client(header) if i == last && endpoint.credentials.is_none() => Some(header),
+                _ => None,
+            };
+            match self.fetch_from(endpoint, req, client).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if i == last => return Err(e),
                 Err(e) => {
@@ -370,9 +377,15 @@ impl Upstreams {
         unreachable!("a registry always has its own endpoint")
     }
 
-    /// One request to one endpoint, following redirects, answering one auth challenge and
-    /// retrying connect errors, timeouts and 5xx a bounded number of times.
-    async fn fetch_from(&self, endpoint: &Endpoint<'_>, req: &Fetch) -> Result<Response<Incoming>, UpstreamError> {
+    /// One request to one endpoint, following redirects, answering one auth challenge (and,
+    /// with `client`, a refusal of the anonymous request by sending the client's credential)
+    /// and retrying connect errors, timeouts and 5xx a bounded number of times.
+    async fn fetch_from(
+        &self,
+        endpoint: &Endpoint<'_>,
+        req: &Fetch,
+        client: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(&req.registry, kind);
         if let Some(wait) = self.rate_limits.closed_for(&endpoint.authority) {
             return Err(err(UpstreamErrorKind::RateLimited(wait.as_secs().max(1))));
@@ -381,15 +394,19 @@ impl Upstreams {
             .parse()
             .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
         let home = uri.authority().cloned();
-        let scope = format!("repository:{}:pull", req.repository);
-        let mut auth = self.known_auth(endpoint, &scope);
-        let (mut auth_retried, mut attempt, mut redirects) = (false, 0, 0);
+        let key = auth::token_key(endpoint.credentials, &format!("repository:{}:pull", req.repository));
+        let mut auth = self.known_auth(endpoint, &key);
+        // Whether what the endpoint answers was asked with a credential: pullcache's or the
+        // client's. Only an answer to an anonymous request proves the content public.
+        let own = endpoint.credentials.is_some();
+        let mut credentialed = own && auth.is_some();
+        let (mut auth_retried, mut client_sent, mut attempt, mut redirects) = (false, false, 0, 0);
         loop {
             // Credentials go only to the endpoint itself, never to a redirect target.
             let on_endpoint = uri.authority() == home.as_ref();
             let request = request(req, &uri, auth.as_ref().filter(|_| on_endpoint));
-            let client = if on_endpoint { endpoint.client } else { endpoint.answers };
-            let resp = match self.send(client, req, request).await {
+            let http = if on_endpoint { endpoint.client } else { endpoint.answers };
+            let resp = match self.send(http, req, request).await {
                 Ok(resp) => resp,
                 Err(failure) if failure.retry && attempt + 1 < MAX_ATTEMPTS => {
                     attempt += 1;
@@ -414,9 +431,28 @@ impl Upstreams {
                     .map_err(|e| err(UpstreamErrorKind::Redirect(e)))?;
                 continue;
             }
+            let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
             if status == StatusCode::UNAUTHORIZED && on_endpoint && !auth_retried {
                 auth_retried = true;
-                auth = Some(self.authorize(endpoint, req, &scope, resp.headers()).await?);
+                match self.authorize(endpoint, req, &key, resp.headers()).await {
+                    Ok(header) => {
+                        auth = Some(header);
+                        credentialed = own;
+                        continue;
+                    }
+                    // No anonymous token: the client's credential may still do.
+                    Err(e) if client.is_none() => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if refused
+                && on_endpoint
+                && !client_sent
+                && let Some(client) = client
+            {
+                client_sent = true;
+                auth = Some(client.clone());
+                credentialed = true;
                 continue;
             }
             if status.is_server_error() && attempt + 1 < MAX_ATTEMPTS {
@@ -425,15 +461,22 @@ impl Upstreams {
                 continue;
             }
             if status.is_success() {
+                let mut resp = resp;
+                let visibility = if credentialed {
+                    Visibility::Private
+                } else {
+                    Visibility::Public
+                };
+                resp.extensions_mut().insert(visibility);
                 return Ok(resp);
             }
             return Err(err(self.refusal(endpoint, req, &resp)));
         }
     }
 
-    /// A token cached for the scope, or Basic credentials for an endpoint known to want them.
-    fn known_auth(&self, endpoint: &Endpoint<'_>, scope: &str) -> Option<HeaderValue> {
-        self.tokens.get(&endpoint.authority, scope).or_else(|| {
+    /// A token cached under `key`, or Basic credentials for an endpoint known to want them.
+    fn known_auth(&self, endpoint: &Endpoint<'_>, key: &str) -> Option<HeaderValue> {
+        self.tokens.get(&endpoint.authority, key).or_else(|| {
             let basic = self.basic.locked().contains(&endpoint.authority);
             basic
                 .then(|| endpoint.credentials.and_then(Credentials::basic_header))

@@ -3,20 +3,22 @@
 //! if challenged). pullcache's configured credentials are never used here, and nothing a
 //! client sent is kept. [`crate::authorize`] decides with the answers.
 
-use http::header::WWW_AUTHENTICATE;
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::header::{AUTHORIZATION, USER_AGENT, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
 
 use super::auth::Challenge;
-use super::{UpstreamError, UpstreamErrorKind, Upstreams, request};
+use super::{Endpoint, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams, request};
 use crate::fetch::{Fetch, Resource};
 use crate::oci::{AcceptClass, Reference, Registry, Repository};
 
 /// What the registry answered about one object, for one client.
 #[derive(Debug, Clone)]
 pub enum Answer {
-    /// 2xx, or a redirect to where the bytes are: the client may read it.
+    /// 2xx; or a redirect (to where the bytes are, or to a login page) after which the
+    /// registry's own API listed the repository's tags to the same client.
     Readable,
-    /// 404: the client was let in, but the object is not in this repository.
+    /// 404: not there, or hidden from this client; it proves nothing either way.
     Missing,
     /// 401 or 403. `challenge` is the registry's first `WWW-Authenticate`, to relay as is.
     Refused {
@@ -25,9 +27,12 @@ pub enum Answer {
     },
 }
 
+/// The most of a tag list read to confirm a redirect.
+const MAX_TAG_LIST: usize = 64 * 1024;
+
 /// The token cache key of anonymous tokens, apart from those of pullcache's credentials.
 fn anonymous(scope: &str) -> String {
-    format!("anonymous {scope}")
+    super::auth::token_key(None, scope)
 }
 
 impl Upstreams {
@@ -65,6 +70,7 @@ impl Upstreams {
             accept: (resource == Resource::Manifest).then(|| AcceptClass::all().header_value()),
             reference,
             from: None,
+            credential: crate::fetch::Credential::Own,
         };
         let uri: Uri = format!("{}{}", endpoint.base, req.path())
             .parse()
@@ -87,8 +93,12 @@ impl Upstreams {
                 .await
                 .map_err(|failure| err(failure.kind))?;
             let status = resp.status();
-            if status.is_success() || status.is_redirection() {
+            if status.is_success() {
                 return Ok(Answer::Readable);
+            }
+            // A redirect may lead to the bytes or to a login page: the API itself decides.
+            if status.is_redirection() {
+                return self.lists_tags(&endpoint, &req, auth.as_ref()).await;
             }
             if status == StatusCode::NOT_FOUND {
                 return Ok(Answer::Missing);
@@ -122,5 +132,42 @@ impl Upstreams {
                 challenge: first_challenge.or(challenge),
             });
         }
+    }
+
+    /// Confirms a redirected answer with the registry's own API: `GET /v2/<name>/tags/list`
+    /// with the same `auth` must answer 200 with the repository's name in JSON. Anything else
+    /// (a login page, a refusal, no tag listing) is no proof of access.
+    async fn lists_tags(
+        &self,
+        endpoint: &Endpoint<'_>,
+        req: &Fetch,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Answer, UpstreamError> {
+        let err = |kind| UpstreamError::new(&req.registry, kind);
+        let uri: Uri = format!("{}/v2/{}/tags/list?n=1", endpoint.base, req.repository)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
+        let mut request = Request::get(uri).header(USER_AGENT, USER_AGENT_VALUE);
+        if let Some(auth) = auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request = request.body(Full::default()).expect("request parts are valid");
+        let resp = self
+            .send(endpoint.client, req, request)
+            .await
+            .map_err(|failure| err(failure.kind))?;
+        let unconfirmed = Answer::Refused {
+            status: StatusCode::FORBIDDEN,
+            challenge: None,
+        };
+        if resp.status() != StatusCode::OK {
+            return Ok(unconfirmed);
+        }
+        let Ok(body) = Limited::new(resp.into_body(), MAX_TAG_LIST).collect().await else {
+            return Ok(unconfirmed);
+        };
+        let listed = serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
+            .is_ok_and(|list| list["name"].as_str() == Some(req.repository.as_str()));
+        Ok(if listed { Answer::Readable } else { unconfirmed })
     }
 }
