@@ -136,7 +136,7 @@ async fn verify_quarantines_corrupt_blobs() -> anyhow::Result<()> {
         for (digest, content) in [(&good, &b"intact"[..]), (&bad, b"original")] {
             let mut temp = store.temp_blob()?;
             temp.write(content)?;
-            store.commit(temp, digest, None)?;
+            store.commit(temp, digest, None, None)?;
         }
         std::fs::write(store.blob_path(&bad), b"flipped")?;
     }
