@@ -462,35 +462,28 @@ impl Access<'_> {
         Ok(true)
     }
 
-    /// What a fetch for this request is made with. A client is checked first wherever the
-    /// fetch could bring in something private (a registry pullcache holds credentials for, or
-    /// intercept mode, where the client's own credential may be used); a peer never is (its
-    /// node checked its client).
+    /// What a fetch for this request is made with. A client is checked first where the fetch
+    /// would use pullcache's own credentials; a peer never is (its node checked its client).
+    /// Without credentials of pullcache's, the fetch goes without any (its answer proves the
+    /// content public) or, in intercept mode, with the client's own on the registry's
+    /// refusal: what that brings in is private to the location, and served after its check.
     pub async fn grant(&self) -> Result<Grant, CheckError> {
-        let own = Grant {
+        let authorizer = self.authorizer;
+        let mut grant = Grant {
             credential: Credential::Own,
             public: false,
         };
-        let authorizer = self.authorizer;
-        let registry = &self.location.registry;
         if self.asker == Asker::Peer || authorizer.upstreams.is_offline() {
-            return Ok(own);
+            return Ok(grant);
         }
-        let credentialed = authorizer.credentialed(registry);
-        if self.via == Via::Mirror && !credentialed {
-            // Fetched anonymously: public if it arrives at all.
+        if authorizer.credentialed(&self.location.registry) {
+            grant.public = self.check().await? == Visibility::Public;
+        } else if let (Via::Intercept, Some(header)) = (self.via, self.authorization) {
+            grant.credential = Credential::client(header);
+        } else {
             authorizer.metrics.decided("anonymous");
-            return Ok(own);
         }
-        let visibility = self.check().await?;
-        let credential = match self.authorization {
-            Some(header) if !credentialed && visibility == Visibility::Private => Credential::client(header),
-            _ => Credential::Own,
-        };
-        Ok(Grant {
-            credential,
-            public: visibility == Visibility::Public,
-        })
+        Ok(grant)
     }
 
     async fn check(&self) -> Result<Visibility, CheckError> {

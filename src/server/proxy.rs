@@ -9,20 +9,25 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use super::AppSlot;
 use super::response::{self, Body};
+use super::routes;
 use super::sendfile::Spans;
+use crate::error::{Error, RequestError};
 use crate::fetch::Asker;
 use crate::intercept::{self, Decision, Intercept, tunnel};
 use crate::listener::{Conn, Handoff};
 use crate::oci::Registry;
 use crate::sync::MutexExt;
 use crate::upstream::Upstreams;
+
+/// The largest request body passed on to an intercepted registry (token forms are small).
+const MAX_FORWARDED_BODY: usize = 64 * 1024;
 
 /// A client connection's place in the server (its permit under `--max-connections` and its
 /// watch in the graceful shutdown), for the connection it may turn into with CONNECT.
@@ -124,27 +129,43 @@ where
     let service = service_fn(move |req| {
         let (app, registry) = (app.clone(), registry.clone());
         async move {
-            Ok::<_, Infallible>(match app.get() {
-                Some(app) if !req.uri().path().starts_with("/v2") => {
+            let Some(app) = app.get() else {
+                return Ok::<_, Infallible>(response::not_ready(req.method() == Method::HEAD));
+            };
+            let route = routes::parse(req.method(), req.uri(), Some(&registry));
+            Ok(match route {
+                // Not a registry API call (a token endpoint, `/v2/auth`): the registry's own.
+                Err(Error::Request(RequestError::NoRoute { .. })) => {
                     forward(app.sources.upstreams(), &registry, req).await
                 }
-                Some(app) => app.serve(req, Some(&registry), None, Asker::Client).await.response,
-                None => response::not_ready(req.method() == Method::HEAD),
+                route => {
+                    app.serve_route(req, route, Some(&registry), None, Asker::Client)
+                        .await
+                        .response
+                }
             })
         }
     });
     conn.serve(io, service).await;
 }
 
-/// A request outside the registry API on an intercepted host (`/`, `/v1/_ping`, a token
-/// endpoint): passed to the registry untouched and not cached. Only GET and HEAD.
+/// A request on an intercepted host that is not a registry API call (`/`, a token endpoint,
+/// an OAuth2 `POST`): passed to the registry as the client sent it, credentials included
+/// (they are the client's own, for that registry), and never cached. Bodies are small
+/// forms; a larger one is refused.
 async fn forward(upstreams: &Upstreams, registry: &Registry, req: Request<Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
-    if req.method() != Method::GET && !head {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are forwarded");
-    }
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    match upstreams.forward(registry, req.method().clone(), path).await {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_FORWARDED_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("requests passed to the registry carry at most {MAX_FORWARDED_BODY} bytes"),
+            );
+        }
+    };
+    match upstreams.forward(registry, parts, body).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {

@@ -81,7 +81,8 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
                 (StatusCode::TOO_MANY_REQUESTS, _) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
-            UpstreamErrorKind::CredentialsRefused { status } | UpstreamErrorKind::CredentialsRequired { status } => {
+            UpstreamErrorKind::CredentialsRefused { status }
+            | UpstreamErrorKind::CredentialsRequired { status, .. } => {
                 if *status == StatusCode::FORBIDDEN {
                     (StatusCode::FORBIDDEN, ErrorCode::Denied)
                 } else {
@@ -167,6 +168,14 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
         // The registry's own challenge, so the client fetches a token from the real realm.
         Error::Access(AccessError::Unauthorized {
             challenge: Some(challenge),
+            ..
+        })
+        | Error::Upstream(UpstreamError {
+            kind:
+                UpstreamErrorKind::CredentialsRequired {
+                    challenge: Some(challenge),
+                    ..
+                },
             ..
         }) => resp = resp.header(WWW_AUTHENTICATE, challenge.clone()),
         Error::Request(RequestError::Method { .. }) => {

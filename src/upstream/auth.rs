@@ -181,8 +181,21 @@ impl TokenCache {
 }
 
 impl Upstreams {
-    /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one.
+    /// Answers a 401: a token for a Bearer challenge, the credentials for a Basic one. A
+    /// refusal for want of credentials carries the registry's challenge, for the client.
     pub(super) async fn authorize(
+        &self,
+        endpoint: &Endpoint<'_>,
+        req: &Fetch,
+        scope: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<HeaderValue, UpstreamError> {
+        self.answer_challenge(endpoint, req, scope, headers)
+            .await
+            .map_err(|e| e.with_challenge(headers.get(WWW_AUTHENTICATE)))
+    }
+
+    async fn answer_challenge(
         &self,
         endpoint: &Endpoint<'_>,
         req: &Fetch,
@@ -216,7 +229,10 @@ impl Upstreams {
             let kind = if credentials {
                 UpstreamErrorKind::CredentialsRefused { status }
             } else {
-                UpstreamErrorKind::CredentialsRequired { status }
+                UpstreamErrorKind::CredentialsRequired {
+                    status,
+                    challenge: None,
+                }
             };
             UpstreamError::new(&req.registry, kind)
         };
@@ -293,7 +309,10 @@ impl Upstreams {
             let kind = if endpoint.credentials.is_some() {
                 UpstreamErrorKind::CredentialsRefused { status }
             } else {
-                UpstreamErrorKind::CredentialsRequired { status }
+                UpstreamErrorKind::CredentialsRequired {
+                    status,
+                    challenge: None,
+                }
             };
             return Err(UpstreamError::new(&req.registry, kind));
         }

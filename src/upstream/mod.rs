@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, LOCATION, RETRY_AFTER, USER_AGENT};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::header::{AUTHORIZATION, LOCATION, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use rustls_pki_types::CertificateDer;
@@ -45,6 +45,21 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Redirects (to blob storage) followed for one request.
 const MAX_UPSTREAM_REDIRECTS: u32 = 5;
 const USER_AGENT_VALUE: &str = concat!("pullcache/", env!("CARGO_PKG_VERSION"));
+/// Headers that belong to one connection (RFC 9110 7.6.1), plus those the new request sets
+/// itself: never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
 
 type HttpClient = crate::wire::Client<GuardedResolver>;
 
@@ -71,6 +86,17 @@ impl UpstreamError {
             kind,
         }
     }
+
+    /// A refusal for want of credentials, with the registry's `challenge` if it has none.
+    fn with_challenge(mut self, challenge: Option<&HeaderValue>) -> Self {
+        if let UpstreamErrorKind::CredentialsRequired {
+            challenge: none @ None, ..
+        } = &mut self.kind
+        {
+            *none = challenge.cloned();
+        }
+        self
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +116,11 @@ pub enum UpstreamErrorKind {
     #[error("refused the configured credentials ({status})")]
     CredentialsRefused { status: StatusCode },
     #[error("requires credentials ({status}); none are configured for it (--docker-config or the config file)")]
-    CredentialsRequired { status: StatusCode },
+    CredentialsRequired {
+        status: StatusCode,
+        /// The registry's challenge, relayed to the client so it can answer it itself.
+        challenge: Option<HeaderValue>,
+    },
     #[error("rate limited: not asked again for {0} s (Retry-After)")]
     RateLimited(u64),
     #[error("redirect refused")]
@@ -319,26 +349,39 @@ impl Upstreams {
         self.rate_limits.rate_limit(base.authority()?.as_str())
     }
 
-    /// Sends a GET or HEAD for a path outside the registry API to the registry's own URL,
-    /// untouched: no credentials, no redirects followed, nothing cached. Intercept mode uses
-    /// it for the non-`/v2` paths of an intercepted host.
+    /// Sends a request that is not a registry API call (a token endpoint, an OAuth2 `POST`,
+    /// `/v2/auth`) to the registry's own URL as the client sent it: its method, headers
+    /// (credentials included) and body. No redirect is followed and nothing is cached.
+    /// Intercept mode uses it for what it does not serve itself on an intercepted host.
     pub async fn forward(
         &self,
         registry: &Registry,
-        method: Method,
-        path_and_query: &str,
+        parts: http::request::Parts,
+        body: Bytes,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(registry, kind);
         let endpoint = self.endpoint(registry, self.base(registry)?, None)?;
-        let uri: Uri = format!("{}{path_and_query}", endpoint.base)
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = format!("{}{path}", endpoint.base)
             .parse()
             .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
-        let request = Request::builder()
-            .method(method)
+        let mut request = Request::builder()
+            .method(parts.method)
             .uri(uri)
-            .header(USER_AGENT, USER_AGENT_VALUE)
-            .body(Full::default())
+            .body(Full::new(body))
             .expect("request parts are valid");
+        let headers = request.headers_mut();
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                let mut value = value.clone();
+                // A client's secret: never printed, even by a debug dump of the request.
+                value.set_sensitive(name == AUTHORIZATION || name == http::header::COOKIE);
+                headers.append(name.clone(), value);
+            }
+        }
+        headers
+            .entry(USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
         crate::wire::send(endpoint.client, request, UPSTREAM_HEADER_TIMEOUT)
             .await
             .map_err(|e| err(Failure::from(e).kind))
@@ -532,7 +575,10 @@ impl Upstreams {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if endpoint.credentials.is_some() => {
                 UpstreamErrorKind::CredentialsRefused { status }
             }
-            StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired { status },
+            StatusCode::UNAUTHORIZED => UpstreamErrorKind::CredentialsRequired {
+                status,
+                challenge: resp.headers().get(WWW_AUTHENTICATE).cloned(),
+            },
             StatusCode::TOO_MANY_REQUESTS => {
                 let retry_after = resp.headers().get(RETRY_AFTER);
                 let wait = self.rate_limits.close(&endpoint.authority, retry_after);

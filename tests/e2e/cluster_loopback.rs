@@ -312,7 +312,14 @@ fn serve_forgeries(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let service = service_fn(move |_req| async move {
                     let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'X'; size]));
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    // As a real peer would, and claiming the bytes public besides: neither
+                    // gets a forged byte stored.
+                    let mut resp = hyper::Response::new(body);
+                    resp.headers_mut().insert(
+                        pullcache::peers::VISIBILITY_HEADER,
+                        http::HeaderValue::from_static("public"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
