@@ -361,6 +361,28 @@ mod tests {
     }
 
     #[test]
+    fn tokens_belong_to_the_credential_that_obtained_them() {
+        let scope = "repository:corp/secret:pull";
+        let basic = |password: &str| Credentials::Basic {
+            username: "robot".into(),
+            password: password.into(),
+        };
+        let keys = [
+            token_key(None, scope),
+            token_key(Some(&basic("a")), scope),
+            token_key(Some(&basic("b")), scope),
+            token_key(Some(&Credentials::IdentityToken { token: "a".into() }), scope),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+            assert!(!a.contains("robot") && !a.contains(" a "), "a secret in a key: {a}");
+        }
+        assert_eq!(token_key(Some(&basic("a")), scope), keys[1]);
+    }
+
+    #[test]
     fn token_header_is_sensitive_and_expires() {
         let t: TokenResponse = serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
         let (value, life) = t.into_header().unwrap();

@@ -641,6 +641,8 @@ async fn backoff(attempt: u32) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -702,5 +704,101 @@ mod tests {
         assert_eq!(reach("remote.test"), (Reach::WithLoopback, Reach::Remote));
         assert_eq!(reach("ghcr.io"), (Reach::Remote, Reach::Remote));
         assert_eq!(reach("docker.io"), (Reach::Remote, Reach::Remote));
+    }
+
+    /// A registry on loopback that answers 200 to `open` requests, else only to `Basic`
+    /// `alice:pw`, and 401 with a Basic challenge otherwise; it records each request's
+    /// `Authorization`.
+    async fn basic_registry(open: bool) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let auth = req.headers().get(AUTHORIZATION).map(|v| v.to_str().unwrap().to_owned());
+                    let allowed = open || auth.as_deref() == Some(ALICE);
+                    log.lock().unwrap().push(auth);
+                    let resp = if allowed {
+                        Response::new(Full::new(Bytes::from_static(b"layer")))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::UNAUTHORIZED)
+                            .header(WWW_AUTHENTICATE, r#"Basic realm="test""#)
+                            .body(Full::default())
+                            .unwrap()
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+            }
+        });
+        (url, seen)
+    }
+
+    /// `alice:pw`.
+    const ALICE: &str = "Basic YWxpY2U6cHc=";
+
+    fn mapped(name: &str, url: &str, mirrors: Vec<Uri>) -> (Registry, Upstreams) {
+        let registry = Registry::parse(name).unwrap();
+        let mut settings = Settings::default();
+        settings.registries.insert(
+            registry.clone(),
+            RegistrySettings {
+                url: Some(url.parse().unwrap()),
+                mirrors,
+                ..RegistrySettings::default()
+            },
+        );
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        (registry, Upstreams::new(settings, metrics))
+    }
+
+    fn blob(registry: &Registry) -> Fetch {
+        let digest = crate::oci::Digest::of(b"layer");
+        let repository = crate::oci::Repository::parse("team/app").unwrap();
+        Fetch::blob(http::Method::GET, registry, &repository, &digest)
+    }
+
+    /// Only an answer to an anonymous request proves content public; a client's credential
+    /// is sent only when the registry refuses without it, and relayed challenges let the client
+    /// answer a refusal itself.
+    #[tokio::test]
+    async fn a_fetch_says_what_its_answer_proves_and_a_clients_credential_goes_only_where_needed() {
+        let (url, _) = basic_registry(true).await;
+        let (registry, up) = mapped("open.test", &url, Vec::new());
+        let resp = up.fetch(&blob(&registry)).await.unwrap();
+        assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Public));
+
+        let (url, seen) = basic_registry(false).await;
+        let (registry, up) = mapped("private.test", &url, Vec::new());
+        let refused = up.fetch(&blob(&registry)).await.unwrap_err();
+        match &refused.kind {
+            UpstreamErrorKind::CredentialsRequired { challenge, .. } => {
+                assert_eq!(challenge.as_ref().unwrap(), r#"Basic realm="test""#)
+            }
+            other => panic!("{other:?}"),
+        }
+        seen.lock().unwrap().clear();
+        let alice = Credential::client(&HeaderValue::from_static(ALICE));
+        let resp = up.fetch(&blob(&registry).with_credential(alice)).await.unwrap();
+        assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Private));
+        assert_eq!(*seen.lock().unwrap(), [None, Some(ALICE.to_owned())]);
+
+        // A configured mirror of the registry never sees the client's credential.
+        let (mirror, mirror_seen) = basic_registry(false).await;
+        let (registry, up) = mapped("private.test", &url, vec![mirror.parse().unwrap()]);
+        let alice = Credential::client(&HeaderValue::from_static(ALICE));
+        up.fetch(&blob(&registry).with_credential(alice)).await.unwrap();
+        assert!(
+            mirror_seen.lock().unwrap().iter().all(Option::is_none),
+            "{:?}",
+            mirror_seen.lock().unwrap()
+        );
     }
 }
