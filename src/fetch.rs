@@ -8,7 +8,7 @@ use std::fmt;
 use http::header::{ACCEPT, RANGE};
 use http::{HeaderValue, Method, Uri};
 
-use crate::oci::{AcceptClass, Digest, Location, Reference, Registry, Repository};
+use crate::oci::{AcceptClass, Clearance, Digest, Location, Reference, Registry, Repository};
 
 /// What is fetched; it decides the path and how a 404 reads to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +124,9 @@ pub struct Fetch {
     pub from: Option<u64>,
     /// What a registry is asked with (a peer is never sent a credential).
     pub credential: Credential,
+    /// What the client it is for was cleared for at its location; a peer serves content
+    /// private to the location only to a cleared asker.
+    pub clearance: Option<Clearance>,
 }
 
 impl Fetch {
@@ -143,6 +146,7 @@ impl Fetch {
             accept: Some(accept.header_value()),
             from: None,
             credential: Credential::Own,
+            clearance: None,
         }
     }
 
@@ -156,12 +160,18 @@ impl Fetch {
             accept: None,
             from: None,
             credential: Credential::Own,
+            clearance: None,
         }
     }
 
-    /// The same request, with `credential` for the registry.
-    pub fn with_credential(self, credential: Credential) -> Fetch {
-        Fetch { credential, ..self }
+    /// The same request, for a client cleared for `clearance`, with `credential` for the
+    /// registry.
+    pub fn authorized(self, credential: Credential, clearance: Option<Clearance>) -> Fetch {
+        Fetch {
+            credential,
+            clearance,
+            ..self
+        }
     }
 
     /// The location it names.

@@ -20,7 +20,6 @@ use crate::error::{Error, InternalError, Result};
 use crate::fetch::{Asker, CacheResult, Credential, Fetch, Resource};
 use crate::oci::{
     AcceptClass, Digest, Location, MAX_MANIFEST_SIZE, Mismatch, Origin, Provenance, Reference, Registry, Tag,
-    Visibility,
 };
 use crate::sources::{Sources, Stream};
 use crate::store::{CommitError, Store, TagKey, TagRecord};
@@ -142,7 +141,7 @@ impl Manifests {
         let grant = match &cached {
             Some(cached) if cached.provenance.public => Grant {
                 credential: Credential::Own,
-                public: false,
+                clearance: None,
             },
             _ => access.grant().await?,
         };
@@ -204,7 +203,7 @@ async fn stored_for(
 ) -> Result<Option<Manifest>> {
     Ok(stored(store, digest, cache)
         .await?
-        .filter(|m| m.provenance.serves(location, true)))
+        .filter(|m| m.provenance.serves(location)))
 }
 
 /// Concurrent lookups of one digest at one location share one fetch, keyed also by whether
@@ -301,8 +300,13 @@ impl Lookup {
 
     fn fetch(&self, method: Method, reference: Reference, accept: AcceptClass) -> Fetch {
         let location = &self.location;
-        Fetch::manifest(method, &location.registry, &location.repository, reference, accept)
-            .with_credential(self.grant.credential.clone())
+        self.grant.apply(Fetch::manifest(
+            method,
+            &location.registry,
+            &location.repository,
+            reference,
+            accept,
+        ))
     }
 
     /// A tag's manifest. In cluster mode the tag is resolved here with a HEAD (`known`, when
@@ -397,12 +401,7 @@ impl Lookup {
             .filter(|t| crate::oci::is_manifest_media_type(t))
             .or_else(|| media_type_field(&bytes))
             .ok_or_else(|| self.error(UpstreamErrorKind::Body("manifest has no known media type".into())))?;
-        let visibility = if self.grant.public {
-            Visibility::Public
-        } else {
-            stream_visibility
-        };
-        let origin = Origin::new(&self.location, visibility);
+        let origin = Origin::new(&self.location, self.grant.visibility(stream_visibility));
         let (store, d, t, b) = (self.store.clone(), digest.clone(), media_type.clone(), bytes.clone());
         let provenance = tokio::task::spawn_blocking(move || {
             store.put_manifest(&d, &t, &b, Some(&origin))?;
@@ -581,9 +580,7 @@ mod tests {
                 Reference::Tag(tag) => Object::Tag(tag),
                 Reference::Digest(digest) => Object::Digest(Resource::Manifest, digest),
             };
-            let access = self
-                .authorize
-                .access(&location, object, Asker::Client, Via::Mirror, None);
+            let access = self.authorize.access(&location, object, Via::Mirror, None);
             self.manifests.get(&access, reference, AcceptClass::all()).await
         }
     }

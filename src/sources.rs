@@ -83,7 +83,7 @@ impl Sources {
             peers: self.peers.clone(),
             current: Source::Nothing,
             used: Vec::new(),
-            public: false,
+            visibility: None,
         }
     }
 }
@@ -108,8 +108,9 @@ pub struct Chain {
     current: Source,
     /// Peers that sent bytes of this fetch.
     used: Vec<PeerAddr>,
-    /// Whether any source's answer proved the content public at the fetch's location.
-    public: bool,
+    /// The most any source's answer proved of who may read the content at the fetch's
+    /// location.
+    visibility: Option<Visibility>,
 }
 
 impl Chain {
@@ -183,7 +184,13 @@ impl Chain {
 
     fn begin(&mut self, source: Source, resp: &Response<Incoming>) {
         self.current = source;
-        self.public |= resp.extensions().get::<Visibility>() == Some(&Visibility::Public);
+        // An answer that says nothing proves nothing: a client's credential read it.
+        let answered = resp
+            .extensions()
+            .get::<Visibility>()
+            .copied()
+            .unwrap_or(Visibility::Client);
+        self.visibility = Some(self.visibility.map_or(answered, |v| v.widest(answered)));
         if let Source::Peer(peer) = source
             && !self.used.contains(&peer)
         {
@@ -192,13 +199,10 @@ impl Chain {
     }
 
     /// What the sources' answers proved of the fetch's location: public when any answered an
-    /// anonymous request (or, a peer, said so), else private.
+    /// anonymous request (or, a peer, said so); private when pullcache's credentials read it;
+    /// else only a client's credential did.
     pub fn visibility(&self) -> Visibility {
-        if self.public {
-            Visibility::Public
-        } else {
-            Visibility::Private
-        }
+        self.visibility.unwrap_or(Visibility::Client)
     }
 
     /// The peer the current body comes from.

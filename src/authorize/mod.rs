@@ -40,8 +40,8 @@ use tokio::sync::OnceCell;
 
 pub use metrics::Metrics;
 
-use crate::fetch::{Asker, Credential, Resource};
-use crate::oci::{Digest, Location, Provenance, Reference, Registry, Repository, Tag, Visibility};
+use crate::fetch::{Asker, Credential, Fetch, Resource};
+use crate::oci::{Clearance, Digest, Location, Provenance, Reference, Registry, Repository, Tag, Visibility};
 use crate::upstream::{Answer, UpstreamError, Upstreams};
 
 /// How long a "no" is remembered: long enough to absorb a pull's burst of requests, short
@@ -103,7 +103,7 @@ impl Default for Settings {
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
-/// How the client reached pullcache.
+/// How the requester reached pullcache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
     /// `/v2/...?ns=`: containerd's mirror, which sends no credentials.
@@ -111,6 +111,9 @@ pub enum Via {
     /// An intercepted TLS connection: containerd believes it talks to the registry, and
     /// sends the pod's own `Authorization`.
     Intercept,
+    /// The peer port: another node, for a client of its own that it cleared (or not) at the
+    /// location asked.
+    Peer { clearance: Option<Clearance> },
 }
 
 /// What a client asks for.
@@ -230,10 +233,13 @@ impl Authorizer {
         &'a self,
         location: &'a Location,
         object: Object<'a>,
-        asker: Asker,
         via: Via,
         authorization: Option<&'a HeaderValue>,
     ) -> Access<'a> {
+        let asker = match via {
+            Via::Peer { .. } => Asker::Peer,
+            Via::Mirror | Via::Intercept => Asker::Client,
+        };
         Access {
             authorizer: self,
             location,
@@ -259,30 +265,32 @@ impl Authorizer {
             .unwrap_or(self.settings.private_images)
     }
 
-    /// Whether a client may read `object` at `location`: `Ok` with the location's visibility
-    /// (a private one only when the client passed its check).
+    /// Whether a client may read `object` at `location`, and what it is cleared for there.
     async fn check(
         &self,
         location: &Location,
         object: Object<'_>,
         via: Via,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Visibility, CheckError> {
+    ) -> Result<Clearance, CheckError> {
+        if let Via::Peer { clearance } = via {
+            return clearance.ok_or_else(|| self.not_in(location, object));
+        }
         // Mirror mode sharing this registry's private images: no question to ask.
         if via == Via::Mirror
             && self.policy(&location.registry) == PrivateImages::Share
             && self.credentialed(&location.registry)
         {
             self.metrics.decided("shared");
-            return Ok(Visibility::Private);
+            return Ok(Clearance::Shared);
         }
         match self.visibility(location, object).await {
             Seen::Public => {
                 self.metrics.decided("public");
-                Ok(Visibility::Public)
+                Ok(Clearance::Public)
             }
             Seen::Private { challenge } => match (via, authorization) {
-                (Via::Mirror, _) => {
+                (Via::Mirror | Via::Peer { .. }, _) => {
                     self.metrics.decided("bypassed");
                     Err(AccessError::Bypassed {
                         registry: location.registry.clone(),
@@ -303,7 +311,7 @@ impl Authorizer {
                 }
                 (Via::Intercept, Some(credential)) => {
                     self.check_client(location, object, credential).await?;
-                    Ok(Visibility::Private)
+                    Ok(Clearance::Client)
                 }
             },
         }
@@ -387,13 +395,7 @@ impl Authorizer {
             // Not there, or hidden from this client: it proves no access, and is not kept.
             Answer::Missing => {
                 self.metrics.decided("not_in_repository");
-                Err(AccessError::NotInRepository {
-                    registry: location.registry.clone(),
-                    repository: location.repository.clone(),
-                    resource: object.resource(),
-                    reference: object.reference(),
-                }
-                .into())
+                Err(self.not_in(location, object))
             }
             Answer::Refused { status, challenge } => {
                 let until = now + DENIED_FOR.min(self.settings.ttl);
@@ -402,6 +404,16 @@ impl Authorizer {
                 Err(self.unauthorized(location, status, challenge))
             }
         }
+    }
+
+    fn not_in(&self, location: &Location, object: Object<'_>) -> CheckError {
+        AccessError::NotInRepository {
+            registry: location.registry.clone(),
+            repository: location.repository.clone(),
+            resource: object.resource(),
+            reference: object.reference(),
+        }
+        .into()
     }
 
     fn unauthorized(&self, location: &Location, status: StatusCode, challenge: Option<HeaderValue>) -> CheckError {
@@ -425,9 +437,26 @@ impl Authorizer {
 pub struct Grant {
     /// What the registry is asked with.
     pub credential: Credential,
-    /// The location is known to be readable anonymously: what is fetched there is public,
-    /// whatever credential fetched it.
-    pub public: bool,
+    /// What the requester was cleared for at the location, if it was checked: peers serve
+    /// private content only to a cleared asker, and content fetched for a location known to
+    /// be public is public whatever credential fetched it.
+    pub clearance: Option<Clearance>,
+}
+
+impl Grant {
+    /// The same fetch for `fetch`'s requester.
+    pub fn apply(&self, fetch: Fetch) -> Fetch {
+        fetch.authorized(self.credential.clone(), self.clearance)
+    }
+
+    /// What a fetch's answer proved, with what the check knew of the location.
+    pub fn visibility(&self, answered: Visibility) -> Visibility {
+        if self.clearance == Some(Clearance::Public) {
+            Visibility::Public
+        } else {
+            answered
+        }
+    }
 }
 
 /// One request's access under the location it names: asked of [`Provenance`]s before any
@@ -440,8 +469,8 @@ pub struct Access<'a> {
     pub asker: Asker,
     via: Via,
     authorization: Option<&'a HeaderValue>,
-    /// The visibility the check found, once it passed.
-    passed: OnceCell<Visibility>,
+    /// What the check cleared, once it passed.
+    passed: OnceCell<Clearance>,
 }
 
 impl Access<'_> {
@@ -455,11 +484,10 @@ impl Access<'_> {
         if !provenance.is_private_to(self.location) {
             return Ok(false);
         }
-        if self.asker == Asker::Peer {
-            return Ok(true);
-        }
-        self.check().await?;
-        Ok(true)
+        // Cleared for less than what it holds (`share`, and only a client's token read it):
+        // a miss, fetched with pullcache's own credentials.
+        let clearance = self.check().await?;
+        Ok(provenance.clears(self.location, clearance))
     }
 
     /// What a fetch for this request is made with. A client is checked first where the fetch
@@ -471,31 +499,33 @@ impl Access<'_> {
         let authorizer = self.authorizer;
         let mut grant = Grant {
             credential: Credential::Own,
-            public: false,
+            clearance: None,
         };
         if self.asker == Asker::Peer || authorizer.upstreams.is_offline() {
             return Ok(grant);
         }
         if authorizer.credentialed(&self.location.registry) {
-            grant.public = self.check().await? == Visibility::Public;
+            self.check().await?;
         } else if let (Via::Intercept, Some(header)) = (self.via, self.authorization) {
             grant.credential = Credential::client(header);
         } else {
             authorizer.metrics.decided("anonymous");
         }
+        // A check this request already passed (for content it holds) clears it at the peers.
+        grant.clearance = self.passed.get().copied();
         Ok(grant)
     }
 
-    async fn check(&self) -> Result<Visibility, CheckError> {
-        if let Some(visibility) = self.passed.get() {
-            return Ok(*visibility);
+    async fn check(&self) -> Result<Clearance, CheckError> {
+        if let Some(clearance) = self.passed.get() {
+            return Ok(*clearance);
         }
-        let visibility = self
+        let clearance = self
             .authorizer
             .check(self.location, self.object, self.via, self.authorization)
             .await?;
-        let _ = self.passed.set(visibility);
-        Ok(visibility)
+        let _ = self.passed.set(clearance);
+        Ok(clearance)
     }
 }
 

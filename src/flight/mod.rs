@@ -155,10 +155,10 @@ impl Flight {
     }
 
     /// Where the bytes come from, as the store will record them: call after [`Flight::headers`]
-    /// (before, it reads as private to the location).
+    /// (before, it reads as what only a client's credential read at the location).
     pub fn provenance(&self) -> Provenance {
         let mut provenance = Provenance::default();
-        let visibility = self.progress.borrow().visibility.unwrap_or(Visibility::Private);
+        let visibility = self.progress.borrow().visibility.unwrap_or(Visibility::Client);
         provenance.add(&Origin::new(&self.location, visibility));
         provenance
     }
@@ -222,7 +222,7 @@ impl Flights {
         let served = access.serves(&provenance).await?;
         Ok(served.then(|| BlobSource::Stored {
             blob,
-            visibility: provenance.visibility(),
+            visibility: provenance.visibility_at(access.location),
         }))
     }
 
@@ -263,7 +263,7 @@ impl Flights {
             // A flight commits before it leaves `active`, so under the lock a second look at
             // the store closes the gap between the first look and here: a flight of this
             // location may have just committed.
-            if self.store.has_blob(digest) && self.store.provenance(digest).serves(location, true) {
+            if self.store.has_blob(digest) && self.store.provenance(digest).serves(location) {
                 continue;
             }
             self.check_fetchable(&key)?;
@@ -417,12 +417,16 @@ impl Download {
     #[tracing::instrument(skip_all, fields(registry = %self.location.registry, repo = %self.location.repository, digest = %self.digest))]
     async fn run(self, temp: Option<TempBlob>) -> Result<(), Error> {
         let location = &self.location;
-        let fetch = Fetch::blob(Method::GET, &location.registry, &location.repository, &self.digest)
-            .with_credential(self.grant.credential.clone());
+        let fetch = self.grant.apply(Fetch::blob(
+            Method::GET,
+            &location.registry,
+            &location.repository,
+            &self.digest,
+        ));
         let mut chain = self.sources.chain(fetch, self.asker);
         let mut stream = chain.open().await?;
         let (size, peer) = (stream.size(), stream.peer());
-        let visibility = self.visibility(stream.visibility());
+        let visibility = self.grant.visibility(stream.visibility());
         self.progress.send_modify(|p| {
             p.size = size;
             p.peer = peer;
@@ -435,7 +439,7 @@ impl Download {
         let sink = writer.await.map_err(InternalError::task("blob writer"))?;
         pumped?;
         // A resumed body may have come from a source whose answer proved more.
-        let origin = Origin::new(location, self.visibility(chain.visibility()));
+        let origin = Origin::new(location, self.grant.visibility(chain.visibility()));
         let verified = match sink {
             Sink::Disk(temp) => self.commit(temp, size, origin).await,
             Sink::Memory { hasher, size: actual } => self.verify_passed_through(hasher, actual, size),
@@ -519,16 +523,6 @@ impl Download {
             .map_err(|mismatch| self.upstream_error(mismatch.into()))?;
         tracing::info!(bytes = actual, "passed through and verified; not cached");
         Ok(())
-    }
-
-    /// The visibility of what is fetched: public when the location is known public, or a
-    /// source's answer proved it.
-    fn visibility(&self, answered: Visibility) -> Visibility {
-        if self.grant.public {
-            Visibility::Public
-        } else {
-            answered
-        }
     }
 
     /// Commits the temp file to the store, which checks it against the digest and `size`, and
@@ -687,7 +681,7 @@ mod tests {
             &crate::oci::Repository::parse("library/x").unwrap(),
         );
         let object = crate::authorize::Object::Digest(Resource::Blob, &digest);
-        let access = authorize.access(&location, object, Asker::Client, crate::authorize::Via::Mirror, None);
+        let access = authorize.access(&location, object, crate::authorize::Via::Mirror, None);
         assert!(flights.lookup(&access, &digest).await.unwrap().is_none());
         let offline = flights.get(&access, &digest).await.err().unwrap();
         assert!(offline.to_string().contains("offline"), "{offline}");

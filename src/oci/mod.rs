@@ -16,4 +16,4 @@ pub use media::{AcceptClass, BLOB_MEDIA_TYPE, MANIFEST_MEDIA_TYPES, OCI_INDEX, O
 pub use name::{
     DOCKER_HUB, DOCKER_HUB_ALIASES, ImageRef, ImageRefError, NameError, Reference, Registry, Repository, Tag,
 };
-pub use provenance::{Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Visibility};
+pub use provenance::{Clearance, Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Visibility};

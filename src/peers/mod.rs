@@ -50,9 +50,12 @@ const BREAKER_OPEN_FORGED: Duration = Duration::from_secs(300);
 pub const MAX_PEER_HOPS: u32 = 8;
 /// The header saying how many redirects a peer request has followed.
 pub const HOPS_HEADER: &str = "pullcache-redirects";
-/// The header in which a peer says whether what it serves is public or private to the
-/// location it was asked under (see [`crate::oci::Provenance`]); without it, private.
+/// The header in which a peer says who may read what it serves at the location it was asked
+/// under ([`Visibility`], see [`crate::oci::Provenance`]); without it, only a client did.
 pub const VISIBILITY_HEADER: &str = "pullcache-visibility";
+/// The header in which a node says what its client was cleared for at the location it asks
+/// under ([`crate::oci::Clearance`]); without it, the owner serves only public content.
+pub const CLEARANCE_HEADER: &str = "pullcache-clearance";
 
 /// Cluster mode's settings.
 #[derive(Debug, Clone)]
@@ -185,7 +188,7 @@ impl Peers {
                     .get(VISIBILITY_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(Visibility::parse)
-                    .unwrap_or(Visibility::Private);
+                    .unwrap_or(Visibility::Client);
                 resp.extensions_mut().insert(visibility);
                 return Ok((at, resp));
             }
@@ -206,12 +209,14 @@ impl Peers {
         let uri: Uri = format!("https://{peer}{}?ns={}", fetch.path(), fetch.registry)
             .parse()
             .map_err(|e: http::uri::InvalidUri| unavailable(e.into()))?;
-        let request = fetch
+        let mut request = fetch
             .builder(uri)
             .header(PEER_HEADER, self.me.to_string())
-            .header(HOPS_HEADER, hops)
-            .body(Full::default())
-            .expect("peer request parts are valid");
+            .header(HOPS_HEADER, hops);
+        if let Some(clearance) = fetch.clearance {
+            request = request.header(CLEARANCE_HEADER, clearance.as_str());
+        }
+        let request = request.body(Full::default()).expect("peer request parts are valid");
         crate::wire::send(&self.client, request, PEER_HEADER_TIMEOUT)
             .await
             .map_err(|e| unavailable(e.into()))

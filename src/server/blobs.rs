@@ -73,7 +73,10 @@ pub async fn serve(
             } else {
                 CacheResult::Miss
             };
-            let resp = told(respond(digest, size, span, body), provenance.visibility());
+            let resp = told(
+                respond(digest, size, span, body),
+                provenance.visibility_at(access.location),
+            );
             Ok(Outcome::new(resp, cache))
         }
     }
@@ -84,8 +87,12 @@ pub async fn serve(
 async fn head_elsewhere(app: &App, access: &Access<'_>, digest: &Digest) -> Result<Outcome> {
     let grant = access.grant().await?;
     let location = access.location;
-    let fetch =
-        Fetch::blob(Method::HEAD, &location.registry, &location.repository, digest).with_credential(grant.credential);
+    let fetch = grant.apply(Fetch::blob(
+        Method::HEAD,
+        &location.registry,
+        &location.repository,
+        digest,
+    ));
     let mut chain = app.sources.chain(fetch, access.asker);
     let size = chain.open().await?.size();
     Ok(Outcome::new(

@@ -28,7 +28,10 @@ pub async fn serve(
         .header(ETAG, format!("\"{}\"", manifest.digest))
         .header(CONTENT_LENGTH, manifest.bytes.len());
     if access.asker == Asker::Peer {
-        resp = resp.header(VISIBILITY_HEADER, manifest.provenance.visibility().as_str());
+        resp = resp.header(
+            VISIBILITY_HEADER,
+            manifest.provenance.visibility_at(access.location).as_str(),
+        );
     }
     if manifest.cache == CacheResult::Stale {
         resp = resp.header(WARNING, "110 pullcache \"Response is Stale\"");

@@ -28,7 +28,8 @@ use crate::flight::Flights;
 use crate::intercept::Intercept;
 use crate::listener::{Conn, Port, Role};
 use crate::manifests::Manifests;
-use crate::oci::{Reference, Registry};
+use crate::oci::{Clearance, Reference, Registry};
+use crate::peers::CLEARANCE_HEADER;
 use crate::sources::Sources;
 use proxy::Slot;
 use response::Body;
@@ -139,7 +140,16 @@ impl App {
         spans: Option<&Spans>,
         asker: Asker,
     ) -> crate::error::Result<Outcome> {
-        let via = if intercepted { Via::Intercept } else { Via::Mirror };
+        let via = match asker {
+            Asker::Peer => Via::Peer {
+                clearance: headers
+                    .get(CLEARANCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Clearance::parse),
+            },
+            Asker::Client if intercepted => Via::Intercept,
+            Asker::Client => Via::Mirror,
+        };
         let authorization = headers.get(AUTHORIZATION);
         match route {
             Route::Ping => Ok(Outcome::new(
@@ -155,12 +165,12 @@ impl App {
                     Reference::Tag(tag) => Object::Tag(tag),
                     Reference::Digest(digest) => Object::Digest(Resource::Manifest, digest),
                 };
-                let access = self.authorize.access(target, object, asker, via, authorization);
+                let access = self.authorize.access(target, object, via, authorization);
                 manifests::serve(self, head, headers, &access, reference).await
             }
             Route::Blob { target, digest } => {
                 let object = Object::Digest(Resource::Blob, digest);
-                let access = self.authorize.access(target, object, asker, via, authorization);
+                let access = self.authorize.access(target, object, via, authorization);
                 blobs::serve(self, head, headers, &access, digest, spans).await
             }
         }

@@ -12,7 +12,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 use super::{Result, Store, StoreError, write_atomic};
-use crate::oci::{Digest, Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Registry, Repository};
+use crate::oci::{Digest, Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Registry, Repository, Visibility};
 
 /// Records kept in memory.
 pub(super) const HOT_RECORDS: u64 = 100_000;
@@ -21,9 +21,9 @@ pub(super) const HOT_RECORDS: u64 = 100_000;
 #[derive(Serialize, Deserialize, Default)]
 struct Record {
     public: bool,
-    /// `[registry, repository]` pairs.
+    /// `[registry, repository, "private" | "client"]`.
     #[serde(default)]
-    private: Vec<(String, String)>,
+    private: Vec<(String, String, String)>,
 }
 
 impl Record {
@@ -31,11 +31,13 @@ impl Record {
         let private = self
             .private
             .into_iter()
-            .filter_map(|(registry, repository)| {
-                Some(Location {
+            .filter_map(|(registry, repository, visibility)| {
+                let location = Location {
                     registry: Registry::parse(&registry).ok()?,
                     repository: Repository::parse(&repository).ok()?,
-                })
+                };
+                let visibility = Visibility::parse(&visibility).filter(|v| *v != Visibility::Public)?;
+                Some((location, visibility))
             })
             .take(MAX_PRIVATE_ORIGINS)
             .collect();
@@ -51,7 +53,7 @@ impl Record {
             private: provenance
                 .private
                 .iter()
-                .map(|l| (l.registry.to_string(), l.repository.to_string()))
+                .map(|(l, v)| (l.registry.to_string(), l.repository.to_string(), v.as_str().to_owned()))
                 .collect(),
         }
     }
@@ -117,7 +119,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::Visibility;
 
     fn at(repository: &str) -> Location {
         Location::new(
@@ -144,7 +145,7 @@ mod tests {
         let reopened = Store::open(dir.path()).unwrap();
         let provenance = reopened.provenance(&digest);
         assert!(provenance.is_private_to(&at("team-a/app")), "{provenance:?}");
-        assert!(!provenance.serves(&at("team-b/app"), true));
+        assert!(!provenance.serves(&at("team-b/app")));
 
         // Wrong bytes record nothing.
         let other = Digest::of(b"other");

@@ -439,10 +439,14 @@ impl Upstreams {
         let home = uri.authority().cloned();
         let key = auth::token_key(endpoint.credentials, &format!("repository:{}:pull", req.repository));
         let mut auth = self.known_auth(endpoint, &key);
-        // Whether what the endpoint answers was asked with a credential: pullcache's or the
-        // client's. Only an answer to an anonymous request proves the content public.
-        let own = endpoint.credentials.is_some();
-        let mut credentialed = own && auth.is_some();
+        // What the endpoint's answer was asked with, and so what it proves: only an answer
+        // to an anonymous request proves the content public.
+        let own = if endpoint.credentials.is_some() {
+            Visibility::Private
+        } else {
+            Visibility::Public
+        };
+        let mut sent = if auth.is_some() { own } else { Visibility::Public };
         let (mut auth_retried, mut client_sent, mut attempt, mut redirects) = (false, false, 0, 0);
         loop {
             // Credentials go only to the endpoint itself, never to a redirect target.
@@ -480,7 +484,7 @@ impl Upstreams {
                 match self.authorize(endpoint, req, &key, resp.headers()).await {
                     Ok(header) => {
                         auth = Some(header);
-                        credentialed = own;
+                        sent = own;
                         continue;
                     }
                     // No anonymous token: the client's credential may still do.
@@ -495,7 +499,7 @@ impl Upstreams {
             {
                 client_sent = true;
                 auth = Some(client.clone());
-                credentialed = true;
+                sent = Visibility::Client;
                 continue;
             }
             if status.is_server_error() && attempt + 1 < MAX_ATTEMPTS {
@@ -505,12 +509,7 @@ impl Upstreams {
             }
             if status.is_success() {
                 let mut resp = resp;
-                let visibility = if credentialed {
-                    Visibility::Private
-                } else {
-                    Visibility::Public
-                };
-                resp.extensions_mut().insert(visibility);
+                resp.extensions_mut().insert(sent);
                 return Ok(resp);
             }
             return Err(err(self.refusal(endpoint, req, &resp)));
@@ -786,15 +785,15 @@ mod tests {
         }
         seen.lock().unwrap().clear();
         let alice = Credential::client(&HeaderValue::from_static(ALICE));
-        let resp = up.fetch(&blob(&registry).with_credential(alice)).await.unwrap();
-        assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Private));
+        let resp = up.fetch(&blob(&registry).authorized(alice, None)).await.unwrap();
+        assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Client));
         assert_eq!(*seen.lock().unwrap(), [None, Some(ALICE.to_owned())]);
 
         // A configured mirror of the registry never sees the client's credential.
         let (mirror, mirror_seen) = basic_registry(false).await;
         let (registry, up) = mapped("private.test", &url, vec![mirror.parse().unwrap()]);
         let alice = Credential::client(&HeaderValue::from_static(ALICE));
-        up.fetch(&blob(&registry).with_credential(alice)).await.unwrap();
+        up.fetch(&blob(&registry).authorized(alice, None)).await.unwrap();
         assert!(
             mirror_seen.lock().unwrap().iter().all(Option::is_none),
             "{:?}",

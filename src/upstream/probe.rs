@@ -71,6 +71,7 @@ impl Upstreams {
             reference,
             from: None,
             credential: crate::fetch::Credential::Own,
+            clearance: None,
         };
         let uri: Uri = format!("{}{}", endpoint.base, req.path())
             .parse()
