@@ -478,64 +478,84 @@ async fn hidden(anonymous: Reply, also: &[&str], layer: Reply) -> anyhow::Result
     })
 }
 
-/// Defect 4: an anonymous 404 made the old cache take a whole repository for public, and
-/// any 3xx for readable; then it served what its own credentials fetched to anyone. Here
-/// the registry hides a private repository from anonymous clients behind a 404, then behind
-/// a 302 to a login page (its tag list too). Mirror mode, policy `bypass`: an anonymous
-/// client gets the 404 that sends containerd to the registry with the pod's secret, never
-/// the content. The same registry under `share` serves it, so the repository is readable
-/// with pullcache's credentials.
+/// Defect 4: an anonymous 404 made the old cache take a whole repository for public; then
+/// it served what its own credentials fetched to anyone. The registry hides a private
+/// repository from anonymous clients behind a 404 (as some do). Mirror mode, policy
+/// `bypass`: an anonymous client gets the 404 that sends containerd to the registry with the
+/// pod's secret, never the content.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registry_hiding_a_private_repository_behind_404_or_302_is_bypassed() -> anyhow::Result<()> {
+async fn a_registry_answering_404_to_anonymous_clients_is_bypassed() -> anyhow::Result<()> {
+    let not_found = Reply::ok(
+        br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#.to_vec(),
+        &[("content-type", "application/json")],
+    );
+    hidden_repository_is_bypassed(Reply {
+        status: 404,
+        ..not_found
+    })
+    .await
+}
+
+/// Defect 4: any 3xx counted as readable for the old cache. The registry redirects anonymous
+/// clients to a login page (its tag list too, so nothing confirms the repository public).
+/// Mirror mode, policy `bypass`: an anonymous client gets the 404, never the content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_redirecting_anonymous_clients_to_a_login_page_is_bypassed() -> anyhow::Result<()> {
+    hidden_repository_is_bypassed(Reply::status(302, &[("location", "/login?next=/v2/corp/app")])).await
+}
+
+/// A private `corp/app` that answers anonymous clients `anonymous`: an anonymous mirror
+/// client (policy `bypass`) gets 404 and none of it; under `share` the same registry serves
+/// it, so the repository is readable with pullcache's credentials, and the refusal was the
+/// policy's.
+async fn hidden_repository_is_bypassed(anonymous: Reply) -> anyhow::Result<()> {
     const HIDDEN: &str = "hidden.test";
-    for status in [404, 302] {
-        let dir = tempfile::tempdir()?;
-        let login = Reply::status(302, &[("location", "/login?next=/v2/corp/app")]);
-        let anonymous = if status == 404 {
-            Reply::ok(
-                br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#.to_vec(),
-                &[("content-type", "application/json")],
-            )
-        } else {
-            login
-        };
-        let anonymous = Reply { status, ..anonymous };
-        let hidden = hidden(anonymous, &[], Reply::ok(random_bytes(64 * 1024), &[])).await?;
-        hidden.upstream.set(
-            "/login",
-            Reply::ok(b"<html>sign in</html>".to_vec(), &[("content-type", "text/html")]),
-        );
-        let start = |policy: PrivateImages, name: &str| {
-            let mut config = support::pullcache::config(dir.path().join(name));
-            let settings = config.registry(RegistryName::parse(HIDDEN).expect("name"));
-            settings.url = Some(hidden.upstream.url().parse().expect("url"));
-            settings.credentials = Some(cache_credentials());
-            config.authorize.private_images = policy;
-            Pullcache::start_with(config)
-        };
+    let answer = anonymous.status;
+    let dir = tempfile::tempdir()?;
+    let hidden = hidden(anonymous, &[], Reply::ok(random_bytes(64 * 1024), &[])).await?;
+    hidden.upstream.set(
+        "/login",
+        Reply::ok(b"<html>sign in</html>".to_vec(), &[("content-type", "text/html")]),
+    );
+    let start = |policy: PrivateImages, name: &str| {
+        let mut config = support::pullcache::config(dir.path().join(name));
+        let settings = config.registry(RegistryName::parse(HIDDEN).expect("name"));
+        settings.url = Some(hidden.upstream.url().parse().expect("url"));
+        settings.credentials = Some(cache_credentials());
+        config.authorize.private_images = policy;
+        Pullcache::start_with(config)
+    };
 
-        let bypass = start(PrivateImages::Bypass, "bypass").await?;
-        let objects = [
-            ("manifests/v1".to_owned(), &hidden.manifest),
-            (format!("blobs/{}", hidden.layer), &hidden.layer_bytes),
-        ];
-        for (object, bytes) in &objects {
-            let path = format!("/v2/corp/app/{object}?ns={HIDDEN}");
-            let (got, body) = mirror_get(&bypass, &path).await?;
-            assert_withheld(&format!("anonymous {status}: {path}"), got, &body, bytes);
-            assert_eq!(got, 404, "anonymous {status}: {path} was not bypassed");
-        }
-        assert!(
-            bypass.stored_blobs().is_empty(),
-            "a bypassed private blob entered the cache"
-        );
+    let bypass = start(PrivateImages::Bypass, "bypass").await?;
+    let objects = [
+        ("manifests/v1".to_owned(), &hidden.manifest),
+        (format!("blobs/{}", hidden.layer), &hidden.layer_bytes),
+    ];
+    for (object, bytes) in &objects {
+        let path = format!("/v2/corp/app/{object}?ns={HIDDEN}");
+        let (got, body) = mirror_get(&bypass, &path).await?;
+        assert_withheld(&format!("anonymous {answer}: {path}"), got, &body, bytes);
+        assert_eq!(got, 404, "anonymous {answer}: {path} was not bypassed");
+    }
+    // The registry was asked as an anonymous client, and gave its anonymous answer.
+    let anonymous_token = Some(format!("Bearer {}", support::fault_upstream::ANONYMOUS_TOKEN));
+    assert!(
+        hidden
+            .upstream
+            .auth_seen("/v2/corp/app/manifests/v1")
+            .contains(&anonymous_token),
+        "the registry was never asked anonymously, so its {answer} was never seen"
+    );
+    assert!(
+        bypass.stored_blobs().is_empty(),
+        "a bypassed private blob entered the cache"
+    );
 
-        let share = start(PrivateImages::Share, "share").await?;
-        for (object, bytes) in &objects {
-            let path = format!("/v2/corp/app/{object}?ns={HIDDEN}");
-            let (got, body) = mirror_get(&share, &path).await?;
-            assert_eq!((got, &body[..]), (200, &bytes[..]), "share: {path}");
-        }
+    let share = start(PrivateImages::Share, "share").await?;
+    for (object, bytes) in &objects {
+        let path = format!("/v2/corp/app/{object}?ns={HIDDEN}");
+        let (got, body) = mirror_get(&share, &path).await?;
+        assert_eq!((got, &body[..]), (200, &bytes[..]), "share: {path}");
     }
     Ok(())
 }
