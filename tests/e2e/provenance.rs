@@ -170,7 +170,7 @@ async fn alice_pulls(up: &Upstream, pullcache: &Pullcache, ca: &Path) -> anyhow:
     }
     pullcache.idle().await?;
     assert!(
-        pullcache.stored_blobs().iter().any(|b| *b == layer),
+        pullcache.stored_blobs().contains(&layer),
         "alice's layer is not in the cache, so nothing here could leak it: {:?}",
         pullcache.stored_blobs()
     );
