@@ -846,3 +846,62 @@ async fn intercept_mode_pulls_a_private_image_with_only_the_pods_secret() -> any
     }
     Ok(())
 }
+
+/// Defect 6, for a registry that hides private repositories from anonymous clients (the
+/// registries of defect 4): pullcache holds no credentials, so a fetch goes anonymously
+/// first and takes the client's own credential only on a 401 or 403. Here the anonymous
+/// answer is a 404, then a 302 to a login page: alice's own token, which the registry
+/// accepts, is never sent, and her pull through the cache fails where the registry itself
+/// would serve her. Anonymous clients still get none of it.
+///
+/// Found by this file: FAILS on `adversarial`'s base (main after issue 21's change), see the
+/// report; it fails closed (nothing leaks), but a private image there does not pull through
+/// intercept mode with the pod's secret, which the issue promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercept_mode_pulls_what_a_registry_hides_from_anonymous_clients_with_the_pods_secret() -> anyhow::Result<()>
+{
+    const HIDDEN: &str = "hidden.test";
+    const ALICE_TOKEN: &str = "Bearer alice-own-token";
+    let answers = [
+        Reply::status(404, &[("content-type", "application/json")]),
+        Reply::status(302, &[("location", "/login?next=/v2/corp/app")]),
+    ];
+    let mut failures = Vec::new();
+    for anonymous in answers {
+        let answer = anonymous.status;
+        let dir = tempfile::tempdir()?;
+        let hidden = hidden(anonymous, &[ALICE_TOKEN], Reply::ok(random_bytes(64 * 1024), &[])).await?;
+        hidden.upstream.set(
+            "/login",
+            Reply::ok(b"<html>sign in</html>".to_vec(), &[("content-type", "text/html")]),
+        );
+        let url = hidden.upstream.url();
+        let pullcache = Pullcache::start_with(intercepting(dir.path(), &[(HIDDEN, &url)], false)?).await?;
+        let ca = ca(dir.path());
+        let objects = [
+            ("/v2/corp/app/manifests/v1".to_owned(), &hidden.manifest),
+            (format!("/v2/corp/app/blobs/{}", hidden.layer), &hidden.layer_bytes),
+        ];
+        for (path, bytes) in &objects {
+            match get_through_proxy(proxy(&pullcache), HIDDEN, &ca, path, Some(ALICE_TOKEN)).await {
+                Ok(got) if got.status == 200 && got.body == bytes[..] => {}
+                Ok(got) => failures.push(format!(
+                    "anonymous {answer}: alice's {path}: {} ({} bytes)",
+                    got.status,
+                    got.body.len()
+                )),
+                Err(e) => failures.push(format!("anonymous {answer}: alice's {path}: {e:#}")),
+            }
+            let got = get_through_proxy(proxy(&pullcache), HIDDEN, &ca, path, None).await?;
+            assert_withheld(&format!("anonymous {answer}: {path}"), got.status, &got.body, bytes);
+        }
+        let sent = hidden.upstream.auth_seen("/v2/corp/app/manifests/v1");
+        if !sent.iter().any(|a| a.as_deref() == Some(ALICE_TOKEN)) {
+            failures.push(format!(
+                "anonymous {answer}: alice's token never reached the registry (sent: {sent:?})"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "alice's own pull failed:\n{}", failures.join("\n"));
+    Ok(())
+}
