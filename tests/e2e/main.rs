@@ -33,6 +33,7 @@ mod observability;
 mod podman;
 mod private_images;
 mod private_registry;
+mod provenance;
 mod secrets;
 mod upgraded_connections;
 mod upstream_protocol;

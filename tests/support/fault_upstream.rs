@@ -106,7 +106,27 @@ struct State {
     token_queries: Vec<String>,
     /// When set, `/v2/` paths demand `Bearer <token>`, issued anonymously at `/token`.
     required_token: Option<String>,
+    /// When set, the scripted replies are a private repository's (see [`Private`]).
+    private: Option<Private>,
 }
+
+/// A registry whose scripted content is private: a request without `Authorization` is
+/// challenged (`Bearer`, realm this server's `/token`); `/token` hands [`Private::token`] to
+/// the Basic credential [`Private::basic`] and a token worth nothing to anyone else; the
+/// scripted replies go only to `Bearer <token>` and to the credentials in [`Private::also`]
+/// (a client's own), and every other credential gets [`Private::otherwise`] (a 404 that hides
+/// the repository, a redirect to a login page).
+#[derive(Clone)]
+pub struct Private {
+    /// The whole `Authorization` value, e.g. `Basic Y2FjaGU6Y2FjaGUtcHc=`.
+    pub basic: String,
+    pub token: String,
+    pub also: Vec<String>,
+    pub otherwise: Reply,
+}
+
+/// The token `/token` gives a [`Private`] registry's anonymous clients.
+pub const ANONYMOUS_TOKEN: &str = "anonymous-token";
 
 pub struct FaultUpstream {
     pub addr: SocketAddr,
@@ -157,6 +177,11 @@ impl FaultUpstream {
         self.state.lock().unwrap().required_token = Some(token.to_owned());
     }
 
+    /// Makes the scripted content private ([`Private`]).
+    pub fn private(&self, private: Private) {
+        self.state.lock().unwrap().private = Some(private);
+    }
+
     /// The `Authorization` header of every request to `path`, in order.
     pub fn auth_seen(&self, path: &str) -> Vec<Option<String>> {
         self.state.lock().unwrap().auth.get(path).cloned().unwrap_or_default()
@@ -184,6 +209,36 @@ impl Drop for FaultUpstream {
     }
 }
 
+/// A [`Private`] registry's answer to `path` for `auth`.
+fn private_reply(state: &State, private: &Private, path: &str, auth: Option<&str>) -> Reply {
+    if path == "/token" {
+        let token = if auth == Some(private.basic.as_str()) {
+            private.token.as_str()
+        } else {
+            ANONYMOUS_TOKEN
+        };
+        let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
+        return Reply::ok(body, &[("content-type", "application/json")]);
+    }
+    if !path.starts_with("/v2/") {
+        return state
+            .replies
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| Reply::status(404, &[]));
+    }
+    let Some(auth) = auth else {
+        let challenge = format!(r#"Bearer realm="http://{}/token",service="fault""#, state.addr.unwrap());
+        return Reply::status(401, &[("www-authenticate", &challenge)]);
+    };
+    let holder = auth == format!("Bearer {}", private.token) || private.also.iter().any(|a| a == auth);
+    match state.replies.get(path) {
+        Some(reply) if holder => reply.clone(),
+        None if holder => Reply::status(404, &[]),
+        _ => private.otherwise.clone(),
+    }
+}
+
 type Body = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>;
 
 fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duration, Response<Body>) {
@@ -201,19 +256,22 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
         let first_hit = *hits == 1;
         state.auth.entry(path.clone()).or_default().push(auth.clone());
         state.ranges.entry(path.clone()).or_default().push(range.clone());
-        let reply = match state.required_token.clone() {
-            Some(token) if path == "/token" => {
-                state
-                    .token_queries
-                    .push(req.uri().query().unwrap_or_default().to_owned());
-                let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
-                Some(Reply::ok(body, &[("content-type", "application/json")]))
-            }
-            Some(token) if path.starts_with("/v2/") && auth.as_deref() != Some(&format!("Bearer {token}")) => {
-                let challenge = format!(r#"Bearer realm="http://{}/token",service="fault""#, state.addr.unwrap());
-                Some(Reply::status(401, &[("www-authenticate", &challenge)]))
-            }
-            _ => state.replies.get(&path).cloned(),
+        let reply = match (state.private.clone(), state.required_token.clone()) {
+            (Some(private), _) => Some(private_reply(&state, &private, &path, auth.as_deref())),
+            (None, required) => match required {
+                Some(token) if path == "/token" => {
+                    state
+                        .token_queries
+                        .push(req.uri().query().unwrap_or_default().to_owned());
+                    let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
+                    Some(Reply::ok(body, &[("content-type", "application/json")]))
+                }
+                Some(token) if path.starts_with("/v2/") && auth.as_deref() != Some(&format!("Bearer {token}")) => {
+                    let challenge = format!(r#"Bearer realm="http://{}/token",service="fault""#, state.addr.unwrap());
+                    Some(Reply::status(401, &[("www-authenticate", &challenge)]))
+                }
+                _ => state.replies.get(&path).cloned(),
+            },
         };
         (first_hit, reply)
     };
