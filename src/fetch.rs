@@ -81,25 +81,31 @@ pub enum Credential {
     /// pullcache's own for the registry when it holds some, else none.
     #[default]
     Own,
-    /// Intercept mode, for a registry pullcache holds no credentials for: first without, then,
-    /// if the registry wants credentials, the `Authorization` the client sent, as it sent it,
-    /// for this request only. Never sent to a peer or to a registry's configured mirrors.
-    Client(HeaderValue),
+    /// Intercept mode, for a registry pullcache holds no credentials for: the `Authorization`
+    /// the client sent, as it sent it, for this request only; never sent to a peer or to a
+    /// registry's configured mirrors. With `anonymous_first` (a location known to be public),
+    /// the request goes without it first, and with it only if the registry refuses or hides
+    /// the content (401, 403, 404).
+    Client { header: HeaderValue, anonymous_first: bool },
 }
 
 impl Credential {
     /// A client's `Authorization`, marked sensitive so no debug print shows it.
-    pub fn client(header: &HeaderValue) -> Credential {
+    pub fn client(header: &HeaderValue, anonymous_first: bool) -> Credential {
         let mut header = header.clone();
         header.set_sensitive(true);
-        Credential::Client(header)
+        Credential::Client {
+            header,
+            anonymous_first,
+        }
     }
 
-    /// Whose it is, without the secret: fetches for different kinds never share a flight.
+    /// Whose it is, without the secret: fetches of different kinds never share a download,
+    /// so an anonymous one cannot fail a client's.
     pub fn kind(&self) -> CredentialKind {
         match self {
             Credential::Own => CredentialKind::Own,
-            Credential::Client(_) => CredentialKind::Client,
+            Credential::Client { .. } => CredentialKind::Client,
         }
     }
 }

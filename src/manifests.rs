@@ -17,7 +17,7 @@ use http::header::CONTENT_TYPE;
 use crate::authorize::{Access, AccessError, Grant};
 use crate::coalesce::Coalesce;
 use crate::error::{Error, InternalError, Result};
-use crate::fetch::{Asker, CacheResult, Credential, Fetch, Resource};
+use crate::fetch::{Asker, CacheResult, Credential, CredentialKind, Fetch, Resource};
 use crate::oci::{
     AcceptClass, Digest, Location, MAX_MANIFEST_SIZE, Mismatch, Origin, Provenance, Reference, Registry, Tag,
 };
@@ -47,7 +47,9 @@ pub struct Manifests {
     sources: Arc<Sources>,
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
-    by_tag: Coalesce<TagKey, Shared<Manifest>>,
+    /// Keyed also by whose credential revalidates: an anonymous lookup that fails (or is
+    /// hidden a private repository) must not fail a client's.
+    by_tag: Coalesce<(TagKey, CredentialKind), Shared<Manifest>>,
     by_digest: Arc<ByDigest>,
 }
 
@@ -146,7 +148,7 @@ impl Manifests {
             _ => access.grant().await?,
         };
         let lookup = self.lookup(location, Asker::Client, grant);
-        let revalidation = self.by_tag.run(key.clone(), {
+        let revalidation = self.by_tag.run((key.clone(), lookup.grant.credential.kind()), {
             let cached = cached.clone();
             async move { lookup.revalidate(key, cached).await.map_err(Arc::new) }
         });
@@ -206,10 +208,10 @@ async fn stored_for(
         .filter(|m| m.provenance.serves(location)))
 }
 
-/// Concurrent lookups of one digest at one location share one fetch, keyed also by whether
-/// the fetch asks peers: a lookup that may not (a peer's, or this node's for a digest it owns)
+/// Concurrent lookups of one digest at one location with one kind of credential share one
+/// fetch, keyed also by whether the fetch asks peers: a lookup that may not (a peer's, or this node's for a digest it owns)
 /// never joins one that does, which could be waiting for the very peer asking.
-type ByDigest = Coalesce<(Digest, Location, bool), Shared<Manifest>>;
+type ByDigest = Coalesce<(Digest, Location, bool, CredentialKind), Shared<Manifest>>;
 
 /// The upstream side of a manifest lookup, owned so it can run in a coalesced task.
 #[derive(Clone)]
@@ -332,7 +334,12 @@ impl Lookup {
     async fn coalesced(&self, digest: &Digest) -> Result<Manifest> {
         let asks_peers = self.sources.asks_peers(digest, self.asker);
         let (lookup, digest_owned) = (self.clone(), digest.clone());
-        let key = (digest.clone(), self.location.clone(), asks_peers);
+        let key = (
+            digest.clone(),
+            self.location.clone(),
+            asks_peers,
+            self.grant.credential.kind(),
+        );
         let (result, joined) = self
             .by_digest
             .run(key, async move {

@@ -507,7 +507,11 @@ impl Access<'_> {
         if authorizer.credentialed(&self.location.registry) {
             self.check().await?;
         } else if let (Via::Intercept, Some(header)) = (self.via, self.authorization) {
-            grant.credential = Credential::client(header);
+            // A registry may hide private repositories from anonymous clients (a 404, a
+            // redirect to a login page): the pod's credential goes first unless the location
+            // is known to be public.
+            let public = matches!(authorizer.visibility.get(self.location), Some(Seen::Public));
+            grant.credential = Credential::client(header, public);
         } else {
             authorizer.metrics.decided("anonymous");
         }

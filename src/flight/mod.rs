@@ -37,7 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::authorize::{Access, Grant};
 use crate::error::{Error, InternalError};
-use crate::fetch::{Asker, Fetch, Resource};
+use crate::fetch::{Asker, CredentialKind, Fetch, Resource};
 use crate::oci::{Digest, Location, Mismatch, Origin, Provenance, Visibility};
 use crate::peers::PeerAddr;
 use crate::sources::{Sources, Stream};
@@ -176,8 +176,9 @@ pub enum BlobSource {
     Flight { flight: Arc<Flight>, joined: bool },
 }
 
-/// A flight's key: the digest, and where it is fetched from.
-type Key = (Digest, Location);
+/// A flight's key: the digest, where it is fetched from, and whose credential fetches it (an
+/// anonymous fetch that fails, or is hidden a private repository, must not fail a client's).
+type Key = (Digest, Location, CredentialKind);
 type Active = Arc<Mutex<HashMap<Key, Arc<Flight>>>>;
 /// Digests whose upstream at a location served bytes that failed verification, until when,
 /// and the failure.
@@ -208,7 +209,7 @@ impl Flights {
         let active = self.active.locked();
         active
             .iter()
-            .filter(|((d, _), _)| d == digest)
+            .filter(|((d, _, _), _)| d == digest)
             .find_map(|(_, flight)| flight.progress.borrow().peer)
     }
 
@@ -231,9 +232,10 @@ impl Flights {
         if let Some(stored) = self.stored(access, digest).await? {
             return Ok(Some(stored));
         }
+        let kind = access.grant().await?.credential.kind();
         let active = self.active.locked();
         Ok(active
-            .get(&(digest.clone(), access.location.clone()))
+            .get(&(digest.clone(), access.location.clone(), kind))
             .map(|flight| BlobSource::Flight {
                 flight: flight.clone(),
                 joined: true,
@@ -246,12 +248,12 @@ impl Flights {
     /// caller asks, after [`Flight::headers`]).
     pub async fn get(&self, access: &Access<'_>, digest: &Digest) -> Result<BlobSource, Error> {
         let location = access.location;
-        let key = (digest.clone(), location.clone());
         loop {
             if let Some(stored) = self.stored(access, digest).await? {
                 return Ok(stored);
             }
             let grant = access.grant().await?;
+            let key = (digest.clone(), location.clone(), grant.credential.kind());
             let mut active = self.active.locked();
             // A pass-through flight that has dropped bytes from memory cannot serve a
             // newcomer from the start; the newcomer gets a flight of its own, outside `active`.
@@ -279,7 +281,7 @@ impl Flights {
     /// Fails before any header when no download may start: the cache is offline, or the
     /// location lately served bytes that failed the digest.
     fn check_fetchable(&self, key: &Key) -> Result<(), Error> {
-        let (digest, location) = key;
+        let (digest, location, _) = key;
         if self.sources.upstreams().is_offline() {
             return Err(UpstreamError::new(
                 &location.registry,
@@ -306,7 +308,7 @@ impl Flights {
         asker: Asker,
         grant: Grant,
     ) -> Result<(Arc<Flight>, Download, Option<TempBlob>), Error> {
-        let (digest, location) = key;
+        let (digest, location, _) = key;
         let spill = Arc::new(Spill::default());
         let temp = match self.store.temp_blob() {
             Ok(temp) => Some(temp),
@@ -352,7 +354,11 @@ impl Flights {
         let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
         metrics.inflight.inc();
         tokio::spawn(async move {
-            let key = (download.digest.clone(), download.location.clone());
+            let key = (
+                download.digest.clone(),
+                download.location.clone(),
+                download.grant.credential.kind(),
+            );
             let progress = download.progress.clone();
             let state = match download.run(temp).await {
                 Ok(()) => FlightState::Done,
@@ -378,7 +384,7 @@ fn join(flight: &Arc<Flight>) -> BlobSource {
 /// Logs a download's failure; bytes that failed the digest get the digest refused at that
 /// location for a while.
 fn failed(key: &Key, e: Error, refused: &Refused, metrics: &Metrics) -> Arc<Error> {
-    let (digest, location) = key;
+    let (digest, location, _) = key;
     tracing::warn!(%digest, %location, error = %e, "blob download failed; nothing committed");
     let e = Arc::new(e);
     if e.is_mismatch() {

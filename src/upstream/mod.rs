@@ -406,7 +406,10 @@ impl Upstreams {
         for (i, endpoint) in endpoints.iter().enumerate() {
             // A client's credential goes to the registry itself only, never to a mirror.
             let client = match &req.credential {
-                Credential::Client(header) if i == last && endpoint.credentials.is_none() => Some(header),
+                Credential::Client {
+                    header,
+                    anonymous_first,
+                } if i == last && endpoint.credentials.is_none() => Some((header, *anonymous_first)),
                 _ => None,
             };
             match self.fetch_from(endpoint, req, client).await {
@@ -420,14 +423,15 @@ impl Upstreams {
         unreachable!("a registry always has its own endpoint")
     }
 
-    /// One request to one endpoint, following redirects, answering one auth challenge (and,
-    /// with `client`, a refusal of the anonymous request by sending the client's credential)
-    /// and retrying connect errors, timeouts and 5xx a bounded number of times.
+    /// One request to one endpoint, following redirects, answering one auth challenge and
+    /// retrying connect errors, timeouts and 5xx a bounded number of times. With `client` (a
+    /// client's credential, and whether to try without it first), the client's credential is
+    /// sent from the start, or once the anonymous request is refused or hidden.
     async fn fetch_from(
         &self,
         endpoint: &Endpoint<'_>,
         req: &Fetch,
-        client: Option<&HeaderValue>,
+        client: Option<(&HeaderValue, bool)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(&req.registry, kind);
         if let Some(wait) = self.rate_limits.closed_for(&endpoint.authority) {
@@ -448,6 +452,9 @@ impl Upstreams {
         };
         let mut sent = if auth.is_some() { own } else { Visibility::Public };
         let (mut auth_retried, mut client_sent, mut attempt, mut redirects) = (false, false, 0, 0);
+        if let Some((header, false)) = client {
+            (auth, sent, client_sent, auth_retried) = (Some(header.clone()), Visibility::Client, true, true);
+        }
         loop {
             // Credentials go only to the endpoint itself, never to a redirect target.
             let on_endpoint = uri.authority() == home.as_ref();
@@ -478,7 +485,11 @@ impl Upstreams {
                     .map_err(|e| err(UpstreamErrorKind::Redirect(e)))?;
                 continue;
             }
-            let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+            // What an anonymous request may be refused with, or the content hidden behind.
+            let refused = matches!(
+                status,
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+            );
             if status == StatusCode::UNAUTHORIZED && on_endpoint && !auth_retried {
                 auth_retried = true;
                 match self.authorize(endpoint, req, &key, resp.headers()).await {
@@ -495,7 +506,7 @@ impl Upstreams {
             if refused
                 && on_endpoint
                 && !client_sent
-                && let Some(client) = client
+                && let Some((client, _)) = client
             {
                 client_sent = true;
                 auth = Some(client.clone());
@@ -784,15 +795,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         seen.lock().unwrap().clear();
-        let alice = Credential::client(&HeaderValue::from_static(ALICE));
+        let alice = Credential::client(&HeaderValue::from_static(ALICE), true);
         let resp = up.fetch(&blob(&registry).authorized(alice, None)).await.unwrap();
         assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Client));
         assert_eq!(*seen.lock().unwrap(), [None, Some(ALICE.to_owned())]);
+        // Where the location is not known to be public, the client's credential goes first.
+        seen.lock().unwrap().clear();
+        let alice = Credential::client(&HeaderValue::from_static(ALICE), false);
+        let resp = up.fetch(&blob(&registry).authorized(alice, None)).await.unwrap();
+        assert_eq!(resp.extensions().get::<Visibility>(), Some(&Visibility::Client));
+        assert_eq!(*seen.lock().unwrap(), [Some(ALICE.to_owned())]);
 
         // A configured mirror of the registry never sees the client's credential.
         let (mirror, mirror_seen) = basic_registry(false).await;
         let (registry, up) = mapped("private.test", &url, vec![mirror.parse().unwrap()]);
-        let alice = Credential::client(&HeaderValue::from_static(ALICE));
+        let alice = Credential::client(&HeaderValue::from_static(ALICE), true);
         up.fetch(&blob(&registry).authorized(alice, None)).await.unwrap();
         assert!(
             mirror_seen.lock().unwrap().iter().all(Option::is_none),
