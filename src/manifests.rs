@@ -195,17 +195,16 @@ async fn stored(store: &Arc<Store>, digest: &Digest, cache: CacheResult) -> Resu
     }))
 }
 
-/// A stored manifest that may be served under `location` (to a requester who passes its
-/// check, which the requester's own [`Access`] asks afterwards).
-async fn stored_for(
-    store: &Arc<Store>,
-    digest: &Digest,
-    location: &Location,
-    cache: CacheResult,
-) -> Result<Option<Manifest>> {
-    Ok(stored(store, digest, cache)
+/// A stored manifest that may be served under the lookup's location to a requester with its
+/// clearance (or, not checked, to someone: the requester's own [`Access`] asks afterwards).
+async fn stored_for(lookup: &Lookup, digest: &Digest, cache: CacheResult) -> Result<Option<Manifest>> {
+    let location = &lookup.location;
+    Ok(stored(&lookup.store, digest, cache)
         .await?
-        .filter(|m| m.provenance.serves(location)))
+        .filter(|m| match lookup.grant.clearance {
+            Some(clearance) => m.provenance.clears(location, clearance),
+            None => m.provenance.serves(location),
+        }))
 }
 
 /// Concurrent lookups of one digest at one location with one kind of credential share one
@@ -270,7 +269,7 @@ impl Lookup {
     /// A stored answer for the tag under another accept class that this client takes.
     async fn compatible(&self, key: &TagKey) -> Result<Option<Manifest>> {
         for record in self.store.tags().compatible(key) {
-            if let Some(m) = stored_for(&self.store, &record.digest, &self.location, CacheResult::Stale).await? {
+            if let Some(m) = stored_for(self, &record.digest, CacheResult::Stale).await? {
                 return Ok(Some(m));
             }
         }
@@ -321,7 +320,7 @@ impl Lookup {
                 None => self.head_digest(tag, accept).await?,
             };
             if let Some(digest) = digest {
-                return match stored_for(&self.store, &digest, &self.location, CacheResult::Hit).await? {
+                return match stored_for(self, &digest, CacheResult::Hit).await? {
                     Some(manifest) => Ok(manifest),
                     None => self.coalesced(&digest).await,
                 };
@@ -345,7 +344,7 @@ impl Lookup {
             .run(key, async move {
                 // A fetch that ended between this caller's look at the store and here has
                 // stored it: look again rather than fetch it twice.
-                let stored = stored_for(&lookup.store, &digest_owned, &lookup.location, CacheResult::Hit).await;
+                let stored = stored_for(&lookup, &digest_owned, CacheResult::Hit).await;
                 let fetched = match stored {
                     Ok(Some(manifest)) => Ok(manifest),
                     Ok(None) => {

@@ -501,7 +501,11 @@ impl Access<'_> {
             credential: Credential::Own,
             clearance: None,
         };
-        if self.asker == Asker::Peer || authorizer.upstreams.is_offline() {
+        if let Via::Peer { clearance } = self.via {
+            grant.clearance = clearance;
+            return Ok(grant);
+        }
+        if authorizer.upstreams.is_offline() {
             return Ok(grant);
         }
         if authorizer.credentialed(&self.location.registry) {

@@ -249,6 +249,7 @@ impl Flights {
     pub async fn get(&self, access: &Access<'_>, digest: &Digest) -> Result<BlobSource, Error> {
         let location = access.location;
         loop {
+            let held = self.store.has_blob(digest);
             if let Some(stored) = self.stored(access, digest).await? {
                 return Ok(stored);
             }
@@ -264,8 +265,8 @@ impl Flights {
             };
             // A flight commits before it leaves `active`, so under the lock a second look at
             // the store closes the gap between the first look and here: a flight of this
-            // location may have just committed.
-            if self.store.has_blob(digest) && self.store.provenance(digest).serves(location) {
+            // location may have just committed what was not there at the first look.
+            if !held && self.store.has_blob(digest) && self.store.provenance(digest).serves(location) {
                 continue;
             }
             self.check_fetchable(&key)?;

@@ -905,3 +905,140 @@ async fn intercept_mode_pulls_what_a_registry_hides_from_anonymous_clients_with_
     assert!(failures.is_empty(), "alice's own pull failed:\n{}", failures.join("\n"));
     Ok(())
 }
+
+/// Found by the attack review: a member whose client was never checked asked the owner for
+/// a blob private to the very name the client used, and learnt its size from a `HEAD` (and,
+/// with a `GET`, copied it to its own store) though the client then got nothing. Two
+/// members in intercept mode with no credentials of their own; alice pulls her layer on the
+/// owner with her own token. On the other member, a client without credentials asks the
+/// layer under alice's own name: by mirror (`HEAD` and `GET`) and through the proxy. It
+/// gets neither the bytes nor their size, and the layer does not reach that member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchecked_client_learns_nothing_of_a_private_blob_from_the_owner() -> anyhow::Result<()> {
+    let up = upstream().await?;
+    let url = up.registry.url();
+    let layer = up.team_a.layers()[0].digest.clone();
+    let cluster_ca = up.dir.path().join("cluster-ca");
+    pullcache::ca::init(&cluster_ca)?;
+    let listeners = [
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    ];
+    let peer_addrs: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let owner_addr = ring::rank(&peer_addrs, &layer.parse::<Digest>()?)[0];
+    let mut members = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let dir = up.dir.path().join(format!("member-{i}"));
+        let mut config = intercepting(&dir, &[(INTERCEPTED, &url)], false)?;
+        config.peers = Some(pullcache::peers::Settings {
+            listen: peer_addrs[i],
+            targets: peer_addrs.iter().map(ToString::to_string).collect(),
+            ca_dir: cluster_ca.clone(),
+            max_uploads: 4,
+            refresh: Duration::from_secs(1),
+        });
+        members.push((Pullcache::start_member(config, listener).await?, dir));
+    }
+    let owner = peer_addrs.iter().position(|a| *a == owner_addr).expect("an owner");
+    let ((owner, owner_dir), (other, other_dir)) = (&members[owner], &members[1 - owner]);
+    let secret = alice_pulls(&up, owner, &ca(owner_dir)).await?;
+
+    let blob_path = format!("/v2/team-a/app/blobs/{layer}");
+    let mirrored = format!("{}{blob_path}?ns={INTERCEPTED}", other.url());
+    let head = support::http_client().head(&mirrored).send().await?;
+    let size = secret.layer_bytes.len().to_string();
+    assert_ne!(head.status(), 200, "a mirror HEAD answered for alice's layer");
+    assert_ne!(
+        head.headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap_or_default()),
+        Some(size.as_str()),
+        "a mirror HEAD told alice's layer's size"
+    );
+    let (status, body) = mirror_get(other, &format!("{blob_path}?ns={INTERCEPTED}")).await?;
+    assert_withheld("the other member, by mirror", status, &body, &secret.layer_bytes);
+    let proxied = get_through_proxy(proxy(other), INTERCEPTED, &ca(other_dir), &blob_path, None).await?;
+    assert_withheld(
+        "the other member, through the proxy",
+        proxied.status,
+        &proxied.body,
+        &secret.layer_bytes,
+    );
+    other.idle().await?;
+    assert!(
+        !other.stored_blobs().contains(&layer),
+        "alice's layer was copied to a member whose client was never checked"
+    );
+    Ok(())
+}
+
+/// Found by the attack review: `share` serves what pullcache's own credentials read, but it
+/// also served what only a pod's own token had brought in. alice pulls her layer through
+/// intercept mode while pullcache holds no credentials; pullcache restarts on the same cache
+/// with credentials that do not work for it (a wrong password) and `share`; a mirror client
+/// asks the layer under alice's own name and gets none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_never_serves_what_only_a_pods_token_read() -> anyhow::Result<()> {
+    let up = upstream().await?;
+    let url = up.registry.url();
+    let mut pullcache = Pullcache::start_with(intercepting(up.dir.path(), &[(INTERCEPTED, &url)], false)?).await?;
+    let secret = alice_pulls(&up, &pullcache, &ca(up.dir.path())).await?;
+    pullcache.stop().await?;
+
+    let mut config = intercepting(up.dir.path(), &[(INTERCEPTED, &url)], false)?;
+    config.registry(RegistryName::parse(INTERCEPTED)?).credentials = Some(Credentials::Basic {
+        username: CACHE_USER.0.to_owned(),
+        password: "not-the-password".to_owned(),
+    });
+    config.authorize.private_images = PrivateImages::Share;
+    let pullcache = Pullcache::start_with(config).await?;
+    assert!(
+        pullcache.stored_blobs().contains(&secret.layer),
+        "the layer is not in the cache, so nothing here could leak it"
+    );
+    for path in [
+        format!("/v2/team-a/app/blobs/{}?ns={INTERCEPTED}", secret.layer),
+        format!("/v2/team-a/app/manifests/{}?ns={INTERCEPTED}", secret.manifest_digest),
+    ] {
+        let (status, body) = mirror_get(&pullcache, &path).await?;
+        let private = if path.contains("/blobs/") {
+            &secret.layer_bytes
+        } else {
+            &secret.manifest
+        };
+        assert_withheld(&format!("share, {path}"), status, &body, private);
+    }
+
+    // With credentials that work, `share` serves it, read again with them.
+    let mut pullcache = pullcache;
+    pullcache.stop().await?;
+    let pullcache = Pullcache::start_with(intercepting(up.dir.path(), &[(INTERCEPTED, &url)], true).map(|mut c| {
+        c.authorize.private_images = PrivateImages::Share;
+        c
+    })?)
+    .await?;
+    let gets = up.registry.access_log_count("GET", &secret.layer);
+    for (path, private) in [
+        (
+            format!("/v2/team-a/app/blobs/{}?ns={INTERCEPTED}", secret.layer),
+            &secret.layer_bytes,
+        ),
+        (
+            format!("/v2/team-a/app/manifests/{}?ns={INTERCEPTED}", secret.manifest_digest),
+            &secret.manifest,
+        ),
+    ] {
+        let (status, body) = mirror_get(&pullcache, &path).await?;
+        assert_eq!(
+            (status, &body),
+            (200, private),
+            "share with working credentials: {path}"
+        );
+    }
+    // (The registry logs the challenged first try as well as the read.)
+    assert!(
+        up.registry.access_log_count("GET", &secret.layer) > gets,
+        "the layer was not read again with pullcache's own credentials"
+    );
+    Ok(())
+}
