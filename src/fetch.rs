@@ -7,6 +7,7 @@ use std::fmt;
 
 use http::header::{ACCEPT, RANGE};
 use http::{HeaderValue, Method, Uri};
+use sha2::{Digest as _, Sha256};
 
 use crate::oci::{AcceptClass, Clearance, Digest, Location, Reference, Registry, Repository};
 
@@ -100,21 +101,23 @@ impl Credential {
         }
     }
 
-    /// Whose it is, without the secret: fetches of different kinds never share a download,
-    /// so an anonymous one cannot fail a client's.
+    /// Whose it is, without the secret: fetches with different credentials never share a
+    /// download, so one that fails (anonymous, or a neighbour's made-up credential) cannot
+    /// fail another's.
     pub fn kind(&self) -> CredentialKind {
         match self {
             Credential::Own => CredentialKind::Own,
-            Credential::Client { .. } => CredentialKind::Client,
+            Credential::Client { header, .. } => CredentialKind::Client(Sha256::digest(header.as_bytes()).into()),
         }
     }
 }
 
-/// [`Credential`] without the secret.
+/// [`Credential`] without the secret: pullcache's own, or a client's by the SHA-256 of its
+/// `Authorization`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CredentialKind {
     Own,
-    Client,
+    Client([u8; 32]),
 }
 
 /// One request for content, to a peer or a registry.

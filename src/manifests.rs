@@ -47,8 +47,8 @@ pub struct Manifests {
     sources: Arc<Sources>,
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
-    /// Keyed also by whose credential revalidates: an anonymous lookup that fails (or is
-    /// hidden a private repository) must not fail a client's.
+    /// Keyed also by whose credential revalidates: a lookup that fails (anonymous, or with a
+    /// neighbour's made-up credential) must not fail a client's.
     by_tag: Coalesce<(TagKey, CredentialKind), Shared<Manifest>>,
     by_digest: Arc<ByDigest>,
 }
@@ -207,8 +207,7 @@ async fn stored_for(lookup: &Lookup, digest: &Digest, cache: CacheResult) -> Res
         }))
 }
 
-/// Concurrent lookups of one digest at one location with one kind of credential share one
-/// fetch, keyed also by whether the fetch asks peers: a lookup that may not (a peer's, or this node's for a digest it owns)
+/// Concurrent lookups of one digest at one location with one credential share one fetch, keyed also by whether the fetch asks peers: a lookup that may not (a peer's, or this node's for a digest it owns)
 /// never joins one that does, which could be waiting for the very peer asking.
 type ByDigest = Coalesce<(Digest, Location, bool, CredentialKind), Shared<Manifest>>;
 

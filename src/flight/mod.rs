@@ -9,10 +9,11 @@
 //! readers get the rest of the bytes from memory (the `spill` module), the digest is still checked
 //! before any response completes, and nothing is committed.
 //!
-//! Flights are keyed by digest *and* the location (registry, repository) they fetch from: a
-//! client never joins a flight fetching under another name, whose bytes may be private to it
-//! (see [`crate::authorize`]). What a flight fetched is recorded as coming from its location,
-//! public or private as its source's answer proved.
+//! Flights are keyed by digest, the location (registry, repository) they fetch from and the
+//! credential they fetch with: a client never joins a flight fetching under another name,
+//! whose bytes may be private to it (see [`crate::authorize`]), nor one whose credential
+//! (a neighbour's, made up) may fail. What a flight fetched is recorded as coming from its
+//! location, public or private as its source's answer proved.
 //!
 //! A digest whose upstream served wrong bytes is remembered for a short while: requests for it
 //! at that location fail at once, before any header, so containerd moves on to its next host
@@ -176,8 +177,9 @@ pub enum BlobSource {
     Flight { flight: Arc<Flight>, joined: bool },
 }
 
-/// A flight's key: the digest, where it is fetched from, and whose credential fetches it (an
-/// anonymous fetch that fails, or is hidden a private repository, must not fail a client's).
+/// A flight's key: the digest, where it is fetched from, and whose credential fetches it (a
+/// fetch that fails, anonymous or with a neighbour's made-up credential, must not fail a
+/// client's).
 type Key = (Digest, Location, CredentialKind);
 type Active = Arc<Mutex<HashMap<Key, Arc<Flight>>>>;
 /// Digests whose upstream at a location served bytes that failed verification, until when,

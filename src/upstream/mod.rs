@@ -440,7 +440,7 @@ impl Upstreams {
         let mut uri: Uri = format!("{}{}", endpoint.base, req.path())
             .parse()
             .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
-        let home = uri.authority().cloned();
+        let home = (uri.scheme().cloned(), uri.authority().cloned());
         let key = auth::token_key(endpoint.credentials, &format!("repository:{}:pull", req.repository));
         let mut auth = self.known_auth(endpoint, &key);
         // What the endpoint's answer was asked with, and so what it proves: only an answer
@@ -456,8 +456,9 @@ impl Upstreams {
             (auth, sent, client_sent, auth_retried) = (Some(header.clone()), Visibility::Client, true, true);
         }
         loop {
-            // Credentials go only to the endpoint itself, never to a redirect target.
-            let on_endpoint = uri.authority() == home.as_ref();
+            // Credentials go only to the endpoint itself (its scheme too: never in clear text
+            // to a plain-HTTP port of the same host), never to a redirect target.
+            let on_endpoint = (uri.scheme(), uri.authority()) == (home.0.as_ref(), home.1.as_ref());
             let request = request(req, &uri, auth.as_ref().filter(|_| on_endpoint));
             let http = if on_endpoint { endpoint.client } else { endpoint.answers };
             let resp = match self.send(http, req, request).await {

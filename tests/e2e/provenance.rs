@@ -1042,3 +1042,56 @@ async fn share_never_serves_what_only_a_pods_token_read() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// Found by the second attack review: downloads were shared by every client credential
+/// alike, so a tenant sending a made-up credential for a private layer started a download
+/// that failed (401), and a pod with a valid credential that asked meanwhile got that 401
+/// too, for as long as the tenant kept asking. Intercept mode, no credentials of pullcache's;
+/// the registry answers a wrong credential slowly (as a remote registry would). mallory's
+/// request is in flight when alice asks with her own: alice gets her layer, mallory nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_credential_does_not_fail_a_valid_ones_download() -> anyhow::Result<()> {
+    const HIDDEN: &str = "hidden.test";
+    const ALICE_TOKEN: &str = "Bearer alice-own-token";
+    const MALLORY: &str = "Basic bWFsbG9yeTpnYXJiYWdl";
+    let refused =
+        Reply::status(401, &[("www-authenticate", r#"Basic realm="hidden""#)]).after(Duration::from_millis(800));
+    let hidden = hidden(refused, &[ALICE_TOKEN], Reply::ok(random_bytes(64 * 1024), &[])).await?;
+    let dir = tempfile::tempdir()?;
+    let url = hidden.upstream.url();
+    let pullcache = Pullcache::start_with(intercepting(dir.path(), &[(HIDDEN, &url)], false)?).await?;
+    let ca = ca(dir.path());
+    let path = format!("/v2/corp/app/blobs/{}", hidden.layer);
+
+    let mallory = tokio::spawn({
+        let (proxy, ca, path) = (proxy(&pullcache), ca.clone(), path.clone());
+        async move { get_through_proxy(proxy, HIDDEN, &ca, &path, Some(MALLORY)).await }
+    });
+    let upstream_path = path.clone();
+    support::eventually(
+        Duration::from_secs(10),
+        "mallory's download to reach the registry",
+        || async {
+            hidden
+                .upstream
+                .auth_seen(&upstream_path)
+                .iter()
+                .any(|a| a.as_deref() == Some(MALLORY))
+        },
+    )
+    .await?;
+    let alice = get_through_proxy(proxy(&pullcache), HIDDEN, &ca, &path, Some(ALICE_TOKEN)).await?;
+    assert_eq!(
+        alice.status, 200,
+        "alice's own layer, while mallory's download was in flight"
+    );
+    assert_eq!(alice.body, hidden.layer_bytes);
+    let mallory = mallory.await??;
+    assert_withheld(
+        "mallory's made-up credential",
+        mallory.status,
+        &mallory.body,
+        &hidden.layer_bytes,
+    );
+    Ok(())
+}
