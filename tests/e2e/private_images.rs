@@ -29,15 +29,12 @@ use support::images::PushedImage;
 use support::pullcache::Pullcache;
 use support::registry::Registry;
 use support::tls::get_through_proxy;
-use support::token_service::TokenService;
+use support::token_service::{ALICE, BOB, CACHE_USER, TokenService, tenants};
 
 /// Intercepted (containerd believes it talks to this host).
 const INTERCEPTED: &str = "registry.test.invalid";
 /// Reached through the mirror (`?ns=`), with the real registry as containerd's fallback.
 const MIRRORED: &str = "registry.test";
-const CACHE_USER: (&str, &str) = ("cache", "cache-pw");
-const ALICE: (&str, &str) = ("alice", "alice-pw");
-const BOB: (&str, &str) = ("bob", "bob-pw");
 
 struct Upstream {
     dir: tempfile::TempDir,
@@ -50,11 +47,7 @@ struct Upstream {
 /// The real registry with token auth and per-user access, holding three images.
 async fn upstream() -> anyhow::Result<Upstream> {
     let dir = tempfile::tempdir()?;
-    let tokens = TokenService::start(&[CACHE_USER, ALICE, BOB], true).await?;
-    tokens.grant_only(CACHE_USER.0, &["team-a/app", "team-b/app", "public/app"]);
-    tokens.grant_only(ALICE.0, &["team-a/app"]);
-    tokens.grant_only(BOB.0, &["team-b/app"]);
-    tokens.grant_only("", &["public/app"]);
+    let tokens = tenants(&["team-a/app", "team-b/app", "public/app"], &["public/app"]).await?;
     let (registry, images) = support::registry::with_token_auth(
         dir.path(),
         &tokens,
@@ -111,23 +104,6 @@ async fn intercepting_containerd(pullcache: &Pullcache, ca: &Path, certs_d: &Pat
     .await
 }
 
-/// A token for `user`'s pull of `repository`, from the real token service (as containerd
-/// gets one with the pod's secret).
-async fn token(up: &Upstream, (user, password): (&str, &str), repository: &str) -> anyhow::Result<String> {
-    let resp = support::http_client()
-        .get(format!(
-            "{}?service={}&scope=repository:{repository}:pull",
-            up.tokens.realm(),
-            up.tokens.service()
-        ))
-        .basic_auth(user, Some(password))
-        .send()
-        .await?;
-    anyhow::ensure!(resp.status() == 200, "token for {user}: {}", resp.status());
-    let body: serde_json::Value = resp.json().await?;
-    Ok(format!("Bearer {}", body["token"].as_str().unwrap_or_default()))
-}
-
 /// Every blob and the manifest of `image` in `containerd`'s CRI namespace: none of it may
 /// be there after a refused pull.
 async fn holds_any(containerd: &Containerd, image: &PushedImage) -> anyhow::Result<bool> {
@@ -179,7 +155,7 @@ async fn intercept_mode_serves_a_private_image_only_to_clients_the_registry_acce
     );
 
     // The same, byte by byte: bob's own token and no token get no blob and no manifest.
-    let bob = token(&up, BOB, "team-a/app").await?;
+    let bob = up.tokens.pull_token(BOB, "team-a/app").await?;
     let objects: Vec<String> = up
         .team_a
         .blobs
@@ -212,7 +188,7 @@ async fn intercept_mode_serves_a_private_image_only_to_clients_the_registry_acce
     }
     // Under another repository's name, alice's blob is not served either, even to a client
     // who may read that repository.
-    let bob_b = token(&up, BOB, "team-b/app").await?;
+    let bob_b = up.tokens.pull_token(BOB, "team-b/app").await?;
     let renamed = get_through_proxy(
         proxy,
         INTERCEPTED,
@@ -248,7 +224,7 @@ async fn intercept_mode_serves_a_private_image_only_to_clients_the_registry_acce
         "{checks_made} checks for {tokens_taken} tokens"
     );
     // A token already accepted is not asked about again within the TTL.
-    let alice = token(&up, ALICE, "team-a/app").await?;
+    let alice = up.tokens.pull_token(ALICE, "team-a/app").await?;
     let before = pullcache.sample(checks).await?;
     for path in &objects {
         let got = get_through_proxy(proxy, INTERCEPTED, &ca, path, Some(&alice)).await?;

@@ -33,7 +33,7 @@ use support::images::{PushedImage, random_bytes, sha256_digest};
 use support::pullcache::Pullcache;
 use support::registry::Registry;
 use support::tls::get_through_proxy;
-use support::token_service::TokenService;
+use support::token_service::{ALICE, BOB, CACHE_USER, TokenService, tenants};
 
 /// The private registry's name in intercept mode (containerd believes it talks to this host).
 const INTERCEPTED: &str = "registry.test.invalid";
@@ -41,11 +41,8 @@ const INTERCEPTED: &str = "registry.test.invalid";
 const MIRRORED: &str = "registry.test";
 /// A registry name that resolves nowhere: a miss under it can only fail.
 const NOWHERE: &str = "nothing.invalid";
-const CACHE_USER: (&str, &str) = ("cache", "cache-pw");
 /// `Authorization` of pullcache's own credentials, as a scripted registry sees it.
 const CACHE_BASIC: &str = "Basic Y2FjaGU6Y2FjaGUtcHc=";
-const ALICE: (&str, &str) = ("alice", "alice-pw");
-const BOB: (&str, &str) = ("bob", "bob-pw");
 
 struct Upstream {
     dir: tempfile::TempDir,
@@ -60,11 +57,7 @@ struct Upstream {
 /// `team-b/app`, pullcache's user everything (`corp/secret` too), anonymous clients nothing.
 async fn upstream() -> anyhow::Result<Upstream> {
     let dir = tempfile::tempdir()?;
-    let tokens = TokenService::start(&[CACHE_USER, ALICE, BOB], true).await?;
-    tokens.grant_only(CACHE_USER.0, &["team-a/app", "team-b/app", "corp/secret"]);
-    tokens.grant_only(ALICE.0, &["team-a/app"]);
-    tokens.grant_only(BOB.0, &["team-b/app"]);
-    tokens.grant_only("", &[]);
+    let tokens = tenants(&["team-a/app", "team-b/app", "corp/secret"], &[]).await?;
     let (registry, images) = support::registry::with_token_auth(
         dir.path(),
         &tokens,
@@ -122,23 +115,6 @@ fn proxy(pullcache: &Pullcache) -> std::net::SocketAddr {
     pullcache.addr
 }
 
-/// A token for `user`'s pull of `repository` from the real token service, as containerd
-/// gets one with the pod's secret.
-async fn token(up: &Upstream, (user, password): (&str, &str), repository: &str) -> anyhow::Result<String> {
-    let resp = support::http_client()
-        .get(format!(
-            "{}?service={}&scope=repository:{repository}:pull",
-            up.tokens.realm(),
-            up.tokens.service()
-        ))
-        .basic_auth(user, Some(password))
-        .send()
-        .await?;
-    anyhow::ensure!(resp.status() == 200, "token for {user}: {}", resp.status());
-    let body: serde_json::Value = resp.json().await?;
-    Ok(format!("Bearer {}", body["token"].as_str().unwrap_or_default()))
-}
-
 /// What alice's authorized pull put in the cache: her manifest's and each blob's bytes.
 struct Secret {
     manifest_digest: String,
@@ -150,7 +126,7 @@ struct Secret {
 /// alice pulls `team-a/app:v1` through the proxy with her own token, as containerd does:
 /// the manifest by tag, then every blob; all 200, and all of it lands in the cache.
 async fn alice_pulls(up: &Upstream, pullcache: &Pullcache, ca: &Path) -> anyhow::Result<Secret> {
-    let alice = token(up, ALICE, "team-a/app").await?;
+    let alice = up.tokens.pull_token(ALICE, "team-a/app").await?;
     let get = |path: String| {
         let alice = alice.clone();
         async move { get_through_proxy(proxy(pullcache), INTERCEPTED, ca, &path, Some(&alice)).await }
@@ -193,6 +169,43 @@ fn leaks(body: &[u8], secret: &[u8]) -> bool {
 fn assert_withheld(what: &str, status: u16, body: &[u8], secret: &[u8]) {
     assert_ne!(status, 200, "{what}: served ({} bytes)", body.len());
     assert!(!leaks(body, secret), "{what}: the body holds private bytes ({status})");
+}
+
+/// Two cluster members on loopback with a cluster CA, each configured by `config` with a
+/// directory of its own; the owner of `digest` first, each with its directory.
+async fn two_members(
+    up: &Upstream,
+    digest: &str,
+    config: impl Fn(&Path) -> anyhow::Result<pullcache::Config>,
+) -> anyhow::Result<[(Pullcache, PathBuf); 2]> {
+    let cluster_ca = up.dir.path().join("cluster-ca");
+    pullcache::ca::init(&cluster_ca)?;
+    let listeners = [
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    ];
+    let peer_addrs: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let owner = ring::rank(&peer_addrs, &digest.parse::<Digest>()?)[0];
+    let mut members = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let dir = up.dir.path().join(format!("member-{i}"));
+        let mut member = config(&dir)?;
+        member.peers = Some(pullcache::peers::Settings {
+            listen: peer_addrs[i],
+            targets: peer_addrs.iter().map(ToString::to_string).collect(),
+            ca_dir: cluster_ca.clone(),
+            max_uploads: 4,
+            refresh: Duration::from_secs(1),
+        });
+        members.push((
+            peer_addrs[i] == owner,
+            Pullcache::start_member(member, listener).await?,
+            dir,
+        ));
+    }
+    members.sort_by_key(|(is_owner, _, _)| !is_owner);
+    let [(_, a, a_dir), (_, b, b_dir)] = <[_; 2]>::try_from(members).map_err(|_| anyhow::anyhow!("two members"))?;
+    Ok([(a, a_dir), (b, b_dir)])
 }
 
 /// `GET` on pullcache's mirror port, without credentials.
@@ -248,7 +261,7 @@ async fn another_registry_name_gets_nothing_of_a_private_image() -> anyhow::Resu
         }
     }
     // Still alice's under its own name: the cache holds it, and withholds it by name.
-    let alice = token(&up, ALICE, "team-a/app").await?;
+    let alice = up.tokens.pull_token(ALICE, "team-a/app").await?;
     let own = get_through_proxy(
         proxy(&pullcache),
         INTERCEPTED,
@@ -274,7 +287,7 @@ async fn another_repository_of_the_same_registry_gets_nothing_of_a_private_image
     let pullcache = Pullcache::start_with(config).await?;
     let ca = ca(up.dir.path());
     let secret = alice_pulls(&up, &pullcache, &ca).await?;
-    let bob = token(&up, BOB, "team-b/app").await?;
+    let bob = up.tokens.pull_token(BOB, "team-b/app").await?;
     let layer = &secret.layer;
 
     let attempts = |repository: &str| {
@@ -704,32 +717,16 @@ async fn a_flight_in_progress_is_not_joined_under_another_name() -> anyhow::Resu
 async fn a_cluster_member_gets_nothing_private_from_the_owner_under_another_name() -> anyhow::Result<()> {
     let up = upstream().await?;
     let layer = up.team_a.layers()[0].digest.clone();
-    let cluster_ca = up.dir.path().join("cluster-ca");
-    pullcache::ca::init(&cluster_ca)?;
-    let listeners = [
-        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    ];
-    let peer_addrs: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-    let mut members = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let mut config = support::pullcache::config(up.dir.path().join(format!("cache-{i}")));
+    let [(owner, _), (other, _)] = two_members(&up, &layer, |dir| {
+        let mut config = support::pullcache::config(dir.join("cache"));
         let settings = config.registry(RegistryName::parse(MIRRORED)?);
         settings.url = Some(up.registry.url().parse()?);
         settings.credentials = Some(cache_credentials());
         config.authorize.private_images = PrivateImages::Share;
-        config.peers = Some(pullcache::peers::Settings {
-            listen: peer_addrs[i],
-            targets: peer_addrs.iter().map(ToString::to_string).collect(),
-            ca_dir: cluster_ca.clone(),
-            max_uploads: 4,
-            refresh: Duration::from_secs(1),
-        });
-        members.push(Pullcache::start_member(config, listener).await?);
-    }
-    let owner_addr = ring::rank(&peer_addrs, &layer.parse::<Digest>()?)[0];
-    let owner = peer_addrs.iter().position(|a| *a == owner_addr).expect("an owner");
-    let (owner, other) = (&members[owner], &members[1 - owner]);
+        Ok(config)
+    })
+    .await?;
+    let (owner, other) = (&owner, &other);
 
     let (status, secret) = mirror_get(owner, &format!("/v2/team-a/app/blobs/{layer}?ns={MIRRORED}")).await?;
     assert_eq!(status, 200, "the owner's own read (share)");
@@ -834,7 +831,7 @@ async fn intercept_mode_pulls_a_private_image_with_only_the_pods_secret() -> any
         );
     }
     // Byte by byte, as an attacker would ask with no secret or with bob's token.
-    let bob = token(&up, BOB, "team-b/app").await?;
+    let bob = up.tokens.pull_token(BOB, "team-b/app").await?;
     for credential in [None, Some(bob.as_str())] {
         let path = format!("/v2/team-a/app/blobs/{layer}");
         let got = get_through_proxy(proxy(&pullcache), INTERCEPTED, &ca, &path, credential).await?;
@@ -918,29 +915,9 @@ async fn an_unchecked_client_learns_nothing_of_a_private_blob_from_the_owner() -
     let up = upstream().await?;
     let url = up.registry.url();
     let layer = up.team_a.layers()[0].digest.clone();
-    let cluster_ca = up.dir.path().join("cluster-ca");
-    pullcache::ca::init(&cluster_ca)?;
-    let listeners = [
-        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    ];
-    let peer_addrs: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-    let owner_addr = ring::rank(&peer_addrs, &layer.parse::<Digest>()?)[0];
-    let mut members = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let dir = up.dir.path().join(format!("member-{i}"));
-        let mut config = intercepting(&dir, &[(INTERCEPTED, &url)], false)?;
-        config.peers = Some(pullcache::peers::Settings {
-            listen: peer_addrs[i],
-            targets: peer_addrs.iter().map(ToString::to_string).collect(),
-            ca_dir: cluster_ca.clone(),
-            max_uploads: 4,
-            refresh: Duration::from_secs(1),
-        });
-        members.push((Pullcache::start_member(config, listener).await?, dir));
-    }
-    let owner = peer_addrs.iter().position(|a| *a == owner_addr).expect("an owner");
-    let ((owner, owner_dir), (other, other_dir)) = (&members[owner], &members[1 - owner]);
+    let [(owner, owner_dir), (other, other_dir)] =
+        two_members(&up, &layer, |dir| intercepting(dir, &[(INTERCEPTED, &url)], false)).await?;
+    let ((owner, owner_dir), (other, other_dir)) = ((&owner, &owner_dir), (&other, &other_dir));
     let secret = alice_pulls(&up, owner, &ca(owner_dir)).await?;
 
     let blob_path = format!("/v2/team-a/app/blobs/{layer}");

@@ -257,6 +257,23 @@ impl TokenService {
         self.state.requests.lock().unwrap().clone()
     }
 
+    /// A pull token for `user` on `repository`, as containerd gets one with a pod's secret:
+    /// `Authorization: Bearer ...`.
+    pub async fn pull_token(&self, (user, password): (&str, &str), repository: &str) -> Result<String> {
+        let resp = super::http_client()
+            .get(format!(
+                "{}?service={}&scope=repository:{repository}:pull",
+                self.realm(),
+                self.service()
+            ))
+            .basic_auth(user, Some(password))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 200, "token for {user}: {}", resp.status());
+        let body: Value = resp.json().await?;
+        Ok(format!("Bearer {}", body["token"].as_str().unwrap_or_default()))
+    }
+
     pub fn request_count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
     }
@@ -554,4 +571,21 @@ pub fn jwt_claims(token: &str) -> Result<Value> {
     let payload = token.split('.').nth(1).context("JWT without payload")?;
     let bytes = URL_SAFE_NO_PAD.decode(payload).context("JWT payload base64")?;
     serde_json::from_slice(&bytes).context("JWT payload JSON")
+}
+
+/// The tenants of the private-image tests: pullcache's own user, and alice and bob, who each
+/// read one repository of their own.
+pub const CACHE_USER: (&str, &str) = ("cache", "cache-pw");
+pub const ALICE: (&str, &str) = ("alice", "alice-pw");
+pub const BOB: (&str, &str) = ("bob", "bob-pw");
+
+/// A token service for [`CACHE_USER`], [`ALICE`] and [`BOB`]: alice reads `team-a/app`, bob
+/// `team-b/app`, pullcache's user `cache_reads`, and anonymous clients `anyone_reads`.
+pub async fn tenants(cache_reads: &[&str], anyone_reads: &[&str]) -> Result<TokenService> {
+    let tokens = TokenService::start(&[CACHE_USER, ALICE, BOB], true).await?;
+    tokens.grant_only(CACHE_USER.0, cache_reads);
+    tokens.grant_only(ALICE.0, &["team-a/app"]);
+    tokens.grant_only(BOB.0, &["team-b/app"]);
+    tokens.grant_only("", anyone_reads);
+    Ok(tokens)
 }
