@@ -768,7 +768,8 @@ async fn a_cluster_member_gets_nothing_private_from_the_owner_under_another_name
 /// Defect 6: with no credentials of its own, pullcache ignored the pod's and fetched
 /// anonymously, so a private image did not pull through intercept mode at all. pullcache
 /// holds no credentials; containerd's CRI `PullImage` with alice's pull secret pulls her
-/// image through the cache (its layers land in pullcache's store); on a second node, a pull
+/// image through the cache (its layers land in pullcache's store); a second pod on the same
+/// node is refused, with bob's secret and with none; on a second node, a pull
 /// with bob's secret and one with none are refused, and none of her bytes reach it. The
 /// token realm is a plain-HTTP loopback URL: containerd reaches it directly (only
 /// `HTTPS_PROXY` is set), as a kubelet's containerd reaches an external realm.
@@ -808,6 +809,17 @@ async fn intercept_mode_pulls_a_private_image_with_only_the_pods_secret() -> any
             pullcache.stored_blobs()
         );
     }
+
+    // A second pod on the same node: the kubelet pulls again (`Always`, or KEP-2535's
+    // re-check), and containerd resolves the tag through pullcache, which refuses it.
+    let cri_a = node_a.cri().await?;
+    let bob = cri_a.pull_image(&reference, Some(&Auth::basic(BOB.0, BOB.1))).await;
+    assert!(bob.is_err(), "bob pulled {reference} on alice's node");
+    let anonymous = cri_a.pull_image(&reference, None).await;
+    assert!(
+        anonymous.is_err(),
+        "a pod without a secret pulled {reference} on alice's node"
+    );
 
     let certs_b = tempfile::tempdir()?;
     let node_b = node(certs_b.path().to_owned()).await?;
