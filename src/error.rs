@@ -36,6 +36,10 @@ pub enum RequestError {
     Unsupported { operation: &'static str },
     #[error("no such route: {path}")]
     NoRoute { path: String },
+    /// A manifest reference that is neither a digest nor a valid tag: no registry can hold
+    /// it, so it is unknown (the distribution spec's 404), and nothing is asked upstream.
+    #[error("manifest {reference:?} cannot exist: not a valid tag")]
+    ManifestUnknown { reference: String },
     #[error("request URI is {len} bytes; the limit is {limit}")]
     UriTooLong { len: usize, limit: usize },
 }
@@ -56,6 +60,9 @@ pub enum InternalError {
     /// A blob download's task ended without publishing how.
     #[error("flight ended without a result")]
     FlightLost,
+    /// A task panicked; what it was doing failed, and nothing else.
+    #[error("{task} panicked: {message}")]
+    Panicked { task: &'static str, message: String },
     /// Content that verified could not be stored as what it is.
     #[error("storing {what}")]
     Commit {
@@ -66,6 +73,16 @@ pub enum InternalError {
 }
 
 impl InternalError {
+    /// The error of a task that panicked with `payload`.
+    pub fn panicked(task: &'static str, payload: &(dyn std::any::Any + Send)) -> InternalError {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        InternalError::Panicked { task, message }
+    }
+
     /// The error of a blocking task that did not finish, for `map_err`.
     pub fn task(task: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
         move |source| Error::Internal(InternalError::Task { task, source })

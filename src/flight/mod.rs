@@ -26,11 +26,14 @@ mod tail;
 use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::Method;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use sha2::{Digest as _, Sha256};
@@ -354,16 +357,34 @@ impl Flights {
     /// Runs `download` in a task of its own, so no client's disconnect cancels it; when it
     /// ends, publishes how, and takes `flight` out of `active`.
     fn launch(&self, download: Download, temp: Option<TempBlob>, flight: Arc<Flight>) {
+        let key = (
+            download.digest.clone(),
+            download.location.clone(),
+            download.grant.credential.kind(),
+        );
+        let progress = download.progress.clone();
+        self.land_after(key, progress, flight, download.run(temp));
+    }
+
+    /// Runs a flight's `work` in a task of its own and lands the flight when it ends. A panic
+    /// in it (a bug, or an answer no check foresaw) lands the flight as failed like any
+    /// error: its readers get an error, and the next request starts afresh instead of
+    /// joining a flight that will never end.
+    fn land_after(
+        &self,
+        key: Key,
+        progress: Arc<watch::Sender<Progress>>,
+        flight: Arc<Flight>,
+        work: impl Future<Output = Result<(), Error>> + Send + 'static,
+    ) {
         let (active, refused, metrics) = (self.active.clone(), self.refused.clone(), self.metrics.clone());
         metrics.inflight.inc();
         tokio::spawn(async move {
-            let key = (
-                download.digest.clone(),
-                download.location.clone(),
-                download.grant.credential.kind(),
-            );
-            let progress = download.progress.clone();
-            let state = match download.run(temp).await {
+            let ended = match AssertUnwindSafe(work).catch_unwind().await {
+                Ok(ended) => ended,
+                Err(panic) => Err(InternalError::panicked("blob download", panic.as_ref()).into()),
+            };
+            let state = match ended {
                 Ok(()) => FlightState::Done,
                 Err(e) => FlightState::Failed(failed(&key, e, &refused, &metrics)),
             };
@@ -651,6 +672,51 @@ mod tests {
         // Once the writer is gone, sending fails rather than waiting for room forever.
         drop(rx);
         assert!(queue.send(Bytes::from_static(b"x")).await.is_err());
+    }
+
+    /// A download that panics lands as failed: its reader gets the error, and the digest is
+    /// not wedged (the flight leaves `active`, so the next request starts afresh).
+    #[tokio::test]
+    async fn a_download_that_panics_lands_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let upstreams = Arc::new(crate::upstream::Upstreams::new(
+            crate::upstream::Settings::default(),
+            crate::upstream::Metrics::register(&registry).unwrap(),
+        ));
+        let flights = Flights::new(
+            Arc::new(Store::open(dir.path()).unwrap()),
+            Arc::new(Sources::new(upstreams, None)),
+            Metrics::register(&registry).unwrap(),
+        );
+        let location = Location::new(
+            &crate::oci::Registry::docker_hub(),
+            &crate::oci::Repository::parse("library/x").unwrap(),
+        );
+        let key = (Digest::of(b"x"), location, CredentialKind::Own);
+        let grant = Grant {
+            credential: crate::fetch::Credential::Own,
+            clearance: None,
+        };
+        let (flight, download, _temp) = flights.prepare(&key, Asker::Client, grant).unwrap();
+        flights.active.locked().insert(key.clone(), flight.clone());
+        let progress = download.progress.clone();
+        flights.land_after(key.clone(), progress, flight.clone(), async {
+            panic!("an answer nobody foresaw")
+        });
+
+        let failed = tokio::time::timeout(Duration::from_secs(5), flight.headers())
+            .await
+            .expect("the flight never landed")
+            .unwrap_err();
+        assert!(failed.to_string().contains("an answer nobody foresaw"), "{failed}");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while flights.active.locked().contains_key(&key) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the panicked flight stayed in `active`, wedging its digest");
     }
 
     /// A panic under the flights lock (a bug in one request) must not make every later blob

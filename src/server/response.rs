@@ -70,6 +70,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported)
             }
             RequestError::NoRoute { .. } => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+            RequestError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
             RequestError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, ErrorCode::NameInvalid),
         },
         Error::Upstream(UpstreamError { kind, .. }) => match kind {

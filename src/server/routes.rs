@@ -109,7 +109,10 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
     let reference = if reference.contains(':') {
         Reference::Digest(reference.parse()?)
     } else {
-        Reference::Tag(Tag::parse(reference)?)
+        // The spec answers a tag that cannot exist with 404 MANIFEST_UNKNOWN, not 400.
+        Reference::Tag(Tag::parse(reference).map_err(|_| RequestError::ManifestUnknown {
+            reference: reference.chars().take(200).collect(),
+        })?)
     };
     Ok(Route::Manifest { target, reference })
 }
@@ -241,7 +244,6 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused_before_use() {
-        use crate::oci::NameError;
         for uri in [
             "/v2/../etc/manifests/v1",
             "/v2/a/%2e%2e/manifests/v1",
@@ -262,8 +264,8 @@ mod tests {
             RequestError::Digest(_)
         ));
         assert!(matches!(
-            request_error(Method::GET, "/v2/a/manifests/.bad"),
-            RequestError::Name(NameError::Tag(_))
+            request_error(Method::GET, "/v2/a/manifests/.INVALID_MANIFEST_NAME"),
+            RequestError::ManifestUnknown { .. }
         ));
         assert!(matches!(
             request_error(Method::GET, "/v2/a/blobs/sha256:abc"),

@@ -49,6 +49,9 @@ const OAUTH_CLIENT_ID: &str = "pullcache";
 
 /// Token lifetime when the token server does not say (the distribution spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever its server says (a year, or `u64::MAX` seconds,
+/// would keep it, and its cache entry, forever).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Tokens are renewed this long before they expire.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
@@ -127,8 +130,10 @@ pub struct TokenResponse {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    /// Any JSON number: a lifetime out of range (negative, huge, fractional) is clamped, not
+    /// an error.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Number>,
 }
 
 impl TokenResponse {
@@ -137,7 +142,11 @@ impl TokenResponse {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
-        let lifetime = self.expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let lifetime = match self.expires_in.and_then(|n| n.as_f64()) {
+            None => DEFAULT_TOKEN_LIFETIME,
+            Some(seconds) if seconds.is_nan() || seconds <= 0.0 => Duration::ZERO,
+            Some(seconds) => Duration::from_secs_f64(seconds.min(MAX_TOKEN_LIFETIME.as_secs_f64())),
+        };
         Some((value, lifetime))
     }
 }
@@ -169,10 +178,8 @@ impl TokenCache {
     pub fn put(&self, endpoint: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
         let mut tokens = self.tokens.locked();
         tokens.retain(|_, (_, expires)| *expires > Instant::now());
-        tokens.insert(
-            (endpoint.to_owned(), scope.to_owned()),
-            (value, Instant::now() + lifetime),
-        );
+        let expires = Instant::now() + lifetime.min(MAX_TOKEN_LIFETIME);
+        tokens.insert((endpoint.to_owned(), scope.to_owned()), (value, expires));
     }
 
     pub fn forget(&self, endpoint: &str, scope: &str) {
@@ -380,6 +387,27 @@ mod tests {
             assert!(!a.contains("robot") && !a.contains(" a "), "a secret in a key: {a}");
         }
         assert_eq!(token_key(Some(&basic("a")), scope), keys[1]);
+    }
+
+    /// A token server's lifetime is clamped before any arithmetic: `u64::MAX` seconds once
+    /// made the download that asked panic, wedging its digest.
+    #[test]
+    fn token_lifetimes_out_of_range_are_clamped() {
+        for (expires_in, lifetime) in [
+            ("18446744073709551615", MAX_TOKEN_LIFETIME),
+            ("1e300", MAX_TOKEN_LIFETIME),
+            ("31536000", MAX_TOKEN_LIFETIME),
+            ("-5", Duration::ZERO),
+            ("0", Duration::ZERO),
+            ("2.5", Duration::from_millis(2500)),
+        ] {
+            let t: TokenResponse =
+                serde_json::from_str(&format!(r#"{{"token":"t","expires_in":{expires_in}}}"#)).unwrap();
+            assert_eq!(t.into_header().unwrap().1, lifetime, "{expires_in}");
+        }
+        let cache = TokenCache::default();
+        cache.put("r.test", "s", HeaderValue::from_static("Bearer t"), Duration::MAX);
+        assert!(cache.get("r.test", "s").is_some());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Clients and upstreams that push limits: oversize URIs and headers, a slowloris, more
-//! connections than the cap, a manifest over 4 MiB. Each gets a clear refusal, the server
+//! connections than the cap, a manifest over 4 MiB, a token lifetime out of range. Each gets a clear refusal, the server
 //! stays up for everyone else, and nothing enters the cache.
 
 use crate::support;
@@ -165,5 +165,52 @@ async fn a_manifest_over_4_mib_is_refused_and_not_stored() -> anyhow::Result<()>
         assert_eq!(json["errors"][0]["code"], "MANIFEST_INVALID", "{reference}: {json}");
     }
     assert!(pullcache.stored_blobs().is_empty());
+    Ok(())
+}
+
+/// A token realm answering `expires_in` of `u64::MAX` seconds (or a negative one) made the
+/// download that asked panic; the flight never landed, and every later request for the
+/// digest, under any registry name, got "flight ended without a result" until a restart.
+/// Now the lifetime is clamped: the blob is served, then served again, and an honest
+/// registry serving the same digest is served too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lifetime_out_of_range_wedges_nothing() -> anyhow::Result<()> {
+    let blob = support::images::random_bytes(64 * 1024);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let mut upstreams = Vec::new();
+    for lifetime in ["18446744073709551615", "-1"] {
+        let hostile = FaultUpstream::start().await?;
+        hostile.require_token("t");
+        hostile.set_token_lifetime(lifetime);
+        hostile.set(&path, Reply::ok(blob.clone(), &[]));
+        upstreams.push(hostile);
+    }
+    let honest = FaultUpstream::start().await?;
+    honest.set(&path, Reply::ok(blob.clone(), &[]));
+    let cache = tempfile::tempdir()?;
+    let (huge, negative) = (upstreams[0].url(), upstreams[1].url());
+    let pullcache = Pullcache::start(
+        cache.path(),
+        &[
+            ("huge.test", &huge),
+            ("negative.test", &negative),
+            ("honest.test", &honest.url()),
+        ],
+        Duration::ZERO,
+    )
+    .await?;
+    let get = |ns: &'static str| {
+        let url = format!("{}{path}?ns={ns}", pullcache.url());
+        async move {
+            let resp = support::http_client().get(url).send().await?;
+            anyhow::Ok((resp.status().as_u16(), resp.bytes().await?))
+        }
+    };
+    for ns in ["huge.test", "huge.test", "negative.test", "honest.test"] {
+        let (status, body) = get(ns).await?;
+        assert_eq!(status, 200, "{ns}");
+        assert_eq!(sha256_digest(&body), digest, "{ns}");
+    }
     Ok(())
 }

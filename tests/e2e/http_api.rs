@@ -295,7 +295,10 @@ async fn bad_requests_get_oci_errors() -> anyhow::Result<()> {
         ("GET", "/v2/a//b/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/UPPER/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/a/manifests/v1?ns=bad_host!", 400, "NAME_INVALID"),
-        ("GET", "/v2/a/manifests/-tag", 400, "TAG_INVALID"),
+        // The distribution spec (and its conformance suite): a tag that cannot exist is an
+        // unknown manifest.
+        ("GET", "/v2/a/manifests/-tag", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
         ("GET", "/v2/a/manifests/sha256:1234", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/sha256:ABCDEF", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/md5:abc", 400, "DIGEST_INVALID"),

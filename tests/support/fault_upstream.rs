@@ -106,6 +106,8 @@ struct State {
     token_queries: Vec<String>,
     /// When set, `/v2/` paths demand `Bearer <token>`, issued anonymously at `/token`.
     required_token: Option<String>,
+    /// The `expires_in` `/token` answers with, as raw JSON (300 when unset).
+    token_lifetime: Option<String>,
     /// When set, the scripted replies are a private repository's (see [`Private`]).
     private: Option<Private>,
 }
@@ -192,6 +194,12 @@ impl FaultUpstream {
         self.state.lock().unwrap().ranges.get(path).cloned().unwrap_or_default()
     }
 
+    /// Answers `/token` with `expires_in` set to `raw` (JSON, so a hostile value can be any
+    /// number).
+    pub fn set_token_lifetime(&self, raw: &str) {
+        self.state.lock().unwrap().token_lifetime = Some(raw.to_owned());
+    }
+
     /// The query strings of token requests.
     pub fn token_queries(&self) -> Vec<String> {
         self.state.lock().unwrap().token_queries.clone()
@@ -263,7 +271,8 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
                     state
                         .token_queries
                         .push(req.uri().query().unwrap_or_default().to_owned());
-                    let body = format!(r#"{{"token":"{token}","expires_in":300}}"#).into_bytes();
+                    let lifetime = state.token_lifetime.as_deref().unwrap_or("300");
+                    let body = format!(r#"{{"token":"{token}","expires_in":{lifetime}}}"#).into_bytes();
                     Some(Reply::ok(body, &[("content-type", "application/json")]))
                 }
                 Some(token) if path.starts_with("/v2/") && auth.as_deref() != Some(&format!("Bearer {token}")) => {
