@@ -402,9 +402,10 @@ impl Lookup {
             let size = bytes.len() as u64;
             Mismatch::check(want, None, digest.clone(), size).map_err(|m| self.error(m.into()))?;
         }
-        let media_type = content_type
-            .filter(|t| crate::oci::is_manifest_media_type(t))
-            .or_else(|| media_type_field(&bytes))
+        // The manifest's own word first: a registry's `Content-Type` for the same bytes may
+        // differ from another's.
+        let media_type = media_type_field(&bytes)
+            .or_else(|| content_type.filter(|t| crate::oci::is_manifest_media_type(t)))
             .ok_or_else(|| self.error(UpstreamErrorKind::Body("manifest has no known media type".into())))?;
         let origin = Origin::new(&self.location, self.grant.visibility(stream_visibility));
         let (store, d, t, b) = (self.store.clone(), digest.clone(), media_type.clone(), bytes.clone());

@@ -16,7 +16,9 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use super::layout::{DOCKER_MANIFEST_FILE, DockerImage, INDEX_FILE, Index, OCI_LAYOUT_FILE};
-use pullcache::oci::{AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Origin, Reference, References};
+use pullcache::oci::{
+    AcceptClass, Digest, ImageRef, MAX_MANIFEST_SIZE, OCI_MANIFEST, Origin, Reference, References, is_valid_media_type,
+};
 use pullcache::store::{Store, TagKey, TagRecord, TempBlob};
 
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -232,6 +234,10 @@ fn plan_manifest(
             .ok_or_else(|| anyhow::anyhow!("manifest {digest} has no media type"))?
             .to_owned(),
     };
+    anyhow::ensure!(
+        is_valid_media_type(&media_type),
+        "manifest {digest}: {media_type:?} is not a media type"
+    );
     let refs = References::of(&bytes).map_err(|e| anyhow::anyhow!("manifest {digest}: {e}"))?;
     if !plan.has(digest) {
         plan.blobs.push((digest.clone(), size, Some(media_type)));

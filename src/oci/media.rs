@@ -19,6 +19,21 @@ pub fn is_manifest_media_type(media_type: &str) -> bool {
     MANIFEST_MEDIA_TYPES.contains(&media_type) || media_type == DOCKER_MANIFEST_V1
 }
 
+/// Whether `s` is a media type by RFC 6838's grammar (`type/subtype`, each a restricted name:
+/// 1 to 127 letters, digits and `!#$&-^_.+`, starting with a letter or digit), with no
+/// parameters: what may be stored beside a manifest and sent back as its `Content-Type`.
+pub fn is_valid_media_type(s: &str) -> bool {
+    let restricted_name = |name: &str| {
+        (1..=127).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    s.split_once('/')
+        .is_some_and(|(kind, subtype)| restricted_name(kind) && restricted_name(subtype))
+}
+
 /// What a client accepts, reduced to what changes the registry's answer for a tag: whether it
 /// takes indexes (OCI or Docker list), OCI manifests and Docker manifests. A registry may give a
 /// client that takes no index a different manifest than one that does, so a tag's cached answer
@@ -139,6 +154,33 @@ impl AcceptClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_types_follow_rfc_6838() {
+        for good in [
+            OCI_MANIFEST,
+            DOCKER_MANIFEST_V1,
+            BLOB_MEDIA_TYPE,
+            "application/vnd.example+json",
+        ] {
+            assert!(is_valid_media_type(good), "{good}");
+        }
+        for bad in [
+            "",
+            "application",
+            "application/",
+            "/json",
+            "application/json; charset=utf-8",
+            "text/html\r\nX: y",
+            "a/b\u{7}",
+            "a/b/c",
+            ".a/b",
+            "a /b",
+        ] {
+            assert!(!is_valid_media_type(bad), "{bad:?}");
+        }
+        assert!(!is_valid_media_type(&format!("a/{}", "b".repeat(128))));
+    }
 
     fn class(values: &[&str]) -> AcceptClass {
         let values: Vec<HeaderValue> = values.iter().map(|v| HeaderValue::from_str(v).unwrap()).collect();

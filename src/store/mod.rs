@@ -275,7 +275,11 @@ impl Store {
                 self.record_origin(digest, origin)?;
             }
         }
-        self.set_media_type(digest, media_type)?;
+        // The first media type stays: a later fetch (another registry serving the same bytes
+        // with another `Content-Type`) does not relabel the manifest for everyone.
+        if self.stored_media_type(digest)?.is_none() {
+            self.set_media_type(digest, media_type)?;
+        }
         Ok(())
     }
 
@@ -285,11 +289,8 @@ impl Store {
         if let Some(found) = self.hot_manifest(digest) {
             return Ok(Some(found));
         }
-        let type_path = self.media_type_path(digest);
-        let media_type = match fs::read_to_string(&type_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::new("read", &type_path, e)),
+        let Some(media_type) = self.stored_media_type(digest)? else {
+            return Ok(None);
         };
         let path = self.blob_path(digest);
         let bytes = match fs::read(&path) {
@@ -303,6 +304,23 @@ impl Store {
         self.hot_manifests
             .insert(digest.clone(), (bytes.clone(), media_type.clone()));
         Ok(Some((bytes, media_type)))
+    }
+
+    /// The media type stored beside a manifest, if there is a valid one. What is not a media
+    /// type (a corrupt file, or one written by hand) is no answer: the manifest is a miss,
+    /// fetched again, never a `Content-Type` that cannot be sent.
+    fn stored_media_type(&self, digest: &Digest) -> Result<Option<String>> {
+        let path = self.media_type_path(digest);
+        let media_type = match fs::read(&path) {
+            Ok(bytes) => String::from_utf8(bytes).unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::new("read", &path, e)),
+        };
+        if crate::oci::is_valid_media_type(&media_type) {
+            return Ok(Some(media_type));
+        }
+        tracing::warn!(path = %path.display(), "a stored media type is not one; the manifest counts as not stored");
+        Ok(None)
     }
 
     /// A manifest if it is in memory; never touches the disk, except to move an hour-old
@@ -562,6 +580,42 @@ mod tests {
         assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
         let err = store.put_manifest(&Digest::of(b"x"), "t", body, None).unwrap_err();
         assert!(matches!(err, CommitError::Mismatch(Mismatch::Digest { .. })));
+    }
+
+    /// A media type is data: one that is not (a corrupt file, a control character) makes the
+    /// manifest a miss rather than a `Content-Type` that cannot be sent, and a later fetch of
+    /// the same bytes with another type does not relabel it.
+    #[test]
+    fn a_manifests_first_valid_media_type_stays() {
+        let (_dir, store) = store();
+        let body = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(body);
+        store
+            .put_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", body, None)
+            .unwrap();
+        store
+            .put_manifest(&digest, "application/vnd.oci.image.index.v1+json", body, None)
+            .unwrap();
+        let (_, media_type) = store.manifest(&digest).unwrap().unwrap();
+        assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
+
+        let other = br#"{"schemaVersion":2,"x":1}"#;
+        let other_digest = Digest::of(other);
+        store
+            .put_manifest(&other_digest, "application/vnd.oci.image.manifest.v1+json", other, None)
+            .unwrap();
+        fs::write(store.media_type_path(&other_digest), "application/json\u{7}\r\nX: y").unwrap();
+        assert!(
+            store.manifest(&other_digest).unwrap().is_none(),
+            "a corrupt media type was served"
+        );
+        store
+            .put_manifest(&other_digest, "application/vnd.oci.image.manifest.v1+json", other, None)
+            .unwrap();
+        assert!(
+            store.manifest(&other_digest).unwrap().is_some(),
+            "a refetch did not repair it"
+        );
     }
 
     #[test]

@@ -486,3 +486,37 @@ async fn bundles_naming_only_the_tag_in_ref_name_still_import() -> anyhow::Resul
 
     assert_import_serves(&dir, &work.path().join("cache"), &images).await
 }
+
+/// A bundle whose `index.json` gave a manifest a media type with a control character imported
+/// with exit 0, and every later GET of that manifest panicked building its `Content-Type`.
+/// Now the media type is checked at import: the bundle is refused, naming the manifest, and
+/// the cache is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_with_a_media_type_that_is_not_one_is_refused() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/app", "v1", &[16 * 1024]).await?;
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle.tar");
+    export(&[&image.reference(REGISTRY)], &[], &upstream, &bundle).await?;
+    let dir = work.path().join("bad-media-type");
+    tar::Archive::new(std::fs::File::open(&bundle)?).unpack(&dir)?;
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    for entry in index["manifests"].as_array_mut().expect("index.json lists manifests") {
+        entry["mediaType"] = "application/vnd.oci.image.manifest.v1+json\u{7}".into();
+    }
+    std::fs::write(&index_path, serde_json::to_vec(&index)?)?;
+
+    let cache = work.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let before = tree(&cache);
+    let out = pullcache(&["import", path(&dir), "--cache-dir", path(&cache)]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not a media type") && stderr.contains(&image.manifest_digest),
+        "{stderr}"
+    );
+    assert_eq!(tree(&cache), before, "the cache changed");
+    Ok(())
+}
