@@ -7,7 +7,7 @@ SHELL := /bin/bash
 
 # Seconds each fuzz target runs in `make test`; longer runs: `make fuzz FUZZ_SECONDS=600`.
 FUZZ_SECONDS ?= 8
-FUZZ_TARGETS = reference digest range www_authenticate manifest route
+FUZZ_TARGETS = reference digest range www_authenticate manifest route token_response tag_entry origins media_type pins
 
 test: deps lint
 	cargo test --all-targets

@@ -280,6 +280,7 @@ impl Lookup {
             digest: manifest.digest.clone(),
             media_type: manifest.media_type.clone(),
             fetched_at: SystemTime::now(),
+            imported: false,
         };
         self.store.tags().put(key, record)?;
         Ok(())

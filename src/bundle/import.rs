@@ -362,6 +362,7 @@ fn commit(store: &Store, mut staged: Staged, plan: Plan, pin: bool) -> anyhow::R
                 digest,
                 media_type,
                 fetched_at: now,
+                imported: true,
             },
         )?;
     }

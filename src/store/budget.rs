@@ -304,11 +304,17 @@ impl Store {
     }
 }
 
-/// Reads saved pins; a line that does not parse is skipped with a warning.
+/// Reads saved pins.
 fn load_pins(path: &std::path::Path) -> Vec<ImageRef> {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Ok(bytes) = std::fs::read(path) else {
         return Vec::new();
     };
+    parse_pins(&String::from_utf8_lossy(&bytes))
+}
+
+/// Reads the pins file: one image reference a line; a line that does not parse is skipped
+/// with a warning.
+pub fn parse_pins(text: &str) -> Vec<ImageRef> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .filter_map(|line| match ImageRef::parse(line.trim()) {
@@ -499,6 +505,7 @@ mod tests {
                 digest: digest.clone(),
                 media_type: "application/vnd.oci.image.manifest.v1+json".into(),
                 fetched_at: std::time::SystemTime::now(),
+                imported: false,
             };
             store.tags().put(key, record).unwrap();
         }

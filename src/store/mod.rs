@@ -25,9 +25,19 @@ use sha2::{Digest as _, Sha256};
 
 use crate::oci::{Digest, Mismatch, Origin, Provenance};
 
+pub use budget::parse_pins;
 pub use budget::{Budget, Evicted, MinFree, keep_within_budget, parse_size};
 pub use index::InUse;
-pub use tags::{TagIndex, TagKey, TagRecord};
+pub use origins::parse_record as parse_origins;
+pub use tags::{TagIndex, TagKey, TagRecord, entry_file as tag_entry_file, parse_entry as parse_tag_entry};
+
+/// Reads a manifest's media type file: `None` unless it is one (RFC 6838), and so a valid
+/// `Content-Type`.
+pub fn parse_media_type(bytes: Vec<u8>) -> Option<String> {
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|m| crate::oci::is_valid_media_type(m))
+}
 pub use verify::Report as VerifyReport;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -312,12 +322,12 @@ impl Store {
     fn stored_media_type(&self, digest: &Digest) -> Result<Option<String>> {
         let path = self.media_type_path(digest);
         let media_type = match fs::read(&path) {
-            Ok(bytes) => String::from_utf8(bytes).unwrap_or_default(),
+            Ok(bytes) => parse_media_type(bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::new("read", &path, e)),
         };
-        if crate::oci::is_valid_media_type(&media_type) {
-            return Ok(Some(media_type));
+        if media_type.is_some() {
+            return Ok(media_type);
         }
         tracing::warn!(path = %path.display(), "a stored media type is not one; the manifest counts as not stored");
         Ok(None)

@@ -17,6 +17,12 @@ use crate::oci::{Digest, Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Regi
 /// Records kept in memory.
 pub(super) const HOT_RECORDS: u64 = 100_000;
 
+/// Reads a record's file. Origins that do not parse are skipped, and at most
+/// [`MAX_PRIVATE_ORIGINS`] are kept.
+pub fn parse_record(bytes: &[u8]) -> serde_json::Result<Provenance> {
+    Ok(serde_json::from_slice::<Record>(bytes)?.parse())
+}
+
 /// The persisted form.
 #[derive(Serialize, Deserialize, Default)]
 struct Record {
@@ -85,8 +91,8 @@ impl Store {
                 return Provenance::default();
             }
         };
-        match serde_json::from_slice::<Record>(&bytes) {
-            Ok(record) => record.parse(),
+        match parse_record(&bytes) {
+            Ok(provenance) => provenance,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "a blob's origins are corrupt; it counts as private to nobody");
                 Provenance::default()

@@ -3,9 +3,7 @@
 //! cached per (origin, scope) until it expires; a `Basic` challenge gets the credentials.
 //! Tokens are secrets: they are never logged, and headers carrying them are marked sensitive.
 
-use crate::sync::MutexExt;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -38,12 +36,21 @@ pub enum TokenError {
     Status(StatusCode),
     #[error("reading the token response")]
     Read(#[source] BoxError),
-    #[error("token response has no token")]
+    #[error("token server sent no whole response within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("token response has no usable token")]
     NoToken,
 }
 
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+/// Longest token kept: real ones are a few KiB, and few servers take a header line longer
+/// than this.
+pub const MAX_TOKEN_LEN: usize = 32 * 1024;
+/// What the token cache may hold, keys and tokens together; past it the least used go.
+pub const MAX_TOKEN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// The longest a token response may take once its headers are in.
+const TOKEN_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `client_id` sent when exchanging an identity (refresh) token.
 const OAUTH_CLIENT_ID: &str = "pullcache";
 
@@ -51,7 +58,7 @@ const OAUTH_CLIENT_ID: &str = "pullcache";
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// The longest a token is kept, whatever its server says (a year, or `u64::MAX` seconds,
 /// would keep it, and its cache entry, forever).
-const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Tokens are renewed this long before they expire.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
@@ -124,8 +131,15 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
+/// Reads a token server's answer: the `Authorization` value to send (marked sensitive) and
+/// how long it may be used, within 0 to [`MAX_TOKEN_LIFETIME`]. `None` when it holds no token
+/// that can be sent.
+pub fn parse_token_response(body: &[u8]) -> Option<(HeaderValue, Duration)> {
+    serde_json::from_slice::<TokenResponse>(body).ok()?.into_header()
+}
+
 #[derive(Deserialize)]
-pub struct TokenResponse {
+struct TokenResponse {
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
@@ -138,8 +152,11 @@ pub struct TokenResponse {
 
 impl TokenResponse {
     /// The bearer header value and how long it lives.
-    pub fn into_header(self) -> Option<(HeaderValue, Duration)> {
-        let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+    fn into_header(self) -> Option<(HeaderValue, Duration)> {
+        let token = self
+            .token
+            .or(self.access_token)
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN)?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
         let lifetime = match self.expires_in.and_then(|n| n.as_f64()) {
@@ -161,29 +178,79 @@ pub(super) fn token_key(credentials: Option<&Credentials>, scope: &str) -> Strin
     }
 }
 
-/// Tokens by (upstream origin, [`token_key`]). Lifetimes count from when a token arrived, not from
-/// the server's `issued_at`, so clock skew cannot make an expired token look fresh.
-#[derive(Default)]
+/// Tokens by (upstream origin, [`token_key`]), with when each expires. Lifetimes count from
+/// when a token arrived, not from the server's `issued_at`, so clock skew cannot make an
+/// expired token look fresh. Bounded by [`MAX_TOKEN_CACHE_BYTES`]: a registry answering a new
+/// scope for every request, with long tokens, evicts tokens rather than growing the node.
 pub struct TokenCache {
-    tokens: Mutex<HashMap<(String, String), (HeaderValue, Instant)>>,
+    tokens: moka::sync::Cache<(String, String), (HeaderValue, Instant)>,
+}
+
+/// An entry lives until its token expires.
+struct UntilExpiry;
+
+impl moka::Expiry<(String, String), (HeaderValue, Instant)> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _: &(String, String),
+        value: &(HeaderValue, Instant),
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(value.1.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &(String, String),
+        value: &(HeaderValue, Instant),
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.1.saturating_duration_since(now))
+    }
+}
+
+impl Default for TokenCache {
+    fn default() -> TokenCache {
+        TokenCache::with_capacity(MAX_TOKEN_CACHE_BYTES)
+    }
 }
 
 impl TokenCache {
+    /// A cache holding at most `bytes` of keys and tokens.
+    pub fn with_capacity(bytes: u64) -> TokenCache {
+        let tokens = moka::sync::Cache::builder()
+            .max_capacity(bytes)
+            .weigher(
+                |(endpoint, scope): &(String, String), (value, _): &(HeaderValue, Instant)| {
+                    u32::try_from(endpoint.len() + scope.len() + value.len()).unwrap_or(u32::MAX)
+                },
+            )
+            .expire_after(UntilExpiry)
+            .build();
+        TokenCache { tokens }
+    }
+
     pub fn get(&self, endpoint: &str, scope: &str) -> Option<HeaderValue> {
-        let tokens = self.tokens.locked();
-        let (value, expires) = tokens.get(&(endpoint.to_owned(), scope.to_owned()))?;
-        (Instant::now() + EXPIRY_MARGIN < *expires).then(|| value.clone())
+        let (value, expires) = self.tokens.get(&(endpoint.to_owned(), scope.to_owned()))?;
+        (Instant::now() + EXPIRY_MARGIN < expires).then_some(value)
     }
 
     pub fn put(&self, endpoint: &str, scope: &str, value: HeaderValue, lifetime: Duration) {
-        let mut tokens = self.tokens.locked();
-        tokens.retain(|_, (_, expires)| *expires > Instant::now());
         let expires = Instant::now() + lifetime.min(MAX_TOKEN_LIFETIME);
-        tokens.insert((endpoint.to_owned(), scope.to_owned()), (value, expires));
+        self.tokens
+            .insert((endpoint.to_owned(), scope.to_owned()), (value, expires));
     }
 
     pub fn forget(&self, endpoint: &str, scope: &str) {
-        self.tokens.locked().remove(&(endpoint.to_owned(), scope.to_owned()));
+        self.tokens.invalidate(&(endpoint.to_owned(), scope.to_owned()));
+    }
+
+    /// Keys and token bytes held, once pending evictions have run.
+    #[cfg(test)]
+    fn weight(&self) -> u64 {
+        self.tokens.run_pending_tasks();
+        self.tokens.weighted_size()
     }
 }
 
@@ -251,7 +318,7 @@ impl Upstreams {
                 .credentials
                 .and_then(Credentials::basic_header)
                 .ok_or_else(|| refused(false))?;
-            self.basic.locked().insert(endpoint.authority.clone());
+            self.basic.insert(endpoint.authority.clone(), ());
             return Ok(header);
         }
         Err(refused(endpoint.credentials.is_some()))
@@ -326,15 +393,15 @@ impl Upstreams {
         if !status.is_success() {
             return Err(err(TokenError::Status(status)));
         }
-        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| err(TokenError::Read(e)))?
-            .to_bytes();
-        let (value, lifetime) = serde_json::from_slice::<TokenResponse>(&body)
-            .ok()
-            .and_then(TokenResponse::into_header)
-            .ok_or_else(|| err(TokenError::NoToken))?;
+        let body = tokio::time::timeout(
+            TOKEN_BODY_TIMEOUT,
+            Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect(),
+        )
+        .await
+        .map_err(|_| err(TokenError::BodyTimeout(TOKEN_BODY_TIMEOUT)))?
+        .map_err(|e| err(TokenError::Read(e)))?
+        .to_bytes();
+        let (value, lifetime) = parse_token_response(&body).ok_or_else(|| err(TokenError::NoToken))?;
         self.tokens
             .put(&endpoint.authority, cache_scope, value.clone(), lifetime);
         Ok(value)
@@ -423,5 +490,31 @@ mod tests {
         assert_eq!(cache.get(hub, "s"), Some(value.clone()));
         cache.put(hub, "short", value, Duration::from_secs(5));
         assert_eq!(cache.get(hub, "short"), None, "a token about to expire is not reused");
+    }
+
+    /// A registry answering a new scope for every request, with the longest tokens kept,
+    /// fills the cache to its bound and no further; tokens past the longest are refused.
+    #[test]
+    fn the_token_cache_is_bounded() {
+        let long = "t".repeat(MAX_TOKEN_LEN);
+        let t: TokenResponse = serde_json::from_str(&format!(r#"{{"token":"{long}t"}}"#)).unwrap();
+        assert!(
+            t.into_header().is_none(),
+            "a token over {MAX_TOKEN_LEN} bytes is refused"
+        );
+        let t: TokenResponse = serde_json::from_str(&format!(r#"{{"token":"{long}"}}"#)).unwrap();
+        let (value, life) = t.into_header().unwrap();
+        let cache = TokenCache::with_capacity(1024 * 1024);
+        for scope in 0..200 {
+            cache.put(
+                "hostile.test",
+                &format!("repository:r{scope}:pull"),
+                value.clone(),
+                life,
+            );
+        }
+        let weight = cache.weight();
+        assert!(weight <= 1024 * 1024, "{weight} bytes held");
+        assert!(weight >= 512 * 1024, "{weight} bytes held: the cache still works");
     }
 }

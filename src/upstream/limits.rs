@@ -2,9 +2,6 @@
 //! (no request goes out meanwhile; tag lookups serve stale answers), and Docker Hub's
 //! `ratelimit-limit` / `ratelimit-remaining` headers are kept for the metrics to expose.
 
-use crate::sync::MutexExt;
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
@@ -21,16 +18,24 @@ pub struct RateLimit {
     pub remaining: Option<u64>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Entry {
     closed_until: Option<Instant>,
     rate_limit: RateLimit,
 }
 
-/// Rate limits per upstream endpoint (`host[:port]`).
-#[derive(Default)]
+/// Rate limits per upstream endpoint (`host[:port]`), for the
+/// [`MAX_ENDPOINTS`](super::MAX_ENDPOINTS) most used.
 pub struct RateLimits {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: moka::sync::Cache<String, Entry>,
+}
+
+impl Default for RateLimits {
+    fn default() -> RateLimits {
+        RateLimits {
+            entries: moka::sync::Cache::new(super::MAX_ENDPOINTS),
+        }
+    }
 }
 
 impl RateLimits {
@@ -47,8 +52,7 @@ impl RateLimits {
         if limit.is_none() && remaining.is_none() {
             return None;
         }
-        let mut entries = self.entries.locked();
-        entries.entry(origin.to_owned()).or_default().rate_limit = RateLimit { limit, remaining };
+        self.update(origin, |e| e.rate_limit = RateLimit { limit, remaining });
         Some(RateLimit { limit, remaining })
     }
 
@@ -59,21 +63,25 @@ impl RateLimits {
             .and_then(parse_retry_after)
             .unwrap_or(DEFAULT_RETRY_AFTER)
             .min(MAX_RETRY_AFTER);
-        let mut entries = self.entries.locked();
-        entries.entry(origin.to_owned()).or_default().closed_until = Some(Instant::now() + wait);
+        self.update(origin, |e| e.closed_until = Some(Instant::now() + wait));
         wait
+    }
+
+    /// Two concurrent updates of one origin may lose one: the next response says it again.
+    fn update(&self, origin: &str, change: impl FnOnce(&mut Entry)) {
+        let mut entry = self.entries.get(origin).unwrap_or_default();
+        change(&mut entry);
+        self.entries.insert(origin.to_owned(), entry);
     }
 
     /// How long an origin stays closed, if it is.
     pub fn closed_for(&self, origin: &str) -> Option<Duration> {
-        let entries = self.entries.locked();
-        let until = entries.get(origin)?.closed_until?;
+        let until = self.entries.get(origin)?.closed_until?;
         until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     pub fn rate_limit(&self, origin: &str) -> Option<RateLimit> {
-        let entries = self.entries.locked();
-        entries
+        self.entries
             .get(origin)
             .map(|e| e.rate_limit)
             .filter(|r| *r != RateLimit::default())

@@ -5,7 +5,7 @@
 //! errors and 5xx, and the 429 gate of [`limits`]. TLS is always verified.
 
 mod auth;
-pub use auth::{Challenge, TokenError};
+pub use auth::{Challenge, MAX_TOKEN_LEN, MAX_TOKEN_LIFETIME, TokenError, parse_token_response};
 mod credentials;
 pub mod limits;
 mod metrics;
@@ -13,10 +13,8 @@ mod probe;
 mod resolve;
 mod tls;
 
-use crate::sync::MutexExt;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +42,9 @@ const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Redirects (to blob storage) followed for one request.
 const MAX_UPSTREAM_REDIRECTS: u32 = 5;
+/// How many upstream endpoints (`host[:port]`) per-endpoint state (Basic auth asked, rate
+/// limits) is kept for; a pod may name any number of registries, so the least used go.
+pub const MAX_ENDPOINTS: u64 = 4096;
 const USER_AGENT_VALUE: &str = concat!("pullcache/", env!("CARGO_PKG_VERSION"));
 /// Headers that belong to one connection (RFC 9110 7.6.1), plus those the new request sets
 /// itself: never forwarded.
@@ -220,8 +221,9 @@ pub struct Upstreams {
     settings: Settings,
     clients: Clients,
     tokens: TokenCache,
-    /// Endpoints that asked for Basic auth; later requests send it up front.
-    basic: Mutex<HashSet<String>>,
+    /// Endpoints that asked for Basic auth; later requests send it up front. Bounded: one
+    /// forgotten is asked again, and answers a 401 with the credentials as before.
+    basic: moka::sync::Cache<String, ()>,
     pub rate_limits: limits::RateLimits,
     metrics: Metrics,
 }
@@ -250,7 +252,7 @@ impl Upstreams {
             settings,
             clients,
             tokens: TokenCache::default(),
-            basic: Mutex::default(),
+            basic: moka::sync::Cache::new(MAX_ENDPOINTS),
             rate_limits: limits::RateLimits::default(),
             metrics,
         }
@@ -531,7 +533,7 @@ impl Upstreams {
     /// A token cached under `key`, or Basic credentials for an endpoint known to want them.
     fn known_auth(&self, endpoint: &Endpoint<'_>, key: &str) -> Option<HeaderValue> {
         self.tokens.get(&endpoint.authority, key).or_else(|| {
-            let basic = self.basic.locked().contains(&endpoint.authority);
+            let basic = self.basic.contains_key(&endpoint.authority);
             basic
                 .then(|| endpoint.credentials.and_then(Credentials::basic_header))
                 .flatten()
@@ -652,7 +654,7 @@ async fn backoff(attempt: u32) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 
