@@ -47,9 +47,19 @@ use crate::upstream::{Answer, UpstreamError, Upstreams};
 /// How long a "no" is remembered: long enough to absorb a pull's burst of requests, short
 /// enough that a fixed secret works on the next try.
 const DENIED_FOR: Duration = Duration::from_secs(10);
-/// Bounds on what is remembered; the oldest entries go first.
-const MAX_REPOSITORIES: u64 = 100_000;
-const MAX_CLIENTS: u64 = 100_000;
+/// Bounds on what is remembered, in bytes of keys and answers (a pod may name any number
+/// of repositories on a registry that answers them all); the least used go first.
+pub const MAX_VISIBILITY_BYTES: u64 = 8 * 1024 * 1024;
+pub const MAX_CLIENT_BYTES: u64 = 8 * 1024 * 1024;
+const MAX_UNREACHABLE_BYTES: u64 = 2 * 1024 * 1024;
+const MAX_REGISTRIES: u64 = 4096;
+/// What an entry costs beyond its strings: moka's bookkeeping and the value.
+const ENTRY_OVERHEAD: usize = 128;
+
+fn weight(location: &Location, extra: usize) -> u32 {
+    let bytes = location.registry.as_str().len() + location.repository.as_str().len() + ENTRY_OVERHEAD + extra;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
 
 /// What mirror mode does with a repository that needs credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,16 +224,28 @@ impl Authorizer {
         Authorizer {
             upstreams,
             settings,
-            credentialed: Cache::builder().max_capacity(MAX_REPOSITORIES).build(),
+            credentialed: Cache::builder().max_capacity(MAX_REGISTRIES).build(),
             visibility: Cache::builder()
-                .max_capacity(MAX_REPOSITORIES)
+                .max_capacity(MAX_VISIBILITY_BYTES)
+                .weigher(|location, seen: &Seen| {
+                    let challenge = match seen {
+                        Seen::Private { challenge: Some(c) } => c.len(),
+                        _ => 0,
+                    };
+                    weight(location, challenge)
+                })
                 .time_to_live(ttl)
                 .build(),
             unreachable: Cache::builder()
-                .max_capacity(MAX_REPOSITORIES)
+                .max_capacity(MAX_UNREACHABLE_BYTES)
+                .weigher(|location, _| weight(location, 0))
                 .time_to_live(DENIED_FOR.min(ttl))
                 .build(),
-            clients: Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(ttl).build(),
+            clients: Cache::builder()
+                .max_capacity(MAX_CLIENT_BYTES)
+                .weigher(|(_, location), _| weight(location, 32))
+                .time_to_live(ttl)
+                .build(),
             metrics,
         }
     }

@@ -23,14 +23,32 @@ const LOW_WATERMARK: f64 = 0.9;
 /// the filesystem change it too.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Default)]
+/// The most blobs the store keeps by default, whatever their size: a registry serving
+/// millions of tiny blobs must not grow the in-memory index (~150 bytes a blob) or the
+/// filesystem's inodes without limit. 250,000 is some 10,000 images.
+pub const MAX_BLOBS: u64 = 250_000;
+
+#[derive(Debug, Clone)]
 pub struct Budget {
     /// The most bytes of blobs the cache keeps.
     pub max_size: Option<u64>,
+    /// The most blobs the cache keeps.
+    pub max_blobs: u64,
     /// Free space the cache leaves on its filesystem.
     pub min_free: MinFree,
     /// Images kept whatever the pressure.
     pub pins: Vec<ImageRef>,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget {
+            max_size: None,
+            max_blobs: MAX_BLOBS,
+            min_free: MinFree::default(),
+            pins: Vec::new(),
+        }
+    }
 }
 
 /// A free-space floor: bytes, or a percentage of the filesystem.
@@ -172,22 +190,38 @@ impl Store {
 
     /// Evicts down to the low watermarks if a high one is crossed.
     pub fn enforce_budget(&self) -> Evicted {
-        if self.over_budget() == 0 {
+        let blobs = self.blobs_over(0);
+        if self.over_budget() == 0 && blobs == 0 {
             return Evicted::default();
         }
-        self.evict(self.excess(LOW_WATERMARK, 1.0 / LOW_WATERMARK))
+        self.evict_until(self.excess(LOW_WATERMARK, 1.0 / LOW_WATERMARK), blobs)
+    }
+
+    /// Blobs to evict so `incoming` more fit within the count budget, down to its low
+    /// watermark; 0 when they fit.
+    fn blobs_over(&self, incoming: u64) -> u64 {
+        let (_, blobs) = self.usage();
+        let max = self.budget.max_blobs;
+        if blobs + incoming <= max {
+            return 0;
+        }
+        (blobs + incoming).saturating_sub((max as f64 * LOW_WATERMARK) as u64)
     }
 
     /// Before a commit of `incoming` bytes: evicts down to the low watermark if the commit
     /// would cross the size budget, so the store never holds more than its budget.
     pub(super) fn make_room(&self, incoming: u64) {
-        let Some(max) = self.budget.max_size else {
-            return;
-        };
         let (used, _) = self.usage();
-        if used + incoming > max {
-            let low = (max as f64 * LOW_WATERMARK) as u64;
-            self.evict((used + incoming).saturating_sub(low));
+        let bytes = match self.budget.max_size {
+            Some(max) if used + incoming > max => {
+                let low = (max as f64 * LOW_WATERMARK) as u64;
+                (used + incoming).saturating_sub(low)
+            }
+            _ => 0,
+        };
+        let blobs = self.blobs_over(1);
+        if bytes > 0 || blobs > 0 {
+            self.evict_until(bytes, blobs);
         }
     }
 
@@ -202,6 +236,11 @@ impl Store {
     /// Frees at least `bytes` if it can: least recently used first, manifests of cached tags
     /// last, pinned and in-use blobs never.
     pub fn evict(&self, bytes: u64) -> Evicted {
+        self.evict_until(bytes, 0)
+    }
+
+    /// Like [`Store::evict`], until both `bytes` and `blobs` are freed.
+    fn evict_until(&self, bytes: u64, blobs: u64) -> Evicted {
         let pinned = self.pinned();
         let tagged = self.tags().digests();
         let mut candidates: Vec<_> = self
@@ -213,7 +252,7 @@ impl Store {
         candidates.sort_by_key(|(digest, _, used)| (tagged.contains(digest), *used));
         let mut evicted = Evicted::default();
         for (digest, _, _) in candidates {
-            if evicted.bytes >= bytes {
+            if evicted.bytes >= bytes && evicted.blobs >= blobs {
                 break;
             }
             // Checked again under the index lock: a reader may have opened it since.
@@ -384,6 +423,29 @@ mod tests {
         temp.write(content).unwrap();
         store.commit(temp, &digest, None, None).unwrap();
         digest
+    }
+
+    /// A registry serving many tiny blobs fills the store to its count budget and no
+    /// further, whatever the size budget says; the newest stay.
+    #[test]
+    fn the_blob_count_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget {
+            max_blobs: 20,
+            ..Budget::default()
+        });
+        let mut last = None;
+        for i in 0..100u32 {
+            last = Some(put(&store, &i.to_be_bytes()));
+            assert!(store.usage().1 <= 20, "{} blobs after {i}", store.usage().1);
+        }
+        assert!(
+            store.usage().1 >= 15,
+            "{} blobs: eviction took too many",
+            store.usage().1
+        );
+        assert!(store.has_blob(&last.unwrap()));
+        assert_eq!(store.evicted().0 + store.usage().1, 100);
     }
 
     #[test]

@@ -151,7 +151,10 @@ impl Store {
             root: root.to_owned(),
             index,
             hot_manifests,
-            provenance: moka::sync::Cache::new(origins::HOT_RECORDS),
+            provenance: moka::sync::Cache::builder()
+                .max_capacity(origins::HOT_RECORD_BYTES)
+                .weigher(origins::record_weight)
+                .build(),
             recording: std::sync::Mutex::default(),
             budget: Budget::default(),
             pressure: tokio::sync::Notify::new(),

@@ -14,8 +14,19 @@ use serde::{Deserialize, Serialize};
 use super::{Result, Store, StoreError, write_atomic};
 use crate::oci::{Digest, Location, MAX_PRIVATE_ORIGINS, Origin, Provenance, Registry, Repository, Visibility};
 
-/// Records kept in memory.
-pub(super) const HOT_RECORDS: u64 = 100_000;
+/// Bytes of records kept in memory (a public record costs ~150; one private to the most
+/// origins a few KiB); the least used go, to be read again from disk.
+pub const HOT_RECORD_BYTES: u64 = 16 * 1024 * 1024;
+
+/// What a record costs in memory: its digest key, its names and moka's bookkeeping.
+pub(super) fn record_weight(_: &Digest, provenance: &Provenance) -> u32 {
+    let names: usize = provenance
+        .private
+        .iter()
+        .map(|(l, _)| l.registry.as_str().len() + l.repository.as_str().len() + 64)
+        .sum();
+    u32::try_from(150 + names).unwrap_or(u32::MAX)
+}
 
 /// Reads a record's file. Origins that do not parse are skipped, and at most
 /// [`MAX_PRIVATE_ORIGINS`] are kept.
