@@ -27,12 +27,11 @@ use crate::error::{Error, Result};
 use crate::fetch::{Asker, Fetch};
 use crate::oci::{Digest, Visibility};
 use crate::peers::{PeerAddr, PeerError, Peers};
-use crate::upstream::{UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::upstream::{MIN_BODY_RATE, UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::wire::content_length;
 
-/// A registry body that sends nothing for this long has failed.
-const UPSTREAM_BODY_IDLE: Duration = Duration::from_secs(60);
-/// A peer's body, sooner: the next source may have the bytes.
+/// A peer's body that sends nothing for this long has failed, sooner than a registry's
+/// (`--upstream-timeout`): the next source may have the bytes.
 const PEER_BODY_IDLE: Duration = Duration::from_secs(10);
 /// Times a registry's body may break and be resumed before the fetch fails. A peer that
 /// breaks off is no retry: the next source takes its place.
@@ -127,6 +126,8 @@ impl Chain {
             received: 0,
             skip: 0,
             resumes: 0,
+            window: (tokio::time::Instant::now(), 0),
+            slow: None,
         })
     }
 
@@ -225,7 +226,7 @@ impl Chain {
     fn idle_timeout(&self) -> Duration {
         match self.current {
             Source::Peer(_) => PEER_BODY_IDLE,
-            _ => UPSTREAM_BODY_IDLE,
+            _ => self.upstreams.timeout(),
         }
     }
 
@@ -239,6 +240,8 @@ impl Chain {
 pub enum BodyError {
     #[error("no data for {0:?}")]
     Idle(Duration),
+    #[error("{bytes} bytes in {window:?}, under {MIN_BODY_RATE} bytes/s")]
+    Slow { bytes: u64, window: Duration },
     #[error("body ended at {0} bytes")]
     Short(u64),
     #[error("reading the body")]
@@ -267,6 +270,10 @@ pub struct Stream<'a> {
     skip: u64,
     resumes: u32,
     counter: IntCounter,
+    /// When the current rate window opened, and the bytes received in it.
+    window: (tokio::time::Instant, u64),
+    /// The body proved too slow with the bytes last returned: it is resumed before the next.
+    slow: Option<BodyError>,
 }
 
 impl Stream<'_> {
@@ -290,18 +297,54 @@ impl Stream<'_> {
             return Ok(None);
         }
         loop {
+            if let Some(slow) = self.slow.take() {
+                // A slow body that has ended is whole; one that has not is resumed. A frame
+                // read here is not taken, so the resume asks for it again.
+                let ended = match self.size {
+                    Some(size) => self.received >= size,
+                    None => matches!(tokio::time::timeout(Duration::ZERO, self.body.frame()).await, Ok(None)),
+                };
+                if ended {
+                    return Ok(None);
+                }
+                self.resume(slow).await?;
+                self.window = (tokio::time::Instant::now(), 0);
+            }
             let broken = match tokio::time::timeout(self.chain.idle_timeout(), self.body.frame()).await {
                 Err(_) => BodyError::Idle(self.chain.idle_timeout()),
                 Ok(None) if self.size.is_some_and(|size| self.received < size) => BodyError::Short(self.received),
                 Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => BodyError::Read(e),
                 Ok(Some(Ok(frame))) => match self.take(frame) {
-                    Some(data) => return Ok(Some(data)),
+                    Some(data) => {
+                        self.slow = self.too_slow(data.len() as u64);
+                        return Ok(Some(data));
+                    }
                     None => continue,
                 },
             };
             self.resume(broken).await?;
+            self.window = (tokio::time::Instant::now(), 0);
         }
+    }
+
+    /// Counts `bytes` into the rate window; once the window has run its length, a body that
+    /// averaged under [`MIN_BODY_RATE`] in it has failed.
+    fn too_slow(&mut self, bytes: u64) -> Option<BodyError> {
+        let window = self.chain.idle_timeout();
+        let (opened, received) = &mut self.window;
+        *received += bytes;
+        let elapsed = opened.elapsed();
+        if elapsed < window {
+            return None;
+        }
+        let slow = *received < MIN_BODY_RATE.saturating_mul(elapsed.as_secs());
+        let result = slow.then_some(BodyError::Slow {
+            bytes: *received,
+            window: elapsed,
+        });
+        self.window = (tokio::time::Instant::now(), 0);
+        result
     }
 
     /// The whole body, refused past `limit` bytes.

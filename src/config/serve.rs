@@ -65,6 +65,13 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "from_text")]
     pub tag_ttl: Option<humantime::Duration>,
 
+    /// How long a registry may send nothing (default 60s; its headers come within 30 s at
+    /// most), and the window over which a body must average 1 KiB/s: a registry that stalls
+    /// or trickles fails that fetch, which is retried or resumed as any broken one.
+    #[arg(long, env = "PULLCACHE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    #[serde(default, deserialize_with = "from_text")]
+    pub upstream_timeout: Option<humantime::Duration>,
+
     /// A PEM file of CA certificates to trust for every upstream, besides the public and
     /// system roots. Repeatable; comma-separated in the environment. TLS is always verified.
     #[arg(long, env = "PULLCACHE_UPSTREAM_CA", value_name = "FILE", value_delimiter = ',')]
@@ -329,6 +336,7 @@ layered!(
     cache_dir,
     upstreams,
     tag_ttl,
+    upstream_timeout,
     upstream_ca,
     docker_config,
     ca_dir,
@@ -401,6 +409,12 @@ impl ServeArgs {
         }
         config.tag_ttl = self.tag_ttl.map_or(config.tag_ttl, Into::into);
         config.upstream.offline = self.offline.unwrap_or(false);
+        match self.upstream_timeout.map(Duration::from) {
+            Some(t) if t < Duration::from_secs(1) => {
+                return Err(invalid("upstream_timeout", &"must be at least 1s"));
+            }
+            timeout => config.upstream.timeout = timeout,
+        }
         config.authorize.private_images = self.private_images.unwrap_or_default();
         match self.auth_ttl.map(Duration::from) {
             Some(ttl) if ttl.is_zero() => return Err(invalid("auth_ttl", &"must be longer than 0")),

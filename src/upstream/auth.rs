@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::credentials::Credentials;
 use super::resolve::{TargetError, check_target};
-use super::{Endpoint, UPSTREAM_HEADER_TIMEOUT, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams};
+use super::{Endpoint, USER_AGENT_VALUE, UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::fetch::Fetch;
 use crate::oci::Repository;
 use crate::wire::{BoxError, SendError};
@@ -49,8 +49,6 @@ const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 pub const MAX_TOKEN_LEN: usize = 32 * 1024;
 /// What the token cache may hold, keys and tokens together; past it the least used go.
 pub const MAX_TOKEN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-/// The longest a token response may take once its headers are in.
-const TOKEN_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `client_id` sent when exchanging an identity (refresh) token.
 const OAUTH_CLIENT_ID: &str = "pullcache";
 
@@ -369,7 +367,7 @@ impl Upstreams {
             .headers_mut()
             .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         check_target(request.uri(), endpoint.answers_reach).map_err(|e| err(TokenError::Target(e)))?;
-        let resp = crate::wire::send(endpoint.answers, request, UPSTREAM_HEADER_TIMEOUT)
+        let resp = crate::wire::send(endpoint.answers, request, self.header_timeout())
             .await
             .map_err(|e| match e {
                 SendError::Timeout(after) => err(TokenError::Timeout(after)),
@@ -393,14 +391,13 @@ impl Upstreams {
         if !status.is_success() {
             return Err(err(TokenError::Status(status)));
         }
-        let body = tokio::time::timeout(
-            TOKEN_BODY_TIMEOUT,
-            Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect(),
-        )
-        .await
-        .map_err(|_| err(TokenError::BodyTimeout(TOKEN_BODY_TIMEOUT)))?
-        .map_err(|e| err(TokenError::Read(e)))?
-        .to_bytes();
+        // A token response is small: the whole of it comes within the timeout.
+        let within = self.timeout();
+        let body = tokio::time::timeout(within, Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect())
+            .await
+            .map_err(|_| err(TokenError::BodyTimeout(within)))?
+            .map_err(|e| err(TokenError::Read(e)))?
+            .to_bytes();
         let (value, lifetime) = parse_token_response(&body).ok_or_else(|| err(TokenError::NoToken))?;
         self.tokens
             .put(&endpoint.authority, cache_scope, value.clone(), lifetime);

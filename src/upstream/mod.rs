@@ -38,6 +38,11 @@ pub use tls::load_certificates;
 const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 /// How long a registry may take to send response headers.
 const UPSTREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--upstream-timeout`'s default: see [`Settings::timeout`].
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest average a body may keep up over [`Settings::timeout`] (1 KiB/s): a registry
+/// that trickles a byte now and then never trips an idle timer, and holds its flight forever.
+pub const MIN_BODY_RATE: u64 = 1024;
 const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Redirects (to blob storage) followed for one request.
@@ -162,6 +167,10 @@ pub struct Settings {
     pub docker_config: DockerConfig,
     /// `serve --offline`: never contact an upstream.
     pub offline: bool,
+    /// `--upstream-timeout` (default [`DEFAULT_UPSTREAM_TIMEOUT`]): how long a registry may
+    /// send nothing (headers, within 30 s at most, or body), and the window over which a
+    /// body must average [`MIN_BODY_RATE`].
+    pub timeout: Option<Duration>,
 }
 
 /// The request `fetch` makes of `uri`, with `auth` when it goes to the endpoint itself.
@@ -232,6 +241,16 @@ impl Upstreams {
     /// Whether upstreams are never contacted (`serve --offline`).
     pub fn is_offline(&self) -> bool {
         self.settings.offline
+    }
+
+    /// See [`Settings::timeout`].
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT)
+    }
+
+    /// How long a registry (or token server) may take to send its response headers.
+    fn header_timeout(&self) -> Duration {
+        self.timeout().min(UPSTREAM_HEADER_TIMEOUT)
     }
 
     pub fn new(settings: Settings, metrics: Metrics) -> Upstreams {
@@ -384,7 +403,7 @@ impl Upstreams {
         headers
             .entry(USER_AGENT)
             .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
-        crate::wire::send(endpoint.client, request, UPSTREAM_HEADER_TIMEOUT)
+        crate::wire::send(endpoint.client, request, self.header_timeout())
             .await
             .map_err(|e| err(Failure::from(e).kind))
     }
@@ -548,7 +567,7 @@ impl Upstreams {
         request: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, Failure> {
         let sent = std::time::Instant::now();
-        let result = crate::wire::send(client, request, UPSTREAM_HEADER_TIMEOUT).await;
+        let result = crate::wire::send(client, request, self.header_timeout()).await;
         let registry_label = self.label(&req.registry);
         self.metrics
             .duration

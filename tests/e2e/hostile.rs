@@ -214,3 +214,55 @@ async fn a_token_lifetime_out_of_range_wedges_nothing() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A registry that trickles a blob (a few hundred bytes a second: never idle long enough for
+/// an idle timer) held its flight, and every client of that digest under its name, for as
+/// long as it liked. Now a body that averages under 1 KiB/s over `--upstream-timeout` fails
+/// like a broken one (resumed, then refused), and the digest is not wedged: an honest
+/// registry serving it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_fails_within_the_timeout() -> anyhow::Result<()> {
+    let blob = support::images::random_bytes(4 * 1024);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let trickle = FaultUpstream::start().await?;
+    // About 100 bytes every 300 ms: a third of 1 KiB/s, whole after 12 s.
+    trickle.set(
+        &path,
+        Reply::ok(blob.clone(), &[]).slowly(40, Duration::from_millis(300)),
+    );
+    let honest = FaultUpstream::start().await?;
+    honest.set(&path, Reply::ok(blob.clone(), &[]));
+    let cache = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(cache.path());
+    config.upstream.timeout = Some(Duration::from_secs(1));
+    for (name, url) in [("trickle.test", trickle.url()), ("honest.test", honest.url())] {
+        config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
+    }
+    let pullcache = Pullcache::start_with(config).await?;
+    let started = std::time::Instant::now();
+    let resp = support::http_client()
+        .get(format!("{}{path}?ns=trickle.test", pullcache.url()))
+        .send()
+        .await?;
+    // The headers may already be out (the blob streams as it comes); then the body breaks.
+    let failed = match resp.status().as_u16() {
+        200 => resp.bytes().await.is_err(),
+        status => status >= 500,
+    };
+    let took = started.elapsed();
+    assert!(failed, "the trickle was served whole");
+    assert!(
+        took < Duration::from_secs(9),
+        "took {took:?}: the trickle was waited out"
+    );
+    assert!(trickle.hits(&path) >= 2, "the slow body was resumed before it failed");
+    assert!(pullcache.stored_blobs().is_empty());
+    let resp = support::http_client()
+        .get(format!("{}{path}?ns=honest.test", pullcache.url()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sha256_digest(&resp.bytes().await?), digest);
+    Ok(())
+}
