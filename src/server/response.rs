@@ -158,7 +158,7 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
                     ..
                 },
             ..
-        }) => resp = resp.header(RETRY_AFTER, retry_after.clone()),
+        }) => resp = resp.header(RETRY_AFTER, retry_after.as_secs().to_string()),
         Error::Upstream(UpstreamError {
             kind: UpstreamErrorKind::RateLimited(seconds),
             ..
@@ -199,7 +199,7 @@ mod tests {
             kind: UpstreamErrorKind::Status {
                 status,
                 resource,
-                retry_after: Some(HeaderValue::from_static("7")),
+                retry_after: Some(std::time::Duration::from_secs(7)),
             },
         })
     }

@@ -117,7 +117,9 @@ pub enum UpstreamErrorKind {
     Status {
         status: StatusCode,
         resource: Resource,
-        retry_after: Option<HeaderValue>,
+        /// For a 429: how long this upstream stays closed, the registry's `Retry-After`
+        /// clamped (never its header as sent).
+        retry_after: Option<Duration>,
     },
     #[error("refused the configured credentials ({status})")]
     CredentialsRefused { status: StatusCode },
@@ -618,7 +620,7 @@ impl Upstreams {
                 UpstreamErrorKind::Status {
                     status,
                     resource: req.resource,
-                    retry_after: retry_after.cloned(),
+                    retry_after: Some(wait),
                 }
             }
             _ => UpstreamErrorKind::Status {
