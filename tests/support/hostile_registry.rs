@@ -226,7 +226,8 @@ impl Manifests {
         match behaviour {
             Behaviour::ManyLayers(count) => {
                 let layers: Vec<_> = (0..*count).map(layer).collect();
-                let body = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": victim.config(), "layers": layers});
+                let body =
+                    json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": victim.config(), "layers": layers});
                 let bytes = serde_json::to_vec(&body).expect("json");
                 m.add(OCI_MANIFEST, bytes.clone());
                 m.tag = Some((OCI_MANIFEST, bytes));
@@ -245,7 +246,9 @@ impl Manifests {
                 let claimed = json!({"mediaType": OCI_INDEX, "digest": claimed_digest(), "size": 4096});
                 let b = index(vec![claimed]);
                 let (b_size, b_digest) = (b.len(), m.add(OCI_INDEX, b));
-                let a = index(vec![json!({"mediaType": OCI_INDEX, "digest": b_digest, "size": b_size})]);
+                let a = index(vec![
+                    json!({"mediaType": OCI_INDEX, "digest": b_digest, "size": b_size}),
+                ]);
                 m.add(OCI_INDEX, a.clone());
                 m.by_digest.insert(claimed_digest(), (OCI_INDEX, a.clone()));
                 m.tag = Some((OCI_INDEX, a));
@@ -445,10 +448,7 @@ fn tainted(value: &str, byte: u8) -> Vec<u8> {
 
 /// An honest 200 of `body`.
 fn ok(media_type: &str, body: Vec<u8>, digest: Option<&str>) -> Answer {
-    let mut headers = vec![
-        ("Content-Type", text(media_type)),
-        ("Content-Length", text(body.len())),
-    ];
+    let mut headers = vec![("Content-Type", text(media_type)), ("Content-Length", text(body.len()))];
     if let Some(digest) = digest {
         headers.push(("Docker-Content-Digest", text(digest)));
     }
@@ -467,12 +467,18 @@ fn answer(state: &State, path: &str, auth: Option<&str>) -> Answer {
     }
     if let Some(rest) = path.strip_prefix("/bounce/") {
         let location = format!("http://{}/v2/{rest}", state.addr);
-        return Answer::Whole(head(307, &[("Location", text(location)), ("Content-Length", text(0))]), Vec::new());
+        return Answer::Whole(
+            head(307, &[("Location", text(location)), ("Content-Length", text(0))]),
+            Vec::new(),
+        );
     }
     if behaviour.wants_token() && auth != Some("Bearer hostile-token") {
         let challenge = format!(r#"Bearer realm="http://{}/token",service="hostile""#, state.addr);
         return Answer::Whole(
-            head(401, &[("WWW-Authenticate", text(challenge)), ("Content-Length", text(0))]),
+            head(
+                401,
+                &[("WWW-Authenticate", text(challenge)), ("Content-Length", text(0))],
+            ),
             Vec::new(),
         );
     }
@@ -544,15 +550,15 @@ fn manifest(state: &State, _repository: &str, reference: &str) -> Answer {
     let digest = sha256_digest(&bytes);
     match state.behaviour {
         Behaviour::OversizeManifest => {
-            let mut body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"x":""#.to_vec();
+            let mut body =
+                br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"x":""#
+                    .to_vec();
             body.resize(OVERSIZE_MANIFEST - 3, b'a');
             body.extend_from_slice(br#""}}"#);
             ok(OCI_MANIFEST, body, None)
         }
         Behaviour::EndlessManifest => Answer::Endless(head(200, &[("Content-Type", text(OCI_MANIFEST))])),
-        Behaviour::IndexCycle if reference == claimed_digest() => {
-            ok(OCI_INDEX, bytes, Some(&claimed_digest()))
-        }
+        Behaviour::IndexCycle if reference == claimed_digest() => ok(OCI_INDEX, bytes, Some(&claimed_digest())),
         Behaviour::ControlChar { header, byte } if header.resource() == Resource::Manifest => {
             control_char_manifest(state, header, byte, media_type, bytes, &digest)
         }
@@ -601,7 +607,10 @@ fn control_char_manifest(
             Answer::Whole(
                 head(
                     401,
-                    &[("WWW-Authenticate", tainted(&challenge, byte)), ("Content-Length", text(0))],
+                    &[
+                        ("WWW-Authenticate", tainted(&challenge, byte)),
+                        ("Content-Length", text(0)),
+                    ],
                 ),
                 Vec::new(),
             )
@@ -627,7 +636,10 @@ fn lying(behaviour: &Behaviour, media_type: &str, bytes: Vec<u8>, digest: &str) 
         Behaviour::Stall(_) => Answer::Stall(with_length(bytes.len())),
         _ => Answer::Trickle(head(
             200,
-            &[("Content-Type", text(media_type)), ("Docker-Content-Digest", text(digest))],
+            &[
+                ("Content-Type", text(media_type)),
+                ("Docker-Content-Digest", text(digest)),
+            ],
         )),
     }
 }
@@ -638,12 +650,18 @@ fn blob(state: &State, repository: &str, digest: &str) -> Answer {
     };
     let here = format!("http://{}/v2/{repository}/blobs/{digest}", state.addr);
     let redirect = |location: Vec<u8>| {
-        Answer::Whole(head(307, &[("Location", location), ("Content-Length", text(0))]), Vec::new())
+        Answer::Whole(
+            head(307, &[("Location", location), ("Content-Length", text(0))]),
+            Vec::new(),
+        )
     };
     let too_many = |retry_after: Vec<u8>| {
         let body = br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#.to_vec();
         Answer::Whole(
-            head(429, &[("Retry-After", retry_after), ("Content-Length", text(body.len()))]),
+            head(
+                429,
+                &[("Retry-After", retry_after), ("Content-Length", text(body.len()))],
+            ),
             body,
         )
     };
