@@ -27,6 +27,7 @@ mod fail_open;
 mod faults;
 mod herd;
 mod hostile;
+mod hostile_registry;
 mod http_api;
 mod intercept;
 mod observability;

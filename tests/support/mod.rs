@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod fault_upstream;
+pub mod hostile_registry;
 pub mod htpasswd;
 pub mod images;
 pub mod kube_api;
