@@ -27,12 +27,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 /// How long a hostile request may take to be answered when nothing in it is slow: every
 /// refusal here is decided on headers or on a bounded body, in well under a second.
 const BOUND: Duration = Duration::from_secs(30);
-/// How long a body that stalls may hold its request: pullcache gives up on an upstream body
-/// after 60 s without a byte (`UPSTREAM_BODY_IDLE`, `src/sources.rs`) and resumes it up to 3
-/// times (`MAX_RESUMES`), each resume at most 60 s more; 30 s of slack. Neither is
-/// configurable, so the tests of stalled and never-ending bodies take this long when they fail
-/// and about 4 minutes when they pass.
-const SLOW_BOUND: Duration = Duration::from_secs(60 * 4 + 30);
+/// `--upstream-timeout` of every node here: how long a registry may send nothing, and the
+/// window over which a body must average 1 KiB/s (default 60 s).
+const UPSTREAM_TIMEOUT: &str = "3s";
+/// How long a body that stalls or trickles may hold its request: pullcache gives up on it
+/// after one `--upstream-timeout` window and resumes it up to 3 times (`MAX_RESUMES`,
+/// `src/sources.rs`), each at most one window more; 20 s of slack.
+const SLOW_BOUND: Duration = Duration::from_secs(3 * 4 + 20);
 /// Resident memory the behaviours may add to the figure at rest. Every body pullcache reads
 /// is bounded (a token at 1 MiB, a manifest at 4 MiB, a blob's write queue at 4 MiB), and a
 /// few requests at once hold a few of each; 64 MiB is that with room for allocator slack,
@@ -94,6 +95,7 @@ impl Node {
         }
         let cache = tempfile::tempdir()?;
         args.extend(["--cache-dir".to_owned(), cache.path().display().to_string()]);
+        args.extend(["--upstream-timeout".to_owned(), UPSTREAM_TIMEOUT.to_owned()]);
         args.extend(extra.iter().cloned());
         let served = support::binary::serve(&args, "pullcache=info").await?;
         served.wait_ready().await?;
@@ -776,14 +778,11 @@ async fn content_lengths_that_lie() -> Result<()> {
     run("lying lengths", behaviours, &[]).await
 }
 
-/// Slow: see [`SLOW_BOUND`]. A stalled body is given up after 4 × 60 s (blob: the body is cut;
-/// manifest: 502).
-///
-/// FAILS ON A DEFECT (reported, issue 22): a body that trickles a byte every 200 ms is never
-/// given up, blob or manifest: `Stream::next` (`src/sources.rs`) times out only a body that
-/// sends nothing for `UPSTREAM_BODY_IDLE`, and nothing bounds a body's total time or rate, so
-/// the request (and its flight, its upstream connection, up to 4 MiB of manifest buffer)
-/// is held for as long as the registry likes.
+/// See [`SLOW_BOUND`]. A stalled or trickling body is given up after 4 windows (blob: the body
+/// is cut; manifest: 502). Before `--upstream-timeout`'s rate floor, a body that trickled a
+/// byte every 200 ms was never given up, blob or manifest: the request, its flight, its
+/// upstream connection and up to 4 MiB of manifest buffer were held as long as the registry
+/// liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_stall_or_never_end() -> Result<()> {
     let behaviours = [Resource::Blob, Resource::Manifest]
@@ -793,10 +792,9 @@ async fn bodies_that_stall_or_never_end() -> Result<()> {
     run("stalled and endless bodies", behaviours, &[]).await
 }
 
-/// FAILS ON A DEFECT (reported, issue 22): pullcache closes the registry for an hour at most,
-/// but its first 429 relays the registry's `Retry-After` as it came (`999999999`, a date in
-/// 2099), `src/server/response.rs` (`UpstreamErrorKind::Status { retry_after, .. }`), telling
-/// the client to wait 31 years or 73.
+/// pullcache closes the registry for an hour at most, and says so. Its first 429 used to relay
+/// the registry's `Retry-After` as it came (`999999999`, a date in 2099), telling the client
+/// to wait 31 years or 73.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_of_years() -> Result<()> {
     let behaviours = ["999999999", "Thu, 01 Jan 2099 00:00:00 GMT"]
@@ -842,8 +840,7 @@ async fn control_characters_in_every_header() -> Result<()> {
     run("control characters", control_chars(), &[]).await
 }
 
-/// Everything above against one node; the figure for BENCHMARKS.md. Fails on the defects of
-/// [`bodies_that_stall_or_never_end`] and [`retry_after_of_years`].
+/// Everything above against one node; the figure for BENCHMARKS.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_catalogue_against_one_node() -> Result<()> {
     run("hostile catalogue", catalogue(), &[]).await
