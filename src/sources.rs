@@ -315,13 +315,20 @@ impl Stream<'_> {
                 Ok(None) if self.size.is_some_and(|size| self.received < size) => BodyError::Short(self.received),
                 Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => BodyError::Read(e),
-                Ok(Some(Ok(frame))) => match self.take(frame) {
-                    Some(data) => {
-                        self.slow = self.too_slow(data.len() as u64);
-                        return Ok(Some(data));
+                Ok(Some(Ok(frame))) => {
+                    // Every byte counts towards the rate, skipped or not, and so does a frame
+                    // with none: a replay of what was already read, or empty frames, sent
+                    // slowly, must not hold the body open.
+                    let slow = self.too_slow(frame.data_ref().map_or(0, |d| d.len() as u64));
+                    match (self.take(frame), slow) {
+                        (Some(data), slow) => {
+                            self.slow = slow;
+                            return Ok(Some(data));
+                        }
+                        (None, None) => continue,
+                        (None, Some(slow)) => slow,
                     }
-                    None => continue,
-                },
+                }
             };
             self.resume(broken).await?;
             self.window = (tokio::time::Instant::now(), 0);

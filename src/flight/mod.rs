@@ -463,7 +463,18 @@ impl Download {
             p.visibility = Some(visibility);
             p.state = FlightState::Streaming;
         });
-        let (chunks, writer) = self.spawn_writer(temp);
+        // A blob too large for the store is passed through from the start; one whose size
+        // was not said is, once it passes that size.
+        let largest = self.store.largest_blob();
+        let temp = match size {
+            Some(size) if size > largest => {
+                tracing::info!(size, largest, "blob larger than the cache can keep; passing it through");
+                self.spill.begin(0);
+                None
+            }
+            _ => temp,
+        };
+        let (chunks, writer) = self.spawn_writer(temp, largest);
         let pumped = self.pump(&mut stream, &chunks).await;
         drop((chunks, stream));
         let sink = writer.await.map_err(InternalError::task("blob writer"))?;
@@ -501,7 +512,7 @@ impl Download {
     /// Starts the blocking thread that writes (and hashes) what the network task queues,
     /// into `temp` or, without one or once a write fails, into the spill window. It returns
     /// the sink when the queue closes.
-    fn spawn_writer(&self, temp: Option<TempBlob>) -> (WriteQueue, tokio::task::JoinHandle<Sink>) {
+    fn spawn_writer(&self, temp: Option<TempBlob>, largest: u64) -> (WriteQueue, tokio::task::JoinHandle<Sink>) {
         let (tx, mut queue) = mpsc::unbounded_channel();
         let chunks = WriteQueue {
             tx,
@@ -529,14 +540,14 @@ impl Download {
             // Each chunk's permit goes back to the queue's room once it is written.
             while let Some((chunk, _room)) = queue.blocking_recv() {
                 let since = sink.size();
-                sink = sink.write(chunk, &spill, &progress, &on_failure);
+                sink = sink.write(chunk, largest, &spill, &progress, &on_failure);
                 // Write more of what is already queued before waking readers, so a fast
                 // upstream does not cost one wake-up per small frame; but not much more,
                 // or the first bytes of a miss wait for it.
                 while sink.size() - since < WAKE_EVERY
                     && let Ok((chunk, _room)) = queue.try_recv()
                 {
-                    sink = sink.write(chunk, &spill, &progress, &on_failure);
+                    sink = sink.write(chunk, largest, &spill, &progress, &on_failure);
                 }
                 let written = sink.size();
                 progress.send_modify(|p| p.written = written);
@@ -605,25 +616,38 @@ impl Sink {
         }
     }
 
+    /// Writes `chunk` to the temp file, or, once a write fails or the blob would pass
+    /// `largest`, passes it through the spill window.
     fn write(
         self,
         chunk: Bytes,
+        largest: u64,
         spill: &Spill,
         progress: &watch::Sender<Progress>,
         on_failure: &dyn Fn(&crate::store::StoreError),
     ) -> Sink {
         let (mut hasher, mut size) = match self {
-            Sink::Disk(mut temp) => match temp.write(&chunk) {
-                Ok(()) => return Sink::Disk(temp),
-                Err(e) => {
-                    on_failure(&e);
-                    // The file keeps what was written before the failure; readers take the
-                    // rest from memory.
-                    let (hasher, size) = temp.into_hash();
-                    spill.begin(size);
-                    (hasher, size)
+            Sink::Disk(mut temp) => {
+                let written = if temp.size().saturating_add(chunk.len() as u64) > largest {
+                    tracing::info!(largest, "blob larger than the cache can keep; passing the rest through");
+                    Err(None)
+                } else {
+                    temp.write(&chunk).map_err(Some)
+                };
+                match written {
+                    Ok(()) => return Sink::Disk(temp),
+                    Err(e) => {
+                        if let Some(e) = e {
+                            on_failure(&e);
+                        }
+                        // The file keeps what was written before; readers take the rest from
+                        // memory.
+                        let (hasher, size) = temp.into_hash();
+                        spill.begin(size);
+                        (hasher, size)
+                    }
                 }
-            },
+            }
             Sink::Memory { hasher, size } => (hasher, size),
         };
         hasher.update(&chunk);

@@ -161,6 +161,26 @@ impl Store {
         ))
     }
 
+    /// The largest blob the store takes. One past it could be kept only by evicting all the
+    /// rest, or not at all: it is passed through and verified, never written, and evicts
+    /// nothing. The low watermark of the size budget, and of what the filesystem leaves the
+    /// cache above its free-space floor (its own blobs included).
+    pub fn largest_blob(&self) -> u64 {
+        let by_size = self
+            .budget
+            .max_size
+            .map_or(u64::MAX, |max| (max as f64 * LOW_WATERMARK) as u64);
+        let by_space = match self.filesystem_space() {
+            Some((free, total)) => {
+                let (used, _) = self.usage();
+                let room = (free.saturating_add(used)).saturating_sub(self.budget.min_free.bytes(total));
+                (room as f64 * LOW_WATERMARK) as u64
+            }
+            None => u64::MAX,
+        };
+        by_size.min(by_space)
+    }
+
     /// Free bytes for an unprivileged writer on the store's filesystem.
     pub fn filesystem_free(&self) -> Option<u64> {
         self.filesystem_space().map(|(free, _)| free)

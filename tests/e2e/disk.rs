@@ -11,7 +11,7 @@ use pullcache::store::MinFree;
 use sha2::{Digest as _, Sha256};
 use support::containerd::{Containerd, write_hosts_toml};
 use support::fault_upstream::{FaultUpstream, Reply};
-use support::images::{push_blob, push_oci_image, random_bytes, sha256_digest};
+use support::images::{push_oci_image, random_bytes, sha256_digest};
 use support::pullcache::{Pullcache, corrupt_blobs, stored_bytes};
 use support::registry::Registry;
 use support::tmpfs::Tmpfs;
@@ -110,14 +110,27 @@ async fn pulls_past_the_budget_keep_the_store_under_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Another writer fills the filesystem while a blob downloads (one larger than the disk from
+/// the start is never written at all: `hostile::a_blob_larger_than_the_cache_…`): the write
+/// fails, the rest passes through from memory, and the client gets every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_passes_the_blob_through_whole_and_stores_nothing() -> anyhow::Result<()> {
     let disk = Tmpfs::mount("8m")?;
-    let upstream = Registry::start().await?;
-    let big = random_bytes(24 * MIB);
-    let big_digest = push_blob(&upstream.url(), "team/big", big.clone()).await?;
+    let upstream = FaultUpstream::start().await?;
+    let big = random_bytes(6 * MIB);
+    let big_digest = sha256_digest(&big);
+    let path = format!("/v2/team/big/blobs/{big_digest}");
+    // 12 chunks 150 ms apart: the filler below lands while it streams.
+    upstream.set(
+        &path,
+        Reply::ok(big.clone(), &[]).slowly(12, Duration::from_millis(150)),
+    );
     let small = random_bytes(MIB);
-    let small_digest = push_blob(&upstream.url(), "team/big", small.clone()).await?;
+    let small_digest = sha256_digest(&small);
+    upstream.set(
+        &format!("/v2/team/big/blobs/{small_digest}"),
+        Reply::ok(small.clone(), &[]),
+    );
 
     let mut config = config(disk.path(), &upstream.url())?;
     config.budget.min_free = MinFree::Bytes(0);
@@ -126,15 +139,22 @@ async fn a_full_disk_passes_the_blob_through_whole_and_stores_nothing() -> anyho
 
     let resp = support::http_client().get(url(&big_digest)).send().await?;
     assert_eq!(resp.status(), 200);
+    // Fill what is left of the filesystem, as another writer on the node would.
+    let filler = disk.path().join("filler");
+    let mut file = std::fs::File::create(&filler)?;
+    let chunk = vec![0u8; 256 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
     let body = resp.bytes().await?;
     assert_eq!(body.len(), big.len(), "short body");
     assert_eq!(digest_of(&body), big_digest, "wrong bytes");
-    assert_eq!(upstream.access_log_count("GET", &big_digest), 1);
+    assert_eq!(upstream.hits(&path), 1);
     assert!(
         !pullcache.stored_blobs().contains(&big_digest),
         "a blob larger than the disk was committed"
     );
     assert!(corrupt_blobs(disk.path()).is_empty());
+    pullcache.idle().await?;
     assert_eq!(pullcache.temp_files(), 0, "a partial file was left behind");
     let metrics = pullcache.metrics().await?;
     assert!(
@@ -142,7 +162,8 @@ async fn a_full_disk_passes_the_blob_through_whole_and_stores_nothing() -> anyho
         "write failure not counted:\n{metrics}"
     );
 
-    // With the pass-through over, its space is free again and a blob that fits is cached.
+    // With the filler gone and the pass-through over, a blob that fits is cached.
+    std::fs::remove_file(&filler)?;
     let resp = support::http_client().get(url(&small_digest)).send().await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(digest_of(&resp.bytes().await?), small_digest);

@@ -266,3 +266,115 @@ async fn a_trickling_body_fails_within_the_timeout() -> anyhow::Result<()> {
     assert_eq!(sha256_digest(&resp.bytes().await?), digest);
     Ok(())
 }
+
+/// A registry that breaks a blob off half-way, then answers the resume with the whole body
+/// from the start (as servers that ignore `Range` do) and replays the half already read at
+/// under 1 KiB/s. Skipped bytes once restarted the idle timer and never counted towards the
+/// rate, so the replay held the flight for as long as it took (a large prefix: days). Now
+/// the replay counts: the fetch fails within a few windows, nothing is stored, and the digest
+/// is served from an honest registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replay_of_a_resumed_body_fails_within_the_timeout() -> anyhow::Result<()> {
+    let blob = support::images::random_bytes(64 * 1024);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let replay = FaultUpstream::start().await?;
+    // The first answer breaks after 32 KiB; every later one is 200 from the start, 100 bytes
+    // every 200 ms (half of 1 KiB/s): the 32 KiB already read take 64 s to come again.
+    let reply = Reply::ok(blob.clone(), &[])
+        .drop_after(32 * 1024)
+        .ignoring_range()
+        .slowly_after_first(640, Duration::from_millis(200));
+    replay.set(&path, reply);
+    let honest = FaultUpstream::start().await?;
+    honest.set(&path, Reply::ok(blob.clone(), &[]));
+    let cache = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(cache.path());
+    config.upstream.timeout = Some(Duration::from_secs(1));
+    for (name, url) in [("replay.test", replay.url()), ("honest.test", honest.url())] {
+        config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
+    }
+    let pullcache = Pullcache::start_with(config).await?;
+    let started = std::time::Instant::now();
+    let resp = support::http_client()
+        .get(format!("{}{path}?ns=replay.test", pullcache.url()))
+        .send()
+        .await?;
+    let failed = match resp.status().as_u16() {
+        200 => resp.bytes().await.is_err(),
+        status => status >= 500,
+    };
+    let took = started.elapsed();
+    assert!(failed, "the replay was served whole");
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}: the replay was waited out"
+    );
+    assert!(replay.hits(&path) >= 2, "the body was resumed");
+    pullcache.idle().await?;
+    assert!(pullcache.stored_blobs().is_empty());
+    let resp = support::http_client()
+        .get(format!("{}{path}?ns=honest.test", pullcache.url()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sha256_digest(&resp.bytes().await?), digest);
+    Ok(())
+}
+
+/// A blob larger than the cache can keep, said so by its `Content-Length` or found so as a
+/// chunked body goes past it: it is passed through and verified, the client gets every byte,
+/// and nothing is stored or evicted. Before, the chunked one was written to disk without a
+/// limit (an endless body filled the node's disk), and either, committed, evicted the whole
+/// cache and then itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_larger_than_the_cache_passes_through_and_evicts_nothing() -> anyhow::Result<()> {
+    let kept = support::images::random_bytes(64 * 1024);
+    let large = support::images::random_bytes(3 * 1024 * 1024);
+    let (kept_digest, large_digest) = (sha256_digest(&kept), sha256_digest(&large));
+    let upstream = FaultUpstream::start().await?;
+    upstream.set(
+        &format!("/v2/team/app/blobs/{kept_digest}"),
+        Reply::ok(kept.clone(), &[]),
+    );
+    upstream.set(
+        &format!("/v2/team/sized/blobs/{large_digest}"),
+        Reply::ok(large.clone(), &[]),
+    );
+    upstream.set(
+        &format!("/v2/team/chunked/blobs/{large_digest}"),
+        Reply::ok(large.clone(), &[])
+            .without_length()
+            .slowly(48, Duration::ZERO),
+    );
+    let cache = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(cache.path());
+    config.budget.max_size = Some(1024 * 1024);
+    config.registry(pullcache::oci::Registry::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+    let pullcache = Pullcache::start_with(config).await?;
+    let get = |repo: &str, digest: &str| {
+        let url = format!("{}/v2/team/{repo}/blobs/{digest}?ns={REGISTRY}", pullcache.url());
+        async move {
+            let resp = support::http_client().get(url).send().await?;
+            anyhow::Ok((resp.status().as_u16(), resp.bytes().await?))
+        }
+    };
+    let (status, body) = get("app", &kept_digest).await?;
+    assert_eq!((status, sha256_digest(&body)), (200, kept_digest.clone()));
+    pullcache.idle().await?;
+    assert_eq!(pullcache.stored_blobs().len(), 1);
+    for repo in ["sized", "chunked"] {
+        let (status, body) = get(repo, &large_digest).await?;
+        assert_eq!(status, 200, "{repo}");
+        assert_eq!(sha256_digest(&body), large_digest, "{repo}");
+        pullcache.idle().await?;
+        let stored = pullcache.stored_blobs();
+        assert_eq!(stored.len(), 1, "{repo}: {stored:?}");
+        assert!(
+            stored[0].ends_with(kept_digest.trim_start_matches("sha256:")),
+            "{repo}: {stored:?}"
+        );
+        assert_eq!(pullcache.temp_files(), 0, "{repo}");
+    }
+    Ok(())
+}

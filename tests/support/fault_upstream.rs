@@ -34,6 +34,8 @@ pub struct Reply {
     pub reject_authorization: bool,
     /// Whether the answer says its `Content-Length` (otherwise it goes out chunked).
     pub sized: bool,
+    /// The first request's body goes out at once; only later ones wait `chunk_delay`.
+    pub first_fast: bool,
 }
 
 impl Reply {
@@ -49,6 +51,7 @@ impl Reply {
             honor_range: true,
             reject_authorization: false,
             sized: true,
+            first_fast: false,
         }
     }
 
@@ -90,6 +93,14 @@ impl Reply {
         self.chunks = chunks.max(1);
         self.chunk_delay = chunk_delay;
         self
+    }
+
+    /// [`Reply::slowly`], but for the first request, whose body goes at once.
+    pub fn slowly_after_first(self, chunks: usize, chunk_delay: Duration) -> Reply {
+        Reply {
+            first_fast: true,
+            ..self.slowly(chunks, chunk_delay)
+        }
     }
 }
 
@@ -330,7 +341,11 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
     if broken && !head {
         frames.push(Err(std::io::Error::other("connection dropped on purpose")));
     }
-    let delay = reply.chunk_delay;
+    let delay = if reply.first_fast && first_hit {
+        Duration::ZERO
+    } else {
+        reply.chunk_delay
+    };
     let stream = futures_util::stream::iter(frames.into_iter().enumerate())
         .then(move |(i, frame)| async move {
             if i > 0 {
