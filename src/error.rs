@@ -60,6 +60,10 @@ pub enum InternalError {
     /// A blob download's task ended without publishing how.
     #[error("flight ended without a result")]
     FlightLost,
+    /// A download passing a blob through (nothing of it would be stored) lost its last
+    /// reader, and stopped rather than read on for no one.
+    #[error("pass-through download stopped: no one reads it any more")]
+    Unread,
     /// A task panicked; what it was doing failed, and nothing else.
     #[error("{task} panicked: {message}")]
     Panicked { task: &'static str, message: String },

@@ -126,7 +126,7 @@ impl Chain {
             received: 0,
             skip: 0,
             resumes: 0,
-            window: (tokio::time::Instant::now(), 0),
+            window: (Duration::ZERO, 0),
             slow: None,
         })
     }
@@ -242,6 +242,10 @@ pub enum BodyError {
     Idle(Duration),
     #[error("{bytes} bytes in {window:?}, under {MIN_BODY_RATE} bytes/s")]
     Slow { bytes: u64, window: Duration },
+    #[error("body goes past its announced {0} bytes")]
+    Long(u64),
+    #[error("resume answered {answered} bytes, wanted {wanted}")]
+    ResumeLength { wanted: u64, answered: u64 },
     #[error("body ended at {0} bytes")]
     Short(u64),
     #[error("reading the body")]
@@ -270,8 +274,9 @@ pub struct Stream<'a> {
     skip: u64,
     resumes: u32,
     counter: IntCounter,
-    /// When the current rate window opened, and the bytes received in it.
-    window: (tokio::time::Instant, u64),
+    /// The time spent waiting for the source in the current rate window (not the time the
+    /// flight's own readers held it up), and the bytes received in it.
+    window: (Duration, u64),
     /// The body proved too slow with the bytes last returned: it is resumed before the next.
     slow: Option<BodyError>,
 }
@@ -308,9 +313,12 @@ impl Stream<'_> {
                     return Ok(None);
                 }
                 self.resume(slow).await?;
-                self.window = (tokio::time::Instant::now(), 0);
+                self.window = (Duration::ZERO, 0);
             }
-            let broken = match tokio::time::timeout(self.chain.idle_timeout(), self.body.frame()).await {
+            let waiting = tokio::time::Instant::now();
+            let frame = tokio::time::timeout(self.chain.idle_timeout(), self.body.frame()).await;
+            self.window.0 += waiting.elapsed();
+            let broken = match frame {
                 Err(_) => BodyError::Idle(self.chain.idle_timeout()),
                 Ok(None) if self.size.is_some_and(|size| self.received < size) => BodyError::Short(self.received),
                 Ok(None) => return Ok(None),
@@ -320,7 +328,7 @@ impl Stream<'_> {
                     // with none: a replay of what was already read, or empty frames, sent
                     // slowly, must not hold the body open.
                     let slow = self.too_slow(frame.data_ref().map_or(0, |d| d.len() as u64));
-                    match (self.take(frame), slow) {
+                    match (self.take(frame)?, slow) {
                         (Some(data), slow) => {
                             self.slow = slow;
                             return Ok(Some(data));
@@ -331,26 +339,25 @@ impl Stream<'_> {
                 }
             };
             self.resume(broken).await?;
-            self.window = (tokio::time::Instant::now(), 0);
+            self.window = (Duration::ZERO, 0);
         }
     }
 
     /// Counts `bytes` into the rate window; once the window has run its length, a body that
     /// averaged under [`MIN_BODY_RATE`] in it has failed.
     fn too_slow(&mut self, bytes: u64) -> Option<BodyError> {
-        let window = self.chain.idle_timeout();
-        let (opened, received) = &mut self.window;
+        let (waited, received) = &mut self.window;
         *received += bytes;
-        let elapsed = opened.elapsed();
-        if elapsed < window {
+        if *waited < self.chain.idle_timeout() {
             return None;
         }
-        let slow = *received < MIN_BODY_RATE.saturating_mul(elapsed.as_secs());
+        let floor = u128::from(MIN_BODY_RATE) * waited.as_millis();
+        let slow = u128::from(*received) * 1000 < floor;
         let result = slow.then_some(BodyError::Slow {
             bytes: *received,
-            window: elapsed,
+            window: *waited,
         });
-        self.window = (tokio::time::Instant::now(), 0);
+        self.window = (Duration::ZERO, 0);
         result
     }
 
@@ -366,18 +373,26 @@ impl Stream<'_> {
         Ok(bytes.into())
     }
 
-    /// A frame's data past what is to be skipped, counted where it came from.
-    fn take(&mut self, frame: hyper::body::Frame<Bytes>) -> Option<Bytes> {
-        let mut data = frame.into_data().ok()?;
+    /// A frame's data past what is to be skipped, counted where it came from. Bytes past the
+    /// announced size (a resume answered with a longer body) fail the fetch.
+    fn take(&mut self, frame: hyper::body::Frame<Bytes>) -> Result<Option<Bytes>> {
+        let Ok(mut data) = frame.into_data() else {
+            return Ok(None);
+        };
         let skipped = self.skip.min(data.len() as u64);
         data.advance(skipped as usize);
         self.skip -= skipped;
         if data.is_empty() {
-            return None;
+            return Ok(None);
+        }
+        if let Some(size) = self.size
+            && self.received + data.len() as u64 > size
+        {
+            return Err(self.chain.error(UpstreamErrorKind::Body(BodyError::Long(size).into())));
         }
         self.received += data.len() as u64;
         self.counter.inc_by(data.len() as u64);
-        Some(data)
+        Ok(Some(data))
     }
 
     /// Goes on from where the body broke, at the next source (when a peer broke it) or at
@@ -414,6 +429,15 @@ impl Stream<'_> {
         } else {
             // The source ignored the range: drop what was already read.
             self.skip = from;
+        }
+        // An answer that says a length must say the one the body was announced with.
+        let wanted = self.size.map(|size| size - from + self.skip);
+        if let (Some(wanted), Some(answered)) = (wanted, content_length(resp.headers()))
+            && wanted != answered
+        {
+            return Err(self.chain.error(UpstreamErrorKind::Body(
+                BodyError::ResumeLength { wanted, answered }.into(),
+            )));
         }
         self.body = resp.into_body();
         Ok(())
@@ -453,6 +477,9 @@ mod tests {
         NotFound,
         /// The announced size of other bytes.
         Wrong,
+        /// A resume answered 206 from the offset asked, with 1,000 bytes more than the blob
+        /// has: saying so in its `Content-Length` (`true`) or not (chunked).
+        Longer(bool),
     }
 
     /// A source on 127.0.0.1 (TLS with `tls`, as a peer) that records `METHOD range` of each
@@ -525,6 +552,15 @@ mod tests {
                 frames.push(Err(std::io::Error::other("cut off")));
             }
             Serve::NotFound => resp = resp.status(StatusCode::NOT_FOUND),
+            Serve::Longer(said) => {
+                let range = format!("bytes {from}-{}/{}", blob.len() - 1, blob.len());
+                resp = resp.status(StatusCode::PARTIAL_CONTENT).header(CONTENT_RANGE, range);
+                if said {
+                    resp = resp.header(CONTENT_LENGTH, blob.len() - from + 1000);
+                }
+                frames.push(Ok(Frame::data(blob.slice(from..))));
+                frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; 1000]))));
+            }
             Serve::Wrong => {
                 resp = resp.header(CONTENT_LENGTH, blob.len());
                 frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; blob.len()]))));
@@ -691,5 +727,20 @@ mod tests {
         assert!(chain.open().await.is_ok());
         assert_eq!(cluster.upstream.seen().len(), 2);
         assert_eq!(cluster.first.seen().len() + cluster.second.seen().len(), 1);
+    }
+
+    /// A resume answered with more bytes than the blob was announced with, said in its
+    /// `Content-Length` or not, fails the fetch: before, the extra bytes were read on (an
+    /// endless resume, for as long as the source liked).
+    #[tokio::test]
+    async fn a_resume_longer_than_the_blob_fails() {
+        for (said, want) in [(true, "resume answered"), (false, "past its announced")] {
+            let cluster = cluster(Serve::HalfThenCut, Serve::Longer(said)).await;
+            let mut chain = cluster.sources.chain(cluster.fetch(Method::GET), Asker::Client);
+            let e = read_all(&mut chain).await.unwrap_err();
+            let chain_text = crate::wire::error_chain(&e);
+            assert!(chain_text.contains(want), "{said}: {chain_text}");
+            assert_eq!(cluster.second.seen(), [format!("GET bytes={HALF}-")]);
+        }
     }
 }

@@ -168,16 +168,56 @@ impl Flight {
     }
 
     /// A reader of bytes `start..end` (`end` unknown: to the end of the blob) that follows the
-    /// download.
-    pub fn tail(&self, start: u64, end: Option<u64>) -> Tail {
-        Tail::following(self.file.clone(), self.spill.clone(), start, end, self.progress.clone())
+    /// download, in the place `seat` kept for it.
+    pub fn tail(&self, seat: Seat, start: u64, end: Option<u64>) -> Tail {
+        Tail::following(self.file.clone(), seat.take(start), start, end, self.progress.clone())
+    }
+
+    /// A place among the flight's readers from its first byte, kept from when a client starts
+    /// or joins the flight until its [`Flight::tail`] reads (or it goes away): a pass-through
+    /// window drops nothing a client that has not started reading yet will need.
+    fn seat(&self) -> Seat {
+        Seat {
+            spill: Some((self.spill.clone(), self.spill.register(0))),
+        }
     }
 }
 
-/// What serves a blob: the store (with its provenance's visibility), or a flight.
+/// A client's place among a flight's readers, from its first byte, kept from when the client
+/// starts or joins the flight until its [`Flight::tail`] reads (or it goes away).
+pub struct Seat {
+    spill: Option<(Arc<Spill>, u64)>,
+}
+
+impl Seat {
+    /// The place, moved to `start`, for a [`Tail`] to hold.
+    fn take(mut self, start: u64) -> (Arc<Spill>, u64) {
+        let (spill, id) = self.spill.take().expect("a seat is taken once");
+        spill.advance(id, start);
+        (spill, id)
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if let Some((spill, id)) = self.spill.take() {
+            spill.unregister(id);
+        }
+    }
+}
+
+/// What serves a blob: the store (with its provenance's visibility), or a flight, with the
+/// client's seat in it.
 pub enum BlobSource {
-    Stored { blob: Blob, visibility: Visibility },
-    Flight { flight: Arc<Flight>, joined: bool },
+    Stored {
+        blob: Blob,
+        visibility: Visibility,
+    },
+    Flight {
+        flight: Arc<Flight>,
+        joined: bool,
+        seat: Seat,
+    },
 }
 
 /// A flight's key: the digest, where it is fetched from, and whose credential fetches it (a
@@ -241,10 +281,8 @@ impl Flights {
         let active = self.active.locked();
         Ok(active
             .get(&(digest.clone(), access.location.clone(), kind))
-            .map(|flight| BlobSource::Flight {
-                flight: flight.clone(),
-                joined: true,
-            }))
+            .filter(|flight| !flight.spill.lost_bytes())
+            .map(join))
     }
 
     /// The stored blob, a running flight to join, or a new flight fetching it from the
@@ -279,8 +317,14 @@ impl Flights {
             if shared {
                 active.insert(key, flight.clone());
             }
+            // Seated before the download starts, so not one byte passes before it.
+            let seat = flight.seat();
             self.launch(download, temp, flight.clone());
-            return Ok(BlobSource::Flight { flight, joined: false });
+            return Ok(BlobSource::Flight {
+                flight,
+                joined: false,
+                seat,
+            });
         }
     }
 
@@ -402,6 +446,7 @@ fn join(flight: &Arc<Flight>) -> BlobSource {
     BlobSource::Flight {
         flight: flight.clone(),
         joined: true,
+        seat: flight.seat(),
     }
 }
 
@@ -504,6 +549,9 @@ impl Download {
             }
             if chunks.send(data).await.is_err() {
                 break;
+            }
+            if self.spill.unread() {
+                return Err(InternalError::Unread.into());
             }
         }
         Ok(())
@@ -700,6 +748,59 @@ mod tests {
 
     /// A download that panics lands as failed: its reader gets the error, and the digest is
     /// not wedged (the flight leaves `active`, so the next request starts afresh).
+    /// A flight that passes its blob through from the first byte (too large to keep) drops
+    /// from memory what no reader needs. A client's seat is taken when it starts or joins the
+    /// flight, before it has read a thing: the bytes that arrive meanwhile wait for it. A
+    /// reader that only arrived once they were there (as every client did before seats,
+    /// after its headers and its access check) has lost them.
+    #[tokio::test]
+    async fn a_seat_keeps_the_bytes_for_a_client_that_has_not_read_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let upstreams = Arc::new(crate::upstream::Upstreams::new(
+            crate::upstream::Settings::default(),
+            crate::upstream::Metrics::register(&registry).unwrap(),
+        ));
+        let flights = Flights::new(
+            Arc::new(Store::open(dir.path()).unwrap()),
+            Arc::new(Sources::new(upstreams, None)),
+            Metrics::register(&registry).unwrap(),
+        );
+        let location = Location::new(
+            &crate::oci::Registry::docker_hub(),
+            &crate::oci::Repository::parse("library/x").unwrap(),
+        );
+        let grant = Grant {
+            credential: crate::fetch::Credential::Own,
+            clearance: None,
+        };
+        // Two flights passing their bytes through; a reader seated before the bytes come, or
+        // only after.
+        for seated_first in [true, false] {
+            let key = (
+                Digest::of(&[u8::from(seated_first)]),
+                location.clone(),
+                CredentialKind::Own,
+            );
+            let (flight, download, _temp) = flights.prepare(&key, Asker::Client, grant.clone()).unwrap();
+            let early = seated_first.then(|| flight.seat());
+            download.spill.begin(0);
+            download.spill.append(Bytes::from_static(b"first bytes"));
+            download.progress.send_modify(|p| {
+                p.written = 11;
+                p.state = FlightState::Streaming;
+            });
+            let seat = early.unwrap_or_else(|| flight.seat());
+            let mut tail = flight.tail(seat, 0, Some(11));
+            match (seated_first, tail.next_chunk(1024).await) {
+                (true, Some(Ok(tail::Chunk::Memory(bytes)))) => assert_eq!(bytes, Bytes::from_static(b"first byte")),
+                (true, _) => panic!("the seated reader lost the bytes that came before it read"),
+                (false, Some(Err(_))) => {}
+                (false, _) => panic!("a reader seated after the bytes went read them"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_download_that_panics_lands_as_failed() {
         let dir = tempfile::tempdir().unwrap();

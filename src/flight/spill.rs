@@ -101,6 +101,13 @@ impl Spill {
         self.lock().disk_len
     }
 
+    /// Whether the flight passes its bytes through and has no reader left: nobody would get
+    /// what it reads on, and nothing of it would be stored.
+    pub fn unread(&self) -> bool {
+        let state = self.lock();
+        state.disk_len.is_some() && state.readers.is_empty()
+    }
+
     /// Whether a reader joining now from the start could miss bytes.
     pub fn lost_bytes(&self) -> bool {
         let state = self.lock();

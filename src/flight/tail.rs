@@ -162,14 +162,15 @@ impl Tail {
         }
     }
 
+    /// A reader in the `seat` (a spill and a reader id in it, already at `start`).
     pub(super) fn following(
         file: Option<Arc<File>>,
-        spill: Arc<Spill>,
+        seat: (Arc<Spill>, u64),
         start: u64,
         end: Option<u64>,
         progress: watch::Receiver<Progress>,
     ) -> Tail {
-        let id = spill.register(start);
+        let (spill, id) = seat;
         Tail {
             file,
             pos: start,
@@ -288,7 +289,9 @@ mod tests {
             peer: None,
             visibility: None,
         });
-        let mut tail = Tail::following(Some(file), Arc::default(), 0, Some(6), rx);
+        let spill = Arc::new(Spill::default());
+        let id = spill.register(0);
+        let mut tail = Tail::following(Some(file), (spill, id), 0, Some(6), rx);
         assert_eq!(&next_bytes(&mut tail).await.unwrap().unwrap()[..], b"abcde");
         let pending = tokio::spawn(async move { (next_bytes(&mut tail).await, tail) });
         tokio::task::yield_now().await;
@@ -309,7 +312,9 @@ mod tests {
             peer: None,
             visibility: None,
         });
-        let mut tail = Tail::following(Some(file), Arc::default(), 0, None, rx);
+        let spill = Arc::new(Spill::default());
+        let id = spill.register(0);
+        let mut tail = Tail::following(Some(file), (spill, id), 0, None, rx);
         let pending = tokio::spawn(async move { next_bytes(&mut tail).await });
         tx.send_modify(|p| p.state = FlightState::Failed(Arc::new(crate::error::InternalError::FlightLost.into())));
         assert!(pending.await.unwrap().unwrap().is_err());

@@ -47,7 +47,7 @@ pub async fn serve(
             let resp = told(respond(digest, Some(size), span, body), visibility);
             Ok(Outcome::new(resp, CacheResult::Hit))
         }
-        BlobSource::Flight { flight, joined } => {
+        BlobSource::Flight { flight, joined, seat } => {
             let size = flight.headers().await?;
             // Not one byte before the answer's provenance lets this requester in.
             let provenance = flight.provenance();
@@ -66,7 +66,7 @@ pub async fn serve(
             let body = if head {
                 response::empty()
             } else {
-                response::tail(flight.tail(start, end), sendfile())
+                response::tail(flight.tail(seat, start, end), sendfile())
             };
             let cache = if joined {
                 CacheResult::Coalesced

@@ -326,11 +326,14 @@ async fn a_slow_replay_of_a_resumed_body_fails_within_the_timeout() -> anyhow::R
 /// chunked body goes past it: it is passed through and verified, the client gets every byte,
 /// and nothing is stored or evicted. Before, the chunked one was written to disk without a
 /// limit (an endless body filled the node's disk), and either, committed, evicted the whole
-/// cache and then itself.
+/// cache and then itself. The blob is larger than the pass-through window (16 MiB) and comes
+/// fast, three times each: the client's place in the window is kept from the moment it
+/// starts the download, so no byte passes before it reads (an attack review found the first
+/// client of such a blob usually got an empty body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_larger_than_the_cache_passes_through_and_evicts_nothing() -> anyhow::Result<()> {
     let kept = support::images::random_bytes(64 * 1024);
-    let large = support::images::random_bytes(3 * 1024 * 1024);
+    let large = support::images::random_bytes(24 * 1024 * 1024);
     let (kept_digest, large_digest) = (sha256_digest(&kept), sha256_digest(&large));
     let upstream = FaultUpstream::start().await?;
     upstream.set(
@@ -339,13 +342,13 @@ async fn a_blob_larger_than_the_cache_passes_through_and_evicts_nothing() -> any
     );
     upstream.set(
         &format!("/v2/team/sized/blobs/{large_digest}"),
-        Reply::ok(large.clone(), &[]),
+        Reply::ok(large.clone(), &[]).slowly(96, Duration::ZERO),
     );
     upstream.set(
         &format!("/v2/team/chunked/blobs/{large_digest}"),
         Reply::ok(large.clone(), &[])
             .without_length()
-            .slowly(48, Duration::ZERO),
+            .slowly(96, Duration::ZERO),
     );
     let cache = tempfile::tempdir()?;
     let mut config = support::pullcache::config(cache.path());
@@ -364,17 +367,56 @@ async fn a_blob_larger_than_the_cache_passes_through_and_evicts_nothing() -> any
     pullcache.idle().await?;
     assert_eq!(pullcache.stored_blobs().len(), 1);
     for repo in ["sized", "chunked"] {
-        let (status, body) = get(repo, &large_digest).await?;
-        assert_eq!(status, 200, "{repo}");
-        assert_eq!(sha256_digest(&body), large_digest, "{repo}");
-        pullcache.idle().await?;
-        let stored = pullcache.stored_blobs();
-        assert_eq!(stored.len(), 1, "{repo}: {stored:?}");
-        assert!(
-            stored[0].ends_with(kept_digest.trim_start_matches("sha256:")),
-            "{repo}: {stored:?}"
-        );
-        assert_eq!(pullcache.temp_files(), 0, "{repo}");
+        for attempt in 0..3 {
+            let (status, body) = get(repo, &large_digest).await?;
+            assert_eq!(status, 200, "{repo} #{attempt}");
+            assert_eq!(body.len(), large.len(), "{repo} #{attempt}");
+            assert_eq!(sha256_digest(&body), large_digest, "{repo} #{attempt}");
+            pullcache.idle().await?;
+            let stored = pullcache.stored_blobs();
+            assert_eq!(stored.len(), 1, "{repo}: {stored:?}");
+            assert!(
+                stored[0].ends_with(kept_digest.trim_start_matches("sha256:")),
+                "{repo}: {stored:?}"
+            );
+            assert_eq!(pullcache.temp_files(), 0, "{repo}");
+        }
     }
+    Ok(())
+}
+
+/// A download passing a blob through (too large to keep) whose every client has gone stops:
+/// nothing of it would be stored and nobody reads it. Before, an endless body was read on
+/// at line rate for as long as the registry sent it, one such download per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_nobody_reads_stops() -> anyhow::Result<()> {
+    let large = support::images::random_bytes(8 * 1024 * 1024);
+    let digest = sha256_digest(&large);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let upstream = FaultUpstream::start().await?;
+    // 64 chunks 100 ms apart: 6.4 s to send it all.
+    upstream.set(
+        &path,
+        Reply::ok(large.clone(), &[]).slowly(64, Duration::from_millis(100)),
+    );
+    let cache = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(cache.path());
+    config.budget.max_size = Some(1024 * 1024);
+    config.registry(pullcache::oci::Registry::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+    let pullcache = Pullcache::start_with(config).await?;
+    let mut resp = support::http_client()
+        .get(format!("{}{path}?ns={REGISTRY}", pullcache.url()))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await?.is_some());
+    let left = std::time::Instant::now();
+    drop(resp);
+    support::eventually(Duration::from_secs(3), "the unread pass-through to stop", || async {
+        pullcache.sample("pullcache_inflight_fetches").await.ok() == Some(0.0)
+    })
+    .await?;
+    assert!(left.elapsed() < Duration::from_secs(3));
+    assert_eq!(pullcache.temp_files(), 0);
     Ok(())
 }
