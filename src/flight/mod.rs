@@ -176,10 +176,11 @@ impl Flight {
     /// A place among the flight's readers from its first byte, kept from when a client starts
     /// or joins the flight until its [`Flight::tail`] reads (or it goes away): a pass-through
     /// window drops nothing a client that has not started reading yet will need.
-    fn seat(&self) -> Seat {
-        Seat {
-            spill: Some((self.spill.clone(), self.spill.register(0))),
-        }
+    fn seat(&self) -> Option<Seat> {
+        let id = self.spill.register_from_start()?;
+        Some(Seat {
+            spill: Some((self.spill.clone(), id)),
+        })
     }
 }
 
@@ -281,8 +282,7 @@ impl Flights {
         let active = self.active.locked();
         Ok(active
             .get(&(digest.clone(), access.location.clone(), kind))
-            .filter(|flight| !flight.spill.lost_bytes())
-            .map(join))
+            .and_then(join))
     }
 
     /// The stored blob, a running flight to join, or a new flight fetching it from the
@@ -301,9 +301,9 @@ impl Flights {
             let mut active = self.active.locked();
             // A pass-through flight that has dropped bytes from memory cannot serve a
             // newcomer from the start; the newcomer gets a flight of its own, outside `active`.
-            let shared = match active.get(&key) {
-                Some(flight) if !flight.spill.lost_bytes() => return Ok(join(flight)),
-                Some(_) => false,
+            let shared = match active.get(&key).map(|flight| (flight, join(flight))) {
+                Some((_, Some(joined))) => return Ok(joined),
+                Some((_, None)) => false,
                 None => true,
             };
             // A flight commits before it leaves `active`, so under the lock a second look at
@@ -318,7 +318,7 @@ impl Flights {
                 active.insert(key, flight.clone());
             }
             // Seated before the download starts, so not one byte passes before it.
-            let seat = flight.seat();
+            let seat = flight.seat().expect("a flight not yet started has lost no bytes");
             self.launch(download, temp, flight.clone());
             return Ok(BlobSource::Flight {
                 flight,
@@ -440,14 +440,16 @@ impl Flights {
     }
 }
 
-/// Joins a running flight as one more waiter.
-fn join(flight: &Arc<Flight>) -> BlobSource {
+/// Joins a running flight as one more waiter, unless it passes its bytes through and has
+/// already dropped some a newcomer from the start would need.
+fn join(flight: &Arc<Flight>) -> Option<BlobSource> {
+    let seat = flight.seat()?;
     flight.waiters.fetch_add(1, Ordering::Relaxed);
-    BlobSource::Flight {
+    Some(BlobSource::Flight {
         flight: flight.clone(),
         joined: true,
-        seat: flight.seat(),
-    }
+        seat,
+    })
 }
 
 /// Logs a download's failure; bytes that failed the digest get the digest refused at that
@@ -783,20 +785,22 @@ mod tests {
                 CredentialKind::Own,
             );
             let (flight, download, _temp) = flights.prepare(&key, Asker::Client, grant.clone()).unwrap();
-            let early = seated_first.then(|| flight.seat());
+            let early = seated_first.then(|| flight.seat().unwrap());
             download.spill.begin(0);
             download.spill.append(Bytes::from_static(b"first bytes"));
             download.progress.send_modify(|p| {
                 p.written = 11;
                 p.state = FlightState::Streaming;
             });
-            let seat = early.unwrap_or_else(|| flight.seat());
+            let Some(seat) = early else {
+                // Too late: no seat from the start (such a client gets a flight of its own).
+                assert!(flight.seat().is_none(), "a reader seated after the bytes went");
+                continue;
+            };
             let mut tail = flight.tail(seat, 0, Some(11));
-            match (seated_first, tail.next_chunk(1024).await) {
-                (true, Some(Ok(tail::Chunk::Memory(bytes)))) => assert_eq!(bytes, Bytes::from_static(b"first byte")),
-                (true, _) => panic!("the seated reader lost the bytes that came before it read"),
-                (false, Some(Err(_))) => {}
-                (false, _) => panic!("a reader seated after the bytes went read them"),
+            match tail.next_chunk(1024).await {
+                Some(Ok(tail::Chunk::Memory(bytes))) => assert_eq!(bytes, Bytes::from_static(b"first byte")),
+                _ => panic!("the seated reader lost the bytes that came before it read"),
             }
         }
     }

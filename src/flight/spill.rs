@@ -36,19 +36,31 @@ struct State {
 }
 
 impl State {
+    /// Where a reader at `pos` needs the window from: the file's end while it reads the file
+    /// (if the window still starts there), its own position past it; `None` once it has been
+    /// left behind and needs nothing more from the window.
+    fn needs(&self, pos: u64) -> Option<u64> {
+        let disk_len = self.disk_len.unwrap_or(0);
+        match pos {
+            pos if pos < disk_len => (self.start <= disk_len).then_some(disk_len),
+            pos if pos < self.start => None,
+            pos => Some(pos),
+        }
+    }
+
+    /// Whether a reader joining now from the start could miss bytes.
+    fn lost_bytes(&self) -> bool {
+        self.disk_len.is_some_and(|disk| self.start > disk)
+    }
+
     /// Drops window chunks every reader is past, and more while the window is over `limit`.
     /// A reader still in the file's part needs the whole window; one already left behind
     /// needs nothing more from it.
     fn trim(&mut self, limit: u64) {
-        let disk_len = self.disk_len.unwrap_or(0);
         let slowest = self
             .readers
             .values()
-            .filter_map(|&pos| match pos {
-                pos if pos < disk_len => Some(disk_len),
-                pos if pos < self.start => None,
-                pos => Some(pos),
-            })
+            .filter_map(|&pos| self.needs(pos))
             .min()
             .unwrap_or(u64::MAX);
         while let Some(front) = self.chunks.front() {
@@ -72,6 +84,7 @@ impl Spill {
         self.state.locked()
     }
 
+    #[cfg(test)]
     pub fn register(&self, pos: u64) -> u64 {
         let mut state = self.lock();
         let id = state.next_id;
@@ -101,17 +114,31 @@ impl Spill {
         self.lock().disk_len
     }
 
-    /// Whether the flight passes its bytes through and has no reader left: nobody would get
-    /// what it reads on, and nothing of it would be stored.
+    /// A reader from the first byte, unless bytes it would need are gone already; checked and
+    /// registered under one lock, so no trim comes between.
+    pub fn register_from_start(&self) -> Option<u64> {
+        let mut state = self.lock();
+        if state.lost_bytes() {
+            return None;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.readers.insert(id, 0);
+        Some(id)
+    }
+
+    /// Whether the flight passes its bytes through and no reader needs them: its readers have
+    /// gone, or been left behind (one that stalled still holds its place until its connection
+    /// ends). Nobody would get what it reads on, and nothing of it would be stored.
     pub fn unread(&self) -> bool {
         let state = self.lock();
-        state.disk_len.is_some() && state.readers.is_empty()
+        state.disk_len.is_some() && state.readers.values().all(|&pos| state.needs(pos).is_none())
     }
 
     /// Whether a reader joining now from the start could miss bytes.
+    #[cfg(test)]
     pub fn lost_bytes(&self) -> bool {
-        let state = self.lock();
-        state.disk_len.is_some_and(|disk| state.start > disk)
+        self.lock().lost_bytes()
     }
 
     /// The cache write failed with `disk_len` bytes in the file: the rest comes through memory.
@@ -174,6 +201,41 @@ mod tests {
         spill.wait_for_room();
     }
 
+    /// A reader in the file's part holds the window while the window still starts at the
+    /// file's end; a reader is needed (the flight is not unread) until every one has gone or
+    /// been left behind.
+    #[test]
+    fn a_reader_on_disk_holds_the_window_until_it_cannot_be_served() {
+        let spill = Spill::default();
+        let on_disk = spill.register(3);
+        spill.begin(10);
+        push(&spill, Bytes::from_static(b"abcde"));
+        assert_eq!(&spill.read(10, 5).unwrap()[..], b"abcde");
+        assert!(!spill.unread());
+        spill.unregister(on_disk);
+        assert!(spill.unread(), "no reader left");
+        push(&spill, Bytes::from_static(b"fgh"));
+        let late = spill.register_from_start();
+        assert_eq!(late, None, "bytes it would need are gone");
+    }
+
+    /// A reader that stalled past the limit is left behind (what `wait_for_room` does after
+    /// [`SLOW_READER_LIMIT`]); it keeps its place until its connection ends, but the flight
+    /// no longer reads on for it (one stalled client kept an endless pass-through going at
+    /// line rate for as long as it held its connection).
+    #[test]
+    fn a_flight_whose_readers_were_all_left_behind_is_unread() {
+        let spill = Spill::default();
+        let stalled = spill.register(0);
+        spill.begin(0);
+        spill.append(Bytes::from_static(b"abc"));
+        assert!(!spill.unread());
+        spill.lock().trim(0);
+        assert!(spill.read(0, 1).is_err(), "left behind");
+        assert!(spill.unread(), "a reader left behind kept the download going");
+        spill.unregister(stalled);
+    }
+
     #[test]
     fn the_window_follows_the_slowest_reader() {
         let spill = Spill::default();
@@ -191,15 +253,16 @@ mod tests {
         assert_eq!(&spill.read(16, 10).unwrap()[..], b"ghij");
         assert!(spill.lost_bytes());
 
-        // A reader still in the file's part holds the window; one left behind does not.
+        // A reader still in the file's part no longer holds the window once bytes past the
+        // file are gone: it can never be served (a stalled one once throttled the download to
+        // a frame a minute). Nor does one left behind.
         let on_disk = spill.register(3);
         spill.advance(fast, 21);
         spill.advance(slow, 21);
         push(&spill, Bytes::from_static(b"m"));
-        assert_eq!(
-            &spill.read(15, 1).unwrap()[..],
-            b"f",
-            "trimmed under a reader still on disk"
+        assert!(
+            spill.read(15, 1).is_err(),
+            "a reader that cannot be served held the window"
         );
         spill.unregister(on_disk);
         spill.advance(slow, 12);
