@@ -748,8 +748,25 @@ mod tests {
         assert!(queue.send(Bytes::from_static(b"x")).await.is_err());
     }
 
-    /// A download that panics lands as failed: its reader gets the error, and the digest is
-    /// not wedged (the flight leaves `active`, so the next request starts afresh).
+    /// Flights over a store in `dir`, with no upstream configured, and a location to key them.
+    fn flights(dir: &std::path::Path) -> (Flights, Location) {
+        let registry = prometheus::Registry::new();
+        let upstreams = Arc::new(crate::upstream::Upstreams::new(
+            crate::upstream::Settings::default(),
+            crate::upstream::Metrics::register(&registry).unwrap(),
+        ));
+        let flights = Flights::new(
+            Arc::new(Store::open(dir).unwrap()),
+            Arc::new(Sources::new(upstreams, None)),
+            Metrics::register(&registry).unwrap(),
+        );
+        let location = Location::new(
+            &crate::oci::Registry::docker_hub(),
+            &crate::oci::Repository::parse("library/x").unwrap(),
+        );
+        (flights, location)
+    }
+
     /// A flight that passes its blob through from the first byte (too large to keep) drops
     /// from memory what no reader needs. A client's seat is taken when it starts or joins the
     /// flight, before it has read a thing: the bytes that arrive meanwhile wait for it. A
@@ -758,20 +775,7 @@ mod tests {
     #[tokio::test]
     async fn a_seat_keeps_the_bytes_for_a_client_that_has_not_read_yet() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = prometheus::Registry::new();
-        let upstreams = Arc::new(crate::upstream::Upstreams::new(
-            crate::upstream::Settings::default(),
-            crate::upstream::Metrics::register(&registry).unwrap(),
-        ));
-        let flights = Flights::new(
-            Arc::new(Store::open(dir.path()).unwrap()),
-            Arc::new(Sources::new(upstreams, None)),
-            Metrics::register(&registry).unwrap(),
-        );
-        let location = Location::new(
-            &crate::oci::Registry::docker_hub(),
-            &crate::oci::Repository::parse("library/x").unwrap(),
-        );
+        let (flights, location) = flights(dir.path());
         let grant = Grant {
             credential: crate::fetch::Credential::Own,
             clearance: None,
@@ -805,23 +809,12 @@ mod tests {
         }
     }
 
+    /// A download that panics lands as failed: its reader gets the error, and the digest is
+    /// not wedged (the flight leaves `active`, so the next request starts afresh).
     #[tokio::test]
     async fn a_download_that_panics_lands_as_failed() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = prometheus::Registry::new();
-        let upstreams = Arc::new(crate::upstream::Upstreams::new(
-            crate::upstream::Settings::default(),
-            crate::upstream::Metrics::register(&registry).unwrap(),
-        ));
-        let flights = Flights::new(
-            Arc::new(Store::open(dir.path()).unwrap()),
-            Arc::new(Sources::new(upstreams, None)),
-            Metrics::register(&registry).unwrap(),
-        );
-        let location = Location::new(
-            &crate::oci::Registry::docker_hub(),
-            &crate::oci::Repository::parse("library/x").unwrap(),
-        );
+        let (flights, location) = flights(dir.path());
         let key = (Digest::of(b"x"), location, CredentialKind::Own);
         let grant = Grant {
             credential: crate::fetch::Credential::Own,

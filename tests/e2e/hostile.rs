@@ -215,111 +215,74 @@ async fn a_token_lifetime_out_of_range_wedges_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A registry that trickles a blob (a few hundred bytes a second: never idle long enough for
-/// an idle timer) held its flight, and every client of that digest under its name, for as
-/// long as it liked. Now a body that averages under 1 KiB/s over `--upstream-timeout` fails
-/// like a broken one (resumed, then refused), and the digest is not wedged: an honest
-/// registry serving it is served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trickling_body_fails_within_the_timeout() -> anyhow::Result<()> {
-    let blob = support::images::random_bytes(4 * 1024);
+/// A slow registry's `reply` for a 4 KiB..64 KiB blob, against a node whose
+/// `--upstream-timeout` is 1 s: the fetch fails within `bound` (the headers may already be out,
+/// as the blob streams as it comes; then the body breaks), after a resume, storing nothing,
+/// and an honest registry serving the same digest is served.
+async fn a_slow_body_fails(blob: Vec<u8>, reply: Reply, bound: Duration) -> anyhow::Result<()> {
     let digest = sha256_digest(&blob);
     let path = format!("/v2/team/app/blobs/{digest}");
-    let trickle = FaultUpstream::start().await?;
-    // About 100 bytes every 300 ms: a third of 1 KiB/s, whole after 12 s.
-    trickle.set(
-        &path,
-        Reply::ok(blob.clone(), &[]).slowly(40, Duration::from_millis(300)),
-    );
+    let slow = FaultUpstream::start().await?;
+    slow.set(&path, reply);
     let honest = FaultUpstream::start().await?;
-    honest.set(&path, Reply::ok(blob.clone(), &[]));
+    honest.set(&path, Reply::ok(blob, &[]));
     let cache = tempfile::tempdir()?;
     let mut config = support::pullcache::config(cache.path());
     config.upstream.timeout = Some(Duration::from_secs(1));
-    for (name, url) in [("trickle.test", trickle.url()), ("honest.test", honest.url())] {
+    for (name, url) in [("slow.test", slow.url()), ("honest.test", honest.url())] {
         config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
     }
     let pullcache = Pullcache::start_with(config).await?;
+    let get = |ns: &str| {
+        support::http_client()
+            .get(format!("{}{path}?ns={ns}", pullcache.url()))
+            .send()
+    };
     let started = std::time::Instant::now();
-    let resp = support::http_client()
-        .get(format!("{}{path}?ns=trickle.test", pullcache.url()))
-        .send()
-        .await?;
-    // The headers may already be out (the blob streams as it comes); then the body breaks.
+    let resp = get("slow.test").await?;
     let failed = match resp.status().as_u16() {
         200 => resp.bytes().await.is_err(),
         status => status >= 500,
     };
     let took = started.elapsed();
-    assert!(failed, "the trickle was served whole");
-    assert!(
-        took < Duration::from_secs(9),
-        "took {took:?}: the trickle was waited out"
-    );
-    assert!(trickle.hits(&path) >= 2, "the slow body was resumed before it failed");
+    assert!(failed, "the slow body was served whole");
+    assert!(took < bound, "took {took:?}: the slow body was waited out");
+    assert!(slow.hits(&path) >= 2, "the slow body was resumed before it failed");
+    pullcache.idle().await?;
     assert!(pullcache.stored_blobs().is_empty());
-    let resp = support::http_client()
-        .get(format!("{}{path}?ns=honest.test", pullcache.url()))
-        .send()
-        .await?;
+    let resp = get("honest.test").await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(sha256_digest(&resp.bytes().await?), digest);
     Ok(())
+}
+
+/// A registry that trickles a blob (a few hundred bytes a second: never idle long enough for
+/// an idle timer) held its flight, and every client of that digest under its name, for as
+/// long as it liked. Now a body that averages under 1 KiB/s over `--upstream-timeout` fails
+/// like a broken one (resumed, then refused), and the digest is not wedged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_fails_within_the_timeout() -> anyhow::Result<()> {
+    let blob = support::images::random_bytes(4 * 1024);
+    // About 100 bytes every 300 ms: a third of 1 KiB/s, whole after 12 s.
+    let reply = Reply::ok(blob.clone(), &[]).slowly(40, Duration::from_millis(300));
+    a_slow_body_fails(blob, reply, Duration::from_secs(9)).await
 }
 
 /// A registry that breaks a blob off half-way, then answers the resume with the whole body
 /// from the start (as servers that ignore `Range` do) and replays the half already read at
 /// under 1 KiB/s. Skipped bytes once restarted the idle timer and never counted towards the
 /// rate, so the replay held the flight for as long as it took (a large prefix: days). Now
-/// the replay counts: the fetch fails within a few windows, nothing is stored, and the digest
-/// is served from an honest registry.
+/// the replay counts: the fetch fails within a few windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replay_of_a_resumed_body_fails_within_the_timeout() -> anyhow::Result<()> {
     let blob = support::images::random_bytes(64 * 1024);
-    let digest = sha256_digest(&blob);
-    let path = format!("/v2/team/app/blobs/{digest}");
-    let replay = FaultUpstream::start().await?;
     // The first answer breaks after 32 KiB; every later one is 200 from the start, 100 bytes
     // every 200 ms (half of 1 KiB/s): the 32 KiB already read take 64 s to come again.
     let reply = Reply::ok(blob.clone(), &[])
         .drop_after(32 * 1024)
         .ignoring_range()
         .slowly_after_first(640, Duration::from_millis(200));
-    replay.set(&path, reply);
-    let honest = FaultUpstream::start().await?;
-    honest.set(&path, Reply::ok(blob.clone(), &[]));
-    let cache = tempfile::tempdir()?;
-    let mut config = support::pullcache::config(cache.path());
-    config.upstream.timeout = Some(Duration::from_secs(1));
-    for (name, url) in [("replay.test", replay.url()), ("honest.test", honest.url())] {
-        config.registry(pullcache::oci::Registry::parse(name)?).url = Some(url.parse()?);
-    }
-    let pullcache = Pullcache::start_with(config).await?;
-    let started = std::time::Instant::now();
-    let resp = support::http_client()
-        .get(format!("{}{path}?ns=replay.test", pullcache.url()))
-        .send()
-        .await?;
-    let failed = match resp.status().as_u16() {
-        200 => resp.bytes().await.is_err(),
-        status => status >= 500,
-    };
-    let took = started.elapsed();
-    assert!(failed, "the replay was served whole");
-    assert!(
-        took < Duration::from_secs(15),
-        "took {took:?}: the replay was waited out"
-    );
-    assert!(replay.hits(&path) >= 2, "the body was resumed");
-    pullcache.idle().await?;
-    assert!(pullcache.stored_blobs().is_empty());
-    let resp = support::http_client()
-        .get(format!("{}{path}?ns=honest.test", pullcache.url()))
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(sha256_digest(&resp.bytes().await?), digest);
-    Ok(())
+    a_slow_body_fails(blob, reply, Duration::from_secs(15)).await
 }
 
 /// A blob larger than the cache can keep, said so by its `Content-Length` or found so as a
