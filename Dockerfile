@@ -4,8 +4,12 @@
 # public registries.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# Everything the manifest names: the library and binary sources, and the benches (Cargo
+# refuses a manifest whose [[bench]] files are missing, even to build the binary alone).
+# tests/e2e/image.rs builds from exactly these lines.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY src src
+COPY benches benches
 RUN cargo build --release --locked && strip target/release/pullcache
 
 FROM debian:bookworm-slim

@@ -29,6 +29,7 @@ mod herd;
 mod hostile;
 mod hostile_registry;
 mod http_api;
+mod image;
 mod intercept;
 mod observability;
 mod podman;
