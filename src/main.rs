@@ -118,49 +118,54 @@ fn verify(cache_dir: std::path::PathBuf) -> ExitCode {
 
 /// `pullcache containerd-config install|uninstall`.
 fn containerd_config(command: ContainerdCommand) -> ExitCode {
-    use pullcache::containerd::{self, Change};
-    let (result, advice_failed) = match command {
+    use pullcache::containerd::{self, Change, Survey};
+    let result = match command {
         ContainerdCommand::Install {
             certs_dir,
             mirror,
             registries,
             bypass,
             containerd_config,
+            containerd_bin,
             strict,
-        } => {
-            let advice = containerd::config_path(&containerd_config)
-                .map(|found| containerd::config_path_advice(&containerd_config, &found, &certs_dir));
-            let failed = match advice {
-                Ok(Some(advice)) => {
-                    eprintln!("pullcache: warning: {advice}");
-                    strict
+        } => Survey::take(containerd_config.as_deref(), &containerd_bin).and_then(|survey| {
+            let certs_dir = certs_dir.unwrap_or_else(|| survey.certs_dir());
+            if let Some(advice) = survey.advice(&certs_dir) {
+                if strict {
+                    eprintln!("pullcache: --strict: nothing written: {advice}");
+                    return Ok(None);
                 }
-                Ok(None) => false,
-                Err(e) => {
-                    eprintln!("pullcache: warning: {e}");
-                    strict
-                }
-            };
-            (containerd::install(&certs_dir, &mirror, &registries, &bypass), failed)
+                eprintln!("pullcache: warning: {advice}");
+            }
+            containerd::install(&certs_dir, &mirror, &registries, &bypass).map(Some)
+        }),
+        ContainerdCommand::Uninstall {
+            certs_dir,
+            containerd_config,
+        } => match certs_dir {
+            Some(certs_dir) => containerd::uninstall(&certs_dir),
+            None => Survey::take(containerd_config.as_deref(), std::path::Path::new("containerd"))
+                .and_then(|survey| containerd::uninstall(&survey.certs_dir())),
         }
-        ContainerdCommand::Uninstall { certs_dir } => (containerd::uninstall(&certs_dir), false),
+        .map(Some),
     };
     match result {
-        Ok(changes) => {
+        Ok(Some(changes)) => {
             for change in changes {
                 match change {
                     Change::Written(p) => println!("wrote {}", p.display()),
+                    Change::Merged(p) => println!(
+                        "merged {}: pullcache first, then what was there (its settings, hosts and certificates)",
+                        p.display()
+                    ),
                     Change::Unchanged(p) => println!("unchanged {}", p.display()),
                     Change::Restored(p) => println!("restored {}", p.display()),
                     Change::Removed(p) => println!("removed {}", p.display()),
                 }
             }
-            if advice_failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
+            ExitCode::SUCCESS
         }
+        Ok(None) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("pullcache: {e}");
             ExitCode::FAILURE

@@ -137,13 +137,15 @@ pub enum ContainerdCommand {
     /// registry), keeping the registry as the fallback. Existing files are backed up and
     /// merged; running it again changes nothing.
     Install {
-        /// containerd's certs.d directory (its CRI registry `config_path`).
-        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
-        certs_dir: PathBuf,
+        /// containerd's certs.d directory. Default: the first directory of the `config_path`
+        /// containerd's config sets, else /etc/containerd/certs.d.
+        #[arg(long, env = "PULLCACHE_CERTS_DIR")]
+        certs_dir: Option<PathBuf>,
         /// pullcache's address as containerd reaches it.
         #[arg(long, env = "PULLCACHE_MIRROR", default_value = "http://127.0.0.1:5000")]
         mirror: String,
-        /// A registry to send through pullcache, as containerd names it. Repeatable.
+        /// A registry to send through pullcache, as containerd names it. Repeatable. Default:
+        /// `_default` (every registry) and every registry directory already in the certs dir.
         #[arg(long = "registry", env = "PULLCACHE_REGISTRIES", value_delimiter = ',', value_parser = parse_registry)]
         registries: Vec<Registry>,
         /// A registry containerd always pulls from itself, never through pullcache: one of
@@ -151,21 +153,29 @@ pub enum ContainerdCommand {
         /// `serve --private-images`). Repeatable.
         #[arg(long = "bypass", env = "PULLCACHE_BYPASS", value_delimiter = ',', value_parser = parse_registry)]
         bypass: Vec<Registry>,
-        /// containerd's config file, checked for `config_path`.
-        #[arg(
-            long,
-            env = "PULLCACHE_CONTAINERD_CONFIG",
-            default_value = "/etc/containerd/config.toml"
-        )]
-        containerd_config: PathBuf,
-        /// Fail (exit 1) when containerd's config_path does not include the certs dir.
+        /// containerd's config file, read with its `imports` for `config_path`. Default: the
+        /// first that exists of /etc/containerd/config.toml and k3s's and RKE2's
+        /// (/var/lib/rancher/{k3s,rke2}/agent/etc/containerd/config.toml).
+        #[arg(long, env = "PULLCACHE_CONTAINERD_CONFIG")]
+        containerd_config: Option<PathBuf>,
+        /// containerd's binary, asked for its release (`--version`). Where it cannot run, the
+        /// release is told by the config's layout (version 3 is containerd 2), else the
+        /// config is checked as both 1.x and 2.x read it.
+        #[arg(long, env = "PULLCACHE_CONTAINERD_BIN", default_value = "containerd")]
+        containerd_bin: PathBuf,
+        /// Check first, and write nothing and exit 1 when containerd would not read the certs
+        /// dir.
         #[arg(long, env = "PULLCACHE_STRICT")]
         strict: bool,
     },
     /// Restore every hosts.toml install changed, exactly, and remove what it created.
     Uninstall {
-        #[arg(long, env = "PULLCACHE_CERTS_DIR", default_value = "/etc/containerd/certs.d")]
-        certs_dir: PathBuf,
+        /// containerd's certs.d directory; default as for install.
+        #[arg(long, env = "PULLCACHE_CERTS_DIR")]
+        certs_dir: Option<PathBuf>,
+        /// containerd's config file; default as for install.
+        #[arg(long, env = "PULLCACHE_CONTAINERD_CONFIG")]
+        containerd_config: Option<PathBuf>,
     },
 }
 
