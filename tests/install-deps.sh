@@ -29,6 +29,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+# The containerd matrix: 1.7 (trixie) and 2.1 (sid) beside the system's 1.6, downloaded and
+# extracted under target/containerd/ (not installed).
+"$(dirname "$0")/fetch-containerd.sh"
+
 # The chart test: the real Helm engine (helm-python-sdk) and Kubernetes schemas.
 if ! python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
   echo "installing chart test dependencies"

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::containerd::Containerd;
+use support::containerd::{Containerd, ContainerdOptions, Puller, Release};
 use support::images::push_oci_image;
 use support::pullcache::Pullcache;
 use support::registry::Registry;
@@ -195,8 +195,16 @@ fn an_unset_config_path_is_reported_with_the_fix() {
         }
         a
     };
+    // --strict checks first: nothing is written.
+    let strict = std::process::Command::new(BIN).args(args(true)).output().unwrap();
+    assert!(!strict.status.success(), "--strict must fail");
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(stderr.contains("--strict: nothing written"), "{stderr}");
+    assert!(!certs.exists(), "--strict wrote the certs dir before failing");
+
     let out = std::process::Command::new(BIN).args(args(false)).output().unwrap();
     assert!(out.status.success(), "without --strict the wiring is still written");
+    assert!(certs.join("_default/hosts.toml").exists());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("config_path is unset") && stderr.contains(&format!("config_path = \"{}\"", certs.display())),
@@ -218,8 +226,16 @@ fn an_unset_config_path_is_reported_with_the_fix() {
     assert!(!String::from_utf8_lossy(&fine.stderr).contains("warning"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down() -> anyhow::Result<()> {
+each_release!(
+    containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down,
+    super::pulls_through_the_wiring_and_past_it_when_pullcache_is_down
+);
+
+/// The kubelet's path on a node whose certs.d already has a directory for the registry:
+/// `install` with no registry named merges pullcache into it (containerd reads it instead of
+/// `_default`), checks with `--strict` that this containerd reads the certs dir (its
+/// `config_path` is in a drop-in), and CRI pulls go through pullcache, then past it.
+async fn pulls_through_the_wiring_and_past_it_when_pullcache_is_down(release: Release) -> anyhow::Result<()> {
     let registry = Registry::start().await?;
     let image = push_oci_image(&registry.url(), "team/app", "v1", &[128 * 1024]).await?;
     let cache = tempfile::tempdir()?;
@@ -230,14 +246,16 @@ async fn containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down(
     )
     .await?;
 
-    // The operator's hosts.toml already sends registry.test to the registry; install puts
-    // pullcache in front of it.
+    // The operator's hosts.toml already sends registry.test to the registry, with a host
+    // table (containerd 1.6 ignores a named registry's file without one).
     let certs = tempfile::tempdir()?;
     std::fs::create_dir(certs.path().join("registry.test"))?;
-    std::fs::write(
-        certs.path().join("registry.test/hosts.toml"),
-        format!("server = \"{}\"\n", registry.url()),
-    )?;
+    let operators = format!(
+        "server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        url = registry.url()
+    );
+    std::fs::write(certs.path().join("registry.test/hosts.toml"), &operators)?;
+    let ctd = Containerd::start_with(ContainerdOptions::cri(certs.path()).of(release)).await?;
     let out = run(&[
         "containerd-config",
         "install",
@@ -245,17 +263,22 @@ async fn containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down(
         certs.path().to_str().unwrap(),
         "--mirror",
         &pullcache.url(),
-        "--registry",
-        "registry.test",
         "--containerd-config",
-        "/nonexistent/config.toml",
+        ctd.config_path().to_str().unwrap(),
+        "--containerd-bin",
+        release.containerd()?.to_str().unwrap(),
+        "--strict",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let merged = certs.path().join("registry.test/hosts.toml");
+    assert!(
+        stdout.contains(&format!("merged {}", merged.display())),
+        "install did not say it merged the registry's own file: {stdout}"
+    );
 
     let reference = image.reference("registry.test");
-    let ctr = Containerd::start().await?;
-    ctr.pull(&reference, certs.path()).await?;
-    assert!(ctr.is_unpacked(&reference).await?);
+    ctd.pull_as(Puller::Cri, &reference, certs.path()).await?;
     for blob in &image.blobs {
         assert!(
             pullcache.stored_blobs().contains(&blob.digest),
@@ -264,15 +287,26 @@ async fn containerd_pulls_through_the_wiring_and_past_it_when_pullcache_is_down(
         );
     }
 
-    // pullcache stopped: the same containerd still pulls, straight from the registry.
+    // pullcache stopped: a fresh containerd on the same wiring pulls straight from the
+    // registry.
     pullcache.stop().await?;
-    ctr.remove_image(&reference).await?;
+    drop(ctd);
+    let ctd = Containerd::start_with(ContainerdOptions::cri(certs.path()).of(release)).await?;
     let gets_before = registry.access_log_count("GET", "/blobs/");
-    ctr.pull(&reference, certs.path()).await?;
-    assert!(ctr.is_unpacked(&reference).await?);
+    ctd.pull_as(Puller::Cri, &reference, certs.path()).await?;
     let gets_after = registry
         .wait_access_log_count("GET", "/blobs/", gets_before + 1, Duration::from_secs(5))
         .await;
     assert!(gets_after > gets_before, "the second pull did not reach the registry");
+
+    // Uninstall gives the operator's file back, byte for byte.
+    let out = run(&[
+        "containerd-config",
+        "uninstall",
+        "--certs-dir",
+        certs.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&merged)?, operators);
     Ok(())
 }

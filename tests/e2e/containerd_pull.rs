@@ -1,8 +1,8 @@
 //! containerd pulls through pullcache as a hosts.toml mirror, with the real distribution
 //! registry upstream. The `server` fallback in hosts.toml is a dead port, so a pull can only
-//! succeed through pullcache. The main case runs twice: with `ctr --hosts-dir`, and with the
+//! succeed through pullcache. The main case runs with `ctr --hosts-dir`, and with the
 //! kubelet's CRI `PullImage` on a containerd whose `config_path` is a certs.d that
-//! `pullcache containerd-config install` wired.
+//! `pullcache containerd-config install` wired, each on containerd 1.6, 1.7 and 2.1.
 
 use crate::support;
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use support::containerd::{
-    Containerd, Puller, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
+    Containerd, Puller, Release, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
 };
 use support::images::{PushedImage, push_docker_image, push_oci_image, push_oci_index};
 use support::pullcache::Pullcache;
@@ -48,17 +48,15 @@ fn wire(puller: Puller, hosts: &std::path::Path, mirror: &str, containerd: &Cont
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
-    pulls_through_the_cache_and_then_without_upstream(Puller::Ctr).await
-}
+each_release!(ctr_pulls_through_the_cache_and_then_without_upstream, |release| {
+    super::pulls_through_the_cache_and_then_without_upstream(super::Puller::Ctr, release)
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cri_pulls_through_the_cache_and_then_without_upstream() -> anyhow::Result<()> {
-    pulls_through_the_cache_and_then_without_upstream(Puller::Cri).await
-}
+each_release!(cri_pulls_through_the_cache_and_then_without_upstream, |release| {
+    super::pulls_through_the_cache_and_then_without_upstream(super::Puller::Cri, release)
+});
 
-async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> anyhow::Result<()> {
+async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller, release: Release) -> anyhow::Result<()> {
     let mut upstream = Registry::start().await?;
     let oci = push_oci_image(&upstream.url(), "team/oci", "v1", &[2 * 1024 * 1024, 100 * 1024]).await?;
     let index = push_oci_index(&upstream.url(), "team/multi", "v1").await?;
@@ -72,7 +70,7 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
     let mut pullcache = Pullcache::start(cache.path(), &mappings, Duration::from_secs(3600)).await?;
 
     // Cold: every blob comes from upstream exactly once.
-    let first = puller.start(hosts.path()).await?;
+    let first = puller.start(release, hosts.path()).await?;
     wire(puller, hosts.path(), &pullcache.url(), &first)?;
     pull_all(&first, puller, &images, hosts.path()).await?;
     let stored = pullcache.stored_blobs();
@@ -113,7 +111,7 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
 
     // Warm, inside the TTL: a fresh containerd pulls everything without any upstream request.
     let before = upstream.access_log().len();
-    let second = puller.start(hosts.path()).await?;
+    let second = puller.start(release, hosts.path()).await?;
     pull_all(&second, puller, &images, hosts.path()).await?;
     pullcache.idle().await?;
     let late = upstream.requests_since(before).await?;
@@ -124,7 +122,7 @@ async fn pulls_through_the_cache_and_then_without_upstream(puller: Puller) -> an
     pullcache.stop().await?;
     upstream.stop().await;
     let pullcache = Pullcache::start(cache.path(), &mappings, Duration::ZERO).await?;
-    let third = puller.start(hosts.path()).await?;
+    let third = puller.start(release, hosts.path()).await?;
     wire(puller, hosts.path(), &pullcache.url(), &third)?;
     pull_all(&third, puller, &images, hosts.path()).await?;
 

@@ -2,7 +2,8 @@
 //! hosts.toml whose `server` is the real registry, pulls succeed when pullcache's upstream
 //! fails, when pullcache is down, and when pullcache's upstream serves a forged layer. The
 //! first case also runs through the kubelet's CRI `PullImage`, on the certs.d that
-//! `pullcache containerd-config install` merges into the operator's own hosts.toml.
+//! `pullcache containerd-config install` merges into the operator's own hosts.toml, and both
+//! run on containerd 1.6, 1.7 and 2.1.
 
 use crate::support;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::containerd::{
-    Containerd, Puller, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
+    Containerd, Puller, Release, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
 };
 use support::fault_upstream::{FaultUpstream, Reply};
 use support::images::{
@@ -22,17 +23,16 @@ use support::registry::Registry;
 
 const REGISTRY: &str = "registry.test";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry() -> anyhow::Result<()> {
-    falls_back_to_the_registry(Puller::Ctr).await
-}
+each_release!(a_failing_or_stopped_pullcache_falls_back_to_the_registry, |release| {
+    super::falls_back_to_the_registry(super::Puller::Ctr, release)
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_or_stopped_pullcache_falls_back_to_the_registry_for_cri() -> anyhow::Result<()> {
-    falls_back_to_the_registry(Puller::Cri).await
-}
+each_release!(
+    a_failing_or_stopped_pullcache_falls_back_to_the_registry_for_cri,
+    |release| { super::falls_back_to_the_registry(super::Puller::Cri, release) }
+);
 
-async fn falls_back_to_the_registry(puller: Puller) -> anyhow::Result<()> {
+async fn falls_back_to_the_registry(puller: Puller, release: Release) -> anyhow::Result<()> {
     let registry = Registry::start().await?;
     let image = push_oci_image(&registry.url(), "team/app", "v1", &[256 * 1024]).await?;
     // pullcache's own upstream answers 503 to everything.
@@ -41,7 +41,7 @@ async fn falls_back_to_the_registry(puller: Puller) -> anyhow::Result<()> {
     let hosts = tempfile::tempdir()?;
     let mut pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &broken.url())], Duration::from_secs(60)).await?;
 
-    let ctr = puller.start(hosts.path()).await?;
+    let ctr = puller.start(release, hosts.path()).await?;
     match puller {
         Puller::Ctr => write_hosts_toml(hosts.path(), REGISTRY, &registry.url(), &pullcache.url()),
         Puller::Cri => {
@@ -64,7 +64,7 @@ async fn falls_back_to_the_registry(puller: Puller) -> anyhow::Result<()> {
     assert_eq!(gets, 1, "the layer came from the registry {gets} times");
 
     pullcache.stop().await?;
-    let ctr = puller.start(hosts.path()).await?;
+    let ctr = puller.start(release, hosts.path()).await?;
     ctr.pull_as(puller, &reference, hosts.path()).await?;
     let gets = registry
         .wait_access_log_count("GET", layer, 2, Duration::from_secs(5))

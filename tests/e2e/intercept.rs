@@ -1,5 +1,6 @@
 //! Intercept mode with real clients and no hosts.toml: `ctr` and `skopeo` run with
-//! `HTTPS_PROXY` pointing at pullcache and `SSL_CERT_FILE` holding its CA, and pull
+//! `HTTPS_PROXY` pointing at pullcache and `SSL_CERT_FILE` holding its CA (so does the
+//! containerd daemon: 2.x fetches a `ctr` pull there, in its transfer service), and pull
 //! `registry.test.invalid/test/app:v1`, which pullcache maps to a loopback TLS registry with
 //! its own CA. Anything not intercepted or allowed is refused, and a client that does not
 //! trust the CA gets nothing.
@@ -12,7 +13,7 @@ use std::time::Duration;
 use pullcache::config::InterceptSettings;
 use pullcache::oci::Registry as RegistryName;
 use pullcache::upstream::load_certificates;
-use support::containerd::Containerd;
+use support::containerd::{Containerd, ContainerdOptions, Release, proxy_env};
 use support::images::{PushedImage, push_oci_image};
 use support::pullcache::Pullcache;
 use support::registry::{Registry, RegistryOptions};
@@ -72,13 +73,24 @@ async fn setup() -> anyhow::Result<Setup> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
+each_release!(
+    containerd_pulls_through_the_proxy,
+    super::containerd_pulls_through_the_proxy
+);
+
+/// `ctr` pulls through the proxy: 1.x fetches in `ctr`, with its environment; 2.x in the
+/// daemon's transfer service, with the daemon's.
+async fn containerd_pulls_through_the_proxy(release: Release) -> anyhow::Result<()> {
     let s = setup().await?;
     let proxy = s.pullcache.url();
     let reference = s.image.reference(REGISTRY);
+    let options = ContainerdOptions {
+        env: proxy_env(&proxy, &s.ca_bundle),
+        ..ContainerdOptions::default()
+    }
+    .of(release);
 
-    let first = Containerd::start().await?;
+    let first = Containerd::start_with(options.clone()).await?;
     first.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(first.is_unpacked(&reference).await?);
     for blob in s.image.layers() {
@@ -91,14 +103,20 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
 
     // A second containerd: everything from the cache, no blob GET upstream.
     let blob_gets = s.registry.access_log_count("GET", "/blobs/");
-    let second = Containerd::start().await?;
+    let second = Containerd::start_with(options).await?;
     second.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
     assert!(second.is_unpacked(&reference).await?);
     s.pullcache.idle().await?;
     s.registry.settle().await?;
     assert_eq!(s.registry.access_log_count("GET", "/blobs/"), blob_gets);
+    Ok(())
+}
 
-    // skopeo, a second real client, through the same proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_through_the_proxy() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let proxy = s.pullcache.url();
+    let reference = s.image.reference(REGISTRY);
     let dest = tempfile::tempdir()?;
     support::skopeo::copy_via_proxy(&reference, dest.path(), &proxy, &s.ca_bundle).await?;
     let manifest = std::fs::read(dest.path().join("manifest.json"))?;
@@ -106,6 +124,8 @@ async fn containerd_and_skopeo_pull_through_the_proxy() -> anyhow::Result<()> {
     for layer in s.image.layers() {
         let file = dest.path().join(&layer.digest[7..]);
         assert_eq!(std::fs::metadata(&file)?.len(), layer.size, "{}", file.display());
+        let gets = s.registry.access_log_count("GET", &layer.digest);
+        assert_eq!(gets, 1, "layer {} fetched {gets} times", layer.digest);
     }
     Ok(())
 }

@@ -12,6 +12,32 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+/// The containerd matrix: `each_release!(name, |release| async move { ... })` is a module
+/// `name` of three tests, `containerd_1_6`, `containerd_1_7` and `containerd_2_1`, each
+/// running the body on that [`support::containerd::Release`].
+macro_rules! each_release {
+    ($name:ident, $run:expr) => {
+        mod $name {
+            use crate::support::containerd::Release;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_1_6() -> anyhow::Result<()> {
+                ($run)(Release::V1_6).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_1_7() -> anyhow::Result<()> {
+                ($run)(Release::V1_7).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_2_1() -> anyhow::Result<()> {
+                ($run)(Release::V2_1).await
+            }
+        }
+    };
+}
+
 mod address_policy;
 mod airgap;
 mod ca_secret;

@@ -219,3 +219,107 @@ async fn is_unpacked_is_false_for_fetched_only_content() {
     ctd.remove_image(&image_ref).await.unwrap();
     assert!(ctd.is_unpacked(&image_ref).await.is_err());
 }
+
+/// How each release reads `config_path` from a main config and its drop-ins, by its own
+/// `containerd config dump`, against what `pullcache containerd-config` reads
+/// (`pullcache::containerd::ContainerdConfig`). Pinned where they differ: 1.x replaces a
+/// plugin's whole table with a drop-in's, 2.x merges key by key; 2.x migrates version 2 files
+/// (drop-ins without a version take the main file's) and drops a version 1 file's registry
+/// settings; 1.x takes the last `version` any file gives, and ignores (1.6) or refuses (1.7)
+/// a version 3 result.
+#[test]
+fn each_release_reads_config_path_as_pullcache_expects() {
+    use pullcache::containerd::{ConfigPath, ContainerdConfig, Release as Line};
+
+    const V2: &str = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/main\"\n";
+    const V3: &str = "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"/main\"\n";
+    const V1: &str = "[plugins.cri.registry]\n  config_path = \"/main\"\n";
+    const SANDBOX_V2: &str = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"x\"\n";
+    const REGISTRY_BARE: &str = "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/drop-in\"\n";
+    const REGISTRY_V2: &str =
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/drop-in\"\n";
+    // (main, drop-in, what 1.6, 1.7 and 2.1 read: None = not read, or refused)
+    let cases: [(&str, Option<&str>, [Option<&str>; 3]); 7] = [
+        (V2, None, [Some("/main"), Some("/main"), Some("/main")]),
+        (V3, None, [None, None, Some("/main")]),
+        (V1, None, [Some("/main"), Some("/main"), None]),
+        (V2, Some(SANDBOX_V2), [None, None, Some("/main")]),
+        (
+            V2,
+            Some(REGISTRY_BARE),
+            [Some("/drop-in"), Some("/drop-in"), Some("/drop-in")],
+        ),
+        (
+            "version = 3\n",
+            Some(REGISTRY_V2),
+            [Some("/drop-in"), Some("/drop-in"), Some("/drop-in")],
+        ),
+        (
+            "version = 2\n",
+            Some(REGISTRY_V2),
+            [Some("/drop-in"), Some("/drop-in"), Some("/drop-in")],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (n, (main, drop_in, expected)) in cases.iter().enumerate() {
+        let case = dir.path().join(format!("case{n}"));
+        std::fs::create_dir_all(case.join("conf.d")).unwrap();
+        let config = case.join("config.toml");
+        let imports = format!("imports = [\"{}\"]\n", case.join("conf.d/*.toml").display());
+        // `imports` is a root key: before the first table.
+        let (head, tables) = main.split_at(main.find('[').unwrap_or(main.len()));
+        std::fs::write(&config, format!("{head}{imports}{tables}")).unwrap();
+        if let Some(drop_in) = drop_in {
+            std::fs::write(case.join("conf.d/10-x.toml"), drop_in).unwrap();
+        }
+        let ours = ContainerdConfig::read(&config).unwrap().unwrap();
+        for (release, expected) in containerd::Release::ALL.into_iter().zip(expected) {
+            let bin = release.containerd().unwrap();
+            let dump = std::process::Command::new(&bin)
+                .arg("--config")
+                .arg(&config)
+                .args(["config", "dump"])
+                .output()
+                .unwrap();
+            let theirs = dump
+                .status
+                .success()
+                .then(|| toml::from_str::<toml::Table>(&String::from_utf8_lossy(&dump.stdout)).unwrap())
+                .and_then(|t| {
+                    let plugin = if release == containerd::Release::V2_1 {
+                        "io.containerd.cri.v1.images"
+                    } else {
+                        "io.containerd.grpc.v1.cri"
+                    };
+                    let value = t
+                        .get("plugins")?
+                        .get(plugin)?
+                        .get("registry")?
+                        .get("config_path")?
+                        .as_str()?;
+                    (!value.is_empty()).then(|| value.to_owned())
+                });
+            assert_eq!(
+                theirs.as_deref(),
+                *expected,
+                "case {n} on {}: containerd's own dump changed\n{main}{drop_in:?}",
+                release.name()
+            );
+            let line = if release == containerd::Release::V2_1 {
+                Line::Two
+            } else {
+                Line::One
+            };
+            let read = match ours.config_path(line) {
+                ConfigPath::Set { dirs, .. } => Some(dirs[0].display().to_string()),
+                _ => None,
+            };
+            assert_eq!(
+                read.as_deref(),
+                *expected,
+                "case {n} on {}: pullcache reads it otherwise\n{main}{drop_in:?}",
+                release.name()
+            );
+        }
+    }
+}

@@ -1,4 +1,7 @@
-//! The real client: a private containerd 1.6 (`/usr/bin/containerd`) driven with `ctr`, or with its CRI plugin on and driven through `super::cri` as the kubelet does, plus hosts.toml writing.
+//! The real client: a private containerd driven with `ctr`, or with its CRI plugin on and
+//! driven through `super::cri` as the kubelet does, plus hosts.toml writing. Three releases
+//! ([`Release`]): Debian bookworm's 1.6 (`/usr/bin/containerd`), and trixie's 1.7 and sid's 2.1
+//! as `tests/fetch-containerd.sh` extracts them.
 //!
 //! Verified with containerd 1.6.20 (see tests/harness/containerd.rs):
 //! * Every request to a host that is not the ref's own registry host (mirror
@@ -50,8 +53,68 @@ use super::cri::Cri;
 use super::netns::{Netns, command_in};
 use super::{check_status, kill_and_reap, log_tail};
 
-pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
-pub const CTR_BIN: &str = "/usr/bin/ctr";
+/// Where `tests/fetch-containerd.sh` extracts the releases beside the system's (one
+/// directory per Debian suite); `PULLCACHE_CONTAINERD_DIR` overrides it.
+const RELEASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/containerd");
+
+/// A containerd release the end-to-end tests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Release {
+    /// 1.6.20, Debian bookworm's, the system's own.
+    #[default]
+    V1_6,
+    /// 1.7.24, Debian trixie's.
+    V1_7,
+    /// 2.1.9, Debian sid's: config version 3, and `ctr` pulls through the daemon's transfer
+    /// service.
+    V2_1,
+}
+
+impl Release {
+    pub const ALL: [Release; 3] = [Release::V1_6, Release::V1_7, Release::V2_1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Release::V1_6 => "containerd 1.6",
+            Release::V1_7 => "containerd 1.7",
+            Release::V2_1 => "containerd 2.1",
+        }
+    }
+
+    fn bin_dir(self) -> PathBuf {
+        let suite = match self {
+            Release::V1_6 => return PathBuf::from("/usr/bin"),
+            Release::V1_7 => "trixie",
+            Release::V2_1 => "sid",
+        };
+        let root =
+            std::env::var_os("PULLCACHE_CONTAINERD_DIR").map_or_else(|| PathBuf::from(RELEASES_DIR), PathBuf::from);
+        root.join(suite).join("usr/bin")
+    }
+
+    /// Its daemon binary. Err, naming the fix, when it is not there.
+    pub fn containerd(self) -> Result<PathBuf> {
+        let bin = self.bin_dir().join("containerd");
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} is not at {}: run tests/install-deps.sh (tests/fetch-containerd.sh fetches it)",
+            self.name(),
+            bin.display()
+        );
+        Ok(bin)
+    }
+
+    /// Its `ctr`.
+    pub fn ctr(self) -> PathBuf {
+        self.bin_dir().join("ctr")
+    }
+
+    /// Whether `ctr images pull` is fetched by the daemon (2.x: the transfer service, with the
+    /// daemon's environment) rather than by `ctr` itself.
+    pub fn ctr_pulls_in_daemon(self) -> bool {
+        self == Release::V2_1
+    }
+}
 /// Snapshotter used for unpacking: `native` needs no mounts (works in any sandbox,
 /// nothing to clean up). `overlayfs` also works on this machine but leaves
 /// mounts behind if containerd is killed mid-unpack.
@@ -70,19 +133,20 @@ pub enum Puller {
 }
 
 impl Puller {
-    /// A containerd this puller can pull with: with CRI, its `config_path` is `hosts`.
-    pub async fn start(self, hosts: &Path) -> Result<Containerd> {
-        match self {
-            Puller::Ctr => Containerd::start().await,
-            Puller::Cri => Containerd::start_cri(hosts).await,
-        }
+    /// A `release` containerd this puller can pull with: with CRI, its `config_path` is `hosts`.
+    pub async fn start(self, release: Release, hosts: &Path) -> Result<Containerd> {
+        let options = match self {
+            Puller::Ctr => ContainerdOptions::default(),
+            Puller::Cri => ContainerdOptions::cri(hosts),
+        };
+        Containerd::start_with(options.of(release)).await
     }
 }
 
 /// Runs `pullcache containerd-config install --certs-dir CERTS_D --mirror MIRROR --registry
 /// REGISTRY`, the real binary, as an operator wires a node. With `containerd`, also
-/// `--containerd-config <its config> --strict`: it fails unless that containerd's CRI
-/// `config_path` is `certs_d`.
+/// `--containerd-config <its config> --containerd-bin <its binary> --strict`: it fails unless
+/// that containerd's CRI `config_path` (set in a drop-in its config imports) is `certs_d`.
 pub fn containerd_config_install(
     certs_d: &Path,
     mirror: &str,
@@ -97,7 +161,9 @@ pub fn containerd_config_install(
         Some(containerd) => cmd
             .arg("--strict")
             .arg("--containerd-config")
-            .arg(containerd.config_path()),
+            .arg(containerd.config_path())
+            .arg("--containerd-bin")
+            .arg(containerd.release.containerd()?),
         None => cmd.args(["--containerd-config", "/nonexistent/config.toml"]),
     };
     let out = cmd.output().context("running pullcache containerd-config install")?;
@@ -109,6 +175,8 @@ pub fn containerd_config_install(
 /// in the current network namespace.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerdOptions {
+    /// Which containerd.
+    pub release: Release,
     /// Where containerd and every `ctr` run (in 1.6 a `ctr` pull is fetched by `ctr` itself).
     pub netns: Option<Netns>,
     /// The parent of its temp dir; keep that path short, the sockets are in it. Default /tmp.
@@ -129,6 +197,11 @@ impl ContainerdOptions {
             ..ContainerdOptions::default()
         }
     }
+
+    /// These options, for `release`.
+    pub fn of(self, release: Release) -> ContainerdOptions {
+        ContainerdOptions { release, ..self }
+    }
 }
 
 /// A private containerd with its own root, state and sockets in a tempdir
@@ -140,6 +213,9 @@ pub struct Containerd {
     /// Where containerd and every `ctr` run: in 1.6 a pull is fetched by `ctr` itself.
     netns: Option<Netns>,
     cri: bool,
+    release: Release,
+    /// The daemon's own environment on top of a proxy-free one.
+    env: Vec<(String, String)>,
 }
 
 impl Containerd {
@@ -170,6 +246,7 @@ impl Containerd {
     /// calls until it has recovered its state, a moment after the socket serves).
     pub async fn start_with(options: ContainerdOptions) -> Result<Containerd> {
         let ContainerdOptions {
+            release,
             netns,
             parent,
             cri_config_path,
@@ -183,18 +260,17 @@ impl Containerd {
             .context("creating containerd tempdir")?;
         let d = dir.path();
         let socket = d.join("c.sock");
-        let config = daemon_config(d, &socket, cri_config_path.as_deref());
-        let config_path = d.join("config.toml");
-        std::fs::write(&config_path, config).context("writing containerd config")?;
+        let config_path = write_daemon_config(release, d, &socket, cri_config_path.as_deref())?;
+        let bin = release.containerd()?;
         let log_path = d.join("containerd.log");
         let log = std::fs::File::create(&log_path).context("creating containerd log")?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut cmd = command_in(netns.as_ref(), CONTAINERD_BIN);
+        let mut cmd = command_in(netns.as_ref(), &bin);
         without_proxy(&mut cmd);
         for var in ["NO_PROXY", "no_proxy", "SSL_CERT_DIR"] {
             cmd.env_remove(var);
         }
-        cmd.envs(env);
+        cmd.envs(env.clone());
         let mut child = cmd
             .arg("--config")
             .arg(&config_path)
@@ -203,7 +279,7 @@ impl Containerd {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("spawning {CONTAINERD_BIN} (is containerd installed?)"))?;
+            .with_context(|| format!("spawning {}", bin.display()))?;
 
         let ctd = loop {
             if let Some(status) = child.try_wait()? {
@@ -212,13 +288,15 @@ impl Containerd {
                     log_tail(&log_path, 40)
                 );
             }
-            if socket.exists() && ready(netns.as_ref(), &socket, cri_config_path.is_some()).await {
+            if socket.exists() && ready(release, netns.as_ref(), &socket, cri_config_path.is_some()).await {
                 break Containerd {
                     child: Some(child),
                     dir,
                     socket,
                     netns,
                     cri: cri_config_path.is_some(),
+                    release,
+                    env,
                 };
             }
             if Instant::now() > deadline {
@@ -232,6 +310,11 @@ impl Containerd {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         Ok(ctd)
+    }
+
+    /// Which containerd this is.
+    pub fn release(&self) -> Release {
+        self.release
     }
 
     /// A CRI client on this containerd's socket (started with the CRI plugin on).
@@ -289,12 +372,19 @@ impl Containerd {
     /// Run `ctr -a SOCK -n default ARGS...` (bounded by `timeout`); returns the
     /// output whatever the exit status.
     pub async fn ctr_raw(&self, args: &[&str], timeout: Duration) -> Result<Output> {
-        ctr_output(self.netns.as_ref(), &self.socket, args, timeout).await
+        ctr_output(&self.release.ctr(), self.netns.as_ref(), &self.socket, args, timeout).await
     }
 
     /// Like [`Containerd::ctr_raw`] with a 30 s bound, but a non-zero exit is an error.
     pub async fn ctr(&self, args: &[&str]) -> Result<Output> {
-        let out = ctr_output(self.netns.as_ref(), &self.socket, args, Duration::from_secs(30)).await?;
+        let out = ctr_output(
+            &self.release.ctr(),
+            self.netns.as_ref(),
+            &self.socket,
+            args,
+            Duration::from_secs(30),
+        )
+        .await?;
         check_status(&format!("ctr {}", args.join(" ")), out)
     }
 
@@ -310,7 +400,14 @@ impl Containerd {
         let mut args = vec!["images", "pull", "--hosts-dir", hosts, "--snapshotter", SNAPSHOTTER];
         args.extend_from_slice(extra);
         args.push(image_ref);
-        let out = ctr_output(self.netns.as_ref(), &self.socket, &args, PULL_TIMEOUT).await?;
+        let out = ctr_output(
+            &self.release.ctr(),
+            self.netns.as_ref(),
+            &self.socket,
+            &args,
+            PULL_TIMEOUT,
+        )
+        .await?;
         check_status(&format!("ctr images pull {image_ref}"), out)
     }
 
@@ -350,7 +447,13 @@ impl Containerd {
         ca_bundle: &Path,
         timeout: Duration,
     ) -> Result<Output> {
-        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, NAMESPACE, args);
+        // 2.x: the daemon fetches, with the environment it was started with.
+        anyhow::ensure!(
+            !self.release.ctr_pulls_in_daemon() || self.env == proxy_env(proxy, ca_bundle),
+            "{} pulls in the daemon: start it with ContainerdOptions::env = proxy_env({proxy}, ..)",
+            self.release.name()
+        );
+        let mut cmd = ctr_command(&self.release.ctr(), self.netns.as_ref(), &self.socket, NAMESPACE, args);
         set_proxy_env(&mut cmd, proxy, ca_bundle);
         output_within(cmd, &format!("ctr {} (via proxy {proxy})", args.join(" ")), timeout).await
     }
@@ -404,7 +507,7 @@ impl Containerd {
 
     /// Like [`Containerd::ctr`], in `namespace` (`ctr -n NAMESPACE`).
     pub async fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<Output> {
-        let mut cmd = ctr_command(self.netns.as_ref(), &self.socket, namespace, args);
+        let mut cmd = ctr_command(&self.release.ctr(), self.netns.as_ref(), &self.socket, namespace, args);
         without_proxy(&mut cmd);
         let what = format!("ctr -n {namespace} {}", args.join(" "));
         check_status(&what, output_within(cmd, &what, Duration::from_secs(30)).await?)
@@ -432,29 +535,53 @@ impl Drop for Containerd {
     }
 }
 
-/// The daemon's config.toml for a temp dir `d`. With `cri_config_path`, the CRI plugin is on:
-/// images unpack with the `native` snapshotter, its registry hosts come from that certs.d,
-/// and CNI points at empty dirs inside `d` (the plugin loads without any CNI config: it
-/// logs "failed to load cni during init" and its image service works).
-fn daemon_config(d: &Path, socket: &Path, cri_config_path: Option<&Path>) -> String {
-    let cri_disabled = if cri_config_path.is_some() {
-        ""
+/// Writes the daemon's config.toml for a temp dir `d`, in `release`'s layout (version 2 for
+/// 1.x, 3 for 2.x), and returns its path. With `cri_config_path`, the CRI plugin is on: images
+/// unpack with the `native` snapshotter, its registry hosts come from that certs.d, and CNI
+/// points at empty dirs inside `d` (the plugin loads without any CNI config: it logs "failed
+/// to load cni during init" and its image service works). The CRI settings live in a drop-in,
+/// `conf.d/cri.toml`, that the main file imports, as distributions ship them: `pullcache
+/// containerd-config install` must read it to find `config_path`.
+fn write_daemon_config(release: Release, d: &Path, socket: &Path, cri_config_path: Option<&Path>) -> Result<PathBuf> {
+    let v2 = release != Release::V2_1;
+    // Nothing outside `d`: `opt` makes /opt/containerd, NRI a socket in /run/nri (1.7, 2.1).
+    let mut disabled = vec![
+        "io.containerd.snapshotter.v1.btrfs",
+        "io.containerd.snapshotter.v1.devmapper",
+        "io.containerd.snapshotter.v1.zfs",
+        "io.containerd.tracing.processor.v1.otlp",
+        "io.containerd.internal.v1.tracing",
+        "io.containerd.internal.v1.opt",
+    ];
+    if release != Release::V1_6 {
+        disabled.push("io.containerd.nri.v1.nri");
+    }
+    if v2 {
+        disabled.push("io.containerd.snapshotter.v1.aufs");
     } else {
-        "\n  \"io.containerd.grpc.v1.cri\","
-    };
+        disabled.extend([
+            "io.containerd.snapshotter.v1.blockfile",
+            "io.containerd.snapshotter.v1.erofs",
+        ]);
+    }
+    if cri_config_path.is_none() {
+        disabled.push("io.containerd.grpc.v1.cri");
+        if !v2 {
+            disabled.extend([
+                "io.containerd.cri.v1.images",
+                "io.containerd.cri.v1.runtime",
+                "io.containerd.podsandbox.controller.v1.podsandbox",
+                "io.containerd.grpc.v1.sandbox-controllers",
+            ]);
+        }
+    }
+    let conf_d = d.join("conf.d");
     let mut config = format!(
-        r#"version = 2
+        r#"version = {version}
 root = "{root}"
 state = "{state}"
-disabled_plugins = [{cri_disabled}
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
+imports = ["{imports}"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{grpc}"
@@ -469,14 +596,35 @@ disabled_plugins = [{cri_disabled}
 [metrics]
   address = ""
 "#,
+        version = if v2 { 2 } else { 3 },
         root = d.join("root").display(),
         state = d.join("state").display(),
+        // Absolute: 1.x resolves a relative pattern against its working directory.
+        imports = conf_d.join("*.toml").display(),
+        disabled = disabled.iter().map(|p| format!("\n  \"{p}\",")).collect::<String>() + "\n",
         grpc = socket.display(),
         ttrpc = d.join("t.sock").display(),
     );
-    if let Some(certs_d) = cri_config_path {
+    if !v2 {
+        // `ctr images pull` unpacks through the transfer service: with the native snapshotter.
         config.push_str(&format!(
             r#"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "{SNAPSHOTTER}"
+"#
+        ));
+    }
+    std::fs::create_dir_all(&conf_d).context("creating containerd conf.d")?;
+    if let Some(certs_d) = cri_config_path {
+        let (cni_bin, cni_conf, certs_d) = (
+            d.join("cni-bin").display().to_string(),
+            d.join("cni-conf").display().to_string(),
+            certs_d.display(),
+        );
+        let cri = if v2 {
+            format!(
+                r#"version = 2
 [plugins."io.containerd.grpc.v1.cri"]
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{SNAPSHOTTER}"
@@ -485,19 +633,32 @@ disabled_plugins = [{cri_disabled}
     conf_dir = "{cni_conf}"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs_d}"
-"#,
-            cni_bin = d.join("cni-bin").display(),
-            cni_conf = d.join("cni-conf").display(),
-            certs_d = certs_d.display(),
-        ));
+"#
+            )
+        } else {
+            format!(
+                r#"version = 3
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "{SNAPSHOTTER}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{certs_d}"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dir = "{cni_bin}"
+  conf_dir = "{cni_conf}"
+"#
+            )
+        };
+        std::fs::write(conf_d.join("cri.toml"), cri).context("writing containerd conf.d/cri.toml")?;
     }
-    config
+    let path = d.join("config.toml");
+    std::fs::write(&path, config).context("writing containerd config")?;
+    Ok(path)
 }
 
 /// Whether a starting containerd serves: `ctr version` answers and, with CRI, so does the CRI
 /// image service.
-async fn ready(netns: Option<&Netns>, socket: &Path, cri: bool) -> bool {
-    let out = ctr_output(netns, socket, &["version"], Duration::from_secs(3)).await;
+async fn ready(release: Release, netns: Option<&Netns>, socket: &Path, cri: bool) -> bool {
+    let out = ctr_output(&release.ctr(), netns, socket, &["version"], Duration::from_secs(3)).await;
     if !matches!(&out, Ok(o) if o.status.success()) {
         return false;
     }
@@ -534,8 +695,8 @@ pub const PROXY_VARS: [&str; 6] = [
 ];
 
 /// `ctr -a SOCKET -n NAMESPACE ARGS...`, output captured, killed when dropped.
-fn ctr_command(netns: Option<&Netns>, socket: &Path, namespace: &str, args: &[&str]) -> Command {
-    let mut cmd = command_in(netns, CTR_BIN);
+fn ctr_command(ctr: &Path, netns: Option<&Netns>, socket: &Path, namespace: &str, args: &[&str]) -> Command {
+    let mut cmd = command_in(netns, ctr);
     cmd.arg("-a").arg(socket).arg("-n").arg(namespace).args(args);
     captured(&mut cmd);
     cmd
@@ -565,8 +726,14 @@ pub async fn output_within(mut cmd: Command, what: &str, timeout: Duration) -> R
     }
 }
 
-async fn ctr_output(netns: Option<&Netns>, socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
-    let mut cmd = ctr_command(netns, socket, NAMESPACE, args);
+async fn ctr_output(
+    ctr: &Path,
+    netns: Option<&Netns>,
+    socket: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Output> {
+    let mut cmd = ctr_command(ctr, netns, socket, NAMESPACE, args);
     without_proxy(&mut cmd);
     output_within(cmd, &format!("ctr {}", args.join(" ")), timeout).await
 }
