@@ -238,8 +238,10 @@ fn each_release_reads_config_path_as_pullcache_expects() {
     const REGISTRY_BARE: &str = "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/drop-in\"\n";
     const REGISTRY_V2: &str =
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/drop-in\"\n";
-    // (main, drop-in, what 1.6, 1.7 and 2.1 read: None = not read, or refused)
-    let cases: [(&str, Option<&str>, [Option<&str>; 3]); 7] = [
+    /// What 1.6, 1.7 and 2.1 read: None = not read, or refused.
+    type Reads = [Option<&'static str>; 3];
+    // (main, drop-in, reads)
+    let cases: [(&str, Option<&str>, Reads); 7] = [
         (V2, None, [Some("/main"), Some("/main"), Some("/main")]),
         (V3, None, [None, None, Some("/main")]),
         (V1, None, [Some("/main"), Some("/main"), None]),
