@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use support::containerd::{
-    Containerd, Puller, Release, containerd_config_install, write_hosts_toml, write_hosts_toml_server_only,
+    Containerd, ContainerdOptions, Puller, Release, containerd_config_install, write_hosts_toml,
+    write_hosts_toml_server_only,
 };
 use support::images::{PushedImage, push_docker_image, push_oci_image, push_oci_index};
 use support::pullcache::Pullcache;
 use support::registry::Registry;
+use support::spy::SpyServer;
 
 /// A registry name that only pullcache resolves (through `--upstream`).
 const REGISTRY: &str = "registry.test";
@@ -165,5 +167,66 @@ async fn docker_hub_names_get_the_library_prefix() -> anyhow::Result<()> {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["docker-content-digest"], image.manifest_digest.as_str());
     assert_eq!(resp.bytes().await?, image.manifest);
+    Ok(())
+}
+
+/// containerd 2.1's parallel layer fetch, cold, through pullcache: each layer is asked for in
+/// 4 MiB chunks, four at a time, each an open-ended `Range: bytes=N-`. Every chunk is served
+/// from the one upstream download while it runs, the image unpacks (containerd checks the
+/// layer's digest), and the registry sees one GET per blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_2_1_fetches_a_layer_in_parallel_chunks_from_one_upstream_download() -> anyhow::Result<()> {
+    const CHUNK: u64 = 4 * 1024 * 1024;
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/big", "v1", &[22 * 1024 * 1024]).await?;
+    let cache = tempfile::tempdir()?;
+    let hosts = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(3600)).await?;
+    let spy = SpyServer::start_forwarding(pullcache.addr).await?;
+    write_hosts_toml(hosts.path(), REGISTRY, DEAD_SERVER, &spy.url());
+    let ctd = Containerd::start_with(
+        ContainerdOptions {
+            parallel_fetch: Some(CHUNK),
+            ..ContainerdOptions::default()
+        }
+        .of(Release::V2_1),
+    )
+    .await?;
+    let reference = image.reference(REGISTRY);
+    ctd.pull(&reference, hosts.path()).await?;
+    assert!(ctd.is_unpacked(&reference).await?);
+
+    let layer = image.layers()[0];
+    let mut ranges: Vec<u64> = spy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path().ends_with(&layer.digest))
+        .map(|r| {
+            let range = r.header("range").unwrap_or("none");
+            range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not an open-ended range: {range}"))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let chunks: Vec<u64> = (0..layer.size).step_by(CHUNK as usize).collect();
+    assert!(chunks.len() >= 5, "the layer is too small to be fetched in parallel");
+    assert_eq!(
+        ranges, chunks,
+        "containerd did not fetch the layer in chunks through pullcache"
+    );
+    for blob in &image.blobs {
+        let gets = upstream
+            .wait_access_log_count("GET", &blob.digest, 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(gets, 1, "{} fetched {gets} times upstream", blob.digest);
+        assert!(
+            pullcache.stored_blobs().contains(&blob.digest),
+            "{} not cached",
+            blob.digest
+        );
+    }
     Ok(())
 }

@@ -187,6 +187,11 @@ pub struct ContainerdOptions {
     /// The daemon's own environment on top of a proxy-free one (see [`Containerd::start_with`]):
     /// what a CRI pull sees, e.g. [`proxy_env`] for intercept mode.
     pub env: Vec<(String, String)>,
+    /// 2.1's parallel layer fetch: each layer in chunks of this many bytes, four at a time
+    /// (`concurrent_layer_fetch_buffer` and `max_concurrent_downloads` of the transfer
+    /// service, which `ctr` and CRI pulls both go through), each an open-ended `Range:
+    /// bytes=N-` request.
+    pub parallel_fetch: Option<u64>,
 }
 
 impl ContainerdOptions {
@@ -247,6 +252,7 @@ impl Containerd {
     pub async fn start_with(options: ContainerdOptions) -> Result<Containerd> {
         let ContainerdOptions {
             release,
+            parallel_fetch,
             netns,
             parent,
             cri_config_path,
@@ -260,7 +266,12 @@ impl Containerd {
             .context("creating containerd tempdir")?;
         let d = dir.path();
         let socket = d.join("c.sock");
-        let config_path = write_daemon_config(release, d, &socket, cri_config_path.as_deref())?;
+        anyhow::ensure!(
+            parallel_fetch.is_none() || release == Release::V2_1,
+            "{} has no parallel layer fetch",
+            release.name()
+        );
+        let config_path = write_daemon_config(release, d, &socket, cri_config_path.as_deref(), parallel_fetch)?;
         let bin = release.containerd()?;
         let log_path = d.join("containerd.log");
         let log = std::fs::File::create(&log_path).context("creating containerd log")?;
@@ -542,7 +553,13 @@ impl Drop for Containerd {
 /// to load cni during init" and its image service works). The CRI settings live in a drop-in,
 /// `conf.d/cri.toml`, that the main file imports, as distributions ship them: `pullcache
 /// containerd-config install` must read it to find `config_path`.
-fn write_daemon_config(release: Release, d: &Path, socket: &Path, cri_config_path: Option<&Path>) -> Result<PathBuf> {
+fn write_daemon_config(
+    release: Release,
+    d: &Path,
+    socket: &Path,
+    cri_config_path: Option<&Path>,
+    parallel_fetch: Option<u64>,
+) -> Result<PathBuf> {
     let v2 = release != Release::V2_1;
     // Nothing outside `d`: `opt` makes /opt/containerd, NRI a socket in /run/nri (1.7, 2.1).
     let mut disabled = vec![
@@ -607,6 +624,12 @@ disabled_plugins = [{disabled}]
     );
     if !v2 {
         // `ctr images pull` unpacks through the transfer service: with the native snapshotter.
+        config.push_str("\n[plugins.\"io.containerd.transfer.v1.local\"]\n");
+        if let Some(chunk) = parallel_fetch {
+            config.push_str(&format!(
+                "  concurrent_layer_fetch_buffer = {chunk}\n  max_concurrent_downloads = 4\n"
+            ));
+        }
         config.push_str(&format!(
             r#"
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
