@@ -36,6 +36,9 @@ pub enum RequestError {
     Unsupported { operation: &'static str },
     #[error("no such route: {path}")]
     NoRoute { path: String },
+    /// A listing's query that no registry could take.
+    #[error("bad query: {reason}")]
+    Query { reason: &'static str },
     /// A manifest reference that is neither a digest nor a valid tag: no registry can hold
     /// it, so it is unknown (the distribution spec's 404), and nothing is asked upstream.
     #[error("manifest {reference:?} cannot exist: not a valid tag")]

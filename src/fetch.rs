@@ -12,10 +12,22 @@ use sha2::{Digest as _, Sha256};
 use crate::oci::{AcceptClass, Clearance, Digest, Location, Reference, Registry, Repository};
 
 /// What is fetched; it decides the path and how a 404 reads to clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resource {
     Manifest,
     Blob,
+    /// A repository's tag list (`/tags/list`), passed through and never stored.
+    Tags,
+    /// The manifests that name a digest as their subject (`/referrers/<digest>`), passed
+    /// through and never stored.
+    Referrers,
+}
+
+impl Resource {
+    /// Whether it is a listing, passed through rather than stored.
+    pub fn is_listing(self) -> bool {
+        matches!(self, Resource::Tags | Resource::Referrers)
+    }
 }
 
 impl fmt::Display for Resource {
@@ -23,6 +35,8 @@ impl fmt::Display for Resource {
         f.write_str(match self {
             Resource::Manifest => "manifests",
             Resource::Blob => "blobs",
+            Resource::Tags => "tags",
+            Resource::Referrers => "referrers",
         })
     }
 }
@@ -136,6 +150,8 @@ pub struct Fetch {
     /// What the client it is for was cleared for at its location; a peer serves content
     /// private to the location only to a cleared asker.
     pub clearance: Option<Clearance>,
+    /// A listing's query string (`n`, `last`, `artifactType`), already validated and encoded.
+    pub query: Option<String>,
 }
 
 impl Fetch {
@@ -156,6 +172,7 @@ impl Fetch {
             from: None,
             credential: Credential::Own,
             clearance: None,
+            query: None,
         }
     }
 
@@ -170,6 +187,31 @@ impl Fetch {
             from: None,
             credential: Credential::Own,
             clearance: None,
+            query: None,
+        }
+    }
+
+    /// A GET of a listing: the tag list (`reference` is ignored), or the referrers of the
+    /// digest `reference` names; `query` as [`Fetch::query`].
+    pub fn listing(
+        registry: &Registry,
+        repository: &Repository,
+        resource: Resource,
+        reference: Reference,
+        query: Option<String>,
+    ) -> Fetch {
+        debug_assert!(resource.is_listing());
+        Fetch {
+            method: Method::GET,
+            registry: registry.clone(),
+            repository: repository.clone(),
+            resource,
+            reference,
+            accept: None,
+            from: None,
+            credential: Credential::Own,
+            clearance: None,
+            query,
         }
     }
 
@@ -193,17 +235,26 @@ impl Fetch {
         Fetch { from, ..self.clone() }
     }
 
-    /// The digest it names, when it names one: only content by digest can come from a peer.
+    /// The digest it names, when it names content by one: only that can come from a peer (a
+    /// listing, referrers of a digest included, never does).
     pub fn digest(&self) -> Option<&Digest> {
         match &self.reference {
-            Reference::Digest(digest) => Some(digest),
-            Reference::Tag(_) => None,
+            Reference::Digest(digest) if !self.resource.is_listing() => Some(digest),
+            _ => None,
         }
     }
 
-    /// `/v2/<repository>/<manifests|blobs>/<reference>`.
+    /// `/v2/<repository>/<manifests|blobs|referrers>/<reference>` or
+    /// `/v2/<repository>/tags/list`, with a listing's query.
     pub fn path(&self) -> String {
-        format!("/v2/{}/{}/{}", self.repository, self.resource, self.reference)
+        let path = match self.resource {
+            Resource::Tags => format!("/v2/{}/tags/list", self.repository),
+            _ => format!("/v2/{}/{}/{}", self.repository, self.resource, self.reference),
+        };
+        match &self.query {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        }
     }
 
     /// A request for `uri` with the method, `Accept` and `Range` of this fetch; the caller
@@ -226,6 +277,8 @@ impl Fetch {
             (Resource::Manifest, true) => "manifest_head",
             (Resource::Blob, false) => "blob",
             (Resource::Blob, true) => "blob_head",
+            (Resource::Tags, _) => "tags",
+            (Resource::Referrers, _) => "referrers",
         }
     }
 }

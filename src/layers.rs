@@ -19,8 +19,9 @@ pub const LAYERS: &[&[&str]] = &[
     &["error"],
     // The one chain of sources.
     &["sources"],
-    // Blobs (one flight per digest) and manifests (tags, coalesced lookups).
-    &["flight", "manifests"],
+    // Blobs (one flight per digest), manifests (tags, coalesced lookups) and listings (tag
+    // lists and referrers, passed through).
+    &["flight", "manifests", "listings"],
     // The listeners: the registry API, the peer port, the admin port.
     &["server", "metrics"],
     // Settings for all of the above, from flags, environment and file.

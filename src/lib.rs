@@ -30,6 +30,7 @@ pub mod flight;
 pub mod intercept;
 pub mod layers;
 pub mod listener;
+pub mod listings;
 pub mod manifests;
 pub mod metrics;
 pub mod oci;
@@ -136,7 +137,8 @@ pub async fn run(
     let _ = slot.set(server::App {
         authorize: authorize::Authorizer::new(upstreams, config.authorize.clone(), authorize_metrics),
         flights: flight::Flights::new(store.clone(), sources.clone(), flight_metrics),
-        manifests: manifests::Manifests::new(store.clone(), sources.clone(), config.tag_ttl, config.tag_ttls),
+        manifests: manifests::Manifests::new(store.clone(), sources.clone(), config.tag_ttl, config.tag_ttls.clone()),
+        listings: listings::Listings::new(sources.clone(), config.tag_ttl, config.tag_ttls),
         sources,
         metrics: server_metrics,
     });

@@ -131,6 +131,8 @@ pub enum Via {
 pub enum Object<'a> {
     Tag(&'a Tag),
     Digest(Resource, &'a Digest),
+    /// A tag list or referrers: the repository's visibility is asked with its tag list.
+    Listing,
 }
 
 impl Object<'_> {
@@ -138,6 +140,7 @@ impl Object<'_> {
         match self {
             Object::Tag(_) => Resource::Manifest,
             Object::Digest(resource, _) => *resource,
+            Object::Listing => Resource::Tags,
         }
     }
 
@@ -145,6 +148,7 @@ impl Object<'_> {
         match self {
             Object::Tag(tag) => Reference::Tag((*tag).clone()),
             Object::Digest(_, digest) => Reference::Digest((*digest).clone()),
+            Object::Listing => Reference::Tag(Tag::parse("list").expect("a valid tag")),
         }
     }
 }

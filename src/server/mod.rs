@@ -3,6 +3,7 @@
 
 pub mod access;
 mod blobs;
+mod listings;
 mod manifests;
 pub mod peer;
 mod proxy;
@@ -43,6 +44,7 @@ pub struct App {
     pub authorize: Authorizer,
     pub flights: Flights,
     pub manifests: Manifests,
+    pub listings: crate::listings::Listings,
     pub sources: Arc<Sources>,
     pub metrics: Arc<access::Metrics>,
 }
@@ -101,7 +103,7 @@ impl App {
             Err(e) => Outcome::new(response::error(e, head), None),
         };
         let (registry, repo) = match &route {
-            Ok(Route::Manifest { target, .. } | Route::Blob { target, .. }) => {
+            Ok(Route::Manifest { target, .. } | Route::Blob { target, .. } | Route::Listing { target, .. }) => {
                 (target.registry.to_string(), target.repository.to_string())
             }
             _ => (String::new(), String::new()),
@@ -172,6 +174,10 @@ impl App {
                 let object = Object::Digest(Resource::Blob, digest);
                 let access = self.authorize.access(target, object, via, authorization);
                 blobs::serve(self, head, headers, &access, digest, spans).await
+            }
+            Route::Listing { target, listing } => {
+                let access = self.authorize.access(target, Object::Listing, via, authorization);
+                listings::serve(self, head, &access, listing).await
             }
         }
     }

@@ -58,6 +58,15 @@ pub fn tail(tail: Tail, sendfile: Option<(Spans, IntCounter)>) -> Body {
     StreamBody::new(stream).boxed_unsync()
 }
 
+/// The code of a 404 for `resource`: a listing's repository is what is unknown.
+fn unknown(resource: Resource) -> ErrorCode {
+    match resource {
+        Resource::Manifest => ErrorCode::ManifestUnknown,
+        Resource::Blob => ErrorCode::BlobUnknown,
+        Resource::Tags | Resource::Referrers => ErrorCode::NameUnknown,
+    }
+}
+
 /// The status and OCI code for an error, decided by where it came from.
 fn classify(err: &Error) -> (StatusCode, ErrorCode) {
     match err.root() {
@@ -66,6 +75,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             RequestError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
             RequestError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
             RequestError::Range { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid),
+            RequestError::Query { .. } => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             RequestError::Method { .. } | RequestError::Unsupported { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported)
             }
@@ -75,8 +85,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
         },
         Error::Upstream(UpstreamError { kind, .. }) => match kind {
             UpstreamErrorKind::Status { status, resource, .. } => match (*status, resource) {
-                (StatusCode::NOT_FOUND, Resource::Manifest) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
-                (StatusCode::NOT_FOUND, Resource::Blob) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+                (StatusCode::NOT_FOUND, resource) => (StatusCode::NOT_FOUND, unknown(*resource)),
                 (StatusCode::UNAUTHORIZED, _) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
                 (StatusCode::FORBIDDEN, _) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
                 (StatusCode::TOO_MANY_REQUESTS, _) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
@@ -95,10 +104,7 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             UpstreamErrorKind::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
             UpstreamErrorKind::Mismatch(_) => (StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid),
             UpstreamErrorKind::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid),
-            UpstreamErrorKind::Offline { resource, .. } => match resource {
-                Resource::Manifest => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
-                Resource::Blob => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
-            },
+            UpstreamErrorKind::Offline { resource, .. } => (StatusCode::NOT_FOUND, unknown(*resource)),
             UpstreamErrorKind::Request(_)
             | UpstreamErrorKind::Redirect(_)
             | UpstreamErrorKind::TooManyRedirects(_)
@@ -106,10 +112,9 @@ fn classify(err: &Error) -> (StatusCode, ErrorCode) {
             | UpstreamErrorKind::Body(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         },
         Error::Access(e) => match e {
-            AccessError::Bypassed { resource, .. } | AccessError::NotInRepository { resource, .. } => match resource {
-                Resource::Manifest => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
-                Resource::Blob => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
-            },
+            AccessError::Bypassed { resource, .. } | AccessError::NotInRepository { resource, .. } => {
+                (StatusCode::NOT_FOUND, unknown(*resource))
+            }
             AccessError::Unauthorized { status, .. } if *status == StatusCode::FORBIDDEN => {
                 (StatusCode::FORBIDDEN, ErrorCode::Denied)
             }

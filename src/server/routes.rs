@@ -5,6 +5,8 @@
 use http::{Method, Uri};
 
 use crate::error::{Error, RequestError};
+use crate::fetch::Resource;
+use crate::listings::Listing;
 use crate::oci::{Digest, Location, Reference, Registry, Repository, Tag};
 
 /// The longest path and query accepted. The longest valid request (a 255-character name, a
@@ -23,6 +25,66 @@ pub enum Route {
         target: Location,
         digest: Digest,
     },
+    /// `GET /v2/<name>/tags/list` and `GET /v2/<name>/referrers/<digest>`: passed through.
+    Listing { target: Location, listing: Listing },
+}
+
+/// The most tags a client may ask for in one page; larger `n` is sent as this.
+pub const MAX_PAGE: u32 = 10_000;
+
+/// A tag list's query: `n` (at most [`MAX_PAGE`]) and `last`.
+fn tags(query: Option<&str>) -> Result<Listing, Error> {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        let mut any = false;
+        if let Some(n) = param(query, "n") {
+            let n: u32 = n.parse().map_err(|_| RequestError::Query {
+                reason: "n is not a count",
+            })?;
+            out.append_pair("n", &n.min(MAX_PAGE).to_string());
+            any = true;
+        }
+        if let Some(last) = param(query, "last") {
+            let last = Tag::parse(&last).map_err(|_| RequestError::Query {
+                reason: "last is not a tag",
+            })?;
+            out.append_pair("last", last.as_str());
+            any = true;
+        }
+        Ok(Listing {
+            resource: Resource::Tags,
+            subject: None,
+            query: any.then(|| out.finish()),
+        })
+    }
+
+/// Referrers' query: `artifactType`, a media type.
+fn referrers(subject: Digest, query: Option<&str>) -> Result<Listing, Error> {
+        let query = match param(query, "artifactType") {
+            Some(kind) if crate::oci::is_valid_media_type(&kind) => Some(
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("artifactType", &kind)
+                    .finish(),
+            ),
+            Some(_) => {
+                return Err(RequestError::Query {
+                    reason: "artifactType is not a media type",
+                }
+                .into());
+            }
+            None => None,
+        };
+        Ok(Listing {
+            resource: Resource::Referrers,
+            subject: Some(subject),
+            query,
+        })
+}
+
+/// The first value of `name` in a query string.
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 impl Route {
@@ -32,6 +94,10 @@ impl Route {
             Route::Ping => "ping",
             Route::Manifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
+            Route::Listing { listing, .. } => match listing.resource {
+                Resource::Referrers => "referrers",
+                _ => "tags",
+            },
         }
     }
 }
@@ -82,16 +148,19 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
     match (kind, reference) {
         ("manifests" | "blobs", _) if !name.ends_with("/blobs") => {}
         ("tags", "list") => {
-            return Err(RequestError::Unsupported {
-                operation: "tag listing",
-            }
-            .into());
+            read_only()?;
+            return Ok(Route::Listing {
+                target: target(name, uri.query(), host)?,
+                listing: tags(uri.query())?,
+            });
         }
-        ("referrers", _) => {
-            return Err(RequestError::Unsupported {
-                operation: "the referrers API",
-            }
-            .into());
+        ("referrers", digest) => {
+            read_only()?;
+            let subject = digest.parse()?;
+            return Ok(Route::Listing {
+                target: target(name, uri.query(), host)?,
+                listing: referrers(subject, uri.query())?,
+            });
         }
         ("blobs", "uploads") | ("uploads", _) | (_, "uploads") => {
             return Err(RequestError::Unsupported { operation: "pushing" }.into());
@@ -118,11 +187,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
 }
 
 fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Location, Error> {
-    let ns = query.and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "ns")
-            .map(|(_, v)| v.into_owned())
-    });
+    let ns = param(query, "ns");
     let (registry, name) = match ns {
         Some(ns) => (Registry::parse(&ns)?, name),
         None if host.is_some() => (host.cloned().expect("checked"), name),
@@ -145,7 +210,7 @@ mod tests {
 
     fn target_of(uri: &str) -> (String, String) {
         match route(Method::GET, uri).unwrap() {
-            Route::Manifest { target, .. } | Route::Blob { target, .. } => {
+            Route::Manifest { target, .. } | Route::Blob { target, .. } | Route::Listing { target, .. } => {
                 (target.registry.to_string(), target.repository.to_string())
             }
             Route::Ping => panic!("ping"),
@@ -292,14 +357,6 @@ mod tests {
             RequestError::Unsupported { .. }
         ));
         assert!(matches!(
-            request_error(Method::GET, "/v2/a/tags/list"),
-            RequestError::Unsupported { .. }
-        ));
-        assert!(matches!(
-            request_error(Method::GET, "/v2/a/referrers/sha256:x"),
-            RequestError::Unsupported { .. }
-        ));
-        assert!(matches!(
             request_error(Method::GET, "/v2/a/other/x"),
             RequestError::NoRoute { .. }
         ));
@@ -311,5 +368,53 @@ mod tests {
             request_error(Method::GET, "/metrics"),
             RequestError::NoRoute { .. }
         ));
+    }
+
+    fn listing(uri: &str) -> (Location, Listing) {
+        match route(Method::GET, uri).unwrap() {
+            Route::Listing { target, listing } => (target, listing),
+            other => panic!("not a listing: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listings_carry_only_what_the_spec_defines() {
+        let (target, tags) = listing("/v2/team/app/tags/list?ns=ghcr.io&n=10&last=v1.2&junk=x");
+        assert_eq!(target.registry.as_str(), "ghcr.io");
+        assert_eq!(tags.resource, Resource::Tags);
+        assert_eq!(tags.query.as_deref(), Some("n=10&last=v1.2"));
+        assert_eq!(listing("/v2/a/tags/list").1.query, None);
+        let huge = listing("/v2/a/tags/list?n=4000000000").1;
+        assert_eq!(huge.query, Some(format!("n={MAX_PAGE}")));
+        let digest = Digest::of(b"x");
+        let (_, referrers) = listing(&format!(
+            "/v2/a/referrers/{digest}?artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson"
+        ));
+        assert_eq!(referrers.resource, Resource::Referrers);
+        assert_eq!(referrers.subject, Some(digest.clone()));
+        assert_eq!(
+            referrers.query.as_deref(),
+            Some("artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson")
+        );
+        for bad in [
+            "/v2/a/tags/list?n=-1".to_owned(),
+            "/v2/a/tags/list?n=ten".to_owned(),
+            "/v2/a/tags/list?last=../x".to_owned(),
+            format!("/v2/a/referrers/{digest}?artifactType=not%20a%20type"),
+        ] {
+            assert!(
+                matches!(request_error(Method::GET, &bad), RequestError::Query { .. }),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            request_error(Method::GET, "/v2/a/referrers/sha256:x"),
+            RequestError::Digest(_)
+        ));
+        assert!(matches!(
+            request_error(Method::DELETE, "/v2/a/tags/list"),
+            RequestError::Method { .. }
+        ));
+        assert_eq!(route(Method::HEAD, "/v2/a/tags/list").unwrap().kind(), "tags");
     }
 }

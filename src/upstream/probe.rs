@@ -62,8 +62,9 @@ impl Upstreams {
         }
         let mut endpoint = self.endpoint(registry, self.base(registry)?, None)?;
         endpoint.credentials = None;
+        // A listing is asked with a GET of its first tag: a tag list has no HEAD everywhere.
         let req = Fetch {
-            method: Method::HEAD,
+            method: if resource.is_listing() { Method::GET } else { Method::HEAD },
             registry: registry.clone(),
             repository: repository.clone(),
             resource,
@@ -72,6 +73,7 @@ impl Upstreams {
             from: None,
             credential: crate::fetch::Credential::Own,
             clearance: None,
+            query: (resource == Resource::Tags).then(|| "n=1".to_owned()),
         };
         let uri: Uri = format!("{}{}", endpoint.base, req.path())
             .parse()
