@@ -175,9 +175,14 @@ impl App {
                 let access = self.authorize.access(target, object, via, authorization);
                 blobs::serve(self, head, headers, &access, digest, spans).await
             }
-            Route::Listing { target, listing } => {
+            Route::Listing {
+                target,
+                listing,
+                view,
+                base,
+            } => {
                 let access = self.authorize.access(target, Object::Listing, via, authorization);
-                listings::serve(self, head, &access, listing).await
+                listings::serve(self, head, &access, listing, view, base).await
             }
         }
     }

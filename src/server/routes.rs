@@ -6,7 +6,7 @@ use http::{Method, Uri};
 
 use crate::error::{Error, RequestError};
 use crate::fetch::Resource;
-use crate::listings::Listing;
+use crate::listings::{Listing, View};
 use crate::oci::{Digest, Location, Reference, Registry, Repository, Tag};
 
 /// The longest path and query accepted. The longest valid request (a 255-character name, a
@@ -26,58 +26,91 @@ pub enum Route {
         digest: Digest,
     },
     /// `GET /v2/<name>/tags/list` and `GET /v2/<name>/referrers/<digest>`: passed through.
-    Listing { target: Location, listing: Listing },
+    Listing {
+        target: Location,
+        listing: Listing,
+        view: View,
+        /// The request's path, and its `ns` if it had one: where a next page is linked.
+        base: String,
+    },
 }
 
 /// The most tags a client may ask for in one page; larger `n` is sent as this.
 pub const MAX_PAGE: u32 = 10_000;
 
-/// A tag list's query: `n` (at most [`MAX_PAGE`]) and `last`.
-fn tags(query: Option<&str>) -> Result<Listing, Error> {
-        let mut out = form_urlencoded::Serializer::new(String::new());
-        let mut any = false;
-        if let Some(n) = param(query, "n") {
-            let n: u32 = n.parse().map_err(|_| RequestError::Query {
-                reason: "n is not a count",
-            })?;
-            out.append_pair("n", &n.min(MAX_PAGE).to_string());
-            any = true;
-        }
-        if let Some(last) = param(query, "last") {
-            let last = Tag::parse(&last).map_err(|_| RequestError::Query {
-                reason: "last is not a tag",
-            })?;
-            out.append_pair("last", last.as_str());
-            any = true;
-        }
-        Ok(Listing {
-            resource: Resource::Tags,
-            subject: None,
-            query: any.then(|| out.finish()),
-        })
-    }
+/// A tag list's view: `n` (at most [`MAX_PAGE`]) and `last`.
+fn tags(query: Option<&str>) -> Result<(Listing, View), Error> {
+    let n = match param(query, "n") {
+        Some(n) => Some(
+            n.parse::<u32>()
+                .map_err(|_| RequestError::Query {
+                    reason: "n is not a count",
+                })?
+                .min(MAX_PAGE),
+        ),
+        None => None,
+    };
+    let last = match param(query, "last") {
+        Some(last) => Some(
+            Tag::parse(&last)
+                .map_err(|_| RequestError::Query {
+                    reason: "last is not a tag",
+                })?
+                .as_str()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let listing = Listing {
+        resource: Resource::Tags,
+        subject: None,
+    };
+    Ok((
+        listing,
+        View {
+            n,
+            last,
+            artifact_type: None,
+        },
+    ))
+}
 
-/// Referrers' query: `artifactType`, a media type.
-fn referrers(subject: Digest, query: Option<&str>) -> Result<Listing, Error> {
-        let query = match param(query, "artifactType") {
-            Some(kind) if crate::oci::is_valid_media_type(&kind) => Some(
-                form_urlencoded::Serializer::new(String::new())
-                    .append_pair("artifactType", &kind)
-                    .finish(),
-            ),
-            Some(_) => {
-                return Err(RequestError::Query {
-                    reason: "artifactType is not a media type",
-                }
-                .into());
+/// Referrers' view: `artifactType`, a media type.
+fn referrers(subject: Digest, query: Option<&str>) -> Result<(Listing, View), Error> {
+    let artifact_type = match param(query, "artifactType") {
+        Some(kind) if crate::oci::is_valid_media_type(&kind) => Some(kind),
+        Some(_) => {
+            return Err(RequestError::Query {
+                reason: "artifactType is not a media type",
             }
-            None => None,
-        };
-        Ok(Listing {
-            resource: Resource::Referrers,
-            subject: Some(subject),
-            query,
-        })
+            .into());
+        }
+        None => None,
+    };
+    let listing = Listing {
+        resource: Resource::Referrers,
+        subject: Some(subject),
+    };
+    Ok((
+        listing,
+        View {
+            artifact_type,
+            ..View::default()
+        },
+    ))
+}
+
+/// Where a listing's next page is linked: the request's path, with its `ns`.
+fn base(path: &str, query: Option<&str>) -> String {
+    match param(query, "ns") {
+        Some(ns) => format!(
+            "{path}?{}&",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("ns", &ns)
+                .finish()
+        ),
+        None => format!("{path}?"),
+    }
 }
 
 /// The first value of `name` in a query string.
@@ -149,17 +182,22 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
         ("manifests" | "blobs", _) if !name.ends_with("/blobs") => {}
         ("tags", "list") => {
             read_only()?;
+            let (listing, view) = tags(uri.query())?;
             return Ok(Route::Listing {
                 target: target(name, uri.query(), host)?,
-                listing: tags(uri.query())?,
+                listing,
+                view,
+                base: base(path, uri.query()),
             });
         }
         ("referrers", digest) => {
             read_only()?;
-            let subject = digest.parse()?;
+            let (listing, view) = referrers(digest.parse()?, uri.query())?;
             return Ok(Route::Listing {
                 target: target(name, uri.query(), host)?,
-                listing: referrers(subject, uri.query())?,
+                listing,
+                view,
+                base: base(path, uri.query()),
             });
         }
         ("blobs", "uploads") | ("uploads", _) | (_, "uploads") => {
@@ -370,31 +408,37 @@ mod tests {
         ));
     }
 
-    fn listing(uri: &str) -> (Location, Listing) {
+    fn listing(uri: &str) -> (Location, Listing, View, String) {
         match route(Method::GET, uri).unwrap() {
-            Route::Listing { target, listing } => (target, listing),
+            Route::Listing {
+                target,
+                listing,
+                view,
+                base,
+            } => (target, listing, view, base),
             other => panic!("not a listing: {other:?}"),
         }
     }
 
     #[test]
-    fn listings_carry_only_what_the_spec_defines() {
-        let (target, tags) = listing("/v2/team/app/tags/list?ns=ghcr.io&n=10&last=v1.2&junk=x");
+    fn listings_take_only_what_the_spec_defines() {
+        let (target, tags, view, base) = listing("/v2/team/app/tags/list?ns=ghcr.io&n=10&last=v1.2&junk=x");
         assert_eq!(target.registry.as_str(), "ghcr.io");
         assert_eq!(tags.resource, Resource::Tags);
-        assert_eq!(tags.query.as_deref(), Some("n=10&last=v1.2"));
-        assert_eq!(listing("/v2/a/tags/list").1.query, None);
-        let huge = listing("/v2/a/tags/list?n=4000000000").1;
-        assert_eq!(huge.query, Some(format!("n={MAX_PAGE}")));
+        assert_eq!((view.n, view.last.as_deref()), (Some(10), Some("v1.2")));
+        assert_eq!(base, "/v2/team/app/tags/list?ns=ghcr.io&");
+        assert_eq!(listing("/v2/a/tags/list").2, View::default());
+        assert_eq!(listing("/v2/a/tags/list").3, "/v2/a/tags/list?");
+        assert_eq!(listing("/v2/a/tags/list?n=4000000000").2.n, Some(MAX_PAGE));
         let digest = Digest::of(b"x");
-        let (_, referrers) = listing(&format!(
+        let (_, referrers, view, _) = listing(&format!(
             "/v2/a/referrers/{digest}?artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson"
         ));
         assert_eq!(referrers.resource, Resource::Referrers);
         assert_eq!(referrers.subject, Some(digest.clone()));
         assert_eq!(
-            referrers.query.as_deref(),
-            Some("artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson")
+            view.artifact_type.as_deref(),
+            Some("application/vnd.dev.cosign.artifact.sig.v1+json")
         );
         for bad in [
             "/v2/a/tags/list?n=-1".to_owned(),

@@ -64,7 +64,11 @@ impl Upstreams {
         endpoint.credentials = None;
         // A listing is asked with a GET of its first tag: a tag list has no HEAD everywhere.
         let req = Fetch {
-            method: if resource.is_listing() { Method::GET } else { Method::HEAD },
+            method: if resource.is_listing() {
+                Method::GET
+            } else {
+                Method::HEAD
+            },
             registry: registry.clone(),
             repository: repository.clone(),
             resource,

@@ -127,6 +127,10 @@ async fn skopeo_pulls_through_the_proxy() -> anyhow::Result<()> {
         let gets = s.registry.access_log_count("GET", &layer.digest);
         assert_eq!(gets, 1, "layer {} fetched {gets} times", layer.digest);
     }
+    // Its tag listing passes through too (it used to get 405).
+    let repository = reference.rsplit_once(':').map_or(reference.as_str(), |(r, _)| r);
+    let tags = support::skopeo::list_tags_via_proxy(repository, &proxy, &s.ca_bundle).await?;
+    assert_eq!(tags, [s.image.tag.as_str()]);
     Ok(())
 }
 

@@ -78,3 +78,20 @@ fn copy_command(src: &str, dst: &str, extra_args: &[&str]) -> Command {
 async fn run(cmd: Command, what: &str) -> Result<Output> {
     output_within(cmd, &format!("{what} (is skopeo installed?)"), COPY_TIMEOUT).await
 }
+
+/// `skopeo list-tags docker://REPOSITORY` through `proxy`, as [`copy_via_proxy`]: the tags it
+/// printed (its JSON's `Tags`). Err with stdout/stderr on failure or after 120 s.
+pub async fn list_tags_via_proxy(repository: &str, proxy: &str, ca_bundle: &Path) -> Result<Vec<String>> {
+    let mut cmd = Command::new(SKOPEO_BIN);
+    cmd.args(["list-tags", "--tls-verify=true"])
+        .arg(format!("docker://{repository}"));
+    captured(&mut cmd);
+    set_proxy_env(&mut cmd, proxy, ca_bundle);
+    let what = format!("skopeo list-tags docker://{repository} (via proxy {proxy})");
+    let out = check_status(&what, run(cmd, &what).await?)?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| what.clone())?;
+    Ok(listed["Tags"]
+        .as_array()
+        .map(|tags| tags.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default())
+}
