@@ -197,10 +197,11 @@ fn cert_files(dir: &Path) -> Result<Option<String>, WiringError> {
         .map_err(at(dir))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_file())
+        // A name that is not UTF-8 cannot be written into hosts.toml as it is.
+        .filter(|p| p.is_file() && p.to_str().is_some())
         .collect();
     files.sort();
-    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    let quoted = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
     let cas: Vec<String> = files
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "crt"))
