@@ -53,9 +53,10 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// A pooled client over TLS (and plain HTTP where allowed), resolving names with `R`.
-pub type Client<R = hyper_util::client::legacy::connect::dns::GaiResolver> =
-    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>;
+/// A pooled client over TLS (and plain HTTP where allowed), resolving names with `R`, sending
+/// bodies of type `B`: whole ones, or a client's own streamed on ([`Incoming`]).
+pub type Client<R = hyper_util::client::legacy::connect::dns::GaiResolver, B = Full<Bytes>> =
+    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<R>>, B>;
 
 /// How a [`Client`] connects; what differs between a registry and a peer.
 pub struct ClientOptions {
@@ -69,10 +70,12 @@ pub struct ClientOptions {
 }
 
 /// A client built from `options`, resolving names with `resolver`.
-pub fn client<R>(resolver: R, options: ClientOptions) -> Client<R>
+pub fn client<R, B>(resolver: R, options: ClientOptions) -> Client<R, B>
 where
     R: Service<Name> + Clone + Send + Sync + 'static,
     HttpsConnector<HttpConnector<R>>: Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
 {
     let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
@@ -107,13 +110,16 @@ pub enum SendError {
 }
 
 /// Sends `request`, giving up when the response headers take longer than `header_timeout`.
-pub async fn send<C>(
-    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
-    request: Request<Full<Bytes>>,
+pub async fn send<C, B>(
+    client: &hyper_util::client::legacy::Client<C, B>,
+    request: Request<B>,
     header_timeout: Duration,
 ) -> Result<Response<Incoming>, SendError>
 where
     C: Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
 {
     match tokio::time::timeout(header_timeout, client.request(request)).await {
         Err(_) => Err(SendError::Timeout(header_timeout)),

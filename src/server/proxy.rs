@@ -132,6 +132,10 @@ where
             let Some(app) = app.get() else {
                 return Ok::<_, Infallible>(response::not_ready(req.method() == Method::HEAD));
             };
+            // A push: the registry's own, streamed on with the client's credentials.
+            if routes::passes_through(req.method(), req.uri().path()) {
+                return Ok(push(app.sources.upstreams(), &registry, req).await);
+            }
             let route = routes::parse(req.method(), req.uri(), Some(&registry));
             Ok(match route {
                 // Not a registry API call (a token endpoint, `/v2/auth`): the registry's own.
@@ -166,15 +170,36 @@ async fn forward(upstreams: &Upstreams, registry: &Registry, req: Request<Incomi
         }
     };
     match upstreams.forward(registry, parts, body).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {
-                parts.headers.remove(hop);
-            }
-            Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
-        }
+        Ok(resp) => relay(resp),
         Err(e) => response::error(&e.into(), head),
     }
+}
+
+/// A push on an intercepted host (a blob upload, a manifest `PUT`, a `DELETE`, a blob's
+/// `HEAD`; see [`routes::passes_through`]): passed to the registry as the client sent it, its
+/// body streamed on, and the answer streamed back. Never cached; refused offline.
+async fn push(upstreams: &Upstreams, registry: &Registry, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    if upstreams.is_offline() {
+        let refused = Error::Request(RequestError::Unsupported {
+            operation: "pushing while offline",
+        });
+        return response::error(&refused, head);
+    }
+    let (parts, body) = req.into_parts();
+    match upstreams.push(registry, parts, body).await {
+        Ok(resp) => relay(resp),
+        Err(e) => response::error(&e.into(), head),
+    }
+}
+
+/// A registry's answer, as the client gets it: hop-by-hop headers dropped, the body streamed.
+fn relay(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    for hop in [CONNECTION, TRANSFER_ENCODING, "keep-alive".parse().expect("valid name")] {
+        parts.headers.remove(hop);
+    }
+    Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
 }
 
 fn established() -> Response<Body> {

@@ -135,6 +135,22 @@ impl Route {
     }
 }
 
+/// Whether intercept mode passes a request to the registry untouched: a push (any request
+/// about a blob upload, `/v2/<name>/blobs/uploads/...`, its status `GET` included, or a
+/// manifest or blob written or deleted), or a blob's `HEAD`: a pusher asks it whether the
+/// registry's repository holds the blob, which the cache cannot answer for the registry.
+/// Mirror mode refuses pushes (containerd never pushes to a mirror).
+pub fn passes_through(method: &Method, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v2/").filter(|r| !r.is_empty()) else {
+        return false;
+    };
+    let blob = rest.contains("/blobs/");
+    if rest.contains("/blobs/uploads") || method == Method::HEAD && blob {
+        return true;
+    }
+    method != Method::GET && method != Method::HEAD && (blob || rest.contains("/manifests/"))
+}
+
 /// Parses a request. `host` is the registry an intercepted connection is for; it names the
 /// registry when the request has no `ns`.
 pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Route, Error> {
@@ -460,5 +476,34 @@ mod tests {
             RequestError::Method { .. }
         ));
         assert_eq!(route(Method::HEAD, "/v2/a/tags/list").unwrap().kind(), "tags");
+    }
+
+    #[test]
+    fn what_intercept_mode_passes_through() {
+        let digest = Digest::of(b"x");
+        for (method, path) in [
+            (Method::POST, "/v2/a/b/blobs/uploads/".to_owned()),
+            (Method::POST, format!("/v2/a/blobs/uploads/?mount={digest}&from=c")),
+            (Method::PATCH, "/v2/a/blobs/uploads/uuid".to_owned()),
+            (Method::PUT, format!("/v2/a/blobs/uploads/uuid?digest={digest}")),
+            (Method::GET, "/v2/a/blobs/uploads/uuid".to_owned()),
+            (Method::DELETE, "/v2/a/blobs/uploads/uuid".to_owned()),
+            (Method::PUT, "/v2/a/manifests/v1".to_owned()),
+            (Method::DELETE, format!("/v2/a/manifests/{digest}")),
+            (Method::DELETE, format!("/v2/a/blobs/{digest}")),
+            (Method::HEAD, format!("/v2/a/blobs/{digest}")),
+        ] {
+            assert!(passes_through(&method, &path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, format!("/v2/a/blobs/{digest}")),
+            (Method::GET, "/v2/a/manifests/v1".to_owned()),
+            (Method::HEAD, "/v2/a/manifests/v1".to_owned()),
+            (Method::GET, "/v2/a/tags/list".to_owned()),
+            (Method::POST, "/v2/".to_owned()),
+            (Method::POST, "/token".to_owned()),
+        ] {
+            assert!(!passes_through(&method, &path), "{method} {path}");
+        }
     }
 }

@@ -68,6 +68,8 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 type HttpClient = crate::wire::Client<GuardedResolver>;
+/// A client that streams a client's own request body on: a push, in intercept mode.
+type PushClient = crate::wire::Client<GuardedResolver, Incoming>;
 
 /// An upstream failure, with the registry it concerns. Its message carries the whole chain of
 /// `kind` (logs and OCI error bodies print it); code that classifies walks `kind`'s sources.
@@ -201,20 +203,33 @@ struct Endpoint<'a> {
 
 /// The pooled clients, one per trust set and [`Reach`].
 struct Clients {
-    /// Indexed by [`Clients::slot`].
-    default: [HttpClient; 2],
+    default: ClientSet,
     /// Mapped registries with CAs of their own.
-    with_roots: HashMap<Registry, [HttpClient; 2]>,
+    with_roots: HashMap<Registry, ClientSet>,
+}
+
+/// The clients of one trust set, indexed by [`Clients::slot`].
+struct ClientSet {
+    fetch: [HttpClient; 2],
+    push: [PushClient; 2],
+}
+
+impl ClientSet {
+    fn new(roots: &[CertificateDer<'static>]) -> ClientSet {
+        ClientSet {
+            fetch: [
+                tls::client(roots, Reach::Remote),
+                tls::client(roots, Reach::WithLoopback),
+            ],
+            push: [
+                tls::client(roots, Reach::Remote),
+                tls::client(roots, Reach::WithLoopback),
+            ],
+        }
+    }
 }
 
 impl Clients {
-    fn pair(roots: &[CertificateDer<'static>]) -> [HttpClient; 2] {
-        [
-            tls::client(roots, Reach::Remote),
-            tls::client(roots, Reach::WithLoopback),
-        ]
-    }
-
     fn slot(reach: Reach) -> usize {
         match reach {
             Reach::Remote => 0,
@@ -222,9 +237,16 @@ impl Clients {
         }
     }
 
+    fn set(&self, registry: &Registry) -> &ClientSet {
+        self.with_roots.get(registry).unwrap_or(&self.default)
+    }
+
     fn get(&self, registry: &Registry, reach: Reach) -> &HttpClient {
-        let set = self.with_roots.get(registry).unwrap_or(&self.default);
-        &set[Self::slot(reach)]
+        &self.set(registry).fetch[Self::slot(reach)]
+    }
+
+    fn push(&self, registry: &Registry, reach: Reach) -> &PushClient {
+        &self.set(registry).push[Self::slot(reach)]
     }
 }
 
@@ -262,11 +284,11 @@ impl Upstreams {
             .filter(|(_, r)| !r.roots.is_empty())
             .map(|(name, r)| {
                 let roots: Vec<_> = settings.roots.iter().chain(&r.roots).cloned().collect();
-                (name.clone(), Clients::pair(&roots))
+                (name.clone(), ClientSet::new(&roots))
             })
             .collect();
         let clients = Clients {
-            default: Clients::pair(&settings.roots),
+            default: ClientSet::new(&settings.roots),
             with_roots,
         };
         Upstreams {
@@ -408,6 +430,61 @@ impl Upstreams {
         crate::wire::send(endpoint.client, request, self.header_timeout())
             .await
             .map_err(|e| err(Failure::from(e).kind))
+    }
+
+    /// Sends a push (a blob upload, a manifest `PUT`, a `DELETE`) to the registry's own URL as
+    /// the client sent it: its method, headers (its own credentials included, never
+    /// pullcache's) and body, streamed on as it arrives. No redirect is followed, nothing is
+    /// cached, and no deadline is set on the answer: the registry answers an upload once the
+    /// body is in, however long the client takes to send it.
+    pub async fn push(
+        &self,
+        registry: &Registry,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let err = |kind| UpstreamError::new(registry, kind);
+        debug_assert!(!self.settings.offline, "the caller refuses pushes offline");
+        let base = self.base(registry)?;
+        let endpoint = self.endpoint(registry, base, None)?;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = format!("{}{path}", endpoint.base)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
+        let mut request = Request::builder()
+            .method(parts.method)
+            .uri(uri)
+            .body(body)
+            .expect("request parts are valid");
+        let headers = request.headers_mut();
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                let mut value = value.clone();
+                value.set_sensitive(name == AUTHORIZATION || name == http::header::COOKIE);
+                headers.append(name.clone(), value);
+            }
+        }
+        headers
+            .entry(USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        let client = self.clients.push(registry, self.reach(registry));
+        let mut resp = client
+            .request(request)
+            .await
+            .map_err(|e| err(Failure::from(crate::wire::SendError::Client(e)).kind))?;
+        // An upload's next URL, absolute at the registry's own address (a mapped registry's
+        // URL, not the name the client asked for): the client goes on under that name.
+        let renamed = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|location| location.strip_prefix(&endpoint.base))
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+            .and_then(|rest| HeaderValue::from_str(&format!("https://{registry}{rest}")).ok());
+        if let Some(renamed) = renamed {
+            resp.headers_mut().insert(LOCATION, renamed);
+        }
+        Ok(resp)
     }
 
     /// Sends a request to the registry's mirrors, then to the registry, and returns the first

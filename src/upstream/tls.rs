@@ -9,7 +9,6 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use super::HttpClient;
 use super::resolve::{GuardedResolver, Reach};
 
 /// Giving up on a TCP connect to a registry after this long.
@@ -28,7 +27,11 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 }
 
 /// A client trusting the public roots plus `extra`, connecting only where `reach` allows.
-pub(super) fn client(extra: &[CertificateDer<'static>], reach: Reach) -> HttpClient {
+pub(super) fn client<B>(extra: &[CertificateDer<'static>], reach: Reach) -> crate::wire::Client<GuardedResolver, B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);

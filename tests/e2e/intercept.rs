@@ -113,7 +113,7 @@ async fn containerd_pulls_through_the_proxy(release: Release) -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skopeo_pulls_through_the_proxy() -> anyhow::Result<()> {
+async fn skopeo_pulls_lists_tags_and_pushes_through_the_proxy() -> anyhow::Result<()> {
     let s = setup().await?;
     let proxy = s.pullcache.url();
     let reference = s.image.reference(REGISTRY);
@@ -131,6 +131,71 @@ async fn skopeo_pulls_through_the_proxy() -> anyhow::Result<()> {
     let repository = reference.rsplit_once(':').map_or(reference.as_str(), |(r, _)| r);
     let tags = support::skopeo::list_tags_via_proxy(repository, &proxy, &s.ca_bundle).await?;
     assert_eq!(tags, [s.image.tag.as_str()]);
+
+    // And a push, the other way: each blob (larger than what pullcache buffers of a request
+    // it forwards) streamed to the registry with skopeo's own credentials (none here), the
+    // manifest after. It reaches the registry, and pulls back the same.
+    let pushed = format!("{REGISTRY}/pushed/app:v1");
+    support::skopeo::push_via_proxy(dest.path(), &pushed, &proxy, &s.ca_bundle).await?;
+    s.registry.settle().await?;
+    assert!(
+        s.registry.access_log_count("PUT", "/v2/pushed/app/manifests/v1") >= 1,
+        "the manifest PUT did not reach the registry"
+    );
+    let back = tempfile::tempdir()?;
+    support::skopeo::copy_via_proxy(&pushed, back.path(), &proxy, &s.ca_bundle).await?;
+    assert_eq!(std::fs::read(back.path().join("manifest.json"))?, s.image.manifest);
+    assert!(
+        s.pullcache.stored_blobs().len() <= s.image.blobs.len() + 1,
+        "a push left something in the cache"
+    );
+    Ok(())
+}
+
+/// containerd 2.1 pushes through its transfer service, in the daemon, through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_2_1_pushes_through_the_proxy() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let proxy = s.pullcache.url();
+    let reference = s.image.reference(REGISTRY);
+    let ctd = Containerd::start_with(
+        ContainerdOptions {
+            env: proxy_env(&proxy, &s.ca_bundle),
+            ..ContainerdOptions::default()
+        }
+        .of(Release::V2_1),
+    )
+    .await?;
+    ctd.pull_via_proxy(&reference, &proxy, &s.ca_bundle).await?;
+    let pushed = format!("{REGISTRY}/pushed/ctd:v1");
+    ctd.ctr(&["images", "tag", &reference, &pushed]).await?;
+    let out = ctd
+        .ctr_via_proxy_raw(
+            &["images", "push", &pushed],
+            &proxy,
+            &s.ca_bundle,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert!(
+        out.status.success(),
+        "ctr images push: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.registry.settle().await?;
+    assert!(s.registry.access_log_count("PUT", "/v2/pushed/ctd/manifests/") >= 1);
+    // What it pushed pulls back through the proxy on a fresh containerd.
+    let fresh = Containerd::start_with(
+        ContainerdOptions {
+            env: proxy_env(&proxy, &s.ca_bundle),
+            ..ContainerdOptions::default()
+        }
+        .of(Release::V2_1),
+    )
+    .await?;
+    fresh.pull_via_proxy(&pushed, &proxy, &s.ca_bundle).await?;
+    assert!(fresh.is_unpacked(&pushed).await?);
     Ok(())
 }
 

@@ -95,3 +95,14 @@ pub async fn list_tags_via_proxy(repository: &str, proxy: &str, ca_bundle: &Path
         .map(|tags| tags.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
         .unwrap_or_default())
 }
+
+/// `skopeo copy dir:SRC_DIR docker://IMAGE` through `proxy`, as [`copy_via_proxy`] but the other
+/// way: a push. Err with stdout/stderr on failure or after 120 s.
+pub async fn push_via_proxy(src_dir: &Path, image: &str, proxy: &str, ca_bundle: &Path) -> Result<Output> {
+    let src = format!("dir:{}", src_dir.to_str().context("src dir not UTF-8")?);
+    let dst = format!("docker://{image}");
+    let mut cmd = copy_command(&src, &dst, &["--dest-tls-verify=true"]);
+    set_proxy_env(&mut cmd, proxy, ca_bundle);
+    let what = format!("skopeo copy {src} {dst} (via proxy {proxy})");
+    check_status(&what, run(cmd, &what).await?)
+}
