@@ -139,6 +139,7 @@ pub async fn run(
         flights: flight::Flights::new(store.clone(), sources.clone(), flight_metrics),
         manifests: manifests::Manifests::new(store.clone(), sources.clone(), config.tag_ttl, config.tag_ttls.clone()),
         listings: listings::Listings::new(sources.clone(), config.tag_ttl, config.tag_ttls),
+        default_registry: config.default_registry.clone(),
         sources,
         metrics: server_metrics,
     });

@@ -214,6 +214,8 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub cache_dir: PathBuf,
     pub tag_ttl: Duration,
+    /// The registry of a mirror-mode request that names none.
+    pub default_registry: Registry,
     /// Registries whose tags live longer or shorter than `tag_ttl`.
     pub tag_ttls: HashMap<Registry, Duration>,
     pub upstream: upstream::Settings,
@@ -244,6 +246,7 @@ impl Config {
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().expect("default address is valid"),
             cache_dir,
             tag_ttl: DEFAULT_TAG_TTL,
+            default_registry: Registry::docker_hub(),
             tag_ttls: HashMap::new(),
             upstream: upstream::Settings::default(),
             intercept: None,
@@ -295,6 +298,7 @@ impl Config {
             ("cache_min_free", self.budget.min_free.to_string()),
             ("pins", pins.join(", ")),
             ("tag_ttl", humantime::format_duration(self.tag_ttl).to_string()),
+            ("default_registry", self.default_registry.to_string()),
             ("registries", registries.join(", ")),
             ("upstream_ca", format!("{} certificates", self.upstream.roots.len())),
             (

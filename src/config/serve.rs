@@ -65,6 +65,13 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "from_text")]
     pub tag_ttl: Option<humantime::Duration>,
 
+    /// The registry of a mirror-mode request that names none: no `ns`, and no host as the
+    /// first component of its name (default docker.io). For clients whose mirror setting
+    /// sends only the path, as soci-snapshotter's does.
+    #[arg(long, env = "PULLCACHE_DEFAULT_REGISTRY", value_name = "NAME")]
+    #[serde(default, deserialize_with = "from_text")]
+    pub default_registry: Option<Registry>,
+
     /// How long a registry may send nothing (default 60s; its headers come within 30 s at
     /// most), and the window over which a body must average 1 KiB/s: a registry that stalls
     /// or trickles fails that fetch, which is retried or resumed as any broken one.
@@ -301,7 +308,7 @@ macro_rules! from_text_one {
         }
     )*};
 }
-from_text_one!(humantime::Duration, Size, MinFree, PrivateImages);
+from_text_one!(humantime::Duration, Size, MinFree, PrivateImages, Registry);
 
 impl<T: FromStr<Err: Display>> FromText for Vec<T> {
     fn from_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -336,6 +343,7 @@ layered!(
     cache_dir,
     upstreams,
     tag_ttl,
+    default_registry,
     upstream_timeout,
     upstream_ca,
     docker_config,
@@ -408,6 +416,7 @@ impl ServeArgs {
             return Err(invalid("metrics_listen", &format!("{} is also listen", config.listen)));
         }
         config.tag_ttl = self.tag_ttl.map_or(config.tag_ttl, Into::into);
+        config.default_registry = self.default_registry.unwrap_or(config.default_registry);
         config.upstream.offline = self.offline.unwrap_or(false);
         match self.upstream_timeout.map(Duration::from) {
             Some(t) if t < Duration::from_secs(1) => {

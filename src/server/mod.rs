@@ -45,6 +45,8 @@ pub struct App {
     pub flights: Flights,
     pub manifests: Manifests,
     pub listings: crate::listings::Listings,
+    /// The registry of a request that names none (`--default-registry`).
+    pub default_registry: Registry,
     pub sources: Arc<Sources>,
     pub metrics: Arc<access::Metrics>,
 }
@@ -80,7 +82,7 @@ impl App {
         spans: Option<&Spans>,
         asker: Asker,
     ) -> Outcome {
-        let route = routes::parse(req.method(), req.uri(), host);
+        let route = routes::parse(req.method(), req.uri(), host, &self.default_registry);
         self.serve_route(req, route, host, spans, asker).await
     }
 

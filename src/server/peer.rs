@@ -66,7 +66,7 @@ async fn peer_request(req: Request<Incoming>, app: &AppSlot, peers: &Peers, uplo
         .get(PEER_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let route = routes::parse(req.method(), req.uri(), None);
+    let route = routes::parse(req.method(), req.uri(), None, &app.default_registry);
     let digest = match &route {
         Ok(Route::Blob { digest, .. }) => Some(digest.clone()),
         Ok(Route::Manifest {

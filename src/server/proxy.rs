@@ -136,7 +136,7 @@ where
             if routes::passes_through(req.method(), req.uri().path()) {
                 return Ok(push(app.sources.upstreams(), &registry, req).await);
             }
-            let route = routes::parse(req.method(), req.uri(), Some(&registry));
+            let route = routes::parse(req.method(), req.uri(), Some(&registry), &app.default_registry);
             Ok(match route {
                 // Not a registry API call (a token endpoint, `/v2/auth`): the registry's own.
                 Err(Error::Request(RequestError::NoRoute { .. })) => {

@@ -153,7 +153,8 @@ pub fn passes_through(method: &Method, path: &str) -> bool {
 
 /// Parses a request. `host` is the registry an intercepted connection is for; it names the
 /// registry when the request has no `ns`.
-pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Route, Error> {
+/// `default` is the registry of a request that names none (`--default-registry`).
+pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>, default: &Registry) -> Result<Route, Error> {
     let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if len > MAX_URI_LEN {
         return Err(RequestError::UriTooLong {
@@ -200,7 +201,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
             read_only()?;
             let (listing, view) = tags(uri.query())?;
             return Ok(Route::Listing {
-                target: target(name, uri.query(), host)?,
+                target: target(name, uri.query(), host, default)?,
                 listing,
                 view,
                 base: base(path, uri.query()),
@@ -210,7 +211,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
             read_only()?;
             let (listing, view) = referrers(digest.parse()?, uri.query())?;
             return Ok(Route::Listing {
-                target: target(name, uri.query(), host)?,
+                target: target(name, uri.query(), host, default)?,
                 listing,
                 view,
                 base: base(path, uri.query()),
@@ -222,7 +223,7 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
         _ => return Err(no_route()),
     }
     read_only()?;
-    let target = target(name, uri.query(), host)?;
+    let target = target(name, uri.query(), host, default)?;
     if kind == "blobs" {
         return Ok(Route::Blob {
             target,
@@ -240,14 +241,14 @@ pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>) -> Result<Rout
     Ok(Route::Manifest { target, reference })
 }
 
-fn target(name: &str, query: Option<&str>, host: Option<&Registry>) -> Result<Location, Error> {
+fn target(name: &str, query: Option<&str>, host: Option<&Registry>, default: &Registry) -> Result<Location, Error> {
     let ns = param(query, "ns");
     let (registry, name) = match ns {
         Some(ns) => (Registry::parse(&ns)?, name),
         None if host.is_some() => (host.cloned().expect("checked"), name),
         None => match name.split_once('/') {
             Some((first, rest)) if Registry::looks_like_host(first) => (Registry::parse(first)?, rest),
-            _ => (Registry::docker_hub(), name),
+            _ => (default.clone(), name),
         },
     };
     let repository = Repository::parse(name)?.normalize_for(&registry)?;
@@ -259,7 +260,7 @@ mod tests {
     use super::*;
 
     fn route(method: Method, uri: &str) -> Result<Route, Error> {
-        parse(&method, &uri.parse().unwrap(), None)
+        parse(&method, &uri.parse().unwrap(), None, &Registry::docker_hub())
     }
 
     fn target_of(uri: &str) -> (String, String) {
@@ -312,6 +313,7 @@ mod tests {
             &Method::GET,
             &"/v2/org/app.io/manifests/1".parse().unwrap(),
             Some(&host),
+            &Registry::docker_hub(),
         )
         .unwrap();
         let Route::Manifest { target, .. } = route else {
