@@ -153,6 +153,24 @@ impl Object<'_> {
     }
 }
 
+/// What a location's answers are about: its content, or its listings. A registry may let
+/// anyone list a repository whose content needs credentials (a "browse" right apart from
+/// "read"), so what a listing proves is never taken for the content, nor the other way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Asked {
+    Content,
+    Listing,
+}
+
+impl Object<'_> {
+    fn asked(&self) -> Asked {
+        match self {
+            Object::Listing => Asked::Listing,
+            Object::Tag(_) | Object::Digest(..) => Asked::Content,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error(
@@ -213,12 +231,12 @@ pub struct Authorizer {
     /// Whether pullcache holds credentials for a registry (fixed by the configuration;
     /// remembered so that a cached request does not work it out again).
     credentialed: Cache<Registry, bool>,
-    visibility: Cache<Location, Seen>,
+    visibility: Cache<(Location, Asked), Seen>,
     /// Locations whose visibility could not be learned lately: not asked again for a while,
     /// so a registry that hangs does not hold every request. They count as private.
     unreachable: Cache<Location, ()>,
     /// (hash of a client's credential, location).
-    clients: Cache<([u8; 32], Location), Verdict>,
+    clients: Cache<([u8; 32], Location, Asked), Verdict>,
     metrics: Metrics,
 }
 
@@ -231,7 +249,7 @@ impl Authorizer {
             credentialed: Cache::builder().max_capacity(MAX_REGISTRIES).build(),
             visibility: Cache::builder()
                 .max_capacity(MAX_VISIBILITY_BYTES)
-                .weigher(|location, seen: &Seen| {
+                .weigher(|(location, _), seen: &Seen| {
                     let challenge = match seen {
                         Seen::Private { challenge: Some(c) } => c.len(),
                         _ => 0,
@@ -247,7 +265,7 @@ impl Authorizer {
                 .build(),
             clients: Cache::builder()
                 .max_capacity(MAX_CLIENT_BYTES)
-                .weigher(|(_, location), _| weight(location, 32))
+                .weigher(|(_, location, _), _| weight(location, 32))
                 .time_to_live(ttl)
                 .build(),
             metrics,
@@ -346,7 +364,8 @@ impl Authorizer {
     /// The location's visibility: remembered, or asked anonymously with `object`. Private when
     /// the registry cannot be asked, or answers anything but a clear 2xx.
     async fn visibility(&self, location: &Location, object: Object<'_>) -> Seen {
-        if let Some(known) = self.visibility.get(location) {
+        let key = (location.clone(), object.asked());
+        if let Some(known) = self.visibility.get(&key) {
             return known;
         }
         let unknown = Seen::Private { challenge: None };
@@ -376,7 +395,7 @@ impl Authorizer {
                 return unknown;
             }
         };
-        self.visibility.insert(location.clone(), seen.clone());
+        self.visibility.insert(key, seen.clone());
         seen
     }
 
@@ -387,7 +406,11 @@ impl Authorizer {
         object: Object<'_>,
         credential: &HeaderValue,
     ) -> Result<(), CheckError> {
-        let client = (Sha256::digest(credential.as_bytes()).into(), location.clone());
+        let client = (
+            Sha256::digest(credential.as_bytes()).into(),
+            location.clone(),
+            object.asked(),
+        );
         let now = Instant::now();
         match self.clients.get(&client).filter(|d| d.until > now) {
             Some(Verdict { allowed: true, .. }) => {
@@ -396,7 +419,7 @@ impl Authorizer {
             }
             Some(Verdict { allowed: false, .. }) => {
                 self.metrics.decided("denied");
-                return Err(self.unauthorized(location, StatusCode::UNAUTHORIZED, None));
+                return Err(self.unauthorized(location, object, StatusCode::UNAUTHORIZED, None));
             }
             None => {}
         }
@@ -427,7 +450,7 @@ impl Authorizer {
                 let until = now + DENIED_FOR.min(self.settings.ttl);
                 self.clients.insert(client, Verdict { allowed: false, until });
                 self.metrics.decided("denied");
-                Err(self.unauthorized(location, status, challenge))
+                Err(self.unauthorized(location, object, status, challenge))
             }
         }
     }
@@ -442,9 +465,15 @@ impl Authorizer {
         .into()
     }
 
-    fn unauthorized(&self, location: &Location, status: StatusCode, challenge: Option<HeaderValue>) -> CheckError {
+    fn unauthorized(
+        &self,
+        location: &Location,
+        object: Object<'_>,
+        status: StatusCode,
+        challenge: Option<HeaderValue>,
+    ) -> CheckError {
         // Without the registry's own challenge, the one an anonymous client got.
-        let challenge = challenge.or_else(|| match self.visibility.get(location) {
+        let challenge = challenge.or_else(|| match self.visibility.get(&(location.clone(), object.asked())) {
             Some(Seen::Private { challenge }) => challenge,
             _ => None,
         });
@@ -540,7 +569,8 @@ impl Access<'_> {
             // A registry may hide private repositories from anonymous clients (a 404, a
             // redirect to a login page): the pod's credential goes first unless the location
             // is known to be public.
-            let public = matches!(authorizer.visibility.get(self.location), Some(Seen::Public));
+            let known = authorizer.visibility.get(&(self.location.clone(), self.object.asked()));
+            let public = matches!(known, Some(Seen::Public));
             grant.credential = Credential::client(header, public);
         } else {
             authorizer.metrics.decided("anonymous");

@@ -517,6 +517,47 @@ async fn a_registry_redirecting_anonymous_clients_to_a_login_page_is_bypassed() 
     hidden_repository_is_bypassed(Reply::status(302, &[("location", "/login?next=/v2/corp/app")])).await
 }
 
+/// Found by the attack review of listings: a registry that lets anyone list a repository
+/// whose content needs credentials (a "browse" right apart from "read"). A tag list asked
+/// first made the whole repository public to the cache, which then served its manifest,
+/// fetched with pullcache's credentials, to an anonymous mirror client. The list is served;
+/// the content stays bypassed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_tag_list_does_not_make_its_content_public() -> anyhow::Result<()> {
+    const HIDDEN: &str = "hidden.test";
+    let dir = tempfile::tempdir()?;
+    let hidden = hidden(Reply::status(404, &[]), &[], Reply::ok(random_bytes(64 * 1024), &[])).await?;
+    hidden.upstream.set(
+        "/v2/corp/app/tags/list",
+        Reply::ok(
+            br#"{"name":"corp/app","tags":["v1"]}"#.to_vec(),
+            &[("content-type", "application/json")],
+        ),
+    );
+    hidden.upstream.browsable("/v2/corp/app/tags/list");
+    let mut config = support::pullcache::config(dir.path().join("cache"));
+    let settings = config.registry(RegistryName::parse(HIDDEN)?);
+    settings.url = Some(hidden.upstream.url().parse()?);
+    settings.credentials = Some(cache_credentials());
+    config.authorize.private_images = PrivateImages::Bypass;
+    let pullcache = Pullcache::start_with(config).await?;
+
+    let (got, body) = mirror_get(&pullcache, &format!("/v2/corp/app/tags/list?ns={HIDDEN}")).await?;
+    assert_eq!(got, 200, "the public list: {}", String::from_utf8_lossy(&body));
+    for object in ["manifests/v1".to_owned(), format!("blobs/{}", hidden.layer)] {
+        let path = format!("/v2/corp/app/{object}?ns={HIDDEN}");
+        let (got, body) = mirror_get(&pullcache, &path).await?;
+        let bytes = if object.starts_with("manifests") {
+            &hidden.manifest
+        } else {
+            &hidden.layer_bytes
+        };
+        assert_withheld(&path, got, &body, bytes);
+        assert_eq!(got, 404, "{path} was not bypassed");
+    }
+    Ok(())
+}
+
 /// A private `corp/app` that answers anonymous clients `anonymous`: an anonymous mirror
 /// client (policy `bypass`) gets 404 and none of it; under `share` the same registry serves
 /// it, so the repository is readable with pullcache's credentials, and the refusal was the

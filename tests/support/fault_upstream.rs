@@ -121,6 +121,9 @@ struct State {
     token_lifetime: Option<String>,
     /// When set, the scripted replies are a private repository's (see [`Private`]).
     private: Option<Private>,
+    /// Paths of a [`Private`] registry that any token reads, the anonymous one included:
+    /// what a "browse" right apart from "read" opens (a tag list).
+    browsable: Vec<String>,
 }
 
 /// A registry whose scripted content is private: a request without `Authorization` is
@@ -182,6 +185,11 @@ impl FaultUpstream {
     /// Scripts the reply for a path (without query), e.g. `/v2/a/blobs/sha256:...`.
     pub fn set(&self, path: &str, reply: Reply) {
         self.state.lock().unwrap().replies.insert(path.to_owned(), reply);
+    }
+
+    /// Lets any token read `path` of a [`Private`] registry, the anonymous one included.
+    pub fn browsable(&self, path: &str) {
+        self.state.lock().unwrap().browsable.push(path.to_owned());
     }
 
     /// Demands `Authorization: Bearer <token>` on `/v2/` paths, with a challenge whose realm is
@@ -250,7 +258,9 @@ fn private_reply(state: &State, private: &Private, path: &str, auth: Option<&str
         let challenge = format!(r#"Bearer realm="http://{}/token",service="fault""#, state.addr.unwrap());
         return Reply::status(401, &[("www-authenticate", &challenge)]);
     };
-    let holder = auth == format!("Bearer {}", private.token) || private.also.iter().any(|a| a == auth);
+    let holder = auth == format!("Bearer {}", private.token)
+        || private.also.iter().any(|a| a == auth)
+        || state.browsable.iter().any(|p| p == path);
     match state.replies.get(path) {
         Some(reply) if holder => reply.clone(),
         None if holder => Reply::status(404, &[]),
