@@ -7,7 +7,7 @@
 //! same time. Pages (`n`, `last`) and the referrers filter (`artifactType`) are applied here,
 //! as the distribution spec says a registry applies them, whether or not the registry does.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::header::LINK;
 use moka::sync::Cache;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::authorize::Access;
 use crate::coalesce::Coalesce;
@@ -27,7 +29,10 @@ use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 /// The most of a listing read, all its pages together: a tag list of tens of thousands of
 /// tags fits.
-pub const MAX_LISTING_SIZE: u64 = 4 * 1024 * 1024;
+pub const MAX_LISTING_SIZE: u64 = 1024 * 1024;
+/// How many listings are read from registries at once; more wait. With the size bound, this
+/// bounds what parsing them can hold at any moment.
+const MAX_READING: usize = 4;
 /// The most pages of one listing followed.
 pub const MAX_PAGES: usize = 64;
 /// What all remembered listings may hold, in bytes; the least used go first.
@@ -70,17 +75,74 @@ impl Listing {
 #[derive(Debug)]
 enum Held {
     /// Its name as the registry spells it, and its tags in lexical order.
-    Tags { name: String, tags: BTreeSet<String> },
+    Tags { name: String, tags: Vec<String> },
     /// The descriptors of the manifests that refer to the subject.
-    Referrers { manifests: Vec<Value> },
+    Referrers { manifests: Vec<Descriptor> },
 }
 
+/// What one tag or descriptor costs beyond its own bytes: the `String`s' and the
+/// allocations' overhead.
+const ENTRY_OVERHEAD: usize = 64;
+
 impl Held {
+    /// Its memory, roughly: what the cache weighs it by.
     fn size(&self) -> usize {
         match self {
-            Held::Tags { name, tags } => name.len() + tags.iter().map(|t| t.len() + 32).sum::<usize>(),
-            Held::Referrers { manifests } => manifests.iter().map(|m| m.to_string().len()).sum(),
+            Held::Tags { name, tags } => name.len() + tags.iter().map(|t| t.len() + ENTRY_OVERHEAD).sum::<usize>(),
+            Held::Referrers { manifests } => manifests.iter().map(Descriptor::size).sum(),
         }
+    }
+}
+
+/// A page of a tag list, as the distribution spec shapes it.
+#[derive(Deserialize)]
+struct TagsPage {
+    name: Option<String>,
+    tags: Option<Vec<String>>,
+}
+
+/// A page of referrers: an image index.
+#[derive(Deserialize)]
+struct ReferrersPage {
+    manifests: Vec<Descriptor>,
+}
+
+/// A referrer's descriptor: what the spec defines of it, nothing else kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl Descriptor {
+    /// Whether it is one: a digest, and media types by RFC 6838.
+    fn is_valid(&self) -> bool {
+        self.digest.parse::<Digest>().is_ok()
+            && crate::oci::is_valid_media_type(&self.media_type)
+            && self
+                .artifact_type
+                .as_deref()
+                .is_none_or(crate::oci::is_valid_media_type)
+    }
+
+    fn size(&self) -> usize {
+        let annotations = self
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD)
+            .sum::<usize>();
+        self.media_type.len()
+            + self.digest.len()
+            + self.artifact_type.as_ref().map_or(0, String::len)
+            + annotations
+            + ENTRY_OVERHEAD * 3
     }
 }
 
@@ -106,6 +168,7 @@ type Fetched = std::result::Result<Arc<Held>, Arc<Error>>;
 
 pub struct Listings {
     sources: Arc<Sources>,
+    reading: Arc<Semaphore>,
     tag_ttl: Duration,
     tag_ttls: HashMap<Registry, Duration>,
     kept: Cache<Key, (Arc<Held>, Instant)>,
@@ -117,6 +180,7 @@ impl Listings {
     pub fn new(sources: Arc<Sources>, tag_ttl: Duration, tag_ttls: HashMap<Registry, Duration>) -> Listings {
         Listings {
             sources,
+            reading: Arc::new(Semaphore::new(MAX_READING)),
             tag_ttl,
             tag_ttls,
             kept: Cache::builder()
@@ -148,11 +212,20 @@ impl Listings {
             return Ok((page(&held, view), CacheResult::Hit));
         }
         let fetch = grant.apply(listing.fetch(access.location));
-        let sources = self.sources.clone();
+        let (sources, reading) = (self.sources.clone(), self.reading.clone());
         let (fetched, joined) = self
             .active
             .run(key.clone(), async move {
-                read(&sources, fetch).await.map(Arc::new).map_err(Arc::new)
+                let _turn = reading.acquire_owned().await;
+                // All its pages within one upstream timeout: a slow registry holds no listing
+                // for longer.
+                let deadline = sources.upstreams().timeout();
+                match tokio::time::timeout(deadline, read(&sources, fetch.clone())).await {
+                    Ok(read) => read.map(Arc::new).map_err(Arc::new),
+                    Err(_) => Err(Arc::new(
+                        UpstreamError::new(&fetch.registry, UpstreamErrorKind::Timeout(deadline)).into(),
+                    )),
+                }
             })
             .await?;
         let held = fetched.map_err(Error::Shared)?;
@@ -178,9 +251,13 @@ async fn read(sources: &Sources, fetch: Fetch) -> Result<Held> {
         .into()
     };
     let base = fetch.path();
-    let (mut name, mut tags, mut manifests) = (None, BTreeSet::new(), Vec::new());
+    let (mut name, mut tags, mut manifests) = (None, Vec::new(), Vec::new());
     let (mut query, mut read) = (None, 0u64);
-    for _ in 0..MAX_PAGES {
+    for page in 0.. {
+        if page == MAX_PAGES {
+            // Never a list cut short and taken for whole.
+            return Err(bad(&format!("has more than {MAX_PAGES} pages")));
+        }
         let mut chain = sources.chain(
             Fetch {
                 query: query.take(),
@@ -190,33 +267,41 @@ async fn read(sources: &Sources, fetch: Fetch) -> Result<Held> {
         );
         let stream = chain.open().await?;
         let link = stream.head.headers.get(LINK).cloned();
-        let body = stream.collect(MAX_LISTING_SIZE.saturating_sub(read).max(1)).await?;
+        let left = MAX_LISTING_SIZE.saturating_sub(read);
+        if left == 0 {
+            return Err(bad(&format!("is larger than {MAX_LISTING_SIZE} bytes")));
+        }
+        let body = stream.collect(left).await?;
         read += body.len() as u64;
-        let page: Value = serde_json::from_slice(&body).map_err(|_| bad("is not JSON"))?;
         match fetch.resource {
             Resource::Tags => {
-                name = name.or_else(|| page["name"].as_str().map(str::to_owned));
-                let listed = match &page["tags"] {
-                    Value::Null => Vec::new(),
-                    Value::Array(listed) => listed.clone(),
-                    _ => return Err(bad("has no tag list")),
-                };
-                for tag in listed {
-                    let tag = tag.as_str().ok_or_else(|| bad("lists a tag that is not a string"))?;
-                    Tag::parse(tag).map_err(|_| bad("lists a tag that is not one"))?;
-                    tags.insert(tag.to_owned());
+                let page: TagsPage = serde_json::from_slice(&body).map_err(|_| bad("is not a tag list"))?;
+                name = name.or(page.name);
+                for tag in page.tags.unwrap_or_default() {
+                    Tag::parse(&tag).map_err(|_| bad("lists a tag that is not one"))?;
+                    tags.push(tag);
                 }
             }
-            _ => match &page["manifests"] {
-                Value::Array(listed) => manifests.extend(listed.iter().cloned()),
-                _ => return Err(bad("is not an image index")),
+            _ => {
+                let page: ReferrersPage = serde_json::from_slice(&body).map_err(|_| bad("is not an image index"))?;
+                if !page.manifests.iter().all(Descriptor::is_valid) {
+                    return Err(bad("lists a descriptor that is not one"));
+                }
+                manifests.extend(page.manifests);
+            }
+        }
+        match link {
+            None => break,
+            Some(link) => match next_query(&link, &base) {
+                Some(next) => query = Some(next),
+                // A next page pullcache will not follow: an error, not a short list.
+                None if is_next(&link) => return Err(bad("links a next page elsewhere")),
+                None => break,
             },
         }
-        query = link.as_ref().and_then(|link| next_query(link, &base));
-        if query.is_none() {
-            break;
-        }
     }
+    tags.sort_unstable();
+    tags.dedup();
     Ok(match fetch.resource {
         Resource::Tags => Held::Tags {
             name: name.unwrap_or_else(|| fetch.repository.to_string()),
@@ -226,21 +311,29 @@ async fn read(sources: &Sources, fetch: Fetch) -> Result<Held> {
     })
 }
 
+/// Whether a `Link` names a next page.
+fn is_next(link: &HeaderValue) -> bool {
+    link.to_str()
+        .ok()
+        .and_then(|l| l.split_once('>'))
+        .is_some_and(|(_, params)| params.split(';').any(|p| p.trim().replace(' ', "") == "rel=\"next\""))
+}
+
 /// The query of a `Link: <...>; rel="next"` to the same path, re-encoded; anything else
 /// (another path, another host's URL, no next) is not followed.
 fn next_query(link: &HeaderValue, path: &str) -> Option<String> {
-    let link = link.to_str().ok()?;
-    let (target, params) = link.strip_prefix('<')?.split_once('>')?;
-    if !params.split(';').any(|p| p.trim().replace(' ', "") == "rel=\"next\"") {
+    if !is_next(link) {
         return None;
     }
+    let (target, _) = link.to_str().ok()?.trim_start().strip_prefix('<')?.split_once('>')?;
     // Relative, as registries send it; an absolute URL's path and query, on the same path.
     let target = match target.split_once("://") {
         Some((_, rest)) => &rest[rest.find('/')?..],
         None => target,
     };
+    // Behind a registry URL with a path of its own, the registry links its full path.
     let (next_path, query) = target.split_once('?')?;
-    if next_path != path {
+    if !next_path.ends_with(path) {
         return None;
     }
     let pairs = form_urlencoded::parse(query.as_bytes());
@@ -255,9 +348,12 @@ fn next_query(link: &HeaderValue, path: &str) -> Option<String> {
 fn page(held: &Held, view: &View) -> Page {
     match held {
         Held::Tags { name, tags } => {
-            let after = tags
-                .iter()
-                .filter(|t| view.last.as_deref().is_none_or(|last| t.as_str() > last));
+            // Sorted: what comes after `last` starts where it would be.
+            let from = view
+                .last
+                .as_deref()
+                .map_or(0, |last| tags.partition_point(|t| t.as_str() <= last));
+            let after = tags[from..].iter();
             let shown: Vec<&String> = match view.n {
                 Some(n) => after.clone().take(n as usize).collect(),
                 None => after.clone().collect(),
@@ -280,12 +376,12 @@ fn page(held: &Held, view: &View) -> Page {
             }
         }
         Held::Referrers { manifests } => {
-            let shown: Vec<&Value> = manifests
+            let shown: Vec<&Descriptor> = manifests
                 .iter()
                 .filter(|m| {
                     view.artifact_type
                         .as_deref()
-                        .is_none_or(|kind| m["artifactType"].as_str() == Some(kind))
+                        .is_none_or(|kind| m.artifact_type.as_deref() == Some(kind))
                 })
                 .collect();
             Page {
@@ -300,6 +396,8 @@ fn page(held: &Held, view: &View) -> Page {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn tags(names: &[&str]) -> Held {
@@ -315,7 +413,9 @@ mod tests {
 
     #[test]
     fn tags_are_paged_in_lexical_order() {
-        let held = tags(&["v2", "latest", "v10", "v1"]);
+        let mut names = vec!["v2", "latest", "v10", "v1"];
+        names.sort_unstable();
+        let held = tags(&names);
         let all = page(&held, &View::default());
         assert_eq!(shown(&all)["tags"], json!(["latest", "v1", "v10", "v2"]));
         assert_eq!(all.next, None);
@@ -337,10 +437,19 @@ mod tests {
 
     #[test]
     fn referrers_are_filtered_by_artifact_type() {
+        let descriptor = |hex: &str, kind: &str| -> Descriptor {
+            serde_json::from_value(json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": format!("sha256:{}", hex.repeat(64)),
+                "size": 10,
+                "artifactType": kind,
+            }))
+            .unwrap()
+        };
         let held = Held::Referrers {
             manifests: vec![
-                json!({"digest": "sha256:a", "artifactType": "application/x.sig"}),
-                json!({"digest": "sha256:b", "artifactType": "application/x.sbom"}),
+                descriptor("a", "application/x.sig"),
+                descriptor("b", "application/x.sbom"),
             ],
         };
         let all = page(&held, &View::default());
@@ -353,10 +462,16 @@ mod tests {
                 ..View::default()
             },
         );
-        assert_eq!(
-            shown(&sigs)["manifests"],
-            json!([{"digest": "sha256:a", "artifactType": "application/x.sig"}])
-        );
+        let sig = &shown(&sigs)["manifests"];
+        assert_eq!(sig.as_array().unwrap().len(), 1);
+        assert_eq!(sig[0]["artifactType"], "application/x.sig");
+        assert_eq!(sig[0]["digest"], format!("sha256:{}", "a".repeat(64)));
+        assert!(descriptor("a", "application/x.sig").is_valid());
+        let bad = Descriptor {
+            digest: "sha256:x".to_owned(),
+            ..descriptor("a", "x/y")
+        };
+        assert!(!bad.is_valid());
         assert_eq!(sigs.filters_applied, Some("artifactType"));
         assert_eq!(shown(&sigs)["mediaType"], OCI_INDEX);
     }

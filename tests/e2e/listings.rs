@@ -293,3 +293,53 @@ async fn a_private_repositorys_tag_list_goes_only_to_clients_the_registry_accept
     }
     Ok(())
 }
+
+/// Found by the attack review: a hostile registry's listings are refused, never cut short
+/// nor held whole when they are not what they say. A tag list whose `Link` always names a
+/// next page gets an error after 64 pages (it used to be served as a whole list of 64 tags,
+/// and kept); referrers that are not descriptors (`[0,0,...]`, which parsed as generic JSON
+/// cost ~35 bytes of memory per byte) are refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_registrys_listings_are_refused_not_cut_short() -> anyhow::Result<()> {
+    let fake = FaultUpstream::start().await?;
+    fake.set(
+        "/v2/many/tags/list",
+        Reply::ok(
+            br#"{"name":"many","tags":["a"]}"#.to_vec(),
+            &[("link", "</v2/many/tags/list?n=1&last=a>; rel=\"next\"")],
+        ),
+    );
+    let subject = format!("sha256:{}", "a".repeat(64));
+    let mut zeros = b"{\"manifests\":[".to_vec();
+    zeros.extend(std::iter::repeat_n(b"0,".as_slice(), 400_000).flatten());
+    zeros.extend_from_slice(b"0]}");
+    fake.set(&format!("/v2/zeros/referrers/{subject}"), Reply::ok(zeros, &[]));
+    fake.set(
+        "/v2/away/tags/list",
+        Reply::ok(
+            br#"{"name":"away","tags":["a"]}"#.to_vec(),
+            &[(
+                "link",
+                "<https://elsewhere.example/v2/other/tags/list?n=1>; rel=\"next\"",
+            )],
+        ),
+    );
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &fake.url())], Duration::from_secs(60)).await?;
+    let (status, _, body) = get(&format!("{}/v2/many/tags/list?ns={REGISTRY}", pullcache.url())).await?;
+    assert_eq!(status, 502, "an endless list: {body}");
+    assert_eq!(fake.hits("/v2/many/tags/list"), 64);
+    let (status, _, body) = get(&format!("{}/v2/away/tags/list?ns={REGISTRY}", pullcache.url())).await?;
+    assert_eq!(status, 502, "a next page elsewhere: {body}");
+    let (status, _, body) = get(&format!(
+        "{}/v2/zeros/referrers/{subject}?ns={REGISTRY}",
+        pullcache.url()
+    ))
+    .await?;
+    assert_eq!(status, 502, "referrers that are not descriptors: {body}");
+    assert!(
+        body["errors"][0]["message"].as_str().is_some_and(|m| m.contains("not")),
+        "{body}"
+    );
+    Ok(())
+}
