@@ -161,6 +161,9 @@ fn containerd_config(command: ContainerdCommand) -> ExitCode {
                     Change::Unchanged(p) => println!("unchanged {}", p.display()),
                     Change::Restored(p) => println!("restored {}", p.display()),
                     Change::Removed(p) => println!("removed {}", p.display()),
+                    Change::Skipped(p, why) => {
+                        eprintln!("pullcache: warning: left {} as it is: {why}", p.display())
+                    }
                 }
             }
             ExitCode::SUCCESS

@@ -30,9 +30,11 @@ pub const LOCATIONS: [&str; 3] = [
 /// Templates k3s and RKE2 generate their config.toml from, when the operator wrote one.
 const TEMPLATES: [&str; 2] = ["config-v3.toml.tmpl", "config.toml.tmpl"];
 
-/// How deep `imports` may nest, and how many files they may name in all.
+/// How deep `imports` may nest, how many files they may name in all, and how large each may
+/// be.
 const MAX_IMPORT_DEPTH: usize = 16;
 const MAX_FILES: usize = 256;
+const MAX_FILE_SIZE: u64 = 1024 * 1024;
 
 const CRI_V1: &str = "cri";
 const CRI_V2: &str = "io.containerd.grpc.v1.cri";
@@ -105,7 +107,8 @@ impl ContainerdConfig {
         };
         // Breadth first, each file once, as containerd does.
         let mut files = vec![first];
-        let mut seen: BTreeSet<PathBuf> = BTreeSet::from([main.to_owned()]);
+        // By the file itself: `a/../b.toml` and `b.toml` are one file.
+        let mut seen: BTreeSet<PathBuf> = BTreeSet::from([canonical(main)]);
         let mut next = 0;
         let mut depth = vec![0usize];
         while next < files.len() {
@@ -113,7 +116,7 @@ impl ContainerdConfig {
             let level = depth[next] + 1;
             next += 1;
             for path in imports {
-                if !seen.insert(path.clone()) {
+                if !seen.insert(canonical(&path)) {
                     continue;
                 }
                 if level > MAX_IMPORT_DEPTH || files.len() >= MAX_FILES {
@@ -403,11 +406,17 @@ fn invalid(path: &Path, why: &str) -> WiringError {
 }
 
 fn read_file(path: &Path) -> Result<Option<File>, WiringError> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
+    // A regular file of a bounded size: not a FIFO that never ends, nor /dev/zero.
+    match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => return Err(invalid(path, "is not a regular file")),
+        Ok(meta) if meta.len() > MAX_FILE_SIZE => {
+            return Err(invalid(path, &format!("is larger than {MAX_FILE_SIZE} bytes")));
+        }
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(WiringError::at(path, e)),
-    };
+    }
+    let text = fs::read_to_string(path).map_err(|e| WiringError::at(path, e))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e: toml::de::Error| invalid(path, e.message()))?;
     Ok(Some(File {
         path: path.to_owned(),
@@ -614,6 +623,15 @@ mod tests {
         assert!(err.contains("gone.toml"), "{err}");
         write(dir.path(), "b.toml", "imports = \"x\"\n");
         assert!(ContainerdConfig::read(&main).is_err());
+        // Not a regular file: an endless read or a FIFO's wait, refused at once.
+        write(dir.path(), "b.toml", "imports = [\"/dev/zero\"]\n");
+        let err = ContainerdConfig::read(&main).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        // One file by two spellings is read once.
+        write(dir.path(), "b.toml", "imports = [\"./b.toml\", \"sub/../a.toml\"]\n");
+        fs::create_dir_all(dir.path().join("sub")).unwrap();
+        write(dir.path(), "a.toml", "version = 2\nimports = [\"sub/../b.toml\"]\n");
+        assert_eq!(ContainerdConfig::read(&main).unwrap().unwrap().files().count(), 2);
         assert!(ContainerdConfig::read(&dir.path().join("none.toml")).unwrap().is_none());
     }
 

@@ -36,6 +36,8 @@ pub enum Change {
     Unchanged(PathBuf),
     Restored(PathBuf),
     Removed(PathBuf),
+    /// Left as it is, and why: containerd goes on reading it without pullcache.
+    Skipped(PathBuf, String),
 }
 
 /// The `server` containerd falls back to for a registry directory.
@@ -53,17 +55,20 @@ pub fn render(name: &str, mirror: Option<&str>, original: Option<&str>) -> Strin
     let original = original.unwrap_or("");
     // Root keys (server, ca, ...) must come before any table; the original's go first, then
     // our host, then the original's hosts, which containerd tries after ours.
-    let split = original
-        .lines()
-        .position(|l| l.trim_start().starts_with('['))
-        .unwrap_or(original.lines().count());
+    let split = first_table_line(original);
     let lines: Vec<&str> = original.lines().collect();
     let (root, tables) = lines.split_at(split);
     let root = &root[..root.iter().rposition(|l| !l.trim().is_empty()).map_or(0, |i| i + 1)];
     let mut out = String::new();
     out.push_str(MARKER);
     out.push_str("\n# `pullcache containerd-config uninstall` restores the original.\n");
-    let has_server = root.iter().any(|l| l.trim_start().starts_with("server"));
+    let parsed: Option<toml::Table> = toml::from_str(original).ok();
+    let original_server = parsed
+        .as_ref()
+        .and_then(|t| t.get("server"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned);
+    let has_server = parsed.as_ref().is_some_and(|t| t.contains_key("server"));
     if !has_server && let Some(server) = default_server(name) {
         out.push_str(&format!("server = \"{server}\"\n"));
     }
@@ -80,12 +85,7 @@ pub fn render(name: &str, mirror: Option<&str>, original: Option<&str>) -> Strin
         }
     } else {
         // containerd 1.6 ignores a file without a host table: name the server as one.
-        let server = root
-            .iter()
-            .filter_map(|l| l.trim_start().strip_prefix("server")?.trim_start().strip_prefix('='))
-            .map(|v| v.trim().trim_matches('"').to_owned())
-            .next()
-            .or_else(|| default_server(name));
+        let server = original_server.or_else(|| default_server(name));
         out.push_str("\n# Bypassed (--bypass): pulled from the registry itself, with the pod's secret.\n");
         if let Some(server) = server {
             let header = format!("[host.\"{server}\"]");
@@ -102,6 +102,62 @@ pub fn render(name: &str, mirror: Option<&str>, original: Option<&str>) -> Strin
         }
     }
     out
+}
+
+/// The index of the first line of `text` that opens a table (`[...]` or `[[...]]`), or the
+/// number of lines: where the root keys end. Lines inside a multi-line array, inline table or
+/// string are not headers, however they start.
+fn first_table_line(text: &str) -> usize {
+    let (mut depth, mut multiline): (usize, Option<&str>) = (0, None);
+    for (n, line) in text.lines().enumerate() {
+        if depth == 0 && multiline.is_none() && line.trim_start().starts_with('[') {
+            return n;
+        }
+        let mut rest = line;
+        while !rest.is_empty() {
+            if let Some(close) = multiline {
+                match rest.find(close) {
+                    Some(at) => {
+                        rest = &rest[at + 3..];
+                        multiline = None;
+                    }
+                    None => rest = "",
+                }
+                continue;
+            }
+            let c = rest.chars().next().expect("not empty");
+            match c {
+                '#' => rest = "",
+                '"' | '\'' if rest.starts_with("\"\"\"") || rest.starts_with("\'\'\'") => {
+                    multiline = Some(if c == '"' { "\"\"\"" } else { "\'\'\'" });
+                    rest = &rest[3..];
+                }
+                '"' => rest = skip_basic_string(&rest[1..]),
+                '\'' => rest = rest[1..].split_once('\'').map_or("", |(_, r)| r),
+                '[' | '{' => {
+                    depth += 1;
+                    rest = &rest[1..];
+                }
+                ']' | '}' => {
+                    depth = depth.saturating_sub(1);
+                    rest = &rest[1..];
+                }
+                _ => rest = &rest[c.len_utf8()..],
+            }
+        }
+    }
+    text.lines().count()
+}
+
+/// What follows a one-line basic string whose opening quote is gone.
+fn skip_basic_string(mut rest: &str) -> &str {
+    while let Some(at) = rest.find(['"', '\\']) {
+        if rest.as_bytes()[at] == b'"' {
+            return &rest[at + 1..];
+        }
+        rest = rest.get(at + 2..).unwrap_or("");
+    }
+    ""
 }
 
 /// Writes hosts.toml for each registry under `certs_dir`, and for each of `bypass` one
@@ -128,36 +184,66 @@ pub fn install(
     let mut changes = Vec::new();
     for (name, mirror) in names {
         let dir = certs_dir.join(&name);
-        if !dir.exists() {
+        if fs::symlink_metadata(&dir).is_err() {
             fs::create_dir_all(&dir).map_err(at(&dir))?;
             fs::write(dir.join(CREATED), b"").map_err(at(&dir))?;
         }
-        let hosts = dir.join("hosts.toml");
-        let backup = dir.join(BACKUP);
-        let current = read_optional(&hosts)?;
-        let ours = current.as_deref().is_some_and(|c| c.starts_with(MARKER));
-        if let Some(current) = &current
-            && !ours
-            && !backup.exists()
-        {
-            fs::write(&backup, current).map_err(at(&backup))?;
-        }
-        let original = match read_optional(&backup)? {
-            Some(original) => Some(original),
-            None => cert_files(&dir)?,
-        };
-        let wanted = render(&server_name(&name), mirror, original.as_deref());
-        if current.as_deref() == Some(wanted.as_str()) {
-            changes.push(Change::Unchanged(hosts));
-            continue;
-        }
-        write_atomic(&hosts, wanted.as_bytes())?;
-        changes.push(match original {
-            Some(_) => Change::Merged(hosts),
-            None => Change::Written(hosts),
-        });
+        changes.push(merge(&dir, &name, mirror)?);
     }
     Ok(changes)
+}
+
+/// Writes the hosts.toml of one registry directory, merged over what the operator had.
+fn merge(dir: &Path, name: &str, mirror: Option<&str>) -> Result<Change, WiringError> {
+    let hosts = dir.join("hosts.toml");
+    let backup = dir.join(BACKUP);
+    let skip = |why: &str| Ok(Change::Skipped(hosts.clone(), why.to_owned()));
+    // Only real files and directories: a link could point the writes anywhere.
+    if !fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return skip("the registry directory is a link");
+    }
+    for file in [&hosts, &backup] {
+        if fs::symlink_metadata(file).is_ok_and(|m| !m.is_file()) {
+            return skip(&format!("{} is a link or not a file", file.display()));
+        }
+    }
+    let current = read_optional(&hosts)?;
+    let ours = current.as_deref().is_some_and(|c| c.starts_with(MARKER));
+    if let Some(current) = &current
+        && !ours
+        && toml::from_str::<toml::Table>(current).is_err()
+    {
+        return skip("it is not valid TOML, so containerd cannot read it either");
+    }
+    if let Some(current) = &current
+        && !ours
+        && fs::symlink_metadata(&backup).is_err()
+    {
+        write_new(&backup, current.as_bytes())?;
+    }
+    let original = match read_optional(&backup)? {
+        Some(original) => Some(original),
+        None => cert_files(dir)?,
+    };
+    let wanted = render(&server_name(name), mirror, original.as_deref());
+    // What containerd will read must parse, with pullcache's host in it.
+    let parsed: Option<toml::Table> = toml::from_str(&wanted).ok();
+    let has_mirror = match (mirror, &parsed) {
+        (Some(mirror), Some(table)) => table.get("host").and_then(|h| h.get(mirror)).is_some(),
+        (None, Some(_)) => true,
+        (_, None) => false,
+    };
+    if !has_mirror {
+        return skip("merged with what is there, it would not be valid TOML with pullcache's host");
+    }
+    if current.as_deref() == Some(wanted.as_str()) {
+        return Ok(Change::Unchanged(hosts));
+    }
+    write_atomic(&hosts, wanted.as_bytes())?;
+    Ok(match original {
+        Some(_) => Change::Merged(hosts),
+        None => Change::Written(hosts),
+    })
 }
 
 /// The registry directories under `certs_dir` besides `_default`, by name.
@@ -169,7 +255,7 @@ fn registry_dirs(certs_dir: &Path) -> Result<Vec<String>, WiringError> {
     };
     let mut names: Vec<String> = entries
         .flatten()
-        .filter(|e| e.path().is_dir())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|name| name != DEFAULT_HOST && Registry::parse(&server_name(name)).is_ok())
         .collect();
@@ -196,9 +282,10 @@ fn cert_files(dir: &Path) -> Result<Option<String>, WiringError> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(at(dir))?
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.path())
-        // A name that is not UTF-8 cannot be written into hosts.toml as it is.
-        .filter(|p| p.is_file() && p.to_str().is_some())
+        // A name that is not UTF-8, or has control characters, is not written into hosts.toml.
+        .filter(|p| p.to_str().is_some_and(|s| !s.chars().any(char::is_control)))
         .collect();
     files.sort();
     let quoted = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
@@ -266,10 +353,27 @@ fn read_optional(path: &Path) -> Result<Option<String>, WiringError> {
     }
 }
 
+/// Writes `path` whole or not at all: a new temporary file beside it (whatever was at that
+/// name, a link included, removed first, never written through), then renamed over it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WiringError> {
     let tmp = path.with_extension("toml.pullcache-tmp");
-    fs::write(&tmp, bytes).map_err(at(&tmp))?;
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at(&tmp)(e)),
+        _ => {}
+    }
+    write_new(&tmp, bytes)?;
     fs::rename(&tmp, path).map_err(at(path))
+}
+
+/// Creates `path`, failing if anything is there already, a dangling link included.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), WiringError> {
+    use std::io::Write as _;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(at(path))?;
+    file.write_all(bytes).map_err(at(path))
 }
 
 #[cfg(test)]
@@ -362,5 +466,86 @@ mod tests {
         let changes = install(d, "http://127.0.0.1:5000", &[registry("ghcr.io")], &[]).unwrap();
         assert_eq!(changes, [Change::Written(d.join("ghcr.io/hosts.toml"))]);
         assert!(!d.join("docker.io/hosts.toml").exists());
+    }
+
+    /// Found by the attack review: each used to give a hosts.toml containerd cannot parse, or
+    /// a write outside the certs dir.
+    #[test]
+    fn what_is_there_is_merged_safely_or_left_alone() {
+        let certs = tempfile::tempdir().unwrap();
+        let d = certs.path();
+        let mirror = "http://127.0.0.1:5000";
+        // A multi-line array whose elements start with `[`: not a table.
+        fs::create_dir_all(d.join("multi.example")).unwrap();
+        let multi = "server = \"https://multi.example\"\nclient = [\n  [\"/c.cert\", \"/c.key\"],\n]\n\n[host.\"https://m.example\"]\n  capabilities = [\"pull\"]\n";
+        fs::write(d.join("multi.example/hosts.toml"), multi).unwrap();
+        // A certificate whose name has a newline: not written into hosts.toml.
+        fs::create_dir_all(d.join("newline.example")).unwrap();
+        fs::write(d.join("newline.example/a\n[x].crt"), "pem").unwrap();
+        // Not TOML at all: left alone, as containerd cannot read it either.
+        fs::create_dir_all(d.join("broken.example")).unwrap();
+        fs::write(d.join("broken.example/hosts.toml"), "server = [\n").unwrap();
+        // Links where install writes: never written through.
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        fs::write(&target, "precious").unwrap();
+        fs::create_dir_all(d.join("tmp.example")).unwrap();
+        std::os::unix::fs::symlink(&target, d.join("tmp.example/hosts.toml.pullcache-tmp")).unwrap();
+        fs::create_dir_all(d.join("backup.example")).unwrap();
+        fs::write(
+            d.join("backup.example/hosts.toml"),
+            "server = \"https://backup.example\"\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(outside.path().join("made"), d.join("backup.example").join(BACKUP)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.join("linked.example")).unwrap();
+
+        let changes = install(d, mirror, &[], &[]).unwrap();
+        let skipped: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Skipped(p, _) => Some(p.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(skipped, ["backup.example", "broken.example"], "{changes:?}");
+        for name in ["multi.example", "newline.example", "tmp.example", "_default"] {
+            let text = fs::read_to_string(d.join(name).join("hosts.toml")).unwrap();
+            let table: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+            assert!(table["host"].get(mirror).is_some(), "{name}: {text}");
+        }
+        let merged = fs::read_to_string(d.join("multi.example/hosts.toml")).unwrap();
+        assert!(
+            merged.find(mirror).unwrap() < merged.find("https://m.example").unwrap(),
+            "pullcache is not first: {merged}"
+        );
+        assert!(
+            !fs::read_to_string(d.join("newline.example/hosts.toml"))
+                .unwrap()
+                .contains("[x]")
+        );
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        assert!(
+            !outside.path().join("made").exists(),
+            "a backup was written through a link"
+        );
+        assert!(
+            !outside.path().join("hosts.toml").exists(),
+            "a linked directory was written"
+        );
+        assert_eq!(
+            fs::read_to_string(d.join("broken.example/hosts.toml")).unwrap(),
+            "server = [\n"
+        );
+    }
+
+    #[test]
+    fn tables_start_where_toml_says() {
+        assert_eq!(first_table_line("a = 1\n[t]\n"), 1);
+        assert_eq!(first_table_line("a = [\n  [1, 2],\n]\n[t]\n"), 3);
+        assert_eq!(first_table_line("a = \"\"\"\n[not]\n\"\"\"\n[[t]]\n"), 3);
+        assert_eq!(first_table_line("a = \"[\" # [\n[t]\n"), 1);
+        assert_eq!(first_table_line("a = { b = [\n1] }\n[t]"), 2);
+        assert_eq!(first_table_line("a = 1\n"), 1);
     }
 }
