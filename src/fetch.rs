@@ -145,6 +145,8 @@ pub struct Fetch {
     pub accept: Option<HeaderValue>,
     /// Ask for the bytes from this offset on (`Range: bytes=N-`).
     pub from: Option<u64>,
+    /// And up to this offset, included (`Range: bytes=N-M`): a client's span passed through.
+    pub until: Option<u64>,
     /// What a registry is asked with (a peer is never sent a credential).
     pub credential: Credential,
     /// What the client it is for was cleared for at its location; a peer serves content
@@ -170,6 +172,7 @@ impl Fetch {
             reference,
             accept: Some(accept.header_value()),
             from: None,
+            until: None,
             credential: Credential::Own,
             clearance: None,
             query: None,
@@ -185,6 +188,7 @@ impl Fetch {
             reference: Reference::Digest(digest.clone()),
             accept: None,
             from: None,
+            until: None,
             credential: Credential::Own,
             clearance: None,
             query: None,
@@ -209,6 +213,7 @@ impl Fetch {
             reference,
             accept: None,
             from: None,
+            until: None,
             credential: Credential::Own,
             clearance: None,
             query,
@@ -231,6 +236,15 @@ impl Fetch {
     }
 
     /// The same request from `from` on.
+    /// The same request for bytes `from..=until` only.
+    pub fn span(&self, from: u64, until: u64) -> Fetch {
+        Fetch {
+            from: Some(from),
+            until: Some(until),
+            ..self.clone()
+        }
+    }
+
     pub fn from_offset(&self, from: Option<u64>) -> Fetch {
         Fetch { from, ..self.clone() }
     }
@@ -264,8 +278,10 @@ impl Fetch {
         if let Some(accept) = &self.accept {
             builder = builder.header(ACCEPT, accept.clone());
         }
-        if let Some(from) = self.from {
-            builder = builder.header(RANGE, format!("bytes={from}-"));
+        match (self.from, self.until) {
+            (Some(from), Some(until)) => builder = builder.header(RANGE, format!("bytes={from}-{until}")),
+            (Some(from), None) => builder = builder.header(RANGE, format!("bytes={from}-")),
+            _ => {}
         }
         builder
     }

@@ -158,6 +158,11 @@ impl Flight {
         }
     }
 
+    /// How many bytes it has written so far.
+    pub fn written(&self) -> u64 {
+        self.progress.borrow().written
+    }
+
     /// Where the bytes come from, as the store will record them: call after [`Flight::headers`]
     /// (before, it reads as what only a client's credential read at the location).
     pub fn provenance(&self) -> Provenance {

@@ -1,8 +1,12 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: from the store, or by joining or starting the digest's
-//! flight. Single ranges are honoured, also while the blob is still downloading.
+//! flight. Single ranges are honoured, also while the blob is still downloading. A bounded
+//! range the download has not reached (a lazy pull's span) is asked of the registry on its
+//! own, at once, while the whole blob goes on downloading once for what comes next; an
+//! open-ended one (`bytes=N-`, containerd's parallel chunks) follows the one download.
 
 use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 
 use super::response::{self, Body};
 use super::sendfile::Spans;
@@ -14,6 +18,10 @@ use crate::flight::{BlobSource, Tail};
 use crate::oci::{BLOB_MEDIA_TYPE, Digest, Reference, Visibility};
 use crate::peers::VISIBILITY_HEADER;
 use crate::wire::DOCKER_CONTENT_DIGEST;
+
+/// How far ahead of the download a bounded range may start and still wait for it, rather than
+/// be asked of the registry on its own.
+const RANGE_AHEAD: u64 = 2 * 1024 * 1024;
 
 pub async fn serve(
     app: &App,
@@ -63,6 +71,13 @@ pub async fn serve(
                 Some((a, b)) => (a, Some(b + 1)),
                 None => (0, size),
             };
+            if let (false, Some((a, b)), Some(size), true) = (head, span, size, range.is_some_and(bounded))
+                && flight.written() + RANGE_AHEAD < a
+                && let Some(resp) = span_from_registry(app, access, digest, (a, b), size).await
+            {
+                let resp = told(resp, provenance.visibility_at(access.location));
+                return Ok(Outcome::new(resp, CacheResult::Bypass));
+            }
             let body = if head {
                 response::empty()
             } else {
@@ -80,6 +95,55 @@ pub async fn serve(
             Ok(Outcome::new(resp, cache))
         }
     }
+}
+
+/// Whether a `Range` header has an end: `bytes=a-b`, or the last `b` bytes (`bytes=-b`).
+fn bounded(range: &str) -> bool {
+    range
+        .trim()
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(_, end)| !end.trim().is_empty())
+}
+
+/// Bytes `a..=b` of a blob of `size` the download has not reached, asked of the registry on
+/// their own (never of a peer) with the request's grant: the registry's own answer, as the
+/// client would have had it, stored nowhere. `None` when the registry did not answer that
+/// span exactly (a 200, another range): the caller follows the download instead.
+async fn span_from_registry(
+    app: &App,
+    access: &Access<'_>,
+    digest: &Digest,
+    (a, b): (u64, u64),
+    size: u64,
+) -> Option<Response<Body>> {
+    let grant = access.grant().await.ok()?;
+    let location = access.location;
+    let fetch = grant
+        .apply(Fetch::blob(
+            Method::GET,
+            &location.registry,
+            &location.repository,
+            digest,
+        ))
+        .span(a, b);
+    let resp = match app.sources.upstreams().fetch(&fetch).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "a span asked of the registry failed; following the download");
+            return None;
+        }
+    };
+    let exact = format!("bytes {a}-{b}/{size}");
+    let content_range = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok());
+    if resp.status() != StatusCode::PARTIAL_CONTENT || content_range != Some(exact.as_str()) {
+        return None;
+    }
+    let len = usize::try_from(b - a + 1).ok()?;
+    let body = Limited::new(resp.into_body(), len)
+        .map_err(std::io::Error::other)
+        .boxed_unsync();
+    Some(respond(digest, Some(size), Some((a, b)), body))
 }
 
 /// A HEAD for a blob this node does not have under the location asked: asked of the sources

@@ -75,6 +75,7 @@ impl Upstreams {
             accept: (resource == Resource::Manifest).then(|| AcceptClass::all().header_value()),
             reference,
             from: None,
+            until: None,
             credential: crate::fetch::Credential::Own,
             clearance: None,
             query: (resource == Resource::Tags).then(|| "n=1".to_owned()),

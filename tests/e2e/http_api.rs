@@ -274,6 +274,72 @@ async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A lazy pull's span of a blob the download has not reached (soci-snapshotter reads one file
+/// of a large layer) is asked of the registry on its own and answered at once, while the whole
+/// blob downloads once for what comes next; an open-ended range (containerd's parallel
+/// chunks) follows the one download. The registry sees one full GET and the spans asked
+/// before the blob landed, nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_span_the_download_has_not_reached_is_asked_of_the_registry_at_once() -> anyhow::Result<()> {
+    const SIZE: usize = 16 * 1024 * 1024;
+    let upstream = FaultUpstream::start().await?;
+    let blob = random_bytes(SIZE);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    // About 6 s in all, 256 KiB every 100 ms; a span goes at the same pace.
+    upstream.set(
+        &path,
+        Reply::ok(blob.clone(), &[]).slowly(64, Duration::from_millis(100)),
+    );
+    let cache = tempfile::tempdir()?;
+    let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
+    let client = support::http_client();
+    let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
+
+    let whole = tokio::spawn(client.get(&url).send());
+    support::eventually(
+        Duration::from_secs(10),
+        "the download to reach the upstream",
+        || async { upstream.hits(&path) == 1 },
+    )
+    .await?;
+    let (a, b) = (SIZE - 1000, SIZE - 1);
+    let resp = client
+        .get(&url)
+        .header("range", format!("bytes={a}-{b}"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes {a}-{b}/{SIZE}").as_str()
+    );
+    assert_eq!(resp.bytes().await?, blob[a..=b]);
+    assert!(
+        !pullcache.stored_blobs().contains(&digest),
+        "the span waited for the whole download"
+    );
+    let spans = upstream.ranges_seen(&path);
+    assert_eq!(
+        spans,
+        [None, Some(format!("bytes={a}-{b}"))],
+        "what the registry was asked"
+    );
+
+    // Open-ended: from the one download, however long it takes to get there.
+    let resp = client.get(&url).header("range", "bytes=8388608-").send().await?;
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.bytes().await?, blob[8_388_608..]);
+    assert_eq!(whole.await??.bytes().await?, blob);
+    pullcache.idle().await?;
+    assert!(pullcache.stored_blobs().contains(&digest));
+    // Landed: spans come from the store.
+    let resp = client.get(&url).header("range", "bytes=0-99").send().await?;
+    assert_eq!(resp.bytes().await?, blob[..100]);
+    assert_eq!(upstream.hits(&path), 2, "{:?}", upstream.ranges_seen(&path));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_oci_errors() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;

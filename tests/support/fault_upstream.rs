@@ -310,25 +310,36 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
         reply = Reply::status(400, &[]);
     }
     let total = reply.body.len();
-    let start = range
+    // `bytes=a-` or `bytes=a-b`.
+    let span = range
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|r| r.parse::<usize>().ok())
-        .filter(|start| reply.honor_range && reply.status == 200 && *start < total);
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            let a = a.parse::<usize>().ok()?;
+            let b = match b {
+                "" => None,
+                b => Some(b.parse::<usize>().ok()?),
+            };
+            Some((a, b))
+        })
+        .filter(|(start, _)| reply.honor_range && reply.status == 200 && *start < total);
     let mut resp = Response::builder();
-    let body = match start {
-        Some(start) => {
+    let body = match span {
+        Some((start, until)) => {
+            let end = until.map_or(total - 1, |b| b.min(total - 1));
             resp = resp
                 .status(206)
-                .header("content-range", format!("bytes {start}-{}/{total}", total - 1));
-            &reply.body[start..]
+                .header("content-range", format!("bytes {start}-{end}/{total}"));
+            &reply.body[start..=end]
         }
         None => {
             resp = resp.status(reply.status);
             &reply.body[..]
         }
     };
+    // A bounded span goes at the link's pace: in chunks of the whole body's chunk size.
+    let bounded = span.is_some_and(|(_, until)| until.is_some());
     if reply.sized {
         resp = resp.header("content-length", body.len());
     }
@@ -340,7 +351,7 @@ fn reply(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> (Duratio
         Some(n) if first_hit && n < body.len() => (&body[..n], true),
         _ => (body, false),
     };
-    let chunk_len = body.len().div_ceil(reply.chunks).max(1);
+    let chunk_len = if bounded { total } else { body.len() }.div_ceil(reply.chunks).max(1);
     let mut frames: Vec<std::io::Result<Frame<Bytes>>> = if head {
         Vec::new()
     } else {
