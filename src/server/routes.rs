@@ -324,7 +324,13 @@ mod tests {
             ("quay.io", "org/app.io")
         );
         let hub = Registry::docker_hub();
-        let route = parse(&Method::GET, &"/v2/alpine/manifests/3".parse().unwrap(), Some(&hub)).unwrap();
+        let route = parse(
+            &Method::GET,
+            &"/v2/alpine/manifests/3".parse().unwrap(),
+            Some(&hub),
+            &hub,
+        )
+        .unwrap();
         let Route::Manifest { target, .. } = route else {
             panic!()
         };
