@@ -33,6 +33,10 @@ fi
 # extracted under target/containerd/ (not installed).
 "$(dirname "$0")/fetch-containerd.sh"
 
+# Lazy pulls: soci-snapshotter (sid), extracted under target/soci/ (not installed). It mounts
+# its layers with FUSE: the kernel's /dev/fuse, as root, no fusermount needed.
+"$(dirname "$0")/fetch-soci.sh"
+
 # The chart test: the real Helm engine (helm-python-sdk) and Kubernetes schemas.
 if ! python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
   echo "installing chart test dependencies"

@@ -58,12 +58,16 @@ pub fn tail(tail: Tail, sendfile: Option<(Spans, IntCounter)>) -> Body {
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// The code of a 404 for `resource`: a listing's repository is what is unknown.
+/// The code of a 404 for `resource`: a tag list's repository is what is unknown. A registry
+/// with the referrers API answers 200 even for an unknown subject, so a 404 for referrers says
+/// the registry has no such API: UNSUPPORTED, never NAME_UNKNOWN, which oras-go (soci, notation)
+/// reads as "no such repository" and then skips the fallback tag (`sha256-<hex>`).
 fn unknown(resource: Resource) -> ErrorCode {
     match resource {
         Resource::Manifest => ErrorCode::ManifestUnknown,
         Resource::Blob => ErrorCode::BlobUnknown,
-        Resource::Tags | Resource::Referrers => ErrorCode::NameUnknown,
+        Resource::Tags => ErrorCode::NameUnknown,
+        Resource::Referrers => ErrorCode::Unsupported,
     }
 }
 

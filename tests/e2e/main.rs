@@ -57,6 +57,7 @@ mod hostile_registry;
 mod http_api;
 mod image;
 mod intercept;
+mod lazy_pulls;
 mod listings;
 mod observability;
 mod podman;

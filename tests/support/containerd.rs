@@ -192,6 +192,9 @@ pub struct ContainerdOptions {
     /// service, which `ctr` and CRI pulls both go through), each an open-ended `Range:
     /// bytes=N-` request.
     pub parallel_fetch: Option<u64>,
+    /// A snapshotter of its own process (`[proxy_plugins.NAME]`, type `snapshot`), as
+    /// soci-snapshotter is wired: `(NAME, its gRPC socket)`. Pulls name it with `--snapshotter NAME`.
+    pub proxy_snapshotter: Option<(String, PathBuf)>,
 }
 
 impl ContainerdOptions {
@@ -257,6 +260,7 @@ impl Containerd {
             parent,
             cri_config_path,
             env,
+            proxy_snapshotter,
         } = options;
         // /tmp keeps the socket path far below the 107-byte limit.
         let parent = parent.unwrap_or_else(|| PathBuf::from("/tmp"));
@@ -272,6 +276,18 @@ impl Containerd {
             release.name()
         );
         let config_path = write_daemon_config(release, d, &socket, cri_config_path.as_deref(), parallel_fetch)?;
+        if let Some((name, address)) = &proxy_snapshotter {
+            let mut config = std::fs::OpenOptions::new().append(true).open(&config_path)?;
+            std::io::Write::write_all(
+                &mut config,
+                format!(
+                    "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                    address.display()
+                )
+                .as_bytes(),
+            )
+            .context("adding the proxy snapshotter to containerd's config")?;
+        }
         let bin = release.containerd()?;
         let log_path = d.join("containerd.log");
         let log = std::fs::File::create(&log_path).context("creating containerd log")?;

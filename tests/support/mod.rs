@@ -16,6 +16,7 @@ pub mod poll;
 pub mod pullcache;
 pub mod registry;
 pub mod skopeo;
+pub mod soci;
 pub mod spy;
 pub mod tls;
 pub mod tmpfs;

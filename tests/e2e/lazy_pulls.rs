@@ -1,0 +1,132 @@
+//! Lazy pulls (issue 23, part 4): the real soci-snapshotter 0.4.1 lazily pulls an image
+//! through pullcache, in intercept mode and in mirror mode (`tests/support/soci.rs` has the
+//! set-up and what it relies on). The image has one large layer of random files with a small
+//! file stored last; its SOCI index is in the registry (TLS, inside a network namespace).
+//!
+//! For each mode: the pull ends with the layer mounted by FUSE and not downloaded by containerd,
+//! the small file reads back exactly, and the registry sees the layer fetched whole once (by
+//! pullcache, for its cache), besides any number of closed ranges (pullcache answering a
+//! range of a blob it does not hold yet straight from the registry).
+
+use std::time::Duration;
+
+use crate::support;
+use support::registry::AccessLogEntry;
+use support::soci::{LazyNode, Route, Upstream};
+
+/// Random data in the large layer, before the small file.
+const DATA_BYTES: usize = 32 * 1024 * 1024;
+/// The longest a read of the small file may take, whatever pullcache does.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest pullcache's download of the whole layer may take to show in the access log.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercept_mode() -> anyhow::Result<()> {
+    lazy_pull(Route::Intercept).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_mode() -> anyhow::Result<()> {
+    lazy_pull(Route::Mirror).await
+}
+
+async fn lazy_pull(route: Route) -> anyhow::Result<()> {
+    let upstream = Upstream::start(DATA_BYTES).await?;
+    let image = upstream.image.clone();
+    upstream.registry.settle().await?;
+    let before = upstream.registry.access_log().len();
+    let node = LazyNode::start(&upstream, route).await?;
+
+    let pulled = node.rpull().await?;
+    // Lazily: the layer is a FUSE mount, and containerd never had its bytes.
+    let mount = node.layer_mount()?;
+    assert!(
+        !node.containerd.has_content(&image.layer_digest).await?,
+        "containerd downloaded the layer: the pull was not lazy"
+    );
+    let (marker, read) = node.read_marker(READ_TIMEOUT).await?;
+    assert!(
+        marker == image.marker,
+        "the small file at the end of the layer read back wrong"
+    );
+    eprintln!(
+        "{route:?}: rpull {:.3} s, then the small file at the end of the {} MiB layer in {:.3} s ({mount})",
+        pulled.as_secs_f64(),
+        image.layer_size >> 20,
+        read.as_secs_f64()
+    );
+
+    // pullcache downloads the whole layer once, for its cache, beside what it answered.
+    support::eventually_every(
+        Duration::from_millis(250),
+        DOWNLOAD_TIMEOUT,
+        "pullcache's download of the whole layer",
+        || async {
+            let layer = upstream.layer_requests_since(before).await?;
+            anyhow::Ok(layer.iter().any(|e| upstream.is_whole_layer(e)))
+        },
+    )
+    .await
+    .map_err(|e| e.context(node.pullcache_log()))?;
+    let seen = upstream.registry.requests_since(before).await?;
+    for entry in &seen {
+        eprintln!(
+            "  registry: {} {} -> {} {} B ({})",
+            entry.method, entry.uri, entry.status, entry.bytes, entry.user_agent
+        );
+    }
+    let layer: Vec<&AccessLogEntry> = seen
+        .iter()
+        .filter(|e| e.path().ends_with(&image.layer_digest))
+        .collect();
+    let whole = layer.iter().filter(|e| upstream.is_whole_layer(e)).count();
+    assert_eq!(whole, 1, "the whole layer was fetched {whole} times: {layer:#?}");
+    for entry in &layer {
+        assert!(
+            upstream.is_whole_layer(entry) || (entry.status == 206 && entry.bytes < image.layer_size),
+            "a layer request neither whole nor a range: {entry:?}"
+        );
+        assert!(
+            entry.user_agent.starts_with("pullcache/"),
+            "a layer read reached the registry around pullcache: {entry:?}"
+        );
+    }
+    // Every other blob pullcache fetched (config, ztoc), it fetched once.
+    for entry in seen.iter().filter(|e| e.path().contains("/blobs/") && e.status == 200) {
+        let gets = seen
+            .iter()
+            .filter(|e| e.path() == entry.path() && e.status == 200)
+            .count();
+        assert_eq!(gets, 1, "{} fetched whole {gets} times", entry.path());
+    }
+    match route {
+        // Everything went through pullcache: the SOCI index and ztoc too.
+        Route::Intercept => {
+            let around: Vec<_> = seen
+                .iter()
+                .filter(|e| !e.user_agent.starts_with("pullcache/"))
+                .collect();
+            assert!(around.is_empty(), "requests around the proxy: {around:#?}");
+        }
+        // soci finds and fetches its index and ztocs at the registry itself (oras-go, which
+        // knows no mirrors); nothing else passes pullcache by.
+        Route::Mirror => {
+            let ztocs_and_index = |e: &&AccessLogEntry| {
+                e.path().contains("/referrers/") || e.path().contains("/manifests/") || e.path().contains("/blobs/")
+            };
+            let around: Vec<_> = seen
+                .iter()
+                .filter(|e| !e.user_agent.starts_with("pullcache/"))
+                .collect();
+            assert!(
+                !around.is_empty(),
+                "soci fetched its index through the mirror: {seen:#?}"
+            );
+            assert!(around.iter().all(ztocs_and_index), "{around:#?}");
+            assert!(around.iter().all(|e| !e.path().ends_with(&image.layer_digest)));
+        }
+        Route::Direct => unreachable!("not a pullcache mode"),
+    }
+    Ok(())
+}
