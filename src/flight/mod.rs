@@ -158,9 +158,10 @@ impl Flight {
         }
     }
 
-    /// How many bytes it has written so far.
-    pub fn written(&self) -> u64 {
-        self.progress.borrow().written
+    /// Whether its bytes are all in and verified: until then a reader of it holds back the last
+    /// byte of its range.
+    pub fn verified(&self) -> bool {
+        matches!(self.progress.borrow().state, FlightState::Done)
     }
 
     /// Where the bytes come from, as the store will record them: call after [`Flight::headers`]

@@ -1,8 +1,10 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: from the store, or by joining or starting the digest's
-//! flight. Single ranges are honoured, also while the blob is still downloading. A bounded
-//! range the download has not reached (a lazy pull's span) is asked of the registry on its
-//! own, at once, while the whole blob goes on downloading once for what comes next; an
-//! open-ended one (`bytes=N-`, containerd's parallel chunks) follows the one download.
+//! flight. Single ranges are honoured, also while the blob is still downloading. A reader of a
+//! download holds back the last byte of its range until the whole blob is verified, so a
+//! bounded range (a lazy pull's span) of a blob not yet verified is asked of the registry on
+//! its own and answered at once, while the whole blob goes on downloading once for what comes
+//! next; an open-ended one (`bytes=N-`, containerd's parallel chunks) follows the one
+//! download.
 
 use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
@@ -18,10 +20,6 @@ use crate::flight::{BlobSource, Tail};
 use crate::oci::{BLOB_MEDIA_TYPE, Digest, Reference, Visibility};
 use crate::peers::VISIBILITY_HEADER;
 use crate::wire::DOCKER_CONTENT_DIGEST;
-
-/// How far ahead of the download a bounded range may start and still wait for it, rather than
-/// be asked of the registry on its own.
-const RANGE_AHEAD: u64 = 2 * 1024 * 1024;
 
 pub async fn serve(
     app: &App,
@@ -72,7 +70,7 @@ pub async fn serve(
                 None => (0, size),
             };
             if let (false, Some((a, b)), Some(size), true) = (head, span, size, range.is_some_and(bounded))
-                && flight.written() + RANGE_AHEAD < a
+                && !flight.verified()
                 && let Some(resp) = span_from_registry(app, access, digest, (a, b), size).await
             {
                 let resp = told(resp, provenance.visibility_at(access.location));
@@ -106,9 +104,9 @@ fn bounded(range: &str) -> bool {
         .is_some_and(|(_, end)| !end.trim().is_empty())
 }
 
-/// Bytes `a..=b` of a blob of `size` the download has not reached, asked of the registry on
-/// their own (never of a peer) with the request's grant: the registry's own answer, as the
-/// client would have had it, stored nowhere. `None` when the registry did not answer that
+/// Bytes `a..=b` of a blob of `size` not yet verified, asked of the registry on their own
+/// (never of a peer) with the request's grant: the registry's own answer, as the client would
+/// have had it without pullcache, stored nowhere. `None` when the registry did not answer that
 /// span exactly (a 200, another range): the caller follows the download instead.
 async fn span_from_registry(
     app: &App,

@@ -264,9 +264,10 @@ async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
         || async { upstream.hits(&path) == 1 },
     )
     .await?;
-    let resp = client.get(&url).header("range", "bytes=1000000-1000099").send().await?;
+    // Open-ended, as containerd's parallel chunks ask: from the one download.
+    let resp = client.get(&url).header("range", "bytes=1000000-").send().await?;
     assert_eq!(resp.status(), 206);
-    assert_eq!(resp.bytes().await?, blob[1_000_000..1_000_100]);
+    assert_eq!(resp.bytes().await?, blob[1_000_000..]);
     let resp = client.get(&url).header("range", "bytes=3000000-").send().await?;
     assert_eq!(resp.status(), 416);
     assert_eq!(whole.await??.bytes().await?, blob);

@@ -5,8 +5,9 @@
 //!
 //! For each mode: the pull ends with the layer mounted by FUSE and not downloaded by containerd,
 //! the small file reads back exactly, and the registry sees the layer fetched whole once (by
-//! pullcache, for its cache), besides any number of closed ranges (pullcache answering a
-//! range of a blob it does not hold yet straight from the registry).
+//! pullcache, for its cache), besides the closed ranges pullcache answered straight from the
+//! registry before the layer landed: the namespace's link is throttled so that the whole
+//! layer takes seconds, and the small file's span must not wait for it.
 
 use std::time::Duration;
 
@@ -20,6 +21,9 @@ const DATA_BYTES: usize = 32 * 1024 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest pullcache's download of the whole layer may take to show in the access log.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// The namespace's one link, shared by the registry, pullcache and soci: slow enough that the
+/// whole layer takes seconds to download, so the small file's span is read before it lands.
+const LINK_BITS_PER_SECOND: u64 = 64_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intercept_mode() -> anyhow::Result<()> {
@@ -33,6 +37,7 @@ async fn mirror_mode() -> anyhow::Result<()> {
 
 async fn lazy_pull(route: Route) -> anyhow::Result<()> {
     let upstream = Upstream::start(DATA_BYTES).await?;
+    upstream.netns().throttle_loopback(LINK_BITS_PER_SECOND)?;
     let image = upstream.image.clone();
     upstream.registry.settle().await?;
     let before = upstream.registry.access_log().len();
@@ -82,6 +87,15 @@ async fn lazy_pull(route: Route) -> anyhow::Result<()> {
         .collect();
     let whole = layer.iter().filter(|e| upstream.is_whole_layer(e)).count();
     assert_eq!(whole, 1, "the whole layer was fetched {whole} times: {layer:#?}");
+    // The small file's span did not wait for the whole layer: pullcache asked the registry
+    // for it on its own, and had it (logged when answered) before the whole layer landed.
+    let first_span = layer.iter().position(|e| e.status == 206);
+    let landed = layer.iter().position(|e| upstream.is_whole_layer(e));
+    assert!(
+        matches!((first_span, landed), (Some(span), Some(whole)) if span < whole),
+        "no span of the layer was asked of the registry before it landed: {layer:#?}\n{}",
+        node.pullcache_log()
+    );
     for entry in &layer {
         assert!(
             upstream.is_whole_layer(entry) || (entry.status == 206 && entry.bytes < image.layer_size),

@@ -52,6 +52,14 @@ pub struct Fetched {
 }
 
 impl Netns {
+    /// Limits everything sent on this namespace's loopback device to `bits_per_second` with
+    /// tbf: every process inside then shares one slow link.
+    pub fn throttle_loopback(&self, bits_per_second: u64) -> Result<()> {
+        let (rate, burst) = (format!("{bits_per_second}bit"), TBF_BURST.to_string());
+        let tbf = ["tbf", "rate", &rate, "burst", &burst, "latency", TBF_LATENCY];
+        tc(&[&["-n", self.name(), "qdisc", "replace", "dev", "lo", "root"], &tbf[..]].concat())
+    }
+
     /// `ip netns add NAME`, with its loopback up.
     pub fn create(name: &str) -> Result<Netns> {
         ip(&["netns", "add", name]).context("creating a network namespace (needs root and iproute2)")?;
