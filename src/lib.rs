@@ -140,6 +140,7 @@ pub async fn run(
         manifests: manifests::Manifests::new(store.clone(), sources.clone(), config.tag_ttl, config.tag_ttls.clone()),
         listings: listings::Listings::new(sources.clone(), config.tag_ttl, config.tag_ttls),
         default_registry: config.default_registry.clone(),
+        spans: Arc::new(tokio::sync::Semaphore::new(server::MAX_SPANS)),
         sources,
         metrics: server_metrics,
     });

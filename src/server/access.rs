@@ -22,6 +22,10 @@ pub struct Metrics {
     served_bytes: IntCounterVec,
     /// Blob bytes handed to `sendfile`, which never pass through user space.
     pub sendfile_bytes: IntCounter,
+    /// Bounded ranges of blobs not yet verified, fetched from registries on their own, and
+    /// their bytes.
+    pub spans: IntCounter,
+    pub span_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -52,8 +56,18 @@ impl Metrics {
             "pullcache_sendfile_bytes_total",
             "Blob bytes sent from the cache's files with sendfile (plain HTTP/1), without a copy through user space.",
         )?;
+        let spans = IntCounter::new(
+            "pullcache_upstream_spans_total",
+            "Bounded ranges of blobs not yet verified (lazy pulls' spans) fetched from registries on their own, beside the blobs' whole downloads.",
+        )?;
+        let span_bytes = IntCounter::new(
+            "pullcache_upstream_span_bytes_total",
+            "Bytes of those ranges, relayed to the client and stored nowhere.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sendfile_bytes.clone()))?;
+        registry.register(Box::new(spans.clone()))?;
+        registry.register(Box::new(span_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(served_bytes.clone()))?;
         Ok(Metrics {
@@ -61,6 +75,8 @@ impl Metrics {
             duration,
             served_bytes,
             sendfile_bytes,
+            spans,
+            span_bytes,
         })
     }
 }

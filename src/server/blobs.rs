@@ -8,7 +8,7 @@
 
 use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Limited, StreamBody};
 
 use super::response::{self, Body};
 use super::sendfile::Spans;
@@ -104,10 +104,18 @@ fn bounded(range: &str) -> bool {
         .is_some_and(|(_, end)| !end.trim().is_empty())
 }
 
+/// The longest bounded range asked of a registry on its own (soci's spans are ~4 MiB); a
+/// longer one follows the download.
+pub const MAX_SPAN: u64 = 16 * 1024 * 1024;
+/// How many spans this node asks of registries at once; more follow the download.
+pub const MAX_SPANS: usize = 32;
+
 /// Bytes `a..=b` of a blob of `size` not yet verified, asked of the registry on their own
 /// (never of a peer) with the request's grant: the registry's own answer, as the client would
-/// have had it without pullcache, stored nowhere. `None` when the registry did not answer that
-/// span exactly (a 200, another range): the caller follows the download instead.
+/// have had it without pullcache, stored nowhere, and sent as such (no `ETag`, not to be
+/// cached). Its body must be in within the upstream timeout. `None` when the span is too
+/// long, too many are asked already, or the registry did not answer that span exactly (a
+/// 200, another range): the caller follows the download instead.
 async fn span_from_registry(
     app: &App,
     access: &Access<'_>,
@@ -115,6 +123,11 @@ async fn span_from_registry(
     (a, b): (u64, u64),
     size: u64,
 ) -> Option<Response<Body>> {
+    let len = b - a + 1;
+    if len > MAX_SPAN {
+        return None;
+    }
+    let turn = app.spans.clone().try_acquire_owned().ok()?;
     let grant = access.grant().await.ok()?;
     let location = access.location;
     let fetch = grant
@@ -125,7 +138,9 @@ async fn span_from_registry(
             digest,
         ))
         .span(a, b);
-    let resp = match app.sources.upstreams().fetch(&fetch).await {
+    let upstreams = app.sources.upstreams();
+    let deadline = tokio::time::Instant::now() + upstreams.timeout();
+    let resp = match upstreams.fetch(&fetch).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "a span asked of the registry failed; following the download");
@@ -137,11 +152,40 @@ async fn span_from_registry(
     if resp.status() != StatusCode::PARTIAL_CONTENT || content_range != Some(exact.as_str()) {
         return None;
     }
-    let len = usize::try_from(b - a + 1).ok()?;
-    let body = Limited::new(resp.into_body(), len)
+    app.metrics.spans.inc();
+    let counted = app.metrics.span_bytes.clone();
+    // Every frame by the deadline; the turn is held until the body is done with.
+    let frames = futures_util::stream::unfold(Some((resp.into_body(), turn)), move |state| {
+        let counted = counted.clone();
+        async move {
+            let (mut body, turn) = state?;
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the registry's span stalled",
+                    )),
+                    None,
+                )),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                Ok(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        counted.inc_by(data.len() as u64);
+                    }
+                    Some((Ok(frame), Some((body, turn))))
+                }
+            }
+        }
+    });
+    let body = Limited::new(StreamBody::new(frames), usize::try_from(len).ok()?)
         .map_err(std::io::Error::other)
         .boxed_unsync();
-    Some(respond(digest, Some(size), Some((a, b)), body))
+    let mut resp = respond(digest, Some(size), Some((a, b)), body);
+    resp.headers_mut().remove(ETAG);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Some(resp)
 }
 
 /// A HEAD for a blob this node does not have under the location asked: asked of the sources

@@ -3,6 +3,7 @@
 
 pub mod access;
 mod blobs;
+pub use blobs::{MAX_SPAN, MAX_SPANS};
 mod listings;
 mod manifests;
 pub mod peer;
@@ -47,6 +48,8 @@ pub struct App {
     pub listings: crate::listings::Listings,
     /// The registry of a request that names none (`--default-registry`).
     pub default_registry: Registry,
+    /// Turns for spans asked of registries on their own ([`blobs::MAX_SPANS`]).
+    pub spans: Arc<tokio::sync::Semaphore>,
     pub sources: Arc<Sources>,
     pub metrics: Arc<access::Metrics>,
 }

@@ -132,8 +132,13 @@ where
             let Some(app) = app.get() else {
                 return Ok::<_, Infallible>(response::not_ready(req.method() == Method::HEAD));
             };
-            // A push: the registry's own, streamed on with the client's credentials.
-            if routes::passes_through(req.method(), req.uri().path()) {
+            // A push: the registry's own, streamed on with the client's credentials. Offline,
+            // a blob's HEAD is the cache's to answer.
+            let offline_head = app.sources.upstreams().is_offline() && req.method() == Method::HEAD;
+            if routes::passes_through(req.method(), req.uri().path()) && !offline_head {
+                if let Err(e) = routes::within_limit(req.uri()) {
+                    return Ok(response::error(&e, req.method() == Method::HEAD));
+                }
                 return Ok(push(app.sources.upstreams(), &registry, req).await);
             }
             let route = routes::parse(req.method(), req.uri(), Some(&registry), &app.default_registry);

@@ -135,6 +135,19 @@ impl Route {
     }
 }
 
+/// Refuses a path and query longer than any valid request's.
+pub fn within_limit(uri: &Uri) -> Result<(), Error> {
+    let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_LEN {
+        return Err(RequestError::UriTooLong {
+            len,
+            limit: MAX_URI_LEN,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Whether intercept mode passes a request to the registry untouched: a push (any request
 /// about a blob upload, `/v2/<name>/blobs/uploads/...`, its status `GET` included, or a
 /// manifest or blob written or deleted), or a blob's `HEAD`: a pusher asks it whether the
@@ -155,14 +168,7 @@ pub fn passes_through(method: &Method, path: &str) -> bool {
 /// registry when the request has no `ns`.
 /// `default` is the registry of a request that names none (`--default-registry`).
 pub fn parse(method: &Method, uri: &Uri, host: Option<&Registry>, default: &Registry) -> Result<Route, Error> {
-    let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-    if len > MAX_URI_LEN {
-        return Err(RequestError::UriTooLong {
-            len,
-            limit: MAX_URI_LEN,
-        }
-        .into());
-    }
+    within_limit(uri)?;
     let path = uri.path();
     let read_only = || -> Result<(), Error> {
         if method == Method::GET || method == Method::HEAD {

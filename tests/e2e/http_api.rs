@@ -338,6 +338,48 @@ async fn a_span_the_download_has_not_reached_is_asked_of_the_registry_at_once() 
     let resp = client.get(&url).header("range", "bytes=0-99").send().await?;
     assert_eq!(resp.bytes().await?, blob[..100]);
     assert_eq!(upstream.hits(&path), 2, "{:?}", upstream.ranges_seen(&path));
+    let metrics = pullcache.metrics().await?;
+    assert!(metrics.contains("pullcache_upstream_spans_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("pullcache_upstream_span_bytes_total 1000\n"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// Found by the attack review: a span's body had no deadline, so a registry that sent a 206's
+/// headers and then nothing held the client (a FUSE read, for soci) for ever. It is cut at the
+/// upstream timeout, as a whole download's stall is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_span_the_registry_stalls_is_cut_at_the_upstream_timeout() -> anyhow::Result<()> {
+    const SIZE: usize = 16 * 1024 * 1024;
+    let upstream = FaultUpstream::start().await?;
+    let blob = random_bytes(SIZE);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    // In 8 MiB chunks 20 s apart: a 9 MiB span stalls after its first chunk.
+    upstream.set(&path, Reply::ok(blob, &[]).slowly(2, Duration::from_secs(20)));
+    let cache = tempfile::tempdir()?;
+    let mut config = support::pullcache::config(cache.path().to_owned());
+    config.registry(pullcache::oci::Registry::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
+    config.upstream.timeout = Some(Duration::from_secs(1));
+    let pullcache = Pullcache::start_with(config).await?;
+    let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
+    let (a, b) = (4 * 1024 * 1024, 13 * 1024 * 1024 - 1);
+    let started = std::time::Instant::now();
+    let resp = support::http_client()
+        .get(&url)
+        .header("range", format!("bytes={a}-{b}"))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 206);
+    assert!(resp.bytes().await.is_err(), "a stalled span completed");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the span was not cut: {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use support::containerd::{Containerd, ContainerdOptions, Release, proxy_env};
 use support::images::{PushedImage, push_oci_image};
 use support::pullcache::Pullcache;
 use support::registry::{Registry, RegistryOptions};
-use support::tls::TestCa;
+use support::tls::{TestCa, get_through_proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const REGISTRY: &str = "registry.test.invalid";
@@ -142,6 +142,10 @@ async fn skopeo_pulls_lists_tags_and_pushes_through_the_proxy() -> anyhow::Resul
         s.registry.access_log_count("PUT", "/v2/pushed/app/manifests/v1") >= 1,
         "the manifest PUT did not reach the registry"
     );
+    // A push's URI is held to the same limit as any request's.
+    let long = format!("/v2/pushed/app/blobs/uploads/x?{}", "a".repeat(3000));
+    let refused = get_through_proxy(s.pullcache.addr, REGISTRY, &s.ca_bundle, &long, None).await?;
+    assert_eq!(refused.status, 414);
     let back = tempfile::tempdir()?;
     support::skopeo::copy_via_proxy(&pushed, back.path(), &proxy, &s.ca_bundle).await?;
     assert_eq!(std::fs::read(back.path().join("manifest.json"))?, s.image.manifest);
