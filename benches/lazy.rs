@@ -12,17 +12,11 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
+use support::bench::{bench_args, count_arg, median};
 use support::soci::{LazyNode, Route, Upstream};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args.get(i + 1).with_context(|| format!("{name} N"))?.parse()?),
-        None => Ok(default),
-    }
-}
 
 /// One cold lazy pull by `route`: the rpull's time and the small file's read time.
 async fn cold(upstream: &Upstream, route: Route) -> Result<(Duration, Duration)> {
@@ -36,21 +30,15 @@ async fn cold(upstream: &Upstream, route: Route) -> Result<(Duration, Duration)>
     Ok((pulled, read))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     // `cargo test --all-targets` builds and runs benches without `--bench`: it only checks
     // that this compiles; the benchmark itself runs under `cargo bench` (bench/run).
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
+    let Some(args) = bench_args() else {
         return Ok(());
-    }
-    let data_mib = arg(&args, "--data-mib", 64)?;
-    let rounds = arg(&args, "--rounds", 3)?.max(1);
+    };
+    let data_mib = count_arg(&args, "--data-mib", 64)?;
+    let rounds = count_arg(&args, "--rounds", 3)?.max(1);
     let upstream = Upstream::start(data_mib << 20).await?;
     let routes = [Route::Direct, Route::Mirror, Route::Intercept];
     let mut times: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); routes.len()];

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use http_body_util::BodyExt;
 
+use support::bench::{bench_args, count_arg, median};
 use support::images::PushedImage;
 use support::token_service::TokenService;
 
@@ -73,23 +74,14 @@ async fn pull(sender: &mut Sender, image: &PushedImage, token: Option<&str>) -> 
     Ok(started.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     // `cargo test --all-targets` builds and runs benches without `--bench`: it only checks
     // that this compiles; the benchmark itself runs under `cargo bench` (bench/run).
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
+    let Some(args) = bench_args() else {
         return Ok(());
-    }
-    let pulls: usize = match args.iter().position(|a| a == "--pulls") {
-        Some(i) => args.get(i + 1).context("--pulls N")?.parse()?,
-        None => 30,
     };
+    let pulls = count_arg(&args, "--pulls", 30)?;
 
     let dir = tempfile::tempdir()?;
     let tokens = TokenService::start(&[("cache", "cache-pw"), ("alice", "alice-pw")], true).await?;

@@ -71,6 +71,38 @@ type HttpClient = crate::wire::Client<GuardedResolver>;
 /// A client that streams a client's own request body on: a push, in intercept mode.
 type PushClient = crate::wire::Client<GuardedResolver, Incoming>;
 
+/// A client's request as the registry's own URL gets it: its method, path, query, headers
+/// (credentials included, marked sensitive; hop-by-hop ones dropped) and `body`.
+fn passed_on<B>(
+    registry: &Registry,
+    endpoint: &Endpoint<'_>,
+    parts: http::request::Parts,
+    body: B,
+) -> Result<Request<B>, UpstreamError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = format!("{}{path}", endpoint.base)
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| UpstreamError::new(registry, UpstreamErrorKind::Request(e.into())))?;
+    let mut request = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(body)
+        .expect("request parts are valid");
+    let headers = request.headers_mut();
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            let mut value = value.clone();
+            // A client's secret: never printed, even by a debug dump of the request.
+            value.set_sensitive(name == AUTHORIZATION || name == http::header::COOKIE);
+            headers.append(name.clone(), value);
+        }
+    }
+    headers
+        .entry(USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+    Ok(request)
+}
+
 /// An upstream failure, with the registry it concerns. Its message carries the whole chain of
 /// `kind` (logs and OCI error bodies print it); code that classifies walks `kind`'s sources.
 #[derive(Debug)]
@@ -406,27 +438,7 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(registry, kind);
         let endpoint = self.endpoint(registry, self.base(registry)?, None)?;
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = format!("{}{path}", endpoint.base)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
-        let mut request = Request::builder()
-            .method(parts.method)
-            .uri(uri)
-            .body(Full::new(body))
-            .expect("request parts are valid");
-        let headers = request.headers_mut();
-        for (name, value) in &parts.headers {
-            if !HOP_BY_HOP.contains(&name.as_str()) {
-                let mut value = value.clone();
-                // A client's secret: never printed, even by a debug dump of the request.
-                value.set_sensitive(name == AUTHORIZATION || name == http::header::COOKIE);
-                headers.append(name.clone(), value);
-            }
-        }
-        headers
-            .entry(USER_AGENT)
-            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        let request = passed_on(registry, &endpoint, parts, Full::new(body))?;
         crate::wire::send(endpoint.client, request, self.header_timeout())
             .await
             .map_err(|e| err(Failure::from(e).kind))
@@ -445,28 +457,8 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let err = |kind| UpstreamError::new(registry, kind);
         debug_assert!(!self.settings.offline, "the caller refuses pushes offline");
-        let base = self.base(registry)?;
-        let endpoint = self.endpoint(registry, base, None)?;
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = format!("{}{path}", endpoint.base)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| err(UpstreamErrorKind::Request(e.into())))?;
-        let mut request = Request::builder()
-            .method(parts.method)
-            .uri(uri)
-            .body(body)
-            .expect("request parts are valid");
-        let headers = request.headers_mut();
-        for (name, value) in &parts.headers {
-            if !HOP_BY_HOP.contains(&name.as_str()) {
-                let mut value = value.clone();
-                value.set_sensitive(name == AUTHORIZATION || name == http::header::COOKIE);
-                headers.append(name.clone(), value);
-            }
-        }
-        headers
-            .entry(USER_AGENT)
-            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        let endpoint = self.endpoint(registry, self.base(registry)?, None)?;
+        let request = passed_on(registry, &endpoint, parts, body)?;
         let client = self.clients.push(registry, self.reach(registry));
         let mut resp = client
             .request(request)

@@ -48,6 +48,10 @@ fn install(certs: &Path, extra: &[&str]) -> std::process::Output {
     out
 }
 
+fn uninstall(certs: &Path) -> std::process::Output {
+    run(&["containerd-config", "uninstall", "--certs-dir", certs.to_str().unwrap()])
+}
+
 /// Every file under `dir`, by relative path.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -148,12 +152,7 @@ fn install_twice_changes_nothing_and_uninstall_restores_exactly() {
     );
     assert_eq!(snapshot(certs.path()), installed, "a second install changed files");
 
-    let out = run(&[
-        "containerd-config",
-        "uninstall",
-        "--certs-dir",
-        certs.path().to_str().unwrap(),
-    ]);
+    let out = uninstall(certs.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         snapshot(certs.path()),
@@ -161,12 +160,7 @@ fn install_twice_changes_nothing_and_uninstall_restores_exactly() {
         "uninstall did not restore the directory exactly"
     );
     // Uninstalling again is harmless.
-    let again = run(&[
-        "containerd-config",
-        "uninstall",
-        "--certs-dir",
-        certs.path().to_str().unwrap(),
-    ]);
+    let again = uninstall(certs.path());
     assert!(again.status.success());
     assert_eq!(snapshot(certs.path()), before);
 }
@@ -300,12 +294,7 @@ async fn pulls_through_the_wiring_and_past_it_when_pullcache_is_down(release: Re
     assert!(gets_after > gets_before, "the second pull did not reach the registry");
 
     // Uninstall gives the operator's file back, byte for byte.
-    let out = run(&[
-        "containerd-config",
-        "uninstall",
-        "--certs-dir",
-        certs.path().to_str().unwrap(),
-    ]);
+    let out = uninstall(certs.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(&merged)?, operators);
     Ok(())

@@ -194,15 +194,9 @@ async fn blob_bodies_go_out_with_sendfile_on_http1_and_by_reads_on_h2c() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsized_blobs_go_out_chunked_around_sendfile_spans() -> anyhow::Result<()> {
     let upstream = FaultUpstream::start().await?;
-    let blob = random_bytes(5 * 1024 * 1024 + 3);
-    let digest = sha256_digest(&blob);
-    let path = format!("/v2/team/app/blobs/{digest}");
-    upstream.set(
-        &path,
-        Reply::ok(blob.clone(), &[])
-            .without_length()
-            .slowly(8, Duration::from_millis(20)),
-    );
+    let (blob, _, path) = serve_blob(&upstream, 5 * 1024 * 1024 + 3, |reply| {
+        reply.without_length().slowly(8, Duration::from_millis(20))
+    });
     let cache = tempfile::tempdir()?;
     let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let url = format!("{}{path}?ns={REGISTRY}", pullcache.url());
@@ -244,13 +238,9 @@ async fn unsized_blobs_go_out_chunked_around_sendfile_spans() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
     let upstream = FaultUpstream::start().await?;
-    let blob = random_bytes(2 * 1024 * 1024);
-    let digest = sha256_digest(&blob);
-    let path = format!("/v2/team/app/blobs/{digest}");
-    upstream.set(
-        &path,
-        Reply::ok(blob.clone(), &[]).slowly(20, Duration::from_millis(50)),
-    );
+    let (blob, _, path) = serve_blob(&upstream, 2 * 1024 * 1024, |reply| {
+        reply.slowly(20, Duration::from_millis(50))
+    });
     let cache = tempfile::tempdir()?;
     let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
@@ -284,14 +274,8 @@ async fn ranges_while_the_blob_downloads() -> anyhow::Result<()> {
 async fn a_span_the_download_has_not_reached_is_asked_of_the_registry_at_once() -> anyhow::Result<()> {
     const SIZE: usize = 16 * 1024 * 1024;
     let upstream = FaultUpstream::start().await?;
-    let blob = random_bytes(SIZE);
-    let digest = sha256_digest(&blob);
-    let path = format!("/v2/team/app/blobs/{digest}");
     // About 6 s in all, 256 KiB every 100 ms; a span goes at the same pace.
-    upstream.set(
-        &path,
-        Reply::ok(blob.clone(), &[]).slowly(64, Duration::from_millis(100)),
-    );
+    let (blob, digest, path) = serve_blob(&upstream, SIZE, |reply| reply.slowly(64, Duration::from_millis(100)));
     let cache = tempfile::tempdir()?;
     let pullcache = Pullcache::start(cache.path(), &[(REGISTRY, &upstream.url())], Duration::from_secs(60)).await?;
     let client = support::http_client();
@@ -354,11 +338,8 @@ async fn a_span_the_download_has_not_reached_is_asked_of_the_registry_at_once() 
 async fn a_span_the_registry_stalls_is_cut_at_the_upstream_timeout() -> anyhow::Result<()> {
     const SIZE: usize = 16 * 1024 * 1024;
     let upstream = FaultUpstream::start().await?;
-    let blob = random_bytes(SIZE);
-    let digest = sha256_digest(&blob);
-    let path = format!("/v2/team/app/blobs/{digest}");
     // In 8 MiB chunks 20 s apart: a 9 MiB span stalls after its first chunk.
-    upstream.set(&path, Reply::ok(blob, &[]).slowly(2, Duration::from_secs(20)));
+    let (_, _, path) = serve_blob(&upstream, SIZE, |reply| reply.slowly(2, Duration::from_secs(20)));
     let cache = tempfile::tempdir()?;
     let mut config = support::pullcache::config(cache.path().to_owned());
     config.registry(pullcache::oci::Registry::parse(REGISTRY)?).url = Some(upstream.url().parse()?);
@@ -381,6 +362,16 @@ async fn a_span_the_registry_stalls_is_cut_at_the_upstream_timeout() -> anyhow::
         started.elapsed()
     );
     Ok(())
+}
+
+/// Random bytes of `size` as a blob of `team/app` at `upstream`, answered as `reply` makes them:
+/// the bytes, their digest and their path.
+fn serve_blob(upstream: &FaultUpstream, size: usize, reply: impl FnOnce(Reply) -> Reply) -> (Vec<u8>, String, String) {
+    let blob = random_bytes(size);
+    let digest = sha256_digest(&blob);
+    let path = format!("/v2/team/app/blobs/{digest}");
+    upstream.set(&path, reply(Reply::ok(blob.clone(), &[])));
+    (blob, digest, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

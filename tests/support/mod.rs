@@ -1,6 +1,7 @@
 //! Shared end-to-end test helpers: a real upstream registry, image builders, a real containerd (driven with `ctr` or through its CRI API, as the kubelet does) and podman, a recording HTTP spy, TLS/basic/token auth for the upstream, and a cluster of nodes in network namespaces.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod binary;
 pub mod cluster;
 pub mod containerd;
