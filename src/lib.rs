@@ -150,9 +150,10 @@ pub async fn run(
         blobs,
         bytes,
         tags = store.tags().len(),
-        max_size = ?config.budget.max_size,
+        max_size = %config.budget.max_size.map_or("none".to_owned(), |b| format!("{b} bytes")),
         min_free = %config.budget.min_free,
-        pins = config.budget.pins.len(),
+        // The flag's and those `import --pin` saved in the cache.
+        pins = store.pins().len(),
         opened_in = ?opening.elapsed(),
         "cache open; ready"
     );

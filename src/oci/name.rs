@@ -244,6 +244,17 @@ impl fmt::Display for Reference {
     }
 }
 
+impl Reference {
+    /// The image it names in `repository` of `registry`, as people write it:
+    /// `ghcr.io/org/app:v9`, `ghcr.io/org/app@sha256:...`.
+    pub fn image(&self, registry: &Registry, repository: &Repository) -> String {
+        match self {
+            Reference::Tag(tag) => format!("{registry}/{repository}:{tag}"),
+            Reference::Digest(digest) => format!("{registry}/{repository}@{digest}"),
+        }
+    }
+}
+
 /// An image reference as people write it: `[registry/]repository[:tag][@digest]`, with
 /// docker's defaults (`docker.io`, `library/`, `latest`). A digest wins over a tag.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

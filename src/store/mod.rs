@@ -371,8 +371,8 @@ pub struct Metrics {
     blobs: prometheus::IntGauge,
     free: prometheus::IntGauge,
     max: prometheus::IntGauge,
-    evictions: prometheus::IntGauge,
-    evicted_bytes: prometheus::IntGauge,
+    evictions: prometheus::IntCounter,
+    evicted_bytes: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -390,9 +390,10 @@ impl Metrics {
             "pullcache_cache_max_bytes",
             "The cache's size budget (--cache-max-size); 0 when it has none.",
         )?;
-        // Counters kept by the store and copied at scrape time, hence gauges in the client.
-        let evictions = prometheus::IntGauge::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
-        let evicted_bytes = prometheus::IntGauge::new(
+        // Counters kept by the store, brought up to its count at scrape time.
+        let evictions =
+            prometheus::IntCounter::new("pullcache_cache_evictions_total", "Blobs evicted from the cache.")?;
+        let evicted_bytes = prometheus::IntCounter::new(
             "pullcache_cache_evicted_bytes_total",
             "Bytes of blobs evicted from the cache.",
         )?;
@@ -423,8 +424,9 @@ impl Metrics {
         self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
         let (blobs, bytes) = store.evicted();
-        self.evictions.set(i64::try_from(blobs).unwrap_or(i64::MAX));
-        self.evicted_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.evictions.inc_by(blobs.saturating_sub(self.evictions.get()));
+        self.evicted_bytes
+            .inc_by(bytes.saturating_sub(self.evicted_bytes.get()));
         if let Some(free) = store.filesystem_free() {
             self.free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }

@@ -489,7 +489,7 @@ impl Upstreams {
                 &req.registry,
                 UpstreamErrorKind::Offline {
                     resource: req.resource,
-                    reference: format!("{}/{}@{}", req.registry, req.repository, req.reference),
+                    reference: req.reference.image(&req.registry, &req.repository),
                 },
             ));
         }

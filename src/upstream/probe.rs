@@ -57,7 +57,7 @@ impl Upstreams {
         if self.settings.offline {
             return Err(err(UpstreamErrorKind::Offline {
                 resource,
-                reference: format!("{registry}/{repository}@{reference}"),
+                reference: reference.image(registry, repository),
             }));
         }
         let mut endpoint = self.endpoint(registry, self.base(registry)?, None)?;

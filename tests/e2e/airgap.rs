@@ -163,6 +163,9 @@ async fn export_import_and_pull_offline() -> anyhow::Result<()> {
             .contains("not in the offline cache"),
         "{json}"
     );
+    // The image as people write it: a tag after `:`, not `@`.
+    let message = json["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{REGISTRY}/team/absent:v1")), "{json}");
     Ok(())
 }
 

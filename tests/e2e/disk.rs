@@ -106,6 +106,13 @@ async fn pulls_past_the_budget_keep_the_store_under_it() -> anyhow::Result<()> {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(evictions > 0, "no evictions counted:\n{metrics}");
+    // Counters, as their names say (they were exported as gauges).
+    for name in ["pullcache_cache_evictions_total", "pullcache_cache_evicted_bytes_total"] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} counter\n")),
+            "{name}:\n{metrics}"
+        );
+    }
     assert!(corrupt_blobs(cache.path()).is_empty());
     Ok(())
 }
