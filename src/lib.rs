@@ -110,6 +110,9 @@ pub async fn run(
         tag_ttl = ?config.tag_ttl,
         "serving"
     );
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let api = tokio::spawn(server::serve(
         listeners.api,
         slot.clone(),

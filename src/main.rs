@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for warning in config.warnings() {
+            eprintln!("pullcache: warning: {warning}");
+        }
         print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }

@@ -101,6 +101,13 @@ pub struct Settings {
     pub ttl: Duration,
 }
 
+impl Settings {
+    /// Mirror mode's policy for a registry: its own, else `--private-images`.
+    pub fn policy(&self, registry: &Registry) -> PrivateImages {
+        self.registries.get(registry).copied().unwrap_or(self.private_images)
+    }
+}
+
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
@@ -302,11 +309,7 @@ impl Authorizer {
     }
 
     fn policy(&self, registry: &Registry) -> PrivateImages {
-        self.settings
-            .registries
-            .get(registry)
-            .copied()
-            .unwrap_or(self.settings.private_images)
+        self.settings.policy(registry)
     }
 
     /// Whether a client may read `object` at `location`, and what it is cleared for there.

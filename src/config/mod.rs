@@ -280,10 +280,17 @@ impl Config {
         let intercept = match &self.intercept {
             None => "off".to_owned(),
             Some(i) => format!(
-                "CA in {}; tunnel {}; also intercept {}",
+                "CA in {}{}; tunnel {}; also intercept {}",
                 i.ca_dir.display(),
+                match i.ca_dir.join(crate::ca::KEY_FILE).exists() {
+                    true => "",
+                    false => " (created at start)",
+                },
                 i.tunnel_allow.join(", "),
-                i.registries.iter().map(Registry::as_str).collect::<Vec<_>>().join(", "),
+                match i.registries.is_empty() {
+                    true => "none".to_owned(),
+                    false => i.registries.iter().map(Registry::as_str).collect::<Vec<_>>().join(", "),
+                },
             ),
         };
         let pins: Vec<String> = self.budget.pins.iter().map(ToString::to_string).collect();
@@ -296,14 +303,33 @@ impl Config {
                 self.budget.max_size.map_or("none".to_owned(), |b| format!("{b} bytes")),
             ),
             ("cache_min_free", self.budget.min_free.to_string()),
-            ("pins", pins.join(", ")),
+            (
+                "pins",
+                if pins.is_empty() {
+                    "none".to_owned()
+                } else {
+                    pins.join(", ")
+                },
+            ),
             ("tag_ttl", humantime::format_duration(self.tag_ttl).to_string()),
             ("default_registry", self.default_registry.to_string()),
             ("registries", registries.join(", ")),
             ("upstream_ca", format!("{} certificates", self.upstream.roots.len())),
             (
+                "upstream_timeout",
+                humantime::format_duration(self.upstream.timeout.unwrap_or(upstream::DEFAULT_UPSTREAM_TIMEOUT))
+                    .to_string(),
+            ),
+            (
                 "docker_config",
-                format!("{} registries with credentials", self.upstream.docker_config.len()),
+                format!(
+                    "{} registries with credentials{}",
+                    self.upstream.docker_config.len(),
+                    match self.upstream.docker_config.hosts() {
+                        hosts if hosts.is_empty() => String::new(),
+                        hosts => format!(" ({})", hosts.join(", ")),
+                    }
+                ),
             ),
             ("offline", self.upstream.offline.to_string()),
             ("max_connections", self.limits.max_connections.to_string()),
@@ -341,7 +367,81 @@ impl Config {
         for (key, value) in lines {
             out.push_str(&format!("  {key:<16} {value}\n"));
         }
+        for registry in self.named_registries() {
+            out.push_str(&format!("  [registries.\"{registry}\"]\n"));
+            for (key, value) in self.registry_summary(&registry) {
+                out.push_str(&format!("    {key:<14} {value}\n"));
+            }
+        }
         out
+    }
+
+    /// Every registry a setting names, and the default registry: each gets its own lines.
+    fn named_registries(&self) -> Vec<Registry> {
+        let mut registries: Vec<Registry> = self
+            .upstream
+            .registries
+            .keys()
+            .chain(self.tag_ttls.keys())
+            .chain(self.authorize.registries.keys())
+            .chain([&self.default_registry])
+            .cloned()
+            .collect();
+        registries.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        registries.dedup();
+        registries
+    }
+
+    /// One registry's settings as they will be used, defaults included.
+    fn registry_summary(&self, registry: &Registry) -> Vec<(&'static str, String)> {
+        let settings = self.upstream.registries.get(registry);
+        let url = match settings.and_then(|s| s.url.as_ref()) {
+            Some(url) => url.to_string().trim_end_matches('/').to_owned(),
+            None => format!("{} (default)", upstream::default_url(registry)),
+        };
+        let mirrors: Vec<String> = settings
+            .map(|s| s.mirrors.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        let upstream_host = settings
+            .and_then(|s| s.url.as_ref())
+            .and_then(|url| url.authority())
+            .map(|a| a.as_str().to_owned());
+        let credentials = match settings.and_then(|s| s.credentials.as_ref()) {
+            Some(c) => format!("{} (config file)", c.kind()),
+            None => match self.upstream.docker_config.lookup(registry, upstream_host.as_deref()) {
+                Some(c) => format!("{} (docker_config)", c.kind()),
+                None => "none".to_owned(),
+            },
+        };
+        let (tag_ttl, private) = (
+            self.tag_ttls.get(registry).copied().unwrap_or(self.tag_ttl),
+            self.authorize.policy(registry),
+        );
+        vec![
+            ("url", url),
+            (
+                "mirrors",
+                match mirrors.is_empty() {
+                    true => "none".to_owned(),
+                    false => mirrors.join(", "),
+                },
+            ),
+            ("ca", format!("{} certificates", settings.map_or(0, |s| s.roots.len()))),
+            ("credentials", credentials),
+            ("tag_ttl", humantime::format_duration(tag_ttl).to_string()),
+            ("private", private.to_string()),
+        ]
+    }
+
+    /// What the configuration holds that will not be used, said as a warning by `serve` at
+    /// start and by `--check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.upstream
+            .docker_config
+            .unused()
+            .iter()
+            .map(|unused| format!("docker_config: {unused}"))
+            .collect()
     }
 }
 

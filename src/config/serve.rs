@@ -98,8 +98,8 @@ pub struct ServeArgs {
     pub ca_dir: Option<PathBuf>,
 
     /// In intercept mode, a host that may be tunnelled untouched: a name or `*.suffix`, port
-    /// 443. Repeatable. Default: auth.docker.io, production.cloudflare.docker.com and
-    /// *.cloudflare.docker.com.
+    /// 443. Repeatable. Added to the hosts Docker Hub pulls need, which are always tunnelled:
+    /// auth.docker.io, production.cloudflare.docker.com and *.cloudflare.docker.com.
     #[arg(long, env = "PULLCACHE_TUNNEL_ALLOW", value_name = "PATTERN", value_delimiter = ',')]
     #[serde(default)]
     pub tunnel_allow: Option<Vec<String>>,
@@ -462,14 +462,22 @@ impl ServeArgs {
             if ca_dir.exists() && !ca_dir.is_dir() {
                 return Err(invalid("ca_dir", &format!("{} is not a directory", ca_dir.display())));
             }
-            let tunnel_allow = self.tunnel_allow.unwrap_or_else(|| {
-                crate::intercept::DEFAULT_TUNNEL_ALLOW
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect()
-            });
-            for pattern in &tunnel_allow {
-                crate::intercept::check_pattern(pattern).map_err(|e| invalid("tunnel_allow", &e))?;
+            // An intercept CA that is there is checked now, as serve loads it; one that is not
+            // is created at start.
+            let files = [crate::ca::KEY_FILE, crate::ca::CERT_FILE];
+            if files.iter().any(|f| ca_dir.join(f).exists()) {
+                crate::ca::Ca::load(&ca_dir).map_err(|e| invalid("ca_dir", &e))?;
+            }
+            // Docker Hub's token and CDN hosts stay: without them its pulls fail.
+            let mut tunnel_allow: Vec<String> = crate::intercept::DEFAULT_TUNNEL_ALLOW
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            for pattern in self.tunnel_allow.unwrap_or_default() {
+                crate::intercept::check_pattern(&pattern).map_err(|e| invalid("tunnel_allow", &e))?;
+                if !tunnel_allow.contains(&pattern) {
+                    tunnel_allow.push(pattern);
+                }
             }
             config.intercept = Some(InterceptSettings {
                 ca_dir,
@@ -684,7 +692,14 @@ private = "share"
         );
         let intercept = config.intercept.as_ref().expect("ca_dir turns intercept on");
         assert_eq!(intercept.ca_dir, dir.path().join("ca"));
-        assert_eq!(intercept.tunnel_allow, vec!["auth.example.com".to_owned()]);
+        assert_eq!(
+            intercept.tunnel_allow.last().map(String::as_str),
+            Some("auth.example.com"),
+            "added to the defaults"
+        );
+        for default in crate::intercept::DEFAULT_TUNNEL_ALLOW {
+            assert!(intercept.tunnel_allow.iter().any(|p| p == default), "{default} stays");
+        }
         assert_eq!(intercept.registries, vec![Registry::parse("quay.io").unwrap()]);
 
         let config = serve(&[

@@ -16,7 +16,8 @@ use crate::oci::Registry;
 const MARKER: &str = "# Managed by pullcache (containerd-config install).";
 /// The original hosts.toml, kept until uninstall.
 const BACKUP: &str = "hosts.toml.pullcache-orig";
-/// Left in a registry directory install created, so uninstall removes it again.
+/// Left in a directory install created (a registry's, or the certs dir itself), so uninstall
+/// removes it again.
 const CREATED: &str = ".pullcache-created";
 /// The directory for every registry without one of its own.
 pub const DEFAULT_HOST: &str = "_default";
@@ -182,6 +183,10 @@ pub fn install(
     names.retain(|(name, _)| !bypass.iter().any(|b| server_name(name) == b.as_str()));
     names.extend(bypass.iter().map(|r| (r.to_string(), None)));
     let mut changes = Vec::new();
+    if fs::symlink_metadata(certs_dir).is_err() {
+        fs::create_dir_all(certs_dir).map_err(at(certs_dir))?;
+        fs::write(certs_dir.join(CREATED), b"").map_err(at(certs_dir))?;
+    }
     for (name, mirror) in names {
         let dir = certs_dir.join(&name);
         if fs::symlink_metadata(&dir).is_err() {
@@ -341,6 +346,10 @@ pub fn uninstall(certs_dir: &Path) -> Result<Vec<Change>, WiringError> {
             // Only if empty: anything else in it is not ours to delete.
             let _ = fs::remove_dir(&dir);
         }
+    }
+    if certs_dir.join(CREATED).exists() {
+        fs::remove_file(certs_dir.join(CREATED)).map_err(at(certs_dir))?;
+        let _ = fs::remove_dir(certs_dir);
     }
     Ok(changes)
 }

@@ -40,6 +40,14 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// What kind of credential this is, for `--check-config`: the user name, never a secret.
+    pub fn kind(&self) -> String {
+        match self {
+            Credentials::Basic { username, .. } => format!("user {username:?}"),
+            Credentials::IdentityToken { .. } => "identity token".to_owned(),
+        }
+    }
+
     /// A fingerprint of the secret, for keys and never shown: a token belongs to the
     /// credential that obtained it.
     pub fn identity(&self) -> [u8; 32] {
@@ -110,6 +118,12 @@ impl Credentials {
 struct DockerConfigFile {
     #[serde(default)]
     auths: HashMap<String, AuthEntry>,
+    /// Credential helpers are programs on the machine `docker login` ran on; pullcache runs
+    /// none, so these are reported, not used.
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -124,12 +138,26 @@ struct AuthEntry {
 #[derive(Debug, Clone, Default)]
 pub struct DockerConfig {
     by_host: HashMap<String, Credentials>,
+    /// What the file holds that gives no credentials here, said once at start.
+    unused: Vec<String>,
 }
 
 impl DockerConfig {
     /// How many registries it has credentials for.
     pub fn len(&self) -> usize {
         self.by_host.len()
+    }
+
+    /// The hosts it has credentials for, sorted.
+    pub fn hosts(&self) -> Vec<&str> {
+        let mut hosts: Vec<&str> = self.by_host.keys().map(String::as_str).collect();
+        hosts.sort_unstable();
+        hosts
+    }
+
+    /// What in the file cannot be used: credential helpers, and entries without credentials.
+    pub fn unused(&self) -> &[String] {
+        &self.unused
     }
 
     pub fn load(path: &Path) -> Result<DockerConfig, String> {
@@ -141,7 +169,24 @@ impl DockerConfig {
         let file: DockerConfigFile =
             serde_json::from_slice(bytes).map_err(|e| format!("not a docker config.json: {e}"))?;
         let mut by_host = HashMap::new();
-        for (key, entry) in file.auths {
+        let mut unused = Vec::new();
+        if let Some(store) = file.creds_store {
+            unused.push(format!(
+                "\"credsStore\": {store:?} is a credential helper, which pullcache does not run: \
+                 put the credentials in \"auths\" (a Kubernetes dockerconfigjson Secret has them there)"
+            ));
+        }
+        let mut helpers: Vec<_> = file.cred_helpers.into_iter().collect();
+        helpers.sort_unstable();
+        for (registry, helper) in helpers {
+            unused.push(format!(
+                "\"credHelpers\": {registry:?} uses the credential helper {helper:?}, which pullcache \
+                 does not run: put its credentials in \"auths\""
+            ));
+        }
+        let mut auths: Vec<_> = file.auths.into_iter().collect();
+        auths.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, entry) in auths {
             let credentials = Credentials::from_fields(
                 entry.auth.as_deref(),
                 entry.username.as_deref(),
@@ -156,9 +201,11 @@ impl DockerConfig {
                     bare_host(&key)
                 };
                 by_host.insert(host, credentials);
+            } else {
+                unused.push(format!("\"auths\": {key:?} has no credentials"));
             }
         }
-        Ok(DockerConfig { by_host })
+        Ok(DockerConfig { by_host, unused })
     }
 
     /// Credentials for a registry, by its name or, failing that, the host it is fetched from.
@@ -226,6 +273,25 @@ mod tests {
                 .lookup(&Registry::parse("empty.example.com").unwrap(), None)
                 .is_none()
         );
+    }
+
+    /// Credential helpers are programs pullcache does not run: said, not silently dropped.
+    #[test]
+    fn what_cannot_be_used_is_reported() {
+        let config = DockerConfig::parse(
+            br#"{"auths": {"a.io": {}, "b.io": {"auth": "dTpw"}},
+                 "credsStore": "desktop", "credHelpers": {"gcr.io": "gcloud"}}"#,
+        )
+        .unwrap();
+        let unused = config.unused().join("\n");
+        assert!(unused.contains("\"credsStore\": \"desktop\""), "{unused}");
+        assert!(
+            unused.contains("\"gcr.io\" uses the credential helper \"gcloud\""),
+            "{unused}"
+        );
+        assert!(unused.contains("\"a.io\" has no credentials"), "{unused}");
+        assert!(!unused.contains("b.io"), "{unused}");
+        assert_eq!(config.len(), 1);
     }
 
     #[test]

@@ -209,6 +209,15 @@ pub struct Settings {
     pub timeout: Option<Duration>,
 }
 
+/// Where a registry no URL is configured for is fetched from: Docker Hub's registry host for
+/// `docker.io`, else the name itself over HTTPS.
+pub fn default_url(registry: &Registry) -> String {
+    match registry.is_docker_hub() {
+        true => DOCKER_HUB_URL.to_owned(),
+        false => format!("https://{registry}"),
+    }
+}
+
 /// The request `fetch` makes of `uri`, with `auth` when it goes to the endpoint itself.
 fn request(fetch: &Fetch, uri: &Uri, auth: Option<&HeaderValue>) -> Request<Full<Bytes>> {
     let mut builder = fetch.builder(uri.clone()).header(USER_AGENT, USER_AGENT_VALUE);
@@ -361,9 +370,6 @@ impl Upstreams {
         if let Some(url) = self.settings.registries.get(registry).and_then(|r| r.url.as_ref()) {
             return Ok(url.to_string().trim_end_matches('/').to_owned());
         }
-        if registry.is_docker_hub() {
-            return Ok(DOCKER_HUB_URL.to_owned());
-        }
         // A name from a client (`ns=`) that is an IP literal is refused here, before any
         // request; DNS names are checked when they resolve.
         if let Some(ip) = registry.ip()
@@ -374,7 +380,7 @@ impl Upstreams {
             };
             return Err(UpstreamError::new(registry, UpstreamErrorKind::Forbidden(refused)));
         }
-        Ok(format!("https://{registry}"))
+        Ok(default_url(registry))
     }
 
     /// The mirrors of a registry, then the registry itself.

@@ -349,9 +349,14 @@ def daemonset_shape() -> None:
     assert live["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["hostPath"] == {"path": "/var/lib/pullcache", "type": "DirectoryOrCreate"}
-    for v in pod["volumes"]:
-        if "hostPath" in v:
-            assert v["hostPath"].get("type") == "DirectoryOrCreate", v
+    # Only pullcache's own directory is created; containerd's must be there already, so that
+    # a node without containerd gets nothing made by the chart.
+    assert volumes["containerd-dir"]["hostPath"] == {"path": "/etc/containerd", "type": "Directory"}
+    for objects_ in (render_objects({}), render_objects({"containerd": {"configFile": "/etc/cfg/config.toml"}})):
+        for ds in [o for o in objects_ if o["kind"] == "DaemonSet"]:
+            for v in ds["spec"]["template"]["spec"]["volumes"]:
+                if "hostPath" in v and v["name"] != "cache":
+                    assert v["hostPath"].get("type") == "Directory", v
 
 
 @case("containerd wiring: init container installs, post-delete DaemonSet uninstalls and is waited for")
@@ -364,8 +369,19 @@ def containerd_wiring() -> None:
     assert "--mirror=http://127.0.0.1:5000" in init["args"]
     assert not any(a.startswith("--registry") for a in init["args"]), "empty registries must mean _default"
     mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    assert mounts["/etc/containerd"].get("readOnly") is True
-    assert not mounts["/etc/containerd/certs.d"].get("readOnly")
+    assert list(mounts) == ["/etc/containerd"], "config.toml's directory is certs.d's: one mount"
+    assert not mounts["/etc/containerd"].get("readOnly")
+    apart = render_objects({"containerd": {"configFile": "/etc/cfg/config.toml"}})
+    init = container(cache_daemonset(apart)["spec"]["template"]["spec"], "containerd-config", init=True)
+    mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    assert mounts["/etc/cfg"].get("readOnly") is True and not mounts["/etc/containerd"].get("readOnly")
+    for shallow in ("/certs.d", "/etc/certs.d"):
+        try:
+            render_objects({"containerd": {"certsDir": shallow}})
+        except Exception as e:  # the render fails, naming the setting
+            assert "containerd.certsDir" in str(e), e
+        else:
+            raise AssertionError(f"certsDir {shallow} would mount its parent read-write")
     cleanup = find(objects, "DaemonSet", f"{RELEASE}-cleanup")
     notes = cleanup["metadata"]["annotations"]
     assert notes["helm.sh/hook"] == "post-delete"
@@ -905,7 +921,7 @@ def wiring_round_trip(scenario: str) -> None:
         certs = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--certs-dir=")))
         # The node already has a hosts.toml of its own, which must come back byte for byte.
         own = certs / "docker.io" / "hosts.toml"
-        own.parent.mkdir()
+        own.parent.mkdir(parents=True)
         own.write_text('server = "https://registry-1.docker.io"\n\n[host."https://mirror.internal"]\n  capabilities = ["pull"]\n')
         config = next((a.split("=", 1)[1] for a in args if a.startswith("--containerd-config=")), None)
         if config:  # the node's containerd reads certs.d (else --strict fails the init container)
@@ -931,6 +947,12 @@ def wiring_round_trip(scenario: str) -> None:
         proc = run(uargs, node.env(uninstall))
         assert proc.returncode == 0, f"pullcache {' '.join(uargs)}\n{describe(proc)}"
         assert snapshot(certs) == before, "uninstall did not restore certs.d exactly"
+        # A node with containerd but no certs.d: install makes it, uninstall removes it.
+        shutil.rmtree(certs)
+        proc = run(args, node.env(init))
+        assert proc.returncode == 0 and certs.is_dir(), describe(proc)
+        proc = run(uargs, node.env(uninstall))
+        assert proc.returncode == 0 and not certs.exists(), f"uninstall left certs.d behind\n{describe(proc)}"
 
 
 @case("the CA init Job's args parse (pullcache ca init --k8s-secret ... --namespace ...), both CAs")

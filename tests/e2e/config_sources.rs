@@ -190,7 +190,11 @@ const INTERCEPT_SETTINGS: &[Setting] = &[
     setting(
         "tunnel_allow",
         ("auth.example.com", r#"["auth.example.com"]"#),
-        ("intercept", "tunnel auth.example.com;"),
+        // Added to Docker Hub's hosts, which stay.
+        (
+            "intercept",
+            "tunnel auth.docker.io, production.cloudflare.docker.com, *.cloudflare.docker.com, auth.example.com;",
+        ),
         ("*.", r#"["*."]"#),
     ),
     setting(
@@ -354,4 +358,119 @@ fn flags_and_variables_win_over_the_file() {
     // A flag beats its variable.
     let both = run(&["--max-connections=8"], &[("PULLCACHE_MAX_CONNECTIONS", "7")]);
     assert_eq!(line(&both, "max_connections"), "8");
+}
+
+/// `--check-config` reads what `serve` reads: an intercept CA whose key others can read, or
+/// whose files are not PEM, fails it as it fails `serve`; a missing one is to be created.
+#[test]
+fn check_config_reads_the_intercept_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let run = || {
+        std::process::Command::new(BIN)
+            .args(["serve", "--check-config", "--ca-dir"])
+            .arg(&ca)
+            .output()
+            .unwrap()
+    };
+    let absent = run();
+    assert_eq!(absent.status.code(), Some(0), "{}", describe(&absent));
+    assert!(String::from_utf8_lossy(&absent.stdout).contains("(created at start)"));
+    pullcache::ca::init(&ca).unwrap();
+    let ok = run();
+    assert_eq!(ok.status.code(), Some(0), "{}", describe(&ok));
+    assert!(!String::from_utf8_lossy(&ok.stdout).contains("created at start"));
+
+    use std::os::unix::fs::PermissionsExt;
+    let key = ca.join(pullcache::ca::KEY_FILE);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = run();
+    assert_eq!(open.status.code(), Some(64), "{}", describe(&open));
+    assert!(String::from_utf8_lossy(&open.stderr).contains("readable by others"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(ca.join(pullcache::ca::CERT_FILE), "garbage\n").unwrap();
+    let garbage = run();
+    assert_eq!(garbage.status.code(), Some(64), "{}", describe(&garbage));
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("ca.crt"));
+}
+
+/// Each registry a setting names gets its own lines, defaults filled in; credentials are
+/// shown by kind, never their secret; a credential helper in the docker config is warned of.
+#[test]
+fn check_config_prints_each_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    fixtures(dir.path());
+    std::fs::write(
+        dir.path().join("helper.json"),
+        r#"{"auths":{"ghcr.io":{"auth":"dTpw"}},"credsStore":"desktop"}"#,
+    )
+    .unwrap();
+    let file = dir.path().join("pullcache.toml");
+    std::fs::write(
+        &file,
+        r#"docker_config = "helper.json"
+[registries."registry.example.com:5000"]
+url = "https://10.0.0.5:5000"
+ca = ["ca.pem"]
+username = "robot"
+password = "hunter2"
+tag_ttl = "1h"
+mirrors = ["https://mirror.example.com"]
+private = "share"
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let block = |name: &str| -> Vec<String> {
+        let header = format!("[registries.\"{name}\"]");
+        stdout
+            .lines()
+            .skip_while(|l| l.trim() != header)
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(
+        block("registry.example.com:5000"),
+        [
+            "url https://10.0.0.5:5000",
+            "mirrors https://mirror.example.com/",
+            "ca 1 certificates",
+            "credentials user \"robot\" (config file)",
+            "tag_ttl 1h",
+            "private share",
+        ],
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        block("docker.io"),
+        [
+            "url https://registry-1.docker.io (default)",
+            "mirrors none",
+            "ca 0 certificates",
+            "credentials none",
+            "tag_ttl 5m",
+            "private bypass",
+        ],
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout.contains("hunter2"));
+    assert!(
+        stdout.contains("docker_config    1 registries with credentials (ghcr.io)"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: docker_config: \"credsStore\": \"desktop\""),
+        "{stderr}"
+    );
 }

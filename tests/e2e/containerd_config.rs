@@ -165,6 +165,24 @@ fn install_twice_changes_nothing_and_uninstall_restores_exactly() {
     assert_eq!(snapshot(certs.path()), before);
 }
 
+/// A certs dir install had to create is gone after uninstall; one that was there stays.
+#[test]
+fn uninstall_removes_the_certs_dir_install_created() {
+    let etc = tempfile::tempdir().unwrap();
+    let certs = etc.path().join("certs.d");
+    install(&certs, &[]);
+    assert!(certs.join("_default/hosts.toml").exists());
+    let out = uninstall(&certs);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!certs.exists(), "uninstall left the certs dir install created");
+
+    std::fs::create_dir(&certs).unwrap();
+    install(&certs, &[]);
+    uninstall(&certs);
+    assert!(certs.is_dir(), "uninstall removed a certs dir that was there before");
+    assert_eq!(std::fs::read_dir(&certs).unwrap().count(), 0);
+}
+
 #[test]
 fn an_unset_config_path_is_reported_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();

@@ -116,30 +116,44 @@ Where containerd reaches pullcache: the node's loopback, which only processes on
 {{- end }}
 
 {{/*
-Where the node's containerd certs.d directory is mounted in the wiring containers: at the
-same path as on the node, so that `install` can compare it with containerd's config_path and
-its messages name the node's paths.
+Where the node's containerd certs.d directory is, in the wiring containers as on the node, so
+that `install` can compare it with containerd's config_path and its messages name the node's
+paths.
 */}}
 {{- define "pullcache.certsDirMount" -}}
 {{- clean .Values.containerd.certsDir }}
 {{- end }}
 
 {{/*
-Where the directory holding the node's containerd config.toml is mounted (read-only): also
-at the node's path. certs.d, usually inside it, is a separate read-write mount.
+The directory holding certs.d (/etc/containerd), mounted read-write at the node's path. It
+must exist (hostPath type Directory): the chart creates nothing on a node without containerd,
+where the pod then waits with a FailedMount event. certs.d itself may be missing; install
+creates it and uninstall removes it again.
+*/}}
+{{- define "pullcache.certsParentMount" -}}
+{{- $parent := dir (clean .Values.containerd.certsDir) }}
+{{- if lt (len (splitList "/" (trimPrefix "/" $parent))) 2 }}
+{{- fail (printf "containerd.certsDir %s: its directory %s would be mounted read-write; use certs.d in containerd's own directory" .Values.containerd.certsDir $parent) }}
+{{- end }}
+{{- $parent }}
+{{- end }}
+
+{{/*
+Where the directory holding the node's containerd config.toml is mounted (read-only), when it
+is not certs.d's own directory: also at the node's path.
 */}}
 {{- define "pullcache.containerdConfigDirMount" -}}
 {{- dir (clean .Values.containerd.configFile) }}
 {{- end }}
 
 {{/*
-The containerd wiring container's volume mounts: certs.d read-write, and the directory of
-containerd's config.toml read-only, so `install` can check that containerd reads certs.d.
+The containerd wiring container's volume mounts: certs.d's directory read-write, and the
+directory of containerd's config.toml, so `install` can check that containerd reads certs.d.
 */}}
 {{- define "pullcache.containerdMounts" -}}
-- name: containerd-certs
-  mountPath: {{ include "pullcache.certsDirMount" . }}
-{{- if .Values.containerd.configFile }}
+- name: containerd-dir
+  mountPath: {{ include "pullcache.certsParentMount" . }}
+{{- if and .Values.containerd.configFile (ne (include "pullcache.containerdConfigDirMount" .) (include "pullcache.certsParentMount" .)) }}
 - name: containerd-config
   mountPath: {{ include "pullcache.containerdConfigDirMount" . }}
   readOnly: true
@@ -153,15 +167,15 @@ The hostPath volumes behind pullcache.containerdMounts.
 {{- if and .Values.containerd.configFile (eq (dir (clean .Values.containerd.configFile)) (clean .Values.containerd.certsDir)) }}
 {{- fail "containerd.configFile must not be inside containerd.certsDir" }}
 {{- end }}
-- name: containerd-certs
+- name: containerd-dir
   hostPath:
-    path: {{ clean .Values.containerd.certsDir }}
-    type: DirectoryOrCreate
-{{- if .Values.containerd.configFile }}
+    path: {{ include "pullcache.certsParentMount" . }}
+    type: Directory
+{{- if and .Values.containerd.configFile (ne (include "pullcache.containerdConfigDirMount" .) (include "pullcache.certsParentMount" .)) }}
 - name: containerd-config
   hostPath:
-    path: {{ dir (clean .Values.containerd.configFile) }}
-    type: DirectoryOrCreate
+    path: {{ include "pullcache.containerdConfigDirMount" . }}
+    type: Directory
 {{- end }}
 {{- end }}
 
