@@ -158,6 +158,9 @@ impl Intercept {
             &["decision"],
         )?;
         registry.register(Box::new(connects.clone()))?;
+        for decision in ["intercept", "tunnel", "refuse"] {
+            connects.with_label_values(&[decision]);
+        }
         Ok(Intercept { policy, ca, connects })
     }
 

@@ -70,6 +70,17 @@ impl Metrics {
         registry.register(Box::new(span_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(served_bytes.clone()))?;
+        // The series dashboards and alerts read start at 0: a hit ratio or an error rate
+        // then counts its first request rather than starting with it.
+        for route in ["manifest", "blob"] {
+            for (status_class, cache) in [("2xx", "hit"), ("2xx", "miss"), ("4xx", "none"), ("5xx", "none")] {
+                requests.with_label_values(&[route, "GET", status_class, cache]);
+            }
+            duration.with_label_values(&[route]);
+            for source in ["cache", "upstream"] {
+                served_bytes.with_label_values(&[source, route]);
+            }
+        }
         Ok(Metrics {
             requests,
             duration,

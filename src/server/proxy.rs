@@ -56,7 +56,7 @@ pub(super) async fn proxy_request(
         return refused("proxy requests need intercept mode (--ca-dir)");
     };
     if req.method() == Method::CONNECT {
-        return connect(req, &intercept, slot, app);
+        return connect(req, &intercept, slot, app).await;
     }
     // Absolute-form (`GET http://host/...`): only intercepted hosts, served in place.
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
@@ -70,7 +70,7 @@ pub(super) async fn proxy_request(
 }
 
 /// Answers a CONNECT: 200 and then intercept or tunnel on the upgraded connection, or 403.
-fn connect(req: Request<Incoming>, intercept: &Intercept, slot: &Slot, app: Arc<AppSlot>) -> Response<Body> {
+async fn connect(req: Request<Incoming>, intercept: &Intercept, slot: &Slot, app: Arc<AppSlot>) -> Response<Body> {
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
@@ -82,9 +82,17 @@ fn connect(req: Request<Incoming>, intercept: &Intercept, slot: &Slot, app: Arc<
     match decision {
         Decision::Refuse(reason) => refuse(StatusCode::FORBIDDEN, &reason),
         Decision::Tunnel => {
+            // Connected before the answer: a host that cannot be reached gets a 502 that says
+            // so, not a 200 and then a closed connection.
+            let server = match tunnel::connect(&authority).await {
+                Ok(server) => server,
+                Err(e) => {
+                    tracing::warn!(target = authority, error = %e, "tunnel: cannot connect");
+                    return refuse(StatusCode::BAD_GATEWAY, &format!("cannot reach {authority}: {e}"));
+                }
+            };
             tokio::spawn(async move {
                 let ended = async {
-                    let server = tunnel::connect(&authority).await?;
                     let client = TokioIo::new(on_upgrade.await.map_err(std::io::Error::other)?);
                     tunnel::splice(client, server, held.stopping()).await
                 };

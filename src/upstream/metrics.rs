@@ -95,4 +95,21 @@ impl Metrics {
             ratelimit_limit,
         })
     }
+
+    /// Starts a registry's series at 0, so that dashboards and alert rates see the first
+    /// request and error rather than a series appearing with them. The rate-limit gauges are
+    /// left out: a remaining count of 0 would be a false alarm, so they appear with the
+    /// registry's first header.
+    pub fn start(&self, registry: &str) {
+        for kind in ["manifest", "manifest_head", "blob"] {
+            self.duration.with_label_values(&[registry, kind]);
+            for class in ["2xx", "4xx", "5xx", "error"] {
+                self.requests.with_label_values(&[registry, kind, class]);
+            }
+        }
+        for result in ["ok", "refused", "error"] {
+            self.tokens.with_label_values(&[registry, result]);
+        }
+        self.bytes.with_label_values(&[registry]);
+    }
 }

@@ -332,6 +332,10 @@ impl Upstreams {
             default: ClientSet::new(&settings.roots),
             with_roots,
         };
+        metrics.start(crate::oci::DOCKER_HUB);
+        for registry in settings.registries.keys() {
+            metrics.start(registry.as_str());
+        }
         Upstreams {
             settings,
             clients,
@@ -644,21 +648,29 @@ impl Upstreams {
         request: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, Failure> {
         let sent = std::time::Instant::now();
-        let result = crate::wire::send(client, request, self.header_timeout()).await;
+        let result = crate::wire::send(client, request, self.header_timeout())
+            .await
+            .map_err(Failure::from);
+        let status_class = match &result {
+            Ok(resp) => crate::wire::status_class(resp.status()),
+            // The address policy refused the name it resolved to: nothing was sent, as for
+            // a refused IP literal.
+            Err(Failure {
+                kind: UpstreamErrorKind::Forbidden(_),
+                ..
+            }) => return result,
+            Err(_) => "error",
+        };
         let registry_label = self.label(&req.registry);
         self.metrics
             .duration
             .with_label_values(&[registry_label, req.kind()])
             .observe(sent.elapsed().as_secs_f64());
-        let status_class = match &result {
-            Ok(resp) => crate::wire::status_class(resp.status()),
-            Err(_) => "error",
-        };
         self.metrics
             .requests
             .with_label_values(&[registry_label, req.kind(), status_class])
             .inc();
-        result.map_err(Failure::from)
+        result
     }
 
     /// Keeps Docker Hub's rate-limit headers for the gauges.

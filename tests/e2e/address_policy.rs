@@ -71,6 +71,14 @@ async fn client_named_registries_never_reach_this_node() -> anyhow::Result<()> {
         0,
         "a client-named registry reached a port on this node's loopback"
     );
+    // Nothing was sent upstream, whether the policy refused an IP literal or the address a
+    // name resolved to: no upstream request, so no upstream error either.
+    let metrics = pullcache.metrics().await?;
+    let sent: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pullcache_upstream_requests_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(sent.is_empty(), "refusals counted as upstream requests: {sent:?}");
     pullcache.stop().await
 }
 

@@ -57,7 +57,7 @@ async fn setup() -> anyhow::Result<Setup> {
     config.upstream.roots = load_certificates(&upstream_ca).map_err(anyhow::Error::msg)?;
     config.intercept = Some(InterceptSettings {
         ca_dir: ca_dir.clone(),
-        tunnel_allow: vec!["auth.docker.io".into()],
+        tunnel_allow: vec!["auth.docker.io".into(), "tunnel.invalid".into()],
         registries: Vec::new(),
     });
     let pullcache = Pullcache::start_with(config).await?;
@@ -246,6 +246,18 @@ async fn refusals() -> anyhow::Result<()> {
     // An intercepted host is accepted.
     let (status, _) = connect(s.pullcache.addr, &format!("{REGISTRY}:443")).await?;
     assert_eq!(status, 200);
+    // A host the tunnel may reach but cannot (`.invalid` never resolves) is told so, before
+    // any "200 Connection established".
+    let (status, text) = connect(s.pullcache.addr, "tunnel.invalid:443").await?;
+    assert_eq!(status, 502, "{text}");
+    assert!(
+        text.lines()
+            .next()
+            .unwrap_or_default()
+            .starts_with("HTTP/1.1 502 pullcache: "),
+        "{text}"
+    );
+    assert!(text.contains("cannot reach tunnel.invalid:443"), "{text}");
 
     // A client that trusts another CA fails the handshake, and nothing is served.
     let before = s.pullcache.metrics().await?;
