@@ -16,9 +16,11 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 65532 --no-create-home pullcache
+    && useradd --system --uid 65532 --no-create-home pullcache \
+    && install -d -o 65532 -g 65532 -m 0750 /var/lib/pullcache
 COPY --from=build /src/target/release/pullcache /usr/local/bin/pullcache
-# Non-root by default. The chart runs it as root because it writes hostPaths
+# Non-root by default, with the cache directory CMD names its own (a volume mounted there
+# takes its place). The chart runs it as root because it writes hostPaths
 # (/var/lib/pullcache, /etc/containerd/certs.d); every capability is still dropped there.
 USER 65532
 ENTRYPOINT ["/usr/local/bin/pullcache"]

@@ -6,7 +6,6 @@ mod bundle;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use pullcache::config::{CaCommand, Cli, Command, ContainerdCommand, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -14,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             let _ = e.print();

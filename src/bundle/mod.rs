@@ -162,7 +162,17 @@ pub async fn prefetch_command(args: &pullcache::config::PrefetchArgs) -> anyhow:
 /// `pullcache export`: returns the summary line.
 pub async fn export_command(args: &pullcache::config::ExportArgs) -> anyhow::Result<String> {
     let images = image_list(&args.images.images, args.images.from_file.as_deref())?;
-    let config = args.serve.resolve()?;
+    let mut config = args.serve.resolve()?;
+    // Without a cache directory of its own choosing, export fetches through a temporary one:
+    // writing a tarball must not fill the node's cache (/var/lib/pullcache for root).
+    let temporary = match config.cache_dir_chosen {
+        true => None,
+        false => {
+            let dir = std::env::temp_dir().join(format!("pullcache-export-{}", std::process::id()));
+            config.cache_dir = dir.clone();
+            Some(TempCache(dir))
+        }
+    };
     let cache_dir = config.cache_dir.clone();
     let server = LocalServer::start(config).await?;
     let walked = prefetch(&server.base, &images, args.images.platforms.clone()).await;
@@ -171,10 +181,23 @@ pub async fn export_command(args: &pullcache::config::ExportArgs) -> anyhow::Res
     let out = args.output.clone();
     let (blobs, bytes) = tokio::task::spawn_blocking(move || export(&cache_dir, &walked, &out)).await??;
     Ok(format!(
-        "exported {} images to {}: {blobs} blobs, {bytes} bytes",
+        "exported {} images to {}: {blobs} blobs, {bytes} bytes{}",
         images.len(),
-        args.output.display()
+        args.output.display(),
+        match temporary {
+            Some(_) => " (through a temporary cache, removed; --cache-dir keeps one)",
+            None => "",
+        }
     ))
+}
+
+/// A cache directory removed when dropped, however the export ended.
+struct TempCache(std::path::PathBuf);
+
+impl Drop for TempCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `pullcache import`: returns the summary line.

@@ -39,6 +39,73 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
+/// `serve`'s settings that `prefetch` and `export` have no use for: they listen only on a
+/// loopback port of their own, intercept nothing and join no cluster. Hidden from their help,
+/// not read from the environment, and refused on their command line.
+const SERVE_ONLY: &[&str] = &[
+    "listen",
+    "metrics_listen",
+    "ca_dir",
+    "tunnel_allow",
+    "intercept",
+    "max_connections",
+    "peer_listen",
+    "peers",
+    "peer_ca_dir",
+    "peer_max_uploads",
+    "peer_refresh",
+    "check_config",
+];
+
+/// The subcommands that take `serve`'s upstream settings.
+const FETCHING: &[&str] = &["prefetch", "export"];
+
+impl Cli {
+    /// The command line as the binary parses it.
+    pub fn command() -> clap::Command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        for name in FETCHING {
+            command = command.mut_subcommand(name, |mut sub| {
+                for id in SERVE_ONLY {
+                    sub = sub.mut_arg(id, |arg| arg.hide(true).env(None));
+                }
+                sub
+            });
+        }
+        command
+    }
+
+    /// Parses a command line (the program's name first), refusing `serve`-only flags where
+    /// they mean nothing.
+    pub fn parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::FromArgMatches;
+        use clap::parser::ValueSource;
+        let mut command = Cli::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        if let Some((name, sub)) = matches.subcommand()
+            && FETCHING.contains(&name)
+            && let Some(id) = SERVE_ONLY
+                .iter()
+                .find(|id| sub.value_source(id) == Some(ValueSource::CommandLine))
+        {
+            let flag = command
+                .find_subcommand(name)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == *id))
+                .and_then(|a| a.get_long())
+                .unwrap_or(id);
+            return Err(command.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("--{flag} is a setting of `serve`; `{name}` does not use it"),
+            ));
+        }
+        Cli::from_arg_matches(&matches)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -66,6 +133,7 @@ pub enum Command {
     Prefetch(Box<PrefetchArgs>),
     /// Write images as an OCI image layout tarball (skopeo, crane and containerd read it),
     /// from a cache directory; what it lacks is fetched with serve's upstream flags first.
+    /// Without --cache-dir, everything is fetched through a temporary cache, removed after.
     Export(Box<ExportArgs>),
     /// Read an OCI image layout (tarball or directory) or a `docker save` tarball into a
     /// cache. Every blob is verified first; a bad bundle changes nothing. Safe while
@@ -213,6 +281,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub cache_dir: PathBuf,
+    /// Whether a flag, variable or the file named the cache directory.
+    pub cache_dir_chosen: bool,
     pub tag_ttl: Duration,
     /// The registry of a mirror-mode request that names none.
     pub default_registry: Registry,
@@ -245,6 +315,7 @@ impl Config {
             listen: DEFAULT_LISTEN.parse().expect("default address is valid"),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().expect("default address is valid"),
             cache_dir,
+            cache_dir_chosen: true,
             tag_ttl: DEFAULT_TAG_TTL,
             default_registry: Registry::docker_hub(),
             tag_ttls: HashMap::new(),

@@ -405,11 +405,13 @@ impl ServeArgs {
 
     fn into_config(self) -> Result<Config, ConfigError> {
         let invalid = |setting: &str, e: &dyn Display| ConfigError(format!("{setting}: {e}"));
+        let cache_dir_chosen = self.cache_dir.is_some();
         let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
         if cache_dir.as_os_str().is_empty() {
             return Err(invalid("cache_dir", &"is empty"));
         }
         let mut config = Config::new(cache_dir);
+        config.cache_dir_chosen = cache_dir_chosen;
         config.listen = self.listen.unwrap_or(config.listen);
         config.metrics_listen = self.metrics_listen.unwrap_or(config.metrics_listen);
         if config.listen == config.metrics_listen && config.listen.port() != 0 {

@@ -523,3 +523,44 @@ async fn a_bundle_with_a_media_type_that_is_not_one_is_refused() -> anyhow::Resu
     assert_eq!(tree(&cache), before, "the cache changed");
     Ok(())
 }
+
+/// Without `--cache-dir`, export fetches through a temporary cache it removes: the default
+/// cache (/var/lib/pullcache for root) is neither created nor filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_without_a_cache_dir_leaves_no_cache_behind() -> anyhow::Result<()> {
+    let upstream = Registry::start().await?;
+    let image = push_oci_image(&upstream.url(), "team/app", "v1", &[64 * 1024]).await?;
+    let work = tempfile::tempdir()?;
+    let (bundle, tmp) = (work.path().join("bundle.tar"), work.path().join("tmp"));
+    std::fs::create_dir(&tmp)?;
+    let default_cache = pullcache::config::default_cache_dir();
+    let before = default_cache.exists().then(|| tree(&default_cache));
+    let mapping = format!("{REGISTRY}={}", upstream.url());
+    let reference = image.reference(REGISTRY);
+    let out = tokio::process::Command::new(BIN)
+        .args(["export", &reference, "-o", path(&bundle), "--upstream", &mapping])
+        .env("TMPDIR", &tmp)
+        .env("PULLCACHE_CACHE_MIN_FREE", "0")
+        .env_remove("PULLCACHE_CACHE_DIR")
+        .output()
+        .await?;
+    let out = support::check_status("pullcache export", out)?;
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("exported 1 images") && summary.contains("temporary cache"),
+        "{summary}"
+    );
+    assert!(bundle.exists());
+    assert_eq!(
+        std::fs::read_dir(&tmp)?.count(),
+        0,
+        "the temporary cache was left behind"
+    );
+    assert_eq!(
+        default_cache.exists().then(|| tree(&default_cache)),
+        before,
+        "export changed {}",
+        default_cache.display()
+    );
+    Ok(())
+}

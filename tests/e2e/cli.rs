@@ -168,3 +168,46 @@ async fn verify_quarantines_corrupt_blobs() -> anyhow::Result<()> {
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stdout));
     Ok(())
 }
+
+/// `prefetch` and `export` take serve's upstream settings, not its listeners, intercept or
+/// cluster ones: those are hidden from their help and refused with a clear error (exit 64).
+#[test]
+fn fetching_commands_refuse_serve_only_flags() {
+    for command in ["export", "prefetch"] {
+        let help = std::process::Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("--upstream"), "{help}");
+        for hidden in ["--listen", "--peer-listen", "--ca-dir", "--check-config"] {
+            assert!(!help.contains(hidden), "{command} --help shows {hidden}: {help}");
+        }
+        let out = std::process::Command::new(BIN)
+            .args([command, "alpine:3", "--peer-listen", "127.0.0.1:7443"])
+            .args(
+                (command == "export")
+                    .then_some(["-o", "/dev/null"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--peer-listen is a setting of `serve`; `{command}` does not use it"
+            )),
+            "{stderr}"
+        );
+    }
+    // The variable of a serve-only setting, as a DaemonSet's pod has it, is no error.
+    let out = std::process::Command::new(BIN)
+        .args(["export", "--from-file", "/nonexistent", "-o", "/dev/null"])
+        .env("PULLCACHE_LISTEN", "not an address")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent"), "{stderr}");
+}

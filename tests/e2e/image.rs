@@ -40,33 +40,45 @@ fn build_stage_copies(dockerfile: &str) -> Result<Vec<(Vec<String>, String)>> {
     Ok(copies)
 }
 
-/// `.dockerignore` as the build context sees it: names at the top, and `**/*.EXT`.
+/// `.dockerignore` as the build context sees it: rules in order, the last that matches a path
+/// deciding. A rule is `*` (every top-level entry), a top-level name, or `**/*.EXT`; `!` lets
+/// back in what it matches.
 struct Ignore {
-    names: Vec<String>,
-    extensions: Vec<String>,
+    rules: Vec<(Pattern, bool)>,
+}
+
+enum Pattern {
+    Everything,
+    Name(String),
+    Extension(String),
 }
 
 impl Ignore {
     fn read() -> Result<Ignore> {
         let text = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore"))?;
-        let mut ignore = Ignore {
-            names: Vec::new(),
-            extensions: Vec::new(),
-        };
+        let mut rules = Vec::new();
         for line in text
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
         {
-            match line.strip_prefix("**/*.") {
-                Some(ext) => ignore.extensions.push(ext.to_owned()),
-                None if line.contains(['*', '?', '!', '[']) => {
-                    bail!("a .dockerignore pattern this test does not read: {line}")
-                }
-                None => ignore.names.push(line.trim_matches('/').to_owned()),
-            }
+            let (line, excludes) = match line.strip_prefix('!') {
+                Some(rest) => (rest, false),
+                None => (line, true),
+            };
+            let pattern = match line {
+                "*" => Pattern::Everything,
+                _ => match line.strip_prefix("**/*.") {
+                    Some(ext) => Pattern::Extension(ext.to_owned()),
+                    None if line.contains(['*', '?', '!', '[']) => {
+                        bail!("a .dockerignore pattern this test does not read: {line}")
+                    }
+                    None => Pattern::Name(line.trim_matches('/').to_owned()),
+                },
+            };
+            rules.push((pattern, excludes));
         }
-        Ok(ignore)
+        Ok(Ignore { rules })
     }
 
     fn excludes(&self, relative: &Path) -> bool {
@@ -74,10 +86,16 @@ impl Ignore {
             .components()
             .next()
             .map(|c| c.as_os_str().to_string_lossy().into_owned());
-        top.is_some_and(|top| self.names.contains(&top))
-            || relative
-                .extension()
-                .is_some_and(|ext| self.extensions.iter().any(|e| ext == e.as_str()))
+        let matches = |pattern: &Pattern| match pattern {
+            Pattern::Everything => true,
+            Pattern::Name(name) => top.as_deref() == Some(name.as_str()),
+            Pattern::Extension(ext) => relative.extension().is_some_and(|e| e == ext.as_str()),
+        };
+        self.rules
+            .iter()
+            .rev()
+            .find(|(pattern, _)| matches(pattern))
+            .is_some_and(|(_, excludes)| *excludes)
     }
 }
 
@@ -174,5 +192,56 @@ fn the_dockerfile_as_it_was_is_refused() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the old copy passed");
     assert!(stderr.contains("can't find"), "{stderr}");
+    Ok(())
+}
+
+/// The context holds what the build stage copies and nothing more: every other entry at the
+/// top of the repository (the fuzz targets, the bench scripts, target/) stays out.
+#[test]
+fn the_context_is_what_the_dockerfile_copies() -> Result<()> {
+    let dockerfile = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile"))?;
+    let copied: Vec<String> = build_stage_copies(&dockerfile)?
+        .into_iter()
+        .flat_map(|(sources, _)| sources)
+        .collect();
+    let ignore = Ignore::read()?;
+    let mut sent = Vec::new();
+    for entry in std::fs::read_dir(ROOT)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !copied.contains(&name) && !ignore.excludes(Path::new(&name)) {
+            sent.push(name);
+        }
+    }
+    sent.sort();
+    ensure!(sent.is_empty(), "sent to the build context but never copied: {sent:?}");
+    Ok(())
+}
+
+/// The image's user can write the cache directory its command names: the final stage creates
+/// it owned by that user.
+#[test]
+fn the_image_user_owns_its_cache_dir() -> Result<()> {
+    let dockerfile = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile"))?;
+    let last_stage = dockerfile.rsplit("\nFROM ").next().context("a final stage")?;
+    let user = last_stage
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("USER "))
+        .context("the final stage sets no USER")?
+        .trim();
+    let cmd = last_stage
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CMD "))
+        .context("no CMD")?;
+    let cmd: Vec<String> = serde_json::from_str(cmd)?;
+    let cache_dir = cmd
+        .iter()
+        .skip_while(|a| *a != "--cache-dir")
+        .nth(1)
+        .context("the CMD names no --cache-dir")?;
+    let created = format!("install -d -o {user} -g {user} -m 0750 {cache_dir}");
+    ensure!(
+        last_stage.contains(&created),
+        "the final stage does not create {cache_dir} for user {user} ({created:?})"
+    );
     Ok(())
 }
