@@ -791,7 +791,6 @@ private = "share"
 
     #[test]
     fn clap_definition_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }
