@@ -37,6 +37,9 @@ fi
 # its layers with FUSE: the kernel's /dev/fuse, as root, no fusermount needed.
 "$(dirname "$0")/fetch-soci.sh"
 
+# The chart test's alerts: promtool (trixie), extracted under target/promtool/ (not installed).
+"$(dirname "$0")/fetch-promtool.sh"
+
 # The chart test: the real Helm engine (helm-python-sdk) and Kubernetes schemas.
 if ! python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
   echo "installing chart test dependencies"

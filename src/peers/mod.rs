@@ -104,7 +104,12 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(settings: &Settings, identity: &tls::Identity, metrics: Metrics) -> Peers {
-        let view = membership::discover(settings.listen, settings.targets.clone(), settings.refresh);
+        let view = membership::discover(
+            settings.listen,
+            settings.targets.clone(),
+            settings.refresh,
+            metrics.discovery.clone(),
+        );
         Peers::with_view(settings.listen, view, identity, settings.max_uploads, metrics)
     }
 
@@ -266,6 +271,8 @@ pub struct Metrics {
     fallbacks: IntCounter,
     /// Peers skipped for serving bytes that failed their digest.
     forged: IntCounter,
+    /// The view and the lookups behind it.
+    discovery: membership::Metrics,
 }
 
 impl Metrics {
@@ -320,6 +327,7 @@ impl Metrics {
             bytes,
             fallbacks,
             forged,
+            discovery: membership::Metrics::register(registry)?,
         })
     }
 }

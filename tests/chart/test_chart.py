@@ -13,7 +13,8 @@ in `helm template`'s order and format, after the same schema validation `helm in
 does). No cluster is contacted. Every rendered object is then validated strictly (unknown
 fields are errors) with kubernetes-validate against KUBE_VERSION, and the rendered
 containers' arguments are run with the real pullcache binary ($PULLCACHE_BIN, default
-target/debug/pullcache).
+target/debug/pullcache). The PrometheusRule's alerts are checked and unit-tested with the real
+promtool ($PROMTOOL_BIN, default target/promtool/usr/bin/promtool from tests/fetch-promtool.sh).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,8 +55,8 @@ NAMESPACE = "pullcache"
 # The newest Kubernetes release kubernetes-validate (pinned in requirements.txt) has schemas for.
 KUBE_VERSION = "1.37.0"
 # Objects that are not part of Kubernetes itself: their CRDs' schemas are not in
-# kubernetes-validate, so they are checked by hand (see test_servicemonitor) instead.
-NOT_CORE = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# kubernetes-validate, so they are checked by hand (see monitoring and prometheus_rule) instead.
+NOT_CORE = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 MANIFEST_HEADER = """\
 # pullcache: the Helm chart charts/pullcache rendered with its default values
@@ -78,7 +81,7 @@ CLEANUP_HEADER = """\
 SCENARIOS: dict[str, list[str] | str] = {
     "defaults": [],
     "intercept": ["intercept.enabled=true"],
-    "monitoring": ["serviceMonitor.enabled=true", "grafanaDashboard.enabled=true"],
+    "monitoring": ["serviceMonitor.enabled=true", "prometheusRule.enabled=true", "grafanaDashboard.enabled=true"],
     "credentials": ["registryCredentials.existingSecret=regcred"],
     "cluster-off": ["cluster.enabled=false"],
     "cluster-own-ca": ["cluster.createCaSecret=false", "cluster.caSecretName=peers-ca"],
@@ -131,6 +134,11 @@ livenessProbe:
 serviceMonitor:
   enabled: true
   labels: {release: prometheus}
+prometheusRule:
+  enabled: true
+  labels: {release: prometheus}
+  for: 15m
+  alertLabels: {severity: critical, team: platform}
 grafanaDashboard:
   enabled: true
   namespace: monitoring
@@ -279,8 +287,10 @@ def validate_objects(scenario: str) -> None:
         labels = meta.get("labels", {})
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart"):
             assert key in labels, f"{obj['kind']}/{meta['name']} lacks label {key}"
-    monitoring = scenario_values(scenario).get("serviceMonitor", {}).get("enabled", False)
-    assert skipped == (["ServiceMonitor"] if monitoring else []), skipped
+    values = scenario_values(scenario)
+    gated = {"ServiceMonitor": "serviceMonitor", "PrometheusRule": "prometheusRule"}
+    expected = [kind for kind, key in gated.items() if values.get(key, {}).get("enabled", False)]
+    assert sorted(skipped) == sorted(expected), skipped
 
 
 @case("kubernetes-validate rejects an invalid object (the validator is live)")
@@ -577,7 +587,145 @@ def monitoring() -> None:
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["pullcache.json"]) == json.loads(DASHBOARD.read_text())
     default_kinds = {o["kind"] for o in render_objects({})}
-    assert "ServiceMonitor" not in default_kinds and "ConfigMap" not in default_kinds
+    assert not default_kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap"}, default_kinds
+
+
+ALERTS = {"PullcachePeerDiscoveryFailing", "PullcacheNodeAlone"}
+
+
+def promtool() -> Path:
+    path = Path(os.environ.get("PROMTOOL_BIN", ROOT / "target" / "promtool" / "usr" / "bin" / "promtool"))
+    if not path.is_absolute():
+        path = ROOT / path
+    assert path.is_file(), f"{path} does not exist: run tests/fetch-promtool.sh (or set PROMTOOL_BIN)"
+    return path
+
+
+def run_promtool(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(promtool()), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def served_metric_names() -> set[str]:
+    """The metric families a fresh `pullcache serve` (not in cluster mode) has in /metrics."""
+    with tempfile.TemporaryDirectory(prefix="pullcache-chart-") as tmp:
+        args = ["serve", "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", f"--cache-dir={tmp}/cache", "--log-format=json"]
+        proc = subprocess.Popen(
+            [str(binary()), *args], env=clean_env({"RUST_LOG": "info"}), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        timer = threading.Timer(30, proc.kill)  # a binary that never says "serving" fails the test, not hangs it
+        timer.start()
+        try:
+            addr = None
+            for line in proc.stdout or []:
+                fields = json.loads(line).get("fields", {})
+                if fields.get("message") == "serving":
+                    addr = fields["metrics_addr"]
+                    break
+            assert addr, "pullcache exited without serving"
+            no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            text = no_proxy.open(f"http://{addr}/metrics", timeout=10).read().decode()
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.wait()
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def alert_test(rule: dict[str, Any], name: str, series: dict[str, str], firing: list[dict[str, str]]) -> dict[str, Any]:
+    """A `promtool test rules` test: `series` (selector: values, one sample a minute for 30
+    minutes) and the alerts `name` fires at 20 minutes, none of which may fire at 5 minutes
+    (the rule's `for`, 10m, has not passed)."""
+    annotations = rule["annotations"]
+
+    def expected(labels: dict[str, str]) -> dict[str, Any]:
+        text = {k: v.replace("{{ $labels.instance }}", labels["instance"]) for k, v in annotations.items()}
+        return {"exp_labels": {**labels, **rule.get("labels", {})}, "exp_annotations": text}
+
+    return {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series.items()],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": name, "exp_alerts": []},
+            {"eval_time": "20m", "alertname": name, "exp_alerts": [expected(labels) for labels in firing]},
+        ],
+    }
+
+
+def pod(metric: str, namespace: str, instance: str) -> str:
+    return f'{metric}{{namespace="{namespace}",job="{RELEASE}-metrics",instance="{instance}"}}'
+
+
+@case("monitoring: PrometheusRule off by default; its alerts pass promtool's check and unit tests; their metrics exist")
+def prometheus_rule() -> None:
+    assert not [o for o in render_objects({"serviceMonitor": {"enabled": True}}) if o["kind"] == "PrometheusRule"]
+    objects = render_objects({"prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}}})
+    rule = find(objects, "PrometheusRule", RELEASE)
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(rules) == ALERTS, set(rules)
+    for r in rules.values():
+        assert r["for"] == "10m" and r["labels"] == {"severity": "warning"}, r
+    everything = find(render_objects(scenario_values("everything")), "PrometheusRule")
+    for r in (r for group in everything["spec"]["groups"] for r in group["rules"]):
+        assert r["for"] == "15m" and r["labels"] == {"severity": "critical", "team": "platform"}, r
+
+    # Every metric the alerts name is in /metrics from the start, outside cluster mode too.
+    named = {n for r in rules.values() for n in re.findall(r"pullcache_[a-z0-9_]+", r["expr"])}
+    assert named == {"pullcache_peer_discovery_failures_total", "pullcache_peer_view_size"}, named
+    missing = named - served_metric_names()
+    assert not missing, f"the alerts name metrics pullcache does not export: {missing}"
+
+    failing = rules["PullcachePeerDiscoveryFailing"]
+    alone = rules["PullcacheNodeAlone"]
+    failures = "pullcache_peer_discovery_failures_total"
+    view = "pullcache_peer_view_size"
+    tests = [
+        # Lookups failing every 10 s fire; none, or failures for three minutes, do not.
+        alert_test(
+            failing,
+            "PullcachePeerDiscoveryFailing",
+            {
+                pod(failures, NAMESPACE, "10.0.0.1:9090"): "0+6x30",
+                pod(failures, NAMESPACE, "10.0.0.2:9090"): "0x30",
+                pod(failures, NAMESPACE, "10.0.0.3:9090"): "0x10 6+6x2 18x17",
+            },
+            [{"namespace": NAMESPACE, "job": f"{RELEASE}-metrics", "instance": "10.0.0.1:9090"}],
+        ),
+        # A node alone beside two that see each other fires. One alone for five minutes, a
+        # one-node cluster and two pods outside cluster mode (view 0) do not.
+        alert_test(
+            alone,
+            "PullcacheNodeAlone",
+            {
+                pod(view, NAMESPACE, "10.0.0.1:9090"): "1x30",
+                pod(view, NAMESPACE, "10.0.0.2:9090"): "2x30",
+                pod(view, NAMESPACE, "10.0.0.3:9090"): "2x30",
+                pod(view, NAMESPACE, "10.0.0.4:9090"): "1x5 3x25",
+                pod(view, "solo", "10.1.0.1:9090"): "1x30",
+                pod(view, "off", "10.2.0.1:9090"): "0x30",
+                pod(view, "off", "10.2.0.2:9090"): "0x30",
+            },
+            [{"namespace": NAMESPACE, "job": f"{RELEASE}-metrics", "instance": "10.0.0.1:9090"}],
+        ),
+    ]
+    with tempfile.TemporaryDirectory(prefix="pullcache-chart-") as tmp:
+        work = Path(tmp)
+        (work / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        proc = run_promtool(["check", "rules", "rules.yaml"], work)
+        assert proc.returncode == 0, f"promtool check rules\n{describe(proc)}"
+        (work / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}))
+        proc = run_promtool(["test", "rules", "tests.yaml"], work)
+        assert proc.returncode == 0, f"promtool test rules\n{describe(proc)}"
+        # The checks are live: a broken expression fails the one, a wrong expectation the other.
+        broken = copy.deepcopy(rule["spec"]["groups"])
+        broken[0]["rules"][0]["expr"] = failing["expr"].replace("[5m]", "[5m")
+        (work / "broken.yaml").write_text(yaml.safe_dump({"groups": broken}))
+        assert run_promtool(["check", "rules", "broken.yaml"], work).returncode != 0, "promtool passed a broken rule"
+        wrong = copy.deepcopy(tests)
+        wrong[1]["alert_rule_test"][1]["exp_alerts"] = []
+        (work / "wrong.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": wrong}))
+        assert run_promtool(["test", "rules", "wrong.yaml"], work).returncode != 0, "promtool passed a wrong expectation"
 
 
 # --- values: documented, schema-checked --------------------------------------------------------
@@ -670,6 +818,7 @@ NEGATIVE = {
     "a typo in a cluster key (maxUpload)": "cluster.maxUpload=8",
     "a cluster CA Secret name that is no Kubernetes name": "cluster.caSecretName=My_CA",
     "a cluster domain with a trailing dot": "clusterDomain=cluster.local.",
+    "an alert hold that is not a duration": "prometheusRule.for=long",
 }
 
 

@@ -362,12 +362,12 @@ async fn a_forging_peer_is_skipped_and_nothing_forged_is_stored() -> anyhow::Res
         refresh: Duration::from_secs(60),
     });
     let member = Pullcache::start_member(config, listener).await?;
-    // Discovery's first round runs at start, in its own task. It resolves an address literal
-    // and contacts nobody, and nothing outside the process shows it is done, so this is a
-    // settle time, not a poll (a request would be the probe, and it would spend the test: the
-    // layer would come from the upstream). Too short a settle fails the test below ("the
-    // forger was not asked first"); it cannot make it pass.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Discovery's first round runs at start, in its own task; the view's size in /metrics
+    // says when the forger is in it (a request would be no probe: it would spend the test).
+    support::eventually(Duration::from_secs(5), "the forger in the member's view", || async {
+        anyhow::Ok(member.sample("pullcache_peer_view_size").await? == 2.0)
+    })
+    .await?;
     let url = format!("{}/v2/team/app/blobs/{}?ns={REGISTRY}", member.url(), layer.digest);
 
     let first = support::http_client().get(&url).send().await?;

@@ -48,6 +48,7 @@ mod cluster_loopback;
 mod config_sources;
 mod containerd_config;
 mod containerd_pull;
+mod discovery;
 mod disk;
 mod fail_open;
 mod faults;

@@ -197,8 +197,9 @@ impl Cluster {
     }
 
     /// Starts a real DNS server (dnsmasq) beside the upstream, answering from a hosts file
-    /// only, with TTL 0, and points every node's resolver at it. Call it before starting
-    /// pullcache on the nodes.
+    /// only, with TTL 0, and points every node's resolver at it. A name under `cluster.test`
+    /// it does not list is NXDOMAIN, as cluster DNS answers for a Service with no ready pod.
+    /// Call it before starting pullcache on the nodes.
     pub async fn start_dns(&self) -> Result<Dns> {
         let upstream = self.upstream();
         let hosts = self.dir.path().join("dns-hosts");
@@ -210,6 +211,8 @@ impl Cluster {
             "--conf-file=/dev/null",
             "--no-resolv",
             "--no-hosts",
+            // Authoritative for the domain: NXDOMAIN, not REFUSED, for a name it does not list.
+            "--local=/cluster.test/",
         ])
         .arg(format!("--listen-address={}", upstream.addr))
         .args([
