@@ -65,6 +65,7 @@ mod podman;
 mod private_images;
 mod private_registry;
 mod provenance;
+mod readme;
 mod secrets;
 mod upgraded_connections;
 mod upstream_protocol;
