@@ -127,6 +127,12 @@ impl Ca {
         let cert_pem = cert_pem(dir)?;
         let cert_der =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
+        // rcgen pairs them without a check; a certificate for another key would make every
+        // leaf one that clients refuse. Its public key is in the certificate's DER as it is.
+        let public = key.public_key_raw();
+        if !cert_der.windows(public.len()).any(|w| w == public) {
+            return Err(files(dir, format!("{CERT_FILE} is not the certificate of {KEY_FILE}")));
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
         Ok(Ca {
             issuer,
@@ -202,6 +208,19 @@ mod tests {
     use rustls::client::danger::ServerCertVerifier as _;
 
     use super::*;
+
+    /// A certificate of another key is refused: every leaf it signed would be refused too.
+    #[test]
+    fn a_certificate_of_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        init(&a).unwrap();
+        init(&b).unwrap();
+        fs::copy(b.join(CERT_FILE), a.join(CERT_FILE)).unwrap();
+        let e = Ca::load(&a).err().expect("refused");
+        assert!(e.to_string().contains("is not the certificate of"), "{e}");
+        assert!(Ca::load(&b).is_ok());
+    }
 
     #[test]
     fn init_writes_a_private_key_and_refuses_to_overwrite() {

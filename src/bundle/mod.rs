@@ -36,7 +36,10 @@ impl LocalServer {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", api.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
+        // A shared config file may turn them on; a local fetch intercepts nothing and joins no
+        // cluster.
         config.peers = None;
+        config.intercept = None;
         let listeners = pullcache::Listeners {
             api,
             admin: None,
@@ -168,9 +171,9 @@ pub async fn export_command(args: &pullcache::config::ExportArgs) -> anyhow::Res
     let temporary = match config.cache_dir_chosen {
         true => None,
         false => {
-            let dir = std::env::temp_dir().join(format!("pullcache-export-{}", std::process::id()));
-            config.cache_dir = dir.clone();
-            Some(TempCache(dir))
+            let temp = TempCache::create()?;
+            config.cache_dir = temp.0.clone();
+            Some(temp)
         }
     };
     let cache_dir = config.cache_dir.clone();
@@ -193,6 +196,30 @@ pub async fn export_command(args: &pullcache::config::ExportArgs) -> anyhow::Res
 
 /// A cache directory removed when dropped, however the export ended.
 struct TempCache(std::path::PathBuf);
+
+impl TempCache {
+    /// A new directory under `$TMPDIR`, made here and nowhere else: an unguessable name,
+    /// created exclusively (a name another user planted, a directory or a link, is never
+    /// used), readable by this user only.
+    fn create() -> anyhow::Result<TempCache> {
+        use sha2::Digest as _;
+        use std::os::unix::fs::DirBuilderExt;
+        for attempt in 0u32..16 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let seed = format!("{}:{}:{attempt}:{:p}", std::process::id(), now.as_nanos(), &now);
+            let name = hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..12]);
+            let dir = std::env::temp_dir().join(format!("pullcache-export-{name}"));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(TempCache(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => anyhow::bail!("a temporary cache in {}: {e}", std::env::temp_dir().display()),
+            }
+        }
+        anyhow::bail!("no new temporary cache name in {}", std::env::temp_dir().display())
+    }
+}
 
 impl Drop for TempCache {
     fn drop(&mut self) {
@@ -220,4 +247,21 @@ pub fn import_command(args: &pullcache::config::ImportArgs) -> anyhow::Result<St
         ));
     }
     Ok(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TempCache;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_temporary_cache_is_new_private_and_removed() {
+        let (a, b) = (TempCache::create().unwrap(), TempCache::create().unwrap());
+        assert_ne!(a.0, b.0);
+        let mode = std::fs::metadata(&a.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let path = a.0.clone();
+        drop(a);
+        assert!(!path.exists());
+    }
 }

@@ -398,7 +398,7 @@ impl Config {
                     self.upstream.docker_config.len(),
                     match self.upstream.docker_config.hosts() {
                         hosts if hosts.is_empty() => String::new(),
-                        hosts => format!(" ({})", hosts.join(", ")),
+                        hosts => format!(" ({})", hosts.into_iter().map(shown).collect::<Vec<_>>().join(", ")),
                     }
                 ),
             ),
@@ -507,12 +507,26 @@ impl Config {
     /// What the configuration holds that will not be used, said as a warning by `serve` at
     /// start and by `--check-config`.
     pub fn warnings(&self) -> Vec<String> {
-        self.upstream
-            .docker_config
-            .unused()
+        const MAX_WARNINGS: usize = 20;
+        let unused = self.upstream.docker_config.unused();
+        let mut warnings: Vec<String> = unused
             .iter()
+            .take(MAX_WARNINGS)
             .map(|unused| format!("docker_config: {unused}"))
-            .collect()
+            .collect();
+        if unused.len() > MAX_WARNINGS {
+            warnings.push(format!("docker_config: and {} more", unused.len() - MAX_WARNINGS));
+        }
+        warnings
+    }
+}
+
+/// A name from a file as it may be printed: as it is when it looks like a host, quoted and
+/// escaped otherwise (no control character reaches the terminal).
+fn shown(name: &str) -> String {
+    match name.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:[]".contains(c)) {
+        true => name.to_owned(),
+        false => format!("{name:?}"),
     }
 }
 

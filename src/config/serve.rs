@@ -98,8 +98,9 @@ pub struct ServeArgs {
     pub ca_dir: Option<PathBuf>,
 
     /// In intercept mode, a host that may be tunnelled untouched: a name or `*.suffix`, port
-    /// 443. Repeatable. Added to the hosts Docker Hub pulls need, which are always tunnelled:
-    /// auth.docker.io, production.cloudflare.docker.com and *.cloudflare.docker.com.
+    /// 443. Repeatable. Added to the hosts Docker Hub pulls need (auth.docker.io,
+    /// production.cloudflare.docker.com and *.cloudflare.docker.com), which are tunnelled
+    /// while docker.io is fetched from Docker Hub: not offline, and not mapped elsewhere.
     #[arg(long, env = "PULLCACHE_TUNNEL_ALLOW", value_name = "PATTERN", value_delimiter = ',')]
     #[serde(default)]
     pub tunnel_allow: Option<Vec<String>>,
@@ -379,7 +380,7 @@ impl ServeArgs {
     fn load(path: &Path) -> Result<ServeArgs, ConfigError> {
         let at = |e: &dyn Display| ConfigError(format!("{}: {e}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
-        let file: ServeArgs = toml::from_str(&text).map_err(|e| at(&e))?;
+        let file: ServeArgs = toml::from_str(&text).map_err(|e| at(&toml_error(&text, &e)))?;
         let base = path.parent().unwrap_or(Path::new(""));
         Ok(file.relative_to(base))
     }
@@ -470,11 +471,17 @@ impl ServeArgs {
             if files.iter().any(|f| ca_dir.join(f).exists()) {
                 crate::ca::Ca::load(&ca_dir).map_err(|e| invalid("ca_dir", &e))?;
             }
-            // Docker Hub's token and CDN hosts stay: without them its pulls fail.
-            let mut tunnel_allow: Vec<String> = crate::intercept::DEFAULT_TUNNEL_ALLOW
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
+            // Docker Hub's token and CDN hosts, which its pulls need: only while Docker Hub
+            // itself is fetched from (not offline, not mapped elsewhere).
+            let hub = config.upstream.registries.get(&Registry::docker_hub());
+            let from_hub = !config.upstream.offline && hub.is_none_or(|s| s.url.is_none());
+            let mut tunnel_allow: Vec<String> = match from_hub {
+                true => crate::intercept::DEFAULT_TUNNEL_ALLOW
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                false => Vec::new(),
+            };
             for pattern in self.tunnel_allow.unwrap_or_default() {
                 crate::intercept::check_pattern(&pattern).map_err(|e| invalid("tunnel_allow", &e))?;
                 if !tunnel_allow.contains(&pattern) {
@@ -488,6 +495,33 @@ impl ServeArgs {
             });
         }
         Ok(config)
+    }
+}
+
+/// A TOML error without the source line toml quotes, which may hold a secret: its message
+/// and line, and for a key that may hold one, not even the message (which can quote the value).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let key = line
+        .and_then(|n| text.lines().nth(n - 1))
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim().to_owned());
+    let secret = key.as_deref().is_some_and(|k| {
+        let k = k.to_ascii_lowercase();
+        ["pass", "auth", "token", "secret", "user"]
+            .iter()
+            .any(|s| k.contains(s))
+    });
+    let at = match (line, &key) {
+        (Some(line), Some(key)) => format!("line {line}, {key}"),
+        (Some(line), None) => format!("line {line}"),
+        (None, _) => "the file".to_owned(),
+    };
+    match secret {
+        true => format!("{at}: an invalid value (not shown: it may be a secret)"),
+        false => format!("{at}: {}", e.message()),
     }
 }
 
@@ -574,6 +608,13 @@ fn add_registry(config: &mut Config, name: &str, entry: RegistryEntry) -> Result
 }
 
 fn upstream_url(url: &str) -> Result<Uri, String> {
+    // `user:password@` would be printed and logged with the URL: refused, and not echoed.
+    let authority = url.trim().split_once("://").map_or("", |(_, rest)| rest);
+    if authority.split(['/', '?', '#']).next().is_some_and(|a| a.contains('@')) {
+        return Err("a URL with credentials (user:password@) is refused, and not shown: \
+                    use username/password or the docker config"
+            .to_owned());
+    }
     let uri: Uri = url.trim().parse().map_err(|e| format!("{url:?}: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
@@ -739,10 +780,24 @@ private = "share"
             ("max_connections = 0\n", "max_connections"),
             ("cache_max_size = \"lots\"\n", "cache_max_size"),
             ("offline = \"maybe\"\n", "offline"),
+            (
+                "[registries.\"x.io\"]\nurl = \"https://u:S3CRET@x.io\"\n",
+                "credentials",
+            ),
+            (
+                "[registries.\"x.io\"]\nmirrors = [\"https://S3CRET@m.io/v2\"]\n",
+                "credentials",
+            ),
+            ("[registries.\"x.io\"]\npassword = 12345678\n", "line 2"),
+            ("[registries.\"x.io\"]\npassword = \"S3CRET\n", "line 2"),
+            ("[registries.\"x.io\"]\npasword = \"S3CRET\"\n", "unknown field"),
         ] {
             std::fs::write(&file, text).unwrap();
             let e = serve(&["--config", file.to_str().unwrap()]).resolve().unwrap_err();
             assert!(e.to_string().contains(expected), "{text:?}: {e}");
+            for secret in ["S3CRET", "12345678"] {
+                assert!(!e.to_string().contains(secret), "{text:?}: a secret in {e}");
+            }
         }
         let e = serve(&["--docker-config", "/nonexistent/config.json"])
             .resolve()
@@ -773,6 +828,26 @@ private = "share"
                 .upstream
                 .offline
         );
+    }
+
+    /// Docker Hub's hosts are tunnelled while Docker Hub is what docker.io is fetched from.
+    #[test]
+    fn docker_hubs_tunnels_follow_docker_hub() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let ca = ca.to_str().unwrap();
+        let tunnels = |args: &[&str]| {
+            let all = [&["--ca-dir", ca, "--tunnel-allow", "x.example.com"][..], args].concat();
+            serve(&all).resolve().unwrap().intercept.unwrap().tunnel_allow
+        };
+        let hub = tunnels(&[]);
+        assert!(hub.iter().any(|t| t == "auth.docker.io") && hub.contains(&"x.example.com".to_owned()));
+        for args in [
+            &["--offline"][..],
+            &["--upstream", "docker.io=https://harbor.example.com"],
+        ] {
+            assert_eq!(tunnels(args), vec!["x.example.com".to_owned()], "{args:?}");
+        }
     }
 
     #[test]

@@ -328,7 +328,12 @@ pub fn uninstall(certs_dir: &Path) -> Result<Vec<Change>, WiringError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(changes),
         Err(e) => return Err(at(certs_dir)(e)),
     };
-    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    // A link is not a directory install made or merged (install refuses them): not followed.
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
     dirs.sort();
     for dir in dirs {
         let hosts = dir.join("hosts.toml");

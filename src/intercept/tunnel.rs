@@ -20,19 +20,29 @@ pub const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 /// Connects to `authority` (`host:port`) at an address that is neither loopback, link-local
 /// nor metadata.
+/// The lookup and the connection share one deadline.
 pub async fn connect(authority: &str) -> std::io::Result<TcpStream> {
-    let addrs: Vec<_> = tokio::net::lookup_host(authority)
-        .await?
-        .filter(|a| !a.ip().is_loopback() && !crate::upstream::is_forbidden(a.ip()))
-        .collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::other(format!(
-            "{authority} has no address a tunnel may reach"
-        )));
-    }
-    tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, TcpStream::connect(&addrs[..]))
+    let connecting = async {
+        let addrs: Vec<_> = tokio::net::lookup_host(authority)
+            .await?
+            .filter(|a| may_reach(a.ip()))
+            .collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{authority} has no address a tunnel may reach"
+            )));
+        }
+        TcpStream::connect(&addrs[..]).await
+    };
+    tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| std::io::Error::other(format!("connecting to {authority} timed out")))?
+}
+
+/// Whether a tunnel may connect to `ip`: not loopback (`::ffff:127.0.0.1` included), and
+/// nothing an upstream may not reach.
+fn may_reach(ip: std::net::IpAddr) -> bool {
+    !ip.to_canonical().is_loopback() && !crate::upstream::is_forbidden(ip)
 }
 
 /// How a splice ended.
@@ -179,6 +189,20 @@ mod tests {
         assert!(!splice.is_finished(), "a tunnel moving bytes was cut while draining");
         assert_eq!(splice.await.unwrap().unwrap(), Ended::Idle);
         assert_eq!(stopped.elapsed(), DRAIN_IDLE / 2 * 5 + DRAIN_IDLE);
+    }
+
+    #[test]
+    fn loopback_in_any_form_and_metadata_are_out_of_reach() {
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!may_reach(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(may_reach("203.0.113.7".parse().unwrap()));
     }
 
     #[tokio::test]

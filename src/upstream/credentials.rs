@@ -41,8 +41,13 @@ impl fmt::Debug for Credentials {
 
 impl Credentials {
     /// What kind of credential this is, for `--check-config`: the user name, never a secret.
+    /// Some registries take a token as the user name too, so a long one is shown in part.
     pub fn kind(&self) -> String {
         match self {
+            Credentials::Basic { username, .. } if username.chars().count() > 16 => {
+                let start: String = username.chars().take(4).collect();
+                format!("user {start:?}… ({} characters)", username.chars().count())
+            }
             Credentials::Basic { username, .. } => format!("user {username:?}"),
             Credentials::IdentityToken { .. } => "identity token".to_owned(),
         }
@@ -166,8 +171,15 @@ impl DockerConfig {
     }
 
     pub fn parse(bytes: &[u8]) -> Result<DockerConfig, String> {
-        let file: DockerConfigFile =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a docker config.json: {e}"))?;
+        // serde_json's message for a wrong type quotes the value, which may be a secret.
+        let file: DockerConfigFile = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => format!(
+                "not a docker config.json: a value of the wrong type at line {} column {} (not shown)",
+                e.line(),
+                e.column()
+            ),
+            _ => format!("not a docker config.json: {e}"),
+        })?;
         let mut by_host = HashMap::new();
         let mut unused = Vec::new();
         if let Some(store) = file.creds_store {
@@ -312,6 +324,13 @@ mod tests {
         assert!(Credentials::from_fields(Some("!!"), None, None, None).is_err());
         assert!(Credentials::from_fields(Some("bm9jb2xvbg=="), None, None, None).is_err());
         assert!(DockerConfig::parse(br#"{"auths": []}"#).is_err());
+        let e = DockerConfig::parse(br#"{"auths": {"h.io": "RAWS3CRET"}}"#).unwrap_err();
+        assert!(!e.contains("RAWS3CRET") && e.contains("line 1"), "{e}");
+        let long = Credentials::Basic {
+            username: "dop_v1_0123456789abcdef".into(),
+            password: "p".into(),
+        };
+        assert_eq!(long.kind(), "user \"dop_\"… (23 characters)");
         assert!(DockerConfig::parse(b"not json").is_err());
     }
 }

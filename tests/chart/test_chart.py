@@ -385,13 +385,20 @@ def containerd_wiring() -> None:
     init = container(cache_daemonset(apart)["spec"]["template"]["spec"], "containerd-config", init=True)
     mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
     assert mounts["/etc/cfg"].get("readOnly") is True and not mounts["/etc/containerd"].get("readOnly")
-    for shallow in ("/certs.d", "/etc/certs.d"):
+    for shallow in ("/certs.d", "/etc/certs.d", "/var/lib/certs.d", "/etc/kubernetes/certs.d", "/etc/containerd/../sbin/x"):
         try:
             render_objects({"containerd": {"certsDir": shallow}})
         except Exception as e:  # the render fails, naming the setting
             assert "containerd.certsDir" in str(e), e
         else:
             raise AssertionError(f"certsDir {shallow} would mount its parent read-write")
+    k3s = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
+    init = container(
+        cache_daemonset(render_objects({"containerd": {"certsDir": k3s, "configFile": ""}}))["spec"]["template"]["spec"],
+        "containerd-config",
+        init=True,
+    )
+    assert [m["mountPath"] for m in init["volumeMounts"]] == ["/var/lib/rancher/k3s/agent/etc/containerd"]
     cleanup = find(objects, "DaemonSet", f"{RELEASE}-cleanup")
     notes = cleanup["metadata"]["annotations"]
     assert notes["helm.sh/hook"] == "post-delete"

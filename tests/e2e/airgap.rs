@@ -138,6 +138,25 @@ async fn export_import_and_pull_offline() -> anyhow::Result<()> {
     assert!(summary.contains(&format!("{REGISTRY}/team/app:v1")), "{summary}");
     let pins = std::fs::read_to_string(cache.join("pins"))?;
     assert!(pins.contains("team/multi:v2"), "{pins}");
+    // The start says what it keeps: the two pins import saved, and the budget as bytes.
+    let mut started = support::binary::serve(
+        ["--cache-dir", path(&cache), "--offline", "--cache-max-size", "1GiB"],
+        "info",
+    )
+    .await?;
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = started.stdout.next_line().await? {
+            let json: serde_json::Value = serde_json::from_str(&line)?;
+            if json["fields"]["message"] == "cache open; ready" {
+                return anyhow::Ok(json["fields"].clone());
+            }
+        }
+        anyhow::bail!("no \"cache open; ready\" line")
+    })
+    .await??;
+    assert_eq!(ready["pins"], 2, "{ready}");
+    assert_eq!(ready["max_size"], "1073741824 bytes", "{ready}");
+    let _ = started.child.start_kill();
 
     let server = serve_offline(&cache).await?;
     let hosts = tempfile::tempdir()?;

@@ -178,7 +178,15 @@ fn uninstall_removes_the_certs_dir_install_created() {
 
     std::fs::create_dir(&certs).unwrap();
     install(&certs, &[]);
+    // A registry directory that is a link is not followed: what it points at is not ours.
+    let outside = etc.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let theirs = "# Managed by pullcache (containerd-config install).\nserver = \"https://x\"\n";
+    std::fs::write(outside.join("hosts.toml"), theirs).unwrap();
+    std::os::unix::fs::symlink(&outside, certs.join("evil.example.com")).unwrap();
     uninstall(&certs);
+    assert_eq!(std::fs::read_to_string(outside.join("hosts.toml")).unwrap(), theirs);
+    std::fs::remove_file(certs.join("evil.example.com")).unwrap();
     assert!(certs.is_dir(), "uninstall removed a certs dir that was there before");
     assert_eq!(std::fs::read_dir(&certs).unwrap().count(), 0);
 }

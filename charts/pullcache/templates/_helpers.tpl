@@ -132,8 +132,8 @@ creates it and uninstall removes it again.
 */}}
 {{- define "pullcache.certsParentMount" -}}
 {{- $parent := dir (clean .Values.containerd.certsDir) }}
-{{- if lt (len (splitList "/" (trimPrefix "/" $parent))) 2 }}
-{{- fail (printf "containerd.certsDir %s: its directory %s would be mounted read-write; use certs.d in containerd's own directory" .Values.containerd.certsDir $parent) }}
+{{- if ne (base $parent) "containerd" }}
+{{- fail (printf "containerd.certsDir %s: its directory %s would be mounted read-write; certs.d must be in containerd's own directory (/etc/containerd, or k3s's and RKE2's .../agent/etc/containerd)" .Values.containerd.certsDir $parent) }}
 {{- end }}
 {{- $parent }}
 {{- end }}
