@@ -363,18 +363,8 @@ async fn membership_follows_dns() -> Result<()> {
         dns.set(PEERS_NAME, &addrs[..3])?;
         let ca = tempfile::tempdir()?;
         pullcache::ca::init(&ca.path().join("ca"))?;
-        let args = |node: &Node| {
-            vec![
-                "--peer-listen".to_owned(),
-                peer_addr(node).to_string(),
-                "--peer-ca-dir".to_owned(),
-                ca.path().join("ca").display().to_string(),
-                "--peer".to_owned(),
-                format!("{PEERS_NAME}:{PEER_PORT}"),
-                "--peer-refresh".to_owned(),
-                format!("{}ms", REFRESH.as_millis()),
-            ]
-        };
+        let args =
+            |node: &Node| support::cluster::member_args(peer_addr(node), &ca.path().join("ca"), PEERS_NAME, REFRESH);
         try_join_all(cluster.nodes()[..3].iter().map(|node| node.start_pullcache(args(node)))).await?;
         let mut blobs = Vec::new();
         for _ in 0..40 {

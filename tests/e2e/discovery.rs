@@ -48,16 +48,13 @@ async fn start(answer: fn(&Node) -> Vec<Ipv4Addr>) -> Result<(Cluster, Dns, temp
     set_answer(&dns, node, &answer(node)).await?;
     let ca = tempfile::tempdir()?;
     pullcache::ca::init(&ca.path().join("ca"))?;
-    node.start_pullcache([
-        "--peer-listen".to_owned(),
-        SocketAddr::from((node.addr(), PEER_PORT)).to_string(),
-        "--peer-ca-dir".to_owned(),
-        ca.path().join("ca").display().to_string(),
-        "--peer".to_owned(),
-        format!("{PEERS_NAME}:{PEER_PORT}"),
-        "--peer-refresh".to_owned(),
-        format!("{}ms", REFRESH.as_millis()),
-    ])
+    let peer = SocketAddr::from((node.addr(), PEER_PORT));
+    node.start_pullcache(support::cluster::member_args(
+        peer,
+        &ca.path().join("ca"),
+        PEERS_NAME,
+        REFRESH,
+    ))
     .await?;
     Ok((cluster, dns, ca))
 }

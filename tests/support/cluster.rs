@@ -288,6 +288,21 @@ impl Drop for Cluster {
 }
 
 /// dnsmasq beside the upstream: the names it answers are set with [`Dns::set`].
+/// `serve`'s cluster flags for a member at `peer` that finds the others by resolving `name`
+/// (dnsmasq's) every `refresh`, with the cluster CA in `ca_dir`.
+pub fn member_args(peer: SocketAddr, ca_dir: &Path, name: &str, refresh: Duration) -> Vec<String> {
+    vec![
+        "--peer-listen".to_owned(),
+        peer.to_string(),
+        "--peer-ca-dir".to_owned(),
+        ca_dir.display().to_string(),
+        "--peer".to_owned(),
+        format!("{name}:{}", peer.port()),
+        "--peer-refresh".to_owned(),
+        format!("{}ms", refresh.as_millis()),
+    ]
+}
+
 pub struct Dns {
     child: Child,
     hosts: PathBuf,
