@@ -357,7 +357,10 @@ impl Config {
                     true => "",
                     false => " (created at start)",
                 },
-                i.tunnel_allow.join(", "),
+                match i.tunnel_allow.is_empty() {
+                    true => "none".to_owned(),
+                    false => i.tunnel_allow.join(", "),
+                },
                 match i.registries.is_empty() {
                     true => "none".to_owned(),
                     false => i.registries.iter().map(Registry::as_str).collect::<Vec<_>>().join(", "),

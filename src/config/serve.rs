@@ -56,8 +56,10 @@ pub struct ServeArgs {
         value_name = "NAME=URL",
         value_delimiter = ','
     )]
-    #[serde(default, rename = "upstream", deserialize_with = "from_text")]
-    pub upstreams: Option<Vec<Upstream>>,
+    // Text here, parsed in `into_config`: clap and serde would quote a bad value, and a URL
+    // may hold credentials.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Option<Vec<String>>,
 
     /// How long a tag's answer is served without asking upstream (default 5m); after that one
     /// HEAD revalidates it (e.g. 30s, 5m, 1h).
@@ -259,8 +261,11 @@ pub struct Upstream {
 impl FromStr for Upstream {
     type Err = String;
 
+    /// Its errors never show the URL, which may hold credentials.
     fn from_str(s: &str) -> Result<Upstream, String> {
-        let (name, url) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+        let (name, url) = s
+            .split_once('=')
+            .ok_or("an entry is not NAME=URL (not shown: it may hold credentials)")?;
         let registry = Registry::parse(name.trim()).map_err(|e| e.to_string())?;
         Ok(Upstream {
             registry,
@@ -451,7 +456,8 @@ impl ServeArgs {
         for (name, entry) in self.registries {
             add_registry(&mut config, &name, entry)?;
         }
-        for Upstream { registry, url } in self.upstreams.unwrap_or_default() {
+        for text in self.upstreams.unwrap_or_default() {
+            let Upstream { registry, url } = text.parse().map_err(|e| invalid("upstream", &e))?;
             config.registry(registry).url = Some(url);
         }
         config.peers = cluster(
@@ -519,7 +525,11 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
         (Some(line), None) => format!("line {line}"),
         (None, _) => "the file".to_owned(),
     };
-    match secret {
+    // serde's messages for a value of the wrong type or form quote the value.
+    let quotes_value = ["invalid type", "invalid value", "invalid length"]
+        .iter()
+        .any(|m| e.message().starts_with(m));
+    match secret || quotes_value {
         true => format!("{at}: an invalid value (not shown: it may be a secret)"),
         false => format!("{at}: {}", e.message()),
     }
@@ -607,20 +617,23 @@ fn add_registry(config: &mut Config, name: &str, entry: RegistryEntry) -> Result
     Ok(())
 }
 
+/// A registry or mirror URL. Its errors never show it: a URL may hold credentials, and what
+/// is refused here is printed and logged.
 fn upstream_url(url: &str) -> Result<Uri, String> {
-    // `user:password@` would be printed and logged with the URL: refused, and not echoed.
-    let authority = url.trim().split_once("://").map_or("", |(_, rest)| rest);
-    if authority.split(['/', '?', '#']).next().is_some_and(|a| a.contains('@')) {
+    if url.contains('@') {
         return Err("a URL with credentials (user:password@) is refused, and not shown: \
                     use username/password or the docker config"
             .to_owned());
     }
-    let uri: Uri = url.trim().parse().map_err(|e| format!("{url:?}: {e}"))?;
+    let uri: Uri = url
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a URL (not shown: it may hold credentials): {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-        return Err(format!("{url:?} is not an http:// or https:// URL"));
+        return Err("not an http:// or https:// URL with a host (not shown)".to_owned());
     }
     if uri.query().is_some() {
-        return Err(format!("{url:?} may not have a query"));
+        return Err("a URL may not have a query (not shown: it may hold a token)".to_owned());
     }
     let host = uri
         .host()
@@ -791,6 +804,15 @@ private = "share"
             ("[registries.\"x.io\"]\npassword = 12345678\n", "line 2"),
             ("[registries.\"x.io\"]\npassword = \"S3CRET\n", "line 2"),
             ("[registries.\"x.io\"]\npasword = \"S3CRET\"\n", "unknown field"),
+            ("[registries]\n\"x.io\" = { password = 12345678 }\n", "not shown"),
+            ("\"p\\u0061ssword\" = 12345678\n", "unknown field"),
+            (
+                "[registries.\"x.io\"]\nurl = \"https://u:S3/CRET@x.io\"\n",
+                "credentials",
+            ),
+            ("[registries.\"x.io\"]\nurl = \"https:/u:S3CRET.x.io\"\n", "not shown"),
+            ("[registries.\"x.io\"]\nurl = \"https://x.io/?t=S3CRET\"\n", "query"),
+            ("upstream = [\"x.io:https://S3CRET.x.io\"]\n", "NAME=URL"),
         ] {
             std::fs::write(&file, text).unwrap();
             let e = serve(&["--config", file.to_str().unwrap()]).resolve().unwrap_err();

@@ -329,12 +329,21 @@ pub fn uninstall(certs_dir: &Path) -> Result<Vec<Change>, WiringError> {
         Err(e) => return Err(at(certs_dir)(e)),
     };
     // A link is not a directory install made or merged (install refuses them): not followed.
-    let mut dirs: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
+    let (mut dirs, mut links) = (Vec::new(), Vec::new());
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => dirs.push(entry.path()),
+            Ok(t) if t.is_symlink() && entry.path().is_dir() => links.push(entry.path()),
+            _ => {}
+        }
+    }
     dirs.sort();
+    links.sort();
+    changes.extend(
+        links
+            .into_iter()
+            .map(|link| Change::Skipped(link, "the registry directory is a link, not followed".to_owned())),
+    );
     for dir in dirs {
         let hosts = dir.join("hosts.toml");
         let backup = dir.join(BACKUP);

@@ -243,7 +243,9 @@ fn bare_host(key: &str) -> String {
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    key.split('/').next().unwrap_or(key).to_ascii_lowercase()
+    let host = key.split('/').next().unwrap_or(key);
+    // `user:password@host`: the host alone.
+    host.rsplit('@').next().unwrap_or(host).to_ascii_lowercase()
 }
 
 #[cfg(test)]

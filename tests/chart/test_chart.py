@@ -385,7 +385,8 @@ def containerd_wiring() -> None:
     init = container(cache_daemonset(apart)["spec"]["template"]["spec"], "containerd-config", init=True)
     mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
     assert mounts["/etc/cfg"].get("readOnly") is True and not mounts["/etc/containerd"].get("readOnly")
-    for shallow in ("/certs.d", "/etc/certs.d", "/var/lib/certs.d", "/etc/kubernetes/certs.d", "/etc/containerd/../sbin/x"):
+    for shallow in ("/certs.d", "/etc/certs.d", "/var/lib/certs.d", "/etc/kubernetes/certs.d", "/etc/containerd/../sbin/x",
+                    "/run/containerd/certs.d", "/var/lib/containerd/certs.d", "/var/lib/rancher/k3s/agent/containerd/certs.d"):
         try:
             render_objects({"containerd": {"certsDir": shallow}})
         except Exception as e:  # the render fails, naming the setting

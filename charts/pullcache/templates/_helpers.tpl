@@ -132,7 +132,7 @@ creates it and uninstall removes it again.
 */}}
 {{- define "pullcache.certsParentMount" -}}
 {{- $parent := dir (clean .Values.containerd.certsDir) }}
-{{- if ne (base $parent) "containerd" }}
+{{- if or (ne (base $parent) "containerd") (ne (base (dir $parent)) "etc") }}
 {{- fail (printf "containerd.certsDir %s: its directory %s would be mounted read-write; certs.d must be in containerd's own directory (/etc/containerd, or k3s's and RKE2's .../agent/etc/containerd)" .Values.containerd.certsDir $parent) }}
 {{- end }}
 {{- $parent }}
