@@ -128,9 +128,10 @@ impl Ca {
         let cert_der =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
         // rcgen pairs them without a check; a certificate for another key would make every
-        // leaf one that clients refuse. Its public key is in the certificate's DER as it is.
-        let public = key.public_key_raw();
-        if !cert_der.windows(public.len()).any(|w| w == public) {
+        // leaf one that clients refuse.
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(files(dir, format!("{CERT_FILE} is not the certificate of {KEY_FILE}")));
         }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| files(dir, format!("{CERT_FILE}: {e}")))?;
@@ -220,6 +221,19 @@ mod tests {
         let e = Ca::load(&a).err().expect("refused");
         assert!(e.to_string().contains("is not the certificate of"), "{e}");
         assert!(Ca::load(&b).is_ok());
+
+        // Nor is one that only carries the key's public point elsewhere (attack review).
+        let key_a = KeyPair::from_pem(&fs::read_to_string(a.join(KEY_FILE)).unwrap()).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
+            &[1, 2, 3, 4, 5],
+            key_a.public_key_raw().to_vec(),
+        ));
+        let other = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        fs::write(a.join(CERT_FILE), other.pem()).unwrap();
+        let e = Ca::load(&a).err().expect("refused");
+        assert!(e.to_string().contains("is not the certificate of"), "{e}");
     }
 
     #[test]

@@ -49,16 +49,32 @@ async fn resolve(me: PeerAddr, targets: &[String]) -> Result<Vec<PeerAddr>, Look
     Ok(peers)
 }
 
+/// A run of failed lookups is said at WARN when it starts and then this often, not at every
+/// refresh: the counter and its alert carry the rest.
+const WARN_AGAIN_AFTER: Duration = Duration::from_secs(300);
+
+/// Failed lookups in a row, and when that was last said at WARN.
+#[derive(Default)]
+struct Failing {
+    in_a_row: u64,
+    warned: Option<std::time::Instant>,
+}
+
 /// One refresh: the new view when the answer differs from the last one (`None` before the
-/// first). A failure is logged, counted, and changes nothing.
+/// first). A failure is counted, logged, and changes nothing.
 async fn refresh(
     me: PeerAddr,
     targets: &[String],
     last: Option<&[PeerAddr]>,
     metrics: &Metrics,
+    failing: &mut Failing,
 ) -> Option<Vec<PeerAddr>> {
     match resolve(me, targets).await {
         Ok(peers) => {
+            if failing.in_a_row > 0 {
+                tracing::info!(failed = failing.in_a_row, "peer discovery answers again");
+                *failing = Failing::default();
+            }
             metrics.view_size.set(i64::try_from(peers.len()).unwrap_or(i64::MAX));
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -68,7 +84,13 @@ async fn refresh(
         }
         Err(e) => {
             metrics.failures.inc();
-            tracing::warn!(error = %e, "peer discovery failed; keeping the last view");
+            failing.in_a_row += 1;
+            if failing.warned.is_none_or(|at| at.elapsed() >= WARN_AGAIN_AFTER) {
+                failing.warned = Some(std::time::Instant::now());
+                tracing::warn!(error = %e, failed = failing.in_a_row, "peer discovery failed; keeping the last view");
+            } else {
+                tracing::debug!(error = %e, failed = failing.in_a_row, "peer discovery failed; keeping the last view");
+            }
             None
         }
     }
@@ -80,9 +102,9 @@ pub fn discover(me: PeerAddr, targets: Vec<String>, every: Duration, metrics: Me
     let (tx, rx) = watch::channel(Arc::new(vec![me]));
     metrics.view_size.set(1);
     tokio::spawn(async move {
-        let mut last = None;
+        let (mut last, mut failing) = (None, Failing::default());
         loop {
-            if let Some(peers) = refresh(me, &targets, last.as_deref(), &metrics).await {
+            if let Some(peers) = refresh(me, &targets, last.as_deref(), &metrics, &mut failing).await {
                 // The first answer and each change, once: a node that stays alone says so once.
                 tracing::info!(peers = peers.len(), alone = peers.len() == 1, "peer view changed");
                 last = Some(peers.clone());
@@ -159,17 +181,24 @@ mod tests {
         let me: PeerAddr = "127.0.0.1:7443".parse().unwrap();
         let other: PeerAddr = "127.0.0.2:7443".parse().unwrap();
         let metrics = metrics();
-        let view = refresh(me, &[me.to_string()], Some(&[me, other]), &metrics).await;
+        let view = refresh(
+            me,
+            &[me.to_string()],
+            Some(&[me, other]),
+            &metrics,
+            &mut Failing::default(),
+        )
+        .await;
         assert_eq!(view, Some(vec![me]), "the peer no longer listed stayed");
         assert_eq!(metrics.view_size.get(), 1);
         assert_eq!(metrics.failures.get(), 0);
         assert!(metrics.last_success.get() > 0.0);
         assert_eq!(
-            refresh(me, &[me.to_string()], Some(&[me]), &metrics).await,
+            refresh(me, &[me.to_string()], Some(&[me]), &metrics, &mut Failing::default()).await,
             None,
             "unchanged"
         );
-        let first = refresh(me, &[me.to_string()], None, &metrics).await;
+        let first = refresh(me, &[me.to_string()], None, &metrics, &mut Failing::default()).await;
         assert_eq!(
             first,
             Some(vec![me]),
@@ -184,8 +213,22 @@ mod tests {
         let metrics = metrics();
         metrics.view_size.set(2);
         let targets = [other.to_string(), "no-such-host.invalid:7443".into()];
-        assert_eq!(refresh(me, &targets, Some(&[me, other]), &metrics).await, None);
+        let mut failing = Failing::default();
+        assert_eq!(
+            refresh(me, &targets, Some(&[me, other]), &metrics, &mut failing).await,
+            None
+        );
         assert_eq!(metrics.failures.get(), 1);
+        let warned = failing.warned.expect("the first failure is said");
+        assert_eq!(
+            refresh(me, &targets, Some(&[me, other]), &metrics, &mut failing).await,
+            None
+        );
+        assert_eq!(
+            (failing.in_a_row, failing.warned),
+            (2, Some(warned)),
+            "said once, not again"
+        );
         assert_eq!(metrics.view_size.get(), 2, "the last view is kept");
         assert_eq!(metrics.last_success.get(), 0.0);
     }

@@ -235,6 +235,11 @@ async fn a_lookup_that_finds_nothing_is_a_failure() -> Result<()> {
         let failed = node.metric(FAILURES).await?;
         failures_reach(node, failed + 2.0).await?;
         ensure!(node.metric(VIEW_SIZE).await? == 2.0, "the last view was not kept");
+        // Each run of failures is said once at WARN (then every 5 minutes), not at every
+        // refresh: two runs here, many more failures.
+        let warnings = discovery_warnings(node);
+        ensure!(warnings.len() == 2, "WARN lines: {warnings:#?}");
+        ensure!(node.metric(FAILURES).await? > 4.0);
         Ok(())
     })
     .await
