@@ -476,16 +476,11 @@ impl Config {
         let mirrors: Vec<String> = settings
             .map(|s| s.mirrors.iter().map(ToString::to_string).collect())
             .unwrap_or_default();
-        let upstream_host = settings
-            .and_then(|s| s.url.as_ref())
-            .and_then(|url| url.authority())
-            .map(|a| a.as_str().to_owned());
-        let credentials = match settings.and_then(|s| s.credentials.as_ref()) {
-            Some(c) => format!("{} (config file)", c.kind()),
-            None => match self.upstream.docker_config.lookup(registry, upstream_host.as_deref()) {
-                Some(c) => format!("{} (docker_config)", c.kind()),
-                None => "none".to_owned(),
-            },
+        let from_file = settings.is_some_and(|s| s.credentials.is_some());
+        let credentials = match self.upstream.credentials(registry) {
+            Some(c) if from_file => format!("{} (config file)", c.kind()),
+            Some(c) => format!("{} (docker_config)", c.kind()),
+            None => "none".to_owned(),
         };
         let (tag_ttl, private) = (
             self.tag_ttls.get(registry).copied().unwrap_or(self.tag_ttl),

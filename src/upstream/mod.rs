@@ -209,6 +209,21 @@ pub struct Settings {
     pub timeout: Option<Duration>,
 }
 
+impl Settings {
+    /// The credentials a registry itself (not a mirror) is fetched with: its own, else the
+    /// docker config's for its name, else for the host it is fetched from. `serve` and
+    /// `--check-config` both ask this.
+    pub fn credentials(&self, registry: &Registry) -> Option<&Credentials> {
+        let settings = self.registries.get(registry);
+        let url = settings.and_then(|s| s.url.as_ref().map(ToString::to_string));
+        let url: Uri = url.unwrap_or_else(|| default_url(registry)).parse().ok()?;
+        settings
+            .and_then(|s| s.credentials.as_ref())
+            .or_else(|| self.docker_config.lookup(registry, None))
+            .or_else(|| self.docker_config.lookup_host(url.authority()?.as_str()))
+    }
+}
+
 /// Where a registry no URL is configured for is fetched from: Docker Hub's registry host for
 /// `docker.io`, else the name itself over HTTPS.
 pub fn default_url(registry: &Registry) -> String {
@@ -394,9 +409,7 @@ impl Upstreams {
         for mirror in settings.map(|s| s.mirrors.as_slice()).unwrap_or_default() {
             endpoints.push(self.endpoint(registry, mirror.to_string(), None)?);
         }
-        let own = settings
-            .and_then(|s| s.credentials.as_ref())
-            .or_else(|| self.settings.docker_config.lookup(registry, None));
+        let own = self.settings.credentials(registry);
         endpoints.push(self.endpoint(registry, self.base(registry)?, own)?);
         Ok(endpoints)
     }
@@ -765,6 +778,30 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[test]
+    fn credentials_come_from_the_file_then_the_name_then_the_host() {
+        let mut settings = Settings {
+            docker_config: DockerConfig::parse(br#"{"auths": {"registry.example.com:5000": {"auth": "dTpw"}}}"#)
+                .unwrap(),
+            ..Settings::default()
+        };
+        let (name, alias) = (
+            Registry::parse("registry.example.com:5000").unwrap(),
+            Registry::parse("alias.test").unwrap(),
+        );
+        assert!(settings.credentials(&name).is_some(), "by name");
+        assert!(settings.credentials(&alias).is_none());
+        settings.registries.entry(alias.clone()).or_default().url =
+            Some("https://registry.example.com:5000".parse().unwrap());
+        assert!(settings.credentials(&alias).is_some(), "by the host it is fetched from");
+        let own = Credentials::Basic {
+            username: "robot".into(),
+            password: "p".into(),
+        };
+        settings.registries.get_mut(&alias).unwrap().credentials = Some(own.clone());
+        assert_eq!(settings.credentials(&alias), Some(&own), "the file's first");
+    }
 
     #[test]
     fn base_urls() {
